@@ -1,0 +1,46 @@
+"""The model card (README.md) written next to every merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from submerge.executor import MergeOptions
+    from submerge.plan import MergePlan
+
+
+def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", seed: Optional[int],
+                     files: list[str]) -> None:
+    from submerge import __version__
+
+    m = plan.method
+    cfg = plan.config
+    models = cfg.referenced_models()
+    base = cfg.base_model
+    lines = ["---"]
+    if base:
+        lines += ["base_model:", f"- {base}"]
+    lines += ["library_name: transformers", "tags:", "- submerge", "- merge", f"- {m.name}", "---", ""]
+    lines += [
+        "# Merged model",
+        "",
+        f"Made with [submerge](https://pypi.org/project/submerge/) {__version__} using "
+        f"**{m.pretty_name}** (`{m.name}`).",
+        "",
+        f"- Paper: {m.paper} — {m.url}",
+        f"- Variant: {m.variant}",
+        f"- Compute dtype: {options.compute_dtype}; output dtype: {cfg.out_dtype or cfg.dtype or 'as the inputs'}",
+    ]
+    if m.randomized:
+        lines.append(f"- Random seed: {seed} (per-tensor seeds derive from it; rerun with "
+                     f"`--random-seed {seed}` for identical tensors)")
+    lines += ["", "## Inputs", ""]
+    for key in models:
+        role = " (base)" if key == base else ""
+        lines.append(f"- `{key}`{role}")
+    lines += ["", f"{len(plan.jobs)} tensors, in {len(files)} file(s): " + ", ".join(f"`{f}`" for f in files)]
+    if plan.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]
+    lines += ["", "## Configuration", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    path.write_text("\n".join(lines))

@@ -1,0 +1,245 @@
+"""The YAML merge configuration: mergekit-compatible, but strict.
+
+A mergekit YAML for a method both tools have runs unchanged.  Unlike mergekit,
+unknown keys, misspelled parameters and parameters the method does not use are
+errors, with a suggestion.
+
+Parameter values (``parameters:`` at the top level, per slice, or per model) may be
+
+* a scalar: ``density: 0.5``;
+* a list of numbers, a gradient interpolated over the layers of a slice
+  (``t = layer / (n_layers - 1)``; tensors outside the layer stack use t = 0);
+* a list of ``{filter: SUBSTRING, value: ...}`` rules, the first whose filter is a
+  substring of the tensor name winning (a rule without filter matches everything).
+
+Precedence, highest first: the model's own parameters, the slice's, the global ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from submerge.errors import ConfigError, suggest
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConditionalParameter(_Strict):
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
+Parameters = Optional[dict[str, ParameterSetting]]
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+class MergeConfig(_Strict):
+    """A merge: ``merge_method`` over ``models`` (or ``slices``), optionally with a ``base_model``."""
+
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        v = _DTYPE_ALIASES.get(v, v)
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}{suggest(v, DTYPES)}; use one of {list(DTYPES)}")
+        return v
+
+    def model_post_init(self, __context: Any) -> None:
+        if (self.models is None) == (self.slices is None):
+            raise ConfigError("the config needs exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ConfigError("'models' is empty")
+        if self.slices is not None:
+            if not self.slices:
+                raise ConfigError("'slices' is empty")
+            for i, s in enumerate(self.slices):
+                if not s.sources:
+                    raise ConfigError(f"slices[{i}] has no sources")
+                lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+                if len(lengths) != 1:
+                    raise ConfigError(
+                        f"slices[{i}]: every source must cover the same number of layers, got "
+                        + ", ".join(f"{src.model} {list(src.layer_range)}" for src in s.sources)
+                    )
+
+    # ------------------------------------------------------------------ helpers
+    def referenced_models(self) -> list[str]:
+        """Every model named in the config, in first-mention order (deterministic)."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or []:
+            seen[m.model] = None
+        for s in self.slices or []:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+
+
+# Keys accepted at each level, for friendly "did you mean" messages before pydantic runs.
+_KEYS = {
+    "root": set(MergeConfig.model_fields),
+    "model": set(InputModel.model_fields),
+    "slice": set(OutputSlice.model_fields),
+    "source": set(InputSlice.model_fields),
+    "rule": set(ConditionalParameter.model_fields),
+}
+_UNSUPPORTED = {
+    "modules": "multi-module ('modules:') configs are not supported yet; use 'models' or 'slices'",
+    "tokenizer": "the 'tokenizer:' block (vocabulary union) is not supported yet; use tokenizer_source",
+    "chat_template": "'chat_template' is not supported yet; copy the tokenizer of the model you want",
+    "residual_weight": "'residual_weight' is not supported",
+}
+
+
+def _check_keys(obj: Any, level: str, where: str) -> None:
+    if not isinstance(obj, dict):
+        return
+    for key in obj:
+        if key in _KEYS[level]:
+            continue
+        if key in _UNSUPPORTED:
+            raise ConfigError(f"{where}: {_UNSUPPORTED[key]}")
+        raise ConfigError(f"{where}: unknown key '{key}'{suggest(str(key), _KEYS[level])}")
+
+
+def _check_rules(params: Any, where: str) -> None:
+    if not isinstance(params, dict):
+        return
+    for name, setting in params.items():
+        rules = setting if isinstance(setting, list) else [setting]
+        for j, rule in enumerate(rules):
+            if isinstance(rule, dict):
+                _check_keys(rule, "rule", f"{where}.{name}[{j}]")
+
+
+def _precheck(raw: dict) -> None:
+    _check_keys(raw, "root", "config")
+    _check_rules(raw.get("parameters"), "parameters")
+    for i, m in enumerate(raw.get("models") or []):
+        _check_keys(m, "model", f"models[{i}]")
+        if isinstance(m, dict):
+            _check_rules(m.get("parameters"), f"models[{i}].parameters")
+    for i, s in enumerate(raw.get("slices") or []):
+        _check_keys(s, "slice", f"slices[{i}]")
+        if isinstance(s, dict):
+            _check_rules(s.get("parameters"), f"slices[{i}].parameters")
+            for j, src in enumerate(s.get("sources") or []):
+                _check_keys(src, "source", f"slices[{i}].sources[{j}]")
+                if isinstance(src, dict):
+                    _check_rules(src.get("parameters"), f"slices[{i}].sources[{j}].parameters")
+
+
+def parse_config(raw: Any, source: str = "config") -> MergeConfig:
+    """Validate a config given as a dict (e.g. parsed YAML)."""
+    if isinstance(raw, MergeConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    _precheck(raw)
+    try:
+        return MergeConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msgs.append(f"{loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(msgs[:8])) from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    return parse_config(raw, str(p))
+
+
+def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:
+    """Resolve one setting for a tensor: filters by substring, gradients by layer position ``t``.
+
+    Returns None when no filter rule matches (the next, lower-precedence scope is tried).
+    """
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, ConditionalParameter) for e in setting):
+        for rule in setting:
+            if rule.filter is None or rule.filter == "*" or rule.filter in tensor_name:
+                return evaluate_setting(rule.value, tensor_name, t)
+        return None
+    if any(isinstance(e, ConditionalParameter) for e in setting):
+        raise ConfigError(f"a parameter list mixes filter rules and plain values: {setting!r}")
+    numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+    if not numeric:
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def setting_names(params: Parameters) -> list[str]:
+    return list(params or {})

@@ -1,0 +1,244 @@
+"""The streaming executor: for each output tensor, read that tensor from each input, merge, write.
+
+Memory stays near (inputs of one tensor) x 2 (the group being merged and the one
+being prefetched) + the pending output shard, whatever the size of the models.
+Reading (and the cast to the compute dtype) runs on a background thread while
+the current tensor is merged, and full shards are written on another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from submerge.card import write_model_card
+from submerge.errors import ConfigError, NonFiniteError, SubmergeError
+from submerge.io import ShardWriter, parse_size
+from submerge.methods import ModelPass, TensorContext
+from submerge.plan import MergePlan, TensorJob
+
+log = logging.getLogger("submerge")
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (what to merge is the config)."""
+
+    out_shard_size: int | str = "5GB"
+    compute_dtype: str = "float32"
+    device: str = "cpu"
+    threads: Optional[int] = None
+    random_seed: Optional[int] = None
+    overwrite: bool = False
+    quiet: bool = False
+    prefetch: bool = True
+    async_write: bool = True
+    copy_tokenizer: bool = True
+    write_card: bool = True
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    tensors: int
+    files: list[str]
+    random_seed: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: reproducible whatever order tensors are merged in."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Executor:
+    def __init__(self, plan: MergePlan, options: MergeOptions):
+        self.plan = plan
+        self.opt = options
+        if options.compute_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"unknown compute dtype {options.compute_dtype!r}; use one of {list(TORCH_DTYPES)}")
+        self.compute_dtype = TORCH_DTYPES[options.compute_dtype]
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+        self.device = torch.device(options.device)
+        cfg = plan.config
+        out = cfg.out_dtype or cfg.dtype
+        self.out_dtype = TORCH_DTYPES[out] if out else None
+        self.seed = options.random_seed
+        if plan.method.randomized and self.seed is None:
+            self.seed = int.from_bytes(os.urandom(4), "little")
+            plan.notes.append(f"no --random-seed given; drew seed {self.seed} (recorded for reproducibility)")
+
+    # ---------------------------------------------------------------- reading
+    def _read(self, key: str, name: str) -> torch.Tensor:
+        x = self.plan.models[key].read(name)
+        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(f"model '{key}' tensor {name} holds {bad} NaN/Inf value(s)")
+        return x
+
+    def _to_compute(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if x.dtype == torch.float64 else self.compute_dtype
+        return x.to(device=self.device, dtype=dtype)
+
+    def load(self, job: TensorJob) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """Read a job's inputs once each, in the compute dtype; duplicates get their own copy."""
+        cache: dict[tuple[str, str], torch.Tensor] = {}
+        tensors = []
+        for ref in job.inputs:
+            if ref in cache:
+                tensors.append(cache[ref].clone())
+            else:
+                cache[ref] = self._to_compute(self._read(*ref))
+                tensors.append(cache[ref])
+        base = None
+        if job.base is not None:
+            base = cache[job.base].clone() if job.base in cache else self._to_compute(self._read(*job.base))
+        return tensors, base
+
+    def _iter_loaded(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, object]]:
+        def fetch(job: TensorJob):
+            if job.copy_from is not None:
+                return self.plan.models[job.copy_from[0]].read(job.copy_from[1])
+            return self.load(job)
+
+        if not self.opt.prefetch:
+            for job in jobs:
+                yield job, fetch(job)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submerge-read") as pool:
+            future = pool.submit(fetch, jobs[0]) if jobs else None
+            for i, job in enumerate(jobs):
+                data = future.result()
+                future = pool.submit(fetch, jobs[i + 1]) if i + 1 < len(jobs) else None
+                yield job, data
+
+    # ---------------------------------------------------------------- merging
+    def _prepare(self):
+        m = self.plan.method
+        float_jobs = [j for j in self.plan.jobs if j.copy_from is None]
+        if not m.needs_prepare(self.plan.global_params):
+            return None
+        by_name = {j.out_name: j for j in float_jobs}
+        mp = ModelPass(
+            [j.out_name for j in float_jobs],
+            lambda name: self.load(by_name[name]),
+            lambda name: by_name[name].params,
+            [k for k, _ in float_jobs[0].inputs] if float_jobs else [],
+        )
+        log.info("%s: whole-model statistics pass", m.name)
+        return m.prepare(mp, self.plan.global_params)
+
+    def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
+                     state) -> torch.Tensor:
+        gen_device = self.device if self.device.type != "mps" else torch.device("cpu")
+        generator = torch.Generator(device=gen_device)
+        if self.seed is not None:
+            generator.manual_seed(tensor_seed(self.seed, job.out_name))
+        ctx = TensorContext(job.out_name, tensors, base, generator, state,
+                            [k for k, _ in job.inputs])
+        out = self.plan.method(ctx, **job.params)
+        if out.shape != job.shape:
+            raise SubmergeError(
+                f"{self.plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
+                f"expected {list(job.shape)}"
+            )
+        return out
+
+    def run(self, out_dir: Path) -> MergeResult:
+        t0 = time.perf_counter()
+        plan, opt = self.plan, self.opt
+        if opt.threads:
+            torch.set_num_threads(opt.threads)
+        out_dir = Path(out_dir)
+        tmp = out_dir.parent / f".{out_dir.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        writer = ShardWriter(tmp, parse_size(opt.out_shard_size), async_write=opt.async_write)
+        bytes_read = 0
+        try:
+            state = self._prepare()
+            total = plan.input_bytes()
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
+                      desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
+                for job, data in self._iter_loaded(plan.jobs):
+                    if job.copy_from is not None:
+                        out = data
+                        size = job.nbytes
+                    else:
+                        tensors, base = data
+                        size = job.nbytes * (len(job.inputs) + (job.base is not None))
+                        out = self.merge_tensor(job, tensors, base, state)
+                        del tensors, base
+                        out_dtype = self.out_dtype or job.in_dtype
+                        out = out.to(device="cpu", dtype=out_dtype)
+                    writer.add(job.out_name, out)
+                    del out, data
+                    bytes_read += size
+                    bar.update(size)
+            files = writer.finish()
+            self._write_metadata(tmp, files)
+            if out_dir.exists():
+                if not opt.overwrite:
+                    raise ConfigError(f"output folder {out_dir} appeared during the merge; not replacing it")
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            plan.close()
+        return MergeResult(out_dir, time.perf_counter() - t0, bytes_read, writer.total_bytes,
+                           len(plan.jobs), files, self.seed, list(plan.notes))
+
+    # ---------------------------------------------------------------- metadata
+    def _write_metadata(self, tmp: Path, files: list[str]) -> None:
+        plan = self.plan
+        ref = plan.models[plan.reference]
+        if plan.out_config is not None:
+            cfg = dict(plan.out_config)
+            if self.out_dtype is not None:
+                name = str(self.out_dtype).replace("torch.", "")
+                keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+                for k in keys:
+                    cfg[k] = name
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if ref.path.is_dir() and (ref.path / "generation_config.json").exists():
+            shutil.copy2(ref.path / "generation_config.json", tmp / "generation_config.json")
+        if self.opt.copy_tokenizer and plan.tokenizer_model is not None:
+            tok = plan.models[plan.tokenizer_model].path
+            if tok.is_dir():
+                for fname in _TOKENIZER_FILES:
+                    if (tok / fname).exists():
+                        shutil.copy2(tok / fname, tmp / fname)
+        (tmp / "submerge_config.yaml").write_text(plan.config.to_yaml())
+        if self.opt.write_card:
+            write_model_card(tmp / "README.md", plan, self.opt, self.seed, files)

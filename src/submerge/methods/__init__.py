@@ -1,0 +1,22 @@
+"""Merge methods: one module per family, each method registered once under its public name."""
+
+from submerge.methods import linear, model_stock, slerp, task_arithmetic  # noqa: F401  (register)
+from submerge.methods.registry import (
+    MergeMethod,
+    ModelPass,
+    Param,
+    TensorContext,
+    get_method,
+    list_methods,
+    register_method,
+)
+
+__all__ = [
+    "MergeMethod",
+    "ModelPass",
+    "Param",
+    "TensorContext",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

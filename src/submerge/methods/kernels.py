@@ -1,0 +1,238 @@
+"""Small tensor kernels shared by the task-arithmetic family (prune, elect, disjoint merge).
+
+All kernels are vectorised torch: thresholds come from ``torch.kthvalue`` (k-th
+value selection), never from a full sort; ties at a threshold are broken by
+position so that exactly the requested number of entries is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+RESCALE_NORMS = ("l1", "l2", "linf", "density")
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor."""
+    return torch.kthvalue(flat, k).values
+
+
+def _take_tie_group(
+    a: torch.Tensor, v: torch.Tensor, lo: int, hi: int, mask: torch.Tensor
+) -> None:
+    """Add to ``mask`` the entries equal to ``v`` whose ascending rank lies in [lo, hi).
+
+    Inside the group of entries equal to ``v`` ranks are assigned by position.
+    """
+    eq = a == v
+    start = int((a < v).sum())
+    count = int(eq.sum())
+    j0, j1 = max(lo, start) - start, min(hi, start + count) - start
+    if j1 <= j0:
+        return
+    if j0 == 0 and j1 == count:
+        mask |= eq
+        return
+    pos = eq.cumsum(0) - 1
+    mask |= eq & (pos >= j0) & (pos < j1)
+
+
+def rank_window_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Boolean mask (shape of ``values``) of the entries whose ascending rank is in [lo, hi).
+
+    Exactly ``hi - lo`` entries are selected (ties broken by position).  Uses at
+    most two ``kthvalue`` selections, O(n) on average.
+    """
+    n = values.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if lo == 0 and hi == n:
+        return torch.ones_like(values, dtype=torch.bool)
+    a = values.reshape(-1)
+    v_hi = _kth_smallest(a, hi)
+    if lo > 0:
+        v_lo = _kth_smallest(a, lo + 1)
+        mask = (a > v_lo) & (a < v_hi)
+        _take_tie_group(a, v_lo, lo, hi, mask)
+        if not torch.equal(v_lo, v_hi):
+            _take_tie_group(a, v_hi, lo, hi, mask)
+    else:
+        mask = a < v_hi
+        _take_tie_group(a, v_hi, lo, hi, mask)
+    return mask.reshape(values.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``max(1, int(density * n))`` largest-magnitude entries (mergekit/PEFT rule)."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))
+    return rank_window_mask(delta.abs(), n - k, n)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs mask: drop the top ``gamma`` fraction (outliers) and the small tail.
+
+    Keeps ``int(density * n)`` entries; the ``int(gamma * n)`` largest magnitudes are
+    removed first, and fewer outliers are removed when needed to keep the density.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - keep - n_top)
+    return rank_window_mask(delta.abs(), n_bottom, n_bottom + keep)
+
+
+def bernoulli_mask(
+    delta: torch.Tensor, density: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=delta.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities, per row (the last dimension of 2-D+ tensors).
+
+    Within a row, entries are ranked by magnitude; keep probabilities rise linearly
+    with rank from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    Ranking needs one sort per row (ranks are the definition of the method).
+    """
+    mags = delta.abs()
+    if mags.dim() < 2:
+        mags = mags.unsqueeze(0)
+    width = mags.shape[1]
+    order = torch.argsort(mags, dim=1)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(width, device=mags.device).expand_as(order)
+    ranks.scatter_(1, order, ar)
+    rank_norm = ranks.to(torch.float32) / max(width - 1, 1)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
+
+
+def rescale_masked(
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    norm: Optional[str],
+    keep_prob: Optional[torch.Tensor | float] = None,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Apply ``mask`` to ``delta`` (in place) and rescale the survivors.
+
+    ``norm`` is ``None`` (no rescale), ``'l1'``/``'l2'``/``'linf'`` (match the norm of
+    the unmasked delta; mergekit's rule, l1 by default) or ``'density'`` (divide by
+    the keep probability, the DARE paper's 1/(1-p)).
+    """
+    if norm is None:
+        return delta.mul_(mask)
+    if norm == "density":
+        if keep_prob is None:
+            raise ValueError("rescale_norm 'density' needs keep probabilities")
+        return delta.mul_(mask).div_(keep_prob)
+    before = _norm(delta, norm)
+    delta.mul_(mask)
+    after = _norm(delta, norm)
+    if before < eps or after < eps:
+        return delta
+    return delta.mul_(before / after)
+
+
+def _norm(x: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "l1":
+        return x.abs().sum(dtype=torch.float64)
+    if norm == "l2":
+        return torch.linalg.vector_norm(x, dtype=torch.float64)
+    if norm == "linf":
+        return x.abs().max().to(torch.float64)
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def elect_sign(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """TIES sign election over the stacked (weighted) deltas ``[N, ...]``.
+
+    ``sum``: the sign of the summed deltas (the paper's mass rule); ``count``: the
+    sign of the vote count.  Zero totals elect +1 (mergekit's rule).
+    """
+    total = deltas.sum(dim=0) if method == "sum" else deltas.sign().sum(dim=0)
+    return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+
+
+def disjoint_merge(
+    deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """Sum the entries whose sign agrees with the elected sign.
+
+    With ``normalize`` the sum is divided by the total weight of the agreeing
+    entries (with unit weights: the paper's disjoint mean over agreeing models).
+    """
+    agree = deltas.sign() == sign
+    merged = (deltas * agree).sum(dim=0)
+    if normalize:
+        w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
+        divisor = (agree * w).sum(dim=0)
+        divisor[divisor == 0] = 1
+        merged /= divisor
+    return merged
+
+
+class StreamingKth:
+    """Exact k-th smallest |x| (1-based rank) over a stream of tensors, in two passes.
+
+    Non-negative float32 bit patterns are ordered like their values, so a 2-level
+    radix select (high 16 bits in pass 1, low 16 bits of the chosen bucket in
+    pass 2) finds the exact value with O(65536) memory however large the model::
+
+        sel = StreamingKth(rank)
+        for x in stream(): sel.add_pass1(x)
+        for x in stream(): sel.add_pass2(x)
+        value = sel.value()
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.total = 0
+        self._high = torch.zeros(1 << 15, dtype=torch.int64)
+        self._low = torch.zeros(1 << 16, dtype=torch.int64)
+        self._bucket: Optional[int] = None
+        self._before = 0
+
+    @staticmethod
+    def _bits(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().abs().to(torch.float32).reshape(-1).cpu().view(torch.int32)
+
+    def add_pass1(self, x: torch.Tensor) -> None:
+        bits = self._bits(x)
+        self.total += bits.numel()
+        self._high += torch.bincount(bits >> 16, minlength=1 << 15)
+
+    def _choose_bucket(self) -> None:
+        if not 1 <= self.rank <= self.total:
+            raise ValueError(f"rank {self.rank} outside 1..{self.total}")
+        cum = self._high.cumsum(0)
+        self._bucket = int(torch.searchsorted(cum, torch.tensor(self.rank)).item())
+        self._before = int(cum[self._bucket - 1]) if self._bucket > 0 else 0
+
+    def add_pass2(self, x: torch.Tensor) -> None:
+        if self._bucket is None:
+            self._choose_bucket()
+        bits = self._bits(x)
+        sel = bits[(bits >> 16) == self._bucket]
+        self._low += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+
+    def value(self) -> float:
+        if self._bucket is None:
+            self._choose_bucket()
+        cum = self._low.cumsum(0)
+        low = int(torch.searchsorted(cum, torch.tensor(self.rank - self._before)).item())
+        pattern = torch.tensor([(self._bucket << 16) | low], dtype=torch.int32)
+        return float(pattern.view(torch.float32).item())

@@ -1,0 +1,238 @@
+"""The method registry: every merge method is registered once under its public name.
+
+A method is a small pure function over the tensors of one parameter::
+
+    @register_method(
+        name="task_arithmetic",
+        paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+        url="https://arxiv.org/abs/2212.04089",
+        variant="...",
+        params=[Param("weight", float, per_model=True), Param("lambda", float, default=1.0)],
+        needs_base=True,
+    )
+    def task_arithmetic(ctx: TensorContext, **params) -> torch.Tensor: ...
+
+The executor, not the method, handles I/O, dtypes, devices and streaming: the
+function receives the inputs already in the compute dtype and on the compute
+device.  Methods that need statistics over the whole model (a global top-k, an
+SVD over all layers, calibration data) declare a ``prepare`` hook; the executor
+calls it once with a :class:`ModelPass` that streams tensors on demand, and
+passes whatever it returns to every per-tensor call as ``ctx.state``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from submerge.errors import ConfigError, suggest
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter.
+
+    ``per_model`` parameters are given per input model (``weight``, ``density``);
+    the others are global to the merge (``lambda``, ``normalize``).  ``choices``
+    restricts string values; ``low``/``high`` bound numbers (inclusive).
+    """
+
+    name: str
+    type: type
+    default: Any = _MISSING
+    per_model: bool = False
+    help: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: Optional[tuple] = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate and convert one resolved scalar value."""
+        t = self.type
+        try:
+            if t is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif isinstance(value, str) and value.lower() in ("true", "false"):
+                    out = value.lower() == "true"
+                elif isinstance(value, (int, float)) and value in (0, 1):
+                    out = bool(value)
+                else:
+                    raise ValueError
+            elif t is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+            elif t is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+            else:
+                out = t(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"parameter '{self.name}' at {where}: expected {t.__name__}, got {value!r}"
+            ) from None
+        if isinstance(out, float) and not math.isfinite(out):
+            raise ConfigError(f"parameter '{self.name}' at {where}: must be finite, got {out}")
+        if self.low is not None and out < self.low:
+            raise ConfigError(f"parameter '{self.name}' at {where}: must be >= {self.low}, got {out}")
+        if self.high is not None and out > self.high:
+            raise ConfigError(f"parameter '{self.name}' at {where}: must be <= {self.high}, got {out}")
+        if self.choices is not None and out not in self.choices:
+            raise ConfigError(
+                f"parameter '{self.name}' at {where}: must be one of {list(self.choices)}, "
+                f"got {out!r}{suggest(str(out), map(str, self.choices))}"
+            )
+        return out
+
+    def describe(self) -> str:
+        scope = "per model" if self.per_model else "global"
+        default = "required" if self.required else f"default {self.default!r}"
+        return f"{self.name} ({self.type.__name__}, {scope}, {default})"
+
+
+@dataclass
+class TensorContext:
+    """What a method sees for one output tensor.
+
+    ``tensors`` are the non-base inputs in config order, ``base`` the base model's
+    tensor (or None), all in the compute dtype on the compute device.
+    ``generator`` is a per-tensor seeded RNG (reproducible whatever the order of
+    execution), ``state`` what the method's ``prepare`` pass returned.
+    """
+
+    name: str
+    tensors: list[torch.Tensor]
+    base: Optional[torch.Tensor]
+    generator: torch.Generator
+    state: Any = None
+    model_names: Sequence[str] = ()
+
+
+class ModelPass:
+    """Whole-model access for a method's ``prepare`` hook (streamed, one tensor at a time)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        read: Callable[[str], tuple[list[torch.Tensor], Optional[torch.Tensor]]],
+        params: Callable[[str], dict],
+        model_names: Sequence[str],
+    ):
+        self.names = list(names)
+        self._read = read
+        self._params = params
+        self.model_names = list(model_names)
+
+    def __iter__(self) -> Iterator[tuple[str, list[torch.Tensor], Optional[torch.Tensor], dict]]:
+        """Yield ``(name, tensors, base, params)`` for every floating-point output tensor."""
+        for name in self.names:
+            tensors, base = self._read(name)
+            yield name, tensors, base, self._params(name)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    func: Callable[..., torch.Tensor]
+    pretty_name: str
+    paper: str
+    url: str
+    variant: str
+    params: tuple[Param, ...]
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: Optional[int] = None
+    randomized: bool = False
+    prepare: Optional[Callable[[ModelPass, dict], Any]] = None
+    prepare_when: Optional[Callable[[dict], bool]] = None
+    aliases: dict = field(default_factory=dict)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def needs_prepare(self, global_params: dict) -> bool:
+        if self.prepare is None:
+            return False
+        return self.prepare_when is None or self.prepare_when(global_params)
+
+    def __call__(self, ctx: TensorContext, **params: Any) -> torch.Tensor:
+        return self.func(ctx, **params)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register_method(
+    *,
+    name: str,
+    pretty_name: str,
+    paper: str,
+    url: str,
+    variant: str,
+    params: Sequence[Param] = (),
+    needs_base: bool = False,
+    min_models: int = 1,
+    max_models: Optional[int] = None,
+    randomized: bool = False,
+    prepare: Optional[Callable[[ModelPass, dict], Any]] = None,
+    prepare_when: Optional[Callable[[dict], bool]] = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator registering a per-tensor merge function under ``name``.
+
+    ``min_models``/``max_models`` count the non-base models.
+    """
+
+    def wrap(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            func=func,
+            pretty_name=pretty_name,
+            paper=paper,
+            url=url,
+            variant=variant,
+            params=tuple(params),
+            needs_base=needs_base,
+            min_models=min_models,
+            max_models=max_models,
+            randomized=randomized,
+            prepare=prepare,
+            prepare_when=prepare_when,
+        )
+        return func
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a method by name; unknown names raise a ConfigError with a suggestion."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown merge_method '{name}'{suggest(name, _REGISTRY)}; "
+            f"run `submerge methods` to list them"
+        ) from None
+
+
+def list_methods() -> list[MergeMethod]:
+    return [ _REGISTRY[k] for k in sorted(_REGISTRY) ]

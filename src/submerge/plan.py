@@ -1,0 +1,356 @@
+"""Planning a merge: which output tensor comes from which input tensors, with which parameters.
+
+Everything that headers and the config can tell is checked here, before any
+tensor is read: paths, file formats, architectures, missing/extra tensors,
+shapes, dtypes, the method's input contract and every parameter of every tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setting
+from submerge.errors import CheckpointError, ConfigError, suggest
+from submerge.io import Checkpoint
+from submerge.methods import MergeMethod, get_method
+
+log = logging.getLogger("submerge")
+
+_LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its inputs, base, layer position and resolved parameters."""
+
+    out_name: str
+    inputs: list[tuple[str, str]]  # (model key, tensor name), non-base inputs in config order
+    base: Optional[tuple[str, str]]
+    params: dict[str, Any]
+    t: float
+    copy_from: Optional[tuple[str, str]] = None  # non-floating tensors are copied, not merged
+    shape: tuple[int, ...] = ()
+    in_dtype: Optional[torch.dtype] = None
+    nbytes: int = 0
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    models: dict[str, Checkpoint]  # key -> opened checkpoint
+    reference: str  # the model whose config/dtype the output takes
+    jobs: list[TensorJob]
+    global_params: dict[str, Any]
+    out_config: Optional[dict] = None
+    tokenizer_model: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+    def input_bytes(self) -> int:
+        return sum(
+            self.models[k].tensors[n].nbytes
+            for job in self.jobs
+            for k, n in (job.inputs + ([job.base] if job.base else []))
+        )
+
+    def close(self) -> None:
+        for ckpt in self.models.values():
+            ckpt.close()
+
+
+def resolve_model_path(ref: str, config_dir: Optional[Path]) -> Path:
+    """A model reference is a local path, relative to the working directory or else the config file."""
+    p = Path(ref).expanduser()
+    if p.exists() or p.is_absolute() or config_dir is None:
+        return p
+    alt = config_dir / p
+    return alt if alt.exists() else p
+
+
+def layer_structure(names: list[str]) -> tuple[Optional[str], dict[str, tuple[int, str]]]:
+    """Find the repeated layer stack: the ``prefix.N.`` container holding most tensors.
+
+    Returns the prefix and, for each tensor in the stack, ``(layer index, suffix)``.
+    """
+    found: dict[str, tuple[str, int, str]] = {}
+    counts: Counter = Counter()
+    for name in names:
+        m = _LAYER_RE.match(name)
+        if m:
+            found[name] = (m.group(1), int(m.group(2)), m.group(3))
+            counts[m.group(1)] += 1
+    if not counts:
+        return None, {}
+    prefix = counts.most_common(1)[0][0]
+    return prefix, {n: (i, s) for n, (p, i, s) in found.items() if p == prefix}
+
+
+def _num_layers(ckpt: Checkpoint, layers: dict[str, tuple[int, str]]) -> int:
+    if ckpt.config:
+        for key in _LAYER_COUNT_KEYS:
+            if isinstance(ckpt.config.get(key), int):
+                return ckpt.config[key]
+    return 1 + max((i for i, _ in layers.values()), default=-1)
+
+
+class Planner:
+    def __init__(self, config: MergeConfig, config_dir: Optional[Path] = None):
+        self.config = config
+        self.config_dir = config_dir
+        self.method = get_method(config.merge_method)
+
+    # ----------------------------------------------------------------- params
+    def _check_parameter_names(self) -> None:
+        m = self.method
+        names = set(m.param_names)
+        per_model = {p.name for p in m.params if p.per_model}
+
+        def check(params: Optional[dict], where: str, model_scope: bool) -> None:
+            for key in params or {}:
+                if key not in names:
+                    hint = suggest(key, names)
+                    used = ", ".join(sorted(names)) or "none"
+                    raise ConfigError(
+                        f"{where}: parameter '{key}' is not used by {m.name}{hint} "
+                        f"(its parameters: {used})"
+                    )
+                if model_scope and key not in per_model:
+                    raise ConfigError(
+                        f"{where}: parameter '{key}' of {m.name} applies to the whole merge; "
+                        f"set it under the top-level 'parameters' (or a slice's), not per model"
+                    )
+
+        c = self.config
+        check(c.parameters, "parameters", False)
+        for i, mdl in enumerate(c.models or []):
+            check(mdl.parameters, f"models[{i}] ({mdl.model}).parameters", True)
+        for i, s in enumerate(c.slices or []):
+            check(s.parameters, f"slices[{i}].parameters", False)
+            for j, src in enumerate(s.sources):
+                check(src.parameters, f"slices[{i}].sources[{j}] ({src.model}).parameters", True)
+
+    def _resolve(self, scopes: list[Optional[dict]], name: str, tensor: str, t: float,
+                 where: str) -> Any:
+        p = self.method.param(name)
+        for scope in scopes:
+            if scope and name in scope:
+                value = evaluate_setting(scope[name], tensor, t)
+                if value is not None:
+                    return p.coerce(value, where)
+        if p.required:
+            raise ConfigError(f"missing required parameter '{name}' of {self.method.name} for {where}")
+        return p.default
+
+    # ----------------------------------------------------------------- plan
+    def plan(self) -> MergePlan:
+        c = self.config
+        m = self.method
+        self._check_parameter_names()
+        if c.tokenizer_source == "union":
+            raise ConfigError("tokenizer_source: union is not supported yet; use 'base' or a model path")
+
+        keys = c.referenced_models()
+        models: dict[str, Checkpoint] = {}
+        try:
+            for key in keys:
+                models[key] = Checkpoint(resolve_model_path(key, self.config_dir), label=key)
+            return self._plan(models)
+        except Exception:
+            for ckpt in models.values():
+                ckpt.close()
+            raise
+
+    def _slices(self, models: dict[str, Checkpoint]) -> list[OutputSlice]:
+        c = self.config
+        if c.slices is not None:
+            return c.slices
+        sources = []
+        for mdl in c.models:
+            ckpt = models[mdl.model]
+            _, layers = layer_structure(list(ckpt.tensors))
+            n = max(_num_layers(ckpt, layers), 1)
+            sources.append(InputSlice(model=mdl.model, layer_range=(0, n), parameters=mdl.parameters))
+        return [OutputSlice(sources=sources)]
+
+    def _plan(self, models: dict[str, Checkpoint]) -> MergePlan:
+        c, m = self.config, self.method
+        self._check_architectures(models)
+        slices = self._slices(models)
+        if c.models is not None:
+            lengths = {s.layer_range[1] for s in slices[0].sources}
+            if len(lengths) != 1:
+                raise CheckpointError(
+                    "the models have different numbers of layers: "
+                    + ", ".join(f"{s.model}: {s.layer_range[1]}" for s in slices[0].sources)
+                )
+        reference = c.base_model or slices[0].sources[0].model
+        ref = models[reference]
+        prefix, ref_layers = layer_structure(list(ref.tensors))
+
+        # which models are merged, per slice, and which is the base
+        slice_inputs: list[tuple[list[InputSlice], Optional[str]]] = []
+        for i, s in enumerate(slices):
+            base = s.base_model or c.base_model
+            if m.needs_base and base is None:
+                raise ConfigError(f"{m.name} needs a base_model (the model the others were fine-tuned from)")
+            srcs = [src for src in s.sources if not (m.needs_base and src.model == base)]
+            if m.needs_base and base not in {src.model for src in s.sources} and c.slices is not None:
+                raise ConfigError(f"slices[{i}]: the base model {base} must be one of the slice's sources")
+            n = len(srcs)
+            if n < m.min_models or (m.max_models is not None and n > m.max_models):
+                want = (f"exactly {m.min_models}" if m.max_models == m.min_models
+                        else f"at least {m.min_models}" + (f" and at most {m.max_models}" if m.max_models else ""))
+                raise ConfigError(
+                    f"{m.name} merges {want} model(s){' besides the base' if m.needs_base else ''}; "
+                    f"got {n}: {[s.model for s in srcs]}"
+                )
+            slice_inputs.append((srcs, base if m.needs_base else None))
+
+        base_range = {}
+        for s in slices:
+            for src in s.sources:
+                base_range.setdefault(src.model, src.layer_range)
+
+        jobs: list[TensorJob] = []
+
+        def add_job(out_name: str, in_name_for, s_index: int, t: float) -> None:
+            s = slices[s_index]
+            srcs, base = slice_inputs[s_index]
+            src_by_model = {src.model: src for src in s.sources}
+            info = ref.tensors.get(in_name_for(reference, src_by_model.get(reference)))
+            inputs = [(src.model, in_name_for(src.model, src)) for src in srcs]
+            base_in = (base, in_name_for(base, src_by_model.get(base))) if base else None
+            all_in = inputs + ([base_in] if base_in else [])
+            first_info = None
+            for key, name in all_in:
+                ckpt = models[key]
+                ti = ckpt.tensors.get(name)
+                if ti is None:
+                    raise CheckpointError(
+                        f"model '{key}' is missing tensor {name}{suggest(name, ckpt.tensors)}"
+                    )
+                if first_info is None:
+                    first_info = (key, ti)
+                elif ti.shape != first_info[1].shape:
+                    raise CheckpointError(
+                        f"shape mismatch for tensor {name}: model '{first_info[0]}' has "
+                        f"{list(first_info[1].shape)}, model '{key}' has {list(ti.shape)}"
+                    )
+                elif ti.dtype != first_info[1].dtype:
+                    raise CheckpointError(
+                        f"dtype mismatch for tensor {name}: model '{first_info[0]}' stores "
+                        f"{first_info[1].dtype}, model '{key}' stores {ti.dtype} (convert one of them)"
+                    )
+            assert first_info is not None
+            ti = first_info[1]
+            if not ti.dtype.is_floating_point:
+                jobs.append(TensorJob(out_name, [], None, {}, t, copy_from=all_in[-1] if base_in else all_in[0],
+                                      shape=ti.shape, in_dtype=ti.dtype, nbytes=ti.nbytes))
+                return
+            params: dict[str, Any] = {}
+            for p in m.params:
+                if not p.per_model:
+                    params[p.name] = self._resolve([s.parameters, c.parameters], p.name, out_name, t,
+                                                   f"tensor {out_name}")
+                    continue
+                params[p.name] = [
+                    self._resolve([src.parameters, s.parameters, c.parameters], p.name, in_name, t,
+                                  f"model '{src.model}' tensor {in_name}")
+                    for src, (_, in_name) in zip(srcs, inputs)
+                ]
+            jobs.append(TensorJob(out_name, inputs, base_in, params, t, shape=ti.shape,
+                                  in_dtype=ti.dtype, nbytes=ti.nbytes))
+
+        # tensors outside the layer stack (embeddings first, the rest after the layers)
+        non_layer = [n for n in ref.tensors if n not in ref_layers]
+        pre = [n for n in non_layer if any(h in n for h in _PRE_HINTS)]
+        post = [n for n in non_layer if n not in set(pre)]
+        same = lambda name: (lambda key, src: name)  # noqa: E731
+        for name in pre:
+            add_job(name, same(name), 0, 0.0)
+
+        # the layer stack, renumbered consecutively across output slices
+        suffixes_by_layer: dict[int, list[str]] = {}
+        for name, (idx, suffix) in ref_layers.items():
+            suffixes_by_layer.setdefault(idx, []).append(suffix)
+        out_layer = 0
+        for si, s in enumerate(slices):
+            length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            ref_src = next((src for src in s.sources if src.model == reference), s.sources[0])
+            for off in range(length):
+                t = off / (length - 1) if length > 1 else 1.0
+                ref_idx = ref_src.layer_range[0] + off
+                suffixes = suffixes_by_layer.get(ref_idx)
+                if suffixes is None:
+                    raise CheckpointError(
+                        f"slices[{si}]: model '{ref_src.model}' has no layer {ref_idx} "
+                        f"(layer_range {list(ref_src.layer_range)})"
+                    )
+                for suffix in suffixes:
+                    def in_name(key, src, suffix=suffix, off=off):
+                        start = src.layer_range[0] if src is not None else base_range.get(key, (0, 0))[0]
+                        return f"{prefix}{start + off}{suffix}"
+                    add_job(f"{prefix}{out_layer}{suffix}", in_name, si, t)
+                out_layer += 1
+        for name in post:
+            add_job(name, same(name), len(slices) - 1, 0.0)
+
+        # tensors that an input has but the reference lacks are an architecture mismatch
+        if c.models is not None:
+            for key, ckpt in models.items():
+                extra = sorted(set(ckpt.tensors) - set(ref.tensors))
+                if extra:
+                    raise CheckpointError(
+                        f"model '{key}' has {len(extra)} tensor(s) that '{reference}' lacks, e.g. "
+                        f"{extra[:3]} (different architectures?)"
+                    )
+
+        out_config = dict(ref.config) if ref.config else None
+        total_layers = out_layer
+        if out_config is not None and ref_layers:
+            for k in _LAYER_COUNT_KEYS:
+                if isinstance(out_config.get(k), int) and out_config[k] != total_layers:
+                    out_config[k] = total_layers
+        if c.tokenizer_source in (None, "base"):
+            tok = reference
+        else:
+            tok = c.tokenizer_source
+            if tok not in models:
+                models[tok] = Checkpoint(resolve_model_path(tok, self.config_dir), label=tok)
+        self._check_params_finite(jobs)
+        first = next((j for j in jobs if j.copy_from is None), None)
+        global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
+        return MergePlan(c, m, models, reference, jobs, global_params, out_config, tok)
+
+    def _check_params_finite(self, jobs: list[TensorJob]) -> None:
+        if self.method.name == "linear":
+            for job in jobs:
+                if job.params.get("normalize") and job.params and sum(job.params["weight"]) == 0:
+                    raise ConfigError(f"linear: the weights for tensor {job.out_name} sum to 0, cannot normalize")
+
+    def _check_architectures(self, models: dict[str, Checkpoint]) -> None:
+        seen: Optional[tuple[str, Any, Any]] = None
+        for key, ckpt in models.items():
+            if not ckpt.config:
+                continue
+            arch = (ckpt.config.get("architectures"), ckpt.config.get("model_type"))
+            if seen is None:
+                seen = (key, *arch)
+            elif (seen[1], seen[2]) != arch:
+                raise CheckpointError(
+                    f"different architectures: '{seen[0]}' is {seen[1]} ({seen[2]}), "
+                    f"'{key}' is {arch[0]} ({arch[1]}) according to their config.json"
+                )
+
+
+def plan_merge(config: MergeConfig, config_dir: Optional[Path] = None) -> MergePlan:
+    return Planner(config, config_dir).plan()
