@@ -1,0 +1,116 @@
+"""A mergekit YAML runs unchanged in submerge and gives the same tensors as mergekit 0.1.5."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import submerge
+from conftest import load_dir
+
+mergekit = pytest.importorskip("mergekit")
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+
+def _cases(base, fts):
+    b, f = str(base), [str(p) for p in fts]
+    gradient_t = [{"filter": "self_attn", "value": [0, 0.7]}, {"filter": "mlp", "value": [1, 0.3]}, {"value": 0.5}]
+    return {
+        "linear": dict(models=[{"model": f[0], "parameters": {"weight": 0.3}},
+                               {"model": f[1], "parameters": {"weight": [0.2, 0.9]}}]),
+        "linear_unnormalized": dict(merge_method="linear", parameters={"normalize": False},
+                                    models=[{"model": f[0], "parameters": {"weight": 0.6}},
+                                            {"model": f[2], "parameters": {"weight": 0.5}}]),
+        "task_arithmetic": dict(base_model=b, parameters={"lambda": 0.8},
+                                models=[{"model": p, "parameters": {"weight": 0.5 + 0.1 * i}} for i, p in enumerate(f)]),
+        "ties": dict(base_model=b, parameters={"normalize": True, "int8_mask": True},
+                     models=[{"model": p, "parameters": {"weight": [{"filter": "mlp", "value": 0.6}, {"value": 1.0}],
+                                                         "density": [0.2, 0.7]}} for p in f]),
+        "breadcrumbs": dict(base_model=b, models=[{"model": p, "parameters": {"weight": 0.7, "density": 0.8, "gamma": 0.05}} for p in f]),
+        "breadcrumbs_ties": dict(base_model=b, parameters={"normalize": True},
+                                 models=[{"model": p, "parameters": {"weight": 0.7, "density": 0.6, "gamma": 0.02}} for p in f]),
+        "slerp": dict(base_model=b, models=[{"model": b}, {"model": f[0]}], parameters={"t": gradient_t}),
+        "model_stock": dict(base_model=b, models=[{"model": p} for p in f]),
+        "model_stock_filter_wise": dict(merge_method="model_stock", base_model=b, parameters={"filter_wise": True},
+                                        models=[{"model": p} for p in f]),
+        "task_arithmetic_slices": dict(
+            merge_method="task_arithmetic", base_model=b,
+            slices=[{"sources": [{"model": b, "layer_range": [0, 2]},
+                                 {"model": f[1], "layer_range": [0, 2], "parameters": {"weight": 0.4}}]},
+                    {"sources": [{"model": b, "layer_range": [3, 4]},
+                                 {"model": f[2], "layer_range": [3, 4], "parameters": {"weight": 0.9}}],
+                     "parameters": {"lambda": 0.5}}]),
+    }
+
+
+def _run_both(cfg, tmp_path, **opts):
+    mk, sm = tmp_path / "mk", tmp_path / "sm"
+    run_merge(MergeConfiguration.model_validate(cfg), str(mk),
+              options=MergeOptions(quiet=True, copy_tokenizer=False))
+    submerge.merge(cfg, sm, quiet=True, **opts)
+    return mk, sm
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_unnormalized", "task_arithmetic", "ties", "breadcrumbs",
+                                  "breadcrumbs_ties", "slerp", "model_stock", "model_stock_filter_wise",
+                                  "task_arithmetic_slices"])
+def test_fp32_same_tensors_as_mergekit(case, family, tmp_path):
+    base, fts = family
+    cfg = dict(_cases(base, fts)[case])
+    cfg.setdefault("merge_method", case)
+    cfg["dtype"] = "float32"
+    mk, sm = _run_both(cfg, tmp_path)
+    a, b = load_dir(mk), load_dir(sm)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32
+        assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
+    ca, cb = json.loads((mk / "config.json").read_text()), json.loads((sm / "config.json").read_text())
+    assert ca["num_hidden_layers"] == cb["num_hidden_layers"]
+
+
+def _ulps(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    mag = torch.maximum(x.abs(), y.abs()).clamp_min(1e-38)
+    ulp = torch.exp2(torch.floor(torch.log2(mag))) * 2.0**-7
+    return ((x - y).abs() / ulp).max().item()
+
+
+@pytest.mark.parametrize("case", ["linear", "task_arithmetic", "slerp", "model_stock", "task_arithmetic_slices"])
+def test_bf16_within_one_ulp_of_mergekit(case, family_bf16, tmp_path):
+    """bf16 checkpoints, fp32 math in both tools, bf16 output: at most one ulp apart."""
+    base, fts = family_bf16
+    cfg = dict(_cases(base, fts)[case])
+    cfg.setdefault("merge_method", case)
+    cfg.update(dtype="float32", out_dtype="bfloat16")
+    mk, sm = _run_both(cfg, tmp_path)
+    a, b = load_dir(mk), load_dir(sm)
+    for k in a:
+        assert b[k].dtype == torch.bfloat16
+        assert _ulps(a[k], b[k]) <= 1.0, k
+
+
+def test_bf16_compute_dtype_reproduces_mergekit_bit_for_bit(family_bf16, tmp_path):
+    """mergekit's `dtype: bfloat16` computes in bf16; `--compute-dtype bfloat16` does the same ops."""
+    base, fts = family_bf16
+    cfg = dict(_cases(base, fts)["task_arithmetic"], merge_method="task_arithmetic", dtype="bfloat16")
+    mk, sm = _run_both(cfg, tmp_path, compute_dtype="bfloat16")
+    a, b = load_dir(mk), load_dir(sm)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_default_fp32_math_is_correctly_rounded(family_bf16, tmp_path):
+    """By default submerge rounds once: within half an ulp of the exact (float64) merge."""
+    base, fts = family_bf16
+    cfg = dict(_cases(base, fts)["task_arithmetic"], merge_method="task_arithmetic", dtype="bfloat16")
+    submerge.merge(cfg, tmp_path / "sm", quiet=True)
+    out, b0 = load_dir(tmp_path / "sm"), load_dir(base)
+    ft = [load_dir(p) for p in fts]
+    for k in out:
+        exact = b0[k].double() + 0.8 * sum((0.5 + 0.1 * i) * (ft[i][k].double() - b0[k].double()) for i in range(3))
+        assert _ulps(out[k], exact) <= 0.5 + 1e-9, k

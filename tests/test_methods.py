@@ -1,0 +1,193 @@
+"""Each method's defining property on small tensors (identities, algebra, hand-computed values)."""
+
+import math
+
+import pytest
+import torch
+
+from submerge.methods import TensorContext, get_method, list_methods
+
+
+def run(name, tensors, base=None, seed=0, state=None, **params):
+    m = get_method(name)
+    n = len(tensors)
+    full = {}
+    for p in m.params:
+        if p.name in params:
+            v = params[p.name]
+            full[p.name] = (v if isinstance(v, list) else [v] * n) if p.per_model else v
+        elif p.required:
+            raise AssertionError(f"test must set {p.name}")
+        else:
+            full[p.name] = [p.default] * n if p.per_model else p.default
+    ctx = TensorContext("t", [t.clone() for t in tensors], None if base is None else base.clone(),
+                        torch.Generator().manual_seed(seed), state)
+    return m(ctx, **full)
+
+
+@pytest.fixture
+def tvs():
+    torch.manual_seed(0)
+    base = torch.randn(8, 16)
+    fts = [base + 0.1 * torch.randn(8, 16) for _ in range(3)]
+    return base, fts
+
+
+def test_every_method_documents_paper_variant_and_defaults():
+    for m in list_methods():
+        assert m.paper and m.url.startswith("http") and "efault" in m.variant + "".join(
+            p.help for p in m.params) or m.name == "slerp", m.name
+        assert m.func.__module__.startswith("submerge.methods.")
+
+
+def test_linear_identity_and_weighted_mean(tvs):
+    base, fts = tvs
+    assert torch.equal(run("linear", [fts[0]], weight=1.0), fts[0])
+    out = run("linear", fts, weight=[1.0, 2.0, 1.0])
+    assert torch.allclose(out, (fts[0] + 2 * fts[1] + fts[2]) / 4, atol=1e-6)
+    out = run("linear", fts[:2], weight=[0.5, 0.25], normalize=False)
+    assert torch.allclose(out, 0.5 * fts[0] + 0.25 * fts[1], atol=1e-6)
+
+
+def test_task_arithmetic_algebra(tvs):
+    base, fts = tvs
+    # a model and its negation cancel to the base
+    out = run("task_arithmetic", [fts[0], fts[0]], base, weight=[1.0, -1.0])
+    assert torch.allclose(out, base, atol=1e-6)
+    out = run("task_arithmetic", fts, base, weight=[0.3, 0.3, 0.3], **{"lambda": 2.0})
+    expect = base + 2.0 * 0.3 * sum(f - base for f in fts)
+    assert torch.allclose(out, expect, atol=1e-6)
+    # normalize turns it into the weighted mean of task vectors
+    out = run("task_arithmetic", fts, base, weight=[1.0, 1.0, 2.0], normalize=True)
+    assert torch.allclose(out, base + (fts[0] + fts[1] + 2 * fts[2] - 4 * base) / 4, atol=1e-6)
+
+
+def test_ties_by_hand():
+    base = torch.zeros(5)
+    a = torch.tensor([3.0, -1.0, 0.2, 2.0, -0.1])
+    b = torch.tensor([-2.0, -4.0, 0.1, 1.0, 0.3])
+    # density 0.6: keep 3 entries each -> a: [3, -1, 2] at 0,1,3 ; b: [-2, -4, 1] at 0,1,3
+    out = run("ties", [a, b], base, weight=1.0, density=0.6)
+    # idx0: 3 + -2 = 1 -> +, keep 3 -> 3; idx1: -5 -> -, mean(-1,-4) = -2.5; idx3: mean(2,1) = 1.5
+    assert torch.allclose(out, torch.tensor([3.0, -2.5, 0.0, 1.5, 0.0]))
+
+
+def test_ties_one_model_full_density_returns_that_model(tvs):
+    base, fts = tvs
+    out = run("ties", [fts[1]], base, weight=0.7, density=1.0)
+    assert torch.allclose(out, fts[1], atol=1e-6)
+
+
+def test_ties_global_scope_matches_reference_code():
+    """topk_scope=global reproduces the TIES reference: one kthvalue over the flattened model."""
+    from submerge.methods.task_arithmetic import _ties_global_thresholds
+    from submerge.methods.registry import ModelPass
+
+    torch.manual_seed(5)
+    names = ["w1", "w2"]
+    base = {n: torch.randn(6, 7) for n in names}
+    fts = [{n: base[n] + torch.randn(6, 7) * (1 + i) for n in names} for i in range(3)]
+    density = 0.3
+    params = {"density": [density] * 3}
+    mp = ModelPass(names, lambda n: ([f[n].clone() for f in fts], base[n].clone()), lambda n: params,
+                   ["a", "b", "c"])
+    thresholds = _ties_global_thresholds(mp, {})
+    # reference (ties-merging repo): flatten, kthvalue(n - int(n*K)), keep >= ; elect; disjoint mean
+    flat = torch.stack([torch.cat([(f[n] - base[n]).reshape(-1) for n in names]) for f in fts])
+    n = flat.shape[1]
+    kth = flat.abs().kthvalue(n - int(n * density), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = 1
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    ref = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    got = []
+    for name in names:
+        out = run("ties", [f[name] for f in fts], base[name], state=thresholds, weight=1.0,
+                  density=density, topk_scope="global")
+        got.append((out - base[name]).reshape(-1))
+    assert torch.allclose(torch.cat(got), ref, atol=1e-6)
+    assert thresholds == [v.item() for v in kth.reshape(-1)]
+
+
+def test_dare_full_density_is_task_arithmetic_and_seeded(tvs):
+    base, fts = tvs
+    ta = run("task_arithmetic", fts, base, weight=0.5)
+    assert torch.allclose(run("dare_linear", fts, base, weight=0.5, density=1.0), ta, atol=1e-6)
+    a = run("dare_ties", fts, base, weight=0.5, density=0.3, seed=7)
+    b = run("dare_ties", fts, base, weight=0.5, density=0.3, seed=7)
+    c = run("dare_ties", fts, base, weight=0.5, density=0.3, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dare_drops_at_the_rate_and_rescales():
+    torch.manual_seed(0)
+    base = torch.zeros(200, 200)
+    ft = torch.randn(200, 200)
+    out = run("dare_linear", [ft], base, weight=1.0, density=0.25, rescale_norm="density")
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(out[kept], ft[kept] / 0.25)  # the paper's 1/(1-p)
+    out = run("dare_linear", [ft], base, weight=1.0, density=0.25)  # mergekit: l1 preserved
+    assert math.isclose(out.abs().sum().item(), ft.abs().sum().item(), rel_tol=1e-4)
+
+
+def test_breadcrumbs_keeps_the_middle_band():
+    base = torch.zeros(100)
+    ft = torch.arange(1, 101, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(50)
+    out = run("breadcrumbs", [ft], base, weight=1.0, density=0.5, gamma=0.1)
+    kept = out != 0
+    assert torch.equal(ft.abs()[kept], torch.arange(41, 91, dtype=torch.float32))
+    assert torch.equal(out[kept], ft[kept])
+
+
+def test_della_density_window_and_seed(tvs):
+    base, fts = tvs
+    from submerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="density ± epsilon"):
+        run("della", fts, base, weight=1.0, density=0.1, epsilon=0.2)
+    a = run("della_linear", fts, base, weight=1.0, density=0.5, epsilon=0.1, seed=3)
+    b = run("della_linear", fts, base, weight=1.0, density=0.5, epsilon=0.1, seed=3)
+    assert torch.equal(a, b)
+    # large entries survive more often than small ones
+    torch.manual_seed(0)
+    x = torch.randn(1, 4000)
+    keep = torch.zeros_like(x)
+    for s in range(20):
+        keep += (run("della_linear", [x], torch.zeros_like(x), weight=1.0, density=0.5, epsilon=0.4,
+                     seed=s, rescale=False) != 0).float()
+    order = x.abs().argsort(dim=1)
+    assert keep[0, order[0, -400:]].mean() > 0.8 * 20 and keep[0, order[0, :400]].mean() < 0.2 * 20
+
+
+def test_slerp_endpoints_and_great_circle():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(run("slerp", [e2], e1, t=0.0), e1)
+    assert torch.allclose(run("slerp", [e2], e1, t=1.0), e2, atol=1e-7)
+    mid = run("slerp", [e2], e1, t=0.5)
+    assert torch.allclose(mid, torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    # collinear: plain interpolation
+    assert torch.allclose(run("slerp", [3 * e1], e1, t=0.25), 1.5 * e1)
+
+
+def test_model_stock_extremes(tvs):
+    base, fts = tvs
+    # identical fine-tunes: cos = 1 -> t = 1 -> the fine-tune itself
+    assert torch.allclose(run("model_stock", [fts[0], fts[0]], base), fts[0], atol=1e-6)
+    # orthogonal task vectors: cos = 0 -> t = 0 -> the base
+    b = torch.zeros(4)
+    out = run("model_stock", [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])], b)
+    assert torch.allclose(out, b)
+    # cos = 0.5 with 2 models: t = 2*0.5/(1+0.5) = 2/3
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.5, math.sqrt(3) / 2])
+    out = run("model_stock", [u, v], torch.zeros(2))
+    assert torch.allclose(out, (2 / 3) * (u + v) / 2, atol=1e-6)
+
+
+def test_magnitude_prune_by_hand():
+    base = torch.zeros(4)
+    a = torch.tensor([4.0, -1.0, 0.5, -3.0])
+    b = torch.tensor([1.0, 2.0, -5.0, 0.1])
+    out = run("magnitude_prune", [a, b], base, weight=1.0, density=0.5)
+    assert torch.allclose(out, torch.tensor([4.0, 2.0, -5.0, -3.0]))
