@@ -56,7 +56,6 @@ class MergeOptions:
     overwrite: bool = False
     quiet: bool = False
     prefetch: bool = True
-    async_write: bool = True
     copy_tokenizer: bool = True
     write_card: bool = True
 
@@ -93,36 +92,42 @@ class Executor:
         out = cfg.out_dtype or cfg.dtype
         self.out_dtype = TORCH_DTYPES[out] if out else None
         self.seed = options.random_seed
+        self._read_pool: Optional[ThreadPoolExecutor] = None
         if plan.method.randomized and self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little")
             plan.notes.append(f"no --random-seed given; drew seed {self.seed} (recorded for reproducibility)")
 
     # ---------------------------------------------------------------- reading
-    def _read(self, key: str, name: str) -> torch.Tensor:
-        x = self.plan.models[key].read(name)
-        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+    def _read_compute(self, key: str, name: str) -> torch.Tensor:
+        """Read one input tensor, cast it to the compute dtype/device and check it is finite."""
+        raw = self.plan.models[key].read(name)
+        dtype = torch.float64 if raw.dtype == torch.float64 else self.compute_dtype
+        x = raw.to(device=self.device, dtype=dtype)
+        del raw
+        # NaN/Inf propagate through a sum; a non-finite sum (or an overflow) gets the exact check
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
             bad = int((~torch.isfinite(x)).sum())
-            raise NonFiniteError(f"model '{key}' tensor {name} holds {bad} NaN/Inf value(s)")
+            if bad:
+                raise NonFiniteError(f"model '{key}' tensor {name} holds {bad} NaN/Inf value(s)")
         return x
-
-    def _to_compute(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if x.dtype == torch.float64 else self.compute_dtype
-        return x.to(device=self.device, dtype=dtype)
 
     def load(self, job: TensorJob) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """Read a job's inputs once each, in the compute dtype; duplicates get their own copy."""
-        cache: dict[tuple[str, str], torch.Tensor] = {}
-        tensors = []
-        for ref in job.inputs:
-            if ref in cache:
-                tensors.append(cache[ref].clone())
-            else:
-                cache[ref] = self._to_compute(self._read(*ref))
-                tensors.append(cache[ref])
-        base = None
-        if job.base is not None:
-            base = cache[job.base].clone() if job.base in cache else self._to_compute(self._read(*job.base))
-        return tensors, base
+        refs = list(dict.fromkeys(job.inputs + ([job.base] if job.base is not None else [])))
+        if self._read_pool is not None and len(refs) > 1:
+            cache = dict(zip(refs, self._read_pool.map(lambda r: self._read_compute(*r), refs)))
+        else:
+            cache = {r: self._read_compute(*r) for r in refs}
+        used: set[tuple[str, str]] = set()
+
+        def take(ref: tuple[str, str]) -> torch.Tensor:
+            if ref in used:  # the same tensor twice: the method may modify its inputs in place
+                return cache[ref].clone()
+            used.add(ref)
+            return cache[ref]
+
+        base = take(job.base) if job.base is not None else None
+        return [take(r) for r in job.inputs], base
 
     def _iter_loaded(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, object]]:
         def fetch(job: TensorJob):
@@ -134,12 +139,15 @@ class Executor:
             for job in jobs:
                 yield job, fetch(job)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submerge-read") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submerge-prefetch") as pool, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="submerge-read") as readers:
+            self._read_pool = readers
             future = pool.submit(fetch, jobs[0]) if jobs else None
             for i, job in enumerate(jobs):
                 data = future.result()
                 future = pool.submit(fetch, jobs[i + 1]) if i + 1 < len(jobs) else None
                 yield job, data
+            self._read_pool = None
 
     # ---------------------------------------------------------------- merging
     def _prepare(self):
@@ -181,9 +189,11 @@ class Executor:
         out_dir = Path(out_dir)
         tmp = out_dir.parent / f".{out_dir.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        writer = ShardWriter(tmp, parse_size(opt.out_shard_size), async_write=opt.async_write)
         bytes_read = 0
+        writer = None
         try:
+            specs = [(j.out_name, self._out_dtype(j), tuple(j.shape)) for j in plan.jobs]
+            writer = ShardWriter(tmp, specs, parse_size(opt.out_shard_size))
             state = self._prepare()
             total = plan.input_bytes()
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
@@ -197,8 +207,7 @@ class Executor:
                         size = job.nbytes * (len(job.inputs) + (job.base is not None))
                         out = self.merge_tensor(job, tensors, base, state)
                         del tensors, base
-                        out_dtype = self.out_dtype or job.in_dtype
-                        out = out.to(device="cpu", dtype=out_dtype)
+                        out = out.to(device="cpu", dtype=self._out_dtype(job))
                     writer.add(job.out_name, out)
                     del out, data
                     bytes_read += size
@@ -211,13 +220,19 @@ class Executor:
                 shutil.rmtree(out_dir)
             tmp.rename(out_dir)
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             plan.close()
         return MergeResult(out_dir, time.perf_counter() - t0, bytes_read, writer.total_bytes,
                            len(plan.jobs), files, self.seed, list(plan.notes))
+
+    def _out_dtype(self, job: TensorJob) -> torch.dtype:
+        if job.copy_from is not None or self.out_dtype is None:
+            return job.in_dtype
+        return self.out_dtype
 
     # ---------------------------------------------------------------- metadata
     def _write_metadata(self, tmp: Path, files: list[str]) -> None:

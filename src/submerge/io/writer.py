@@ -1,21 +1,31 @@
-"""Sharded safetensors output, written asynchronously, finalised with a Hugging Face index."""
+"""Sharded safetensors output, streamed to disk tensor by tensor.
+
+Every output tensor's name, dtype and shape are known from the plan before any
+math runs, so each shard's safetensors header (with every offset) is written
+first and each merged tensor is written straight to its place in the file as
+soon as it exists.  No output shard is ever held in memory.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
-from submerge.errors import ConfigError
+from submerge.errors import ConfigError, SubmergeError
 
 _UNITS = {
     "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
     "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -39,76 +49,93 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-class ShardWriter:
-    """Collects output tensors into shards of at most ``max_shard_bytes`` and writes them.
+@dataclass
+class _Slot:
+    shard: int
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    written: bool = False
 
-    A full shard is written on a background thread while merging continues (at most
-    one write in flight, so at most two shards are ever in memory).  ``finish``
-    names the files as Hugging Face does (``model.safetensors`` or
-    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+
+class ShardWriter:
+    """Writes planned tensors into Hugging Face-named safetensors shards.
+
+    ``specs`` lists ``(name, dtype, shape)`` in output order; shards are cut so
+    that none exceeds ``max_shard_bytes`` (a single larger tensor gets its own).
+    Files are named ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+    with ``model.safetensors.index.json``.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int, async_write: bool = True):
+    def __init__(self, out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int):
         self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self._pool = ThreadPoolExecutor(max_workers=1) if async_write else None
-        self._future: Optional[Future] = None
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, dtype, shape in specs:
+            n = 1
+            for s in shape:
+                n *= s
+            nbytes = n * torch.empty((), dtype=dtype).element_size()
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, tuple(shape), nbytes))
+            size += nbytes
+        n_shards = len(groups)
+        self.files = (["model.safetensors"] if n_shards == 1 else
+                      [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
+        self.slots: dict[str, _Slot] = {}
+        self._fds: list[int] = []
         self.total_bytes = 0
+        for i, group in enumerate(groups):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            pos = 0
+            for name, dtype, shape, nbytes in group:
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [pos, pos + nbytes]}
+                pos += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            fd = os.open(self.out_dir / self.files[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, start + pos)
+            for name, dtype, shape, nbytes in group:
+                self.slots[name] = _Slot(i, start + header[name]["data_offsets"][0], nbytes, dtype, shape)
+                self.total_bytes += nbytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        tensors, self._pending, self._pending_bytes = self._pending, {}, 0
-        fname = f"shard-{len(self._shards):05d}.tmp.safetensors"
-        self._shards.append((fname, list(tensors)))
-        self._wait()
-        path = self.out_dir / fname
-        if self._pool is None:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        else:
-            self._future = self._pool.submit(save_file, tensors, str(path), {"format": "pt"})
-
-    def _wait(self) -> None:
-        if self._future is not None:
-            future, self._future = self._future, None
-            future.result()
+        slot = self.slots[name]
+        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise SubmergeError(
+                f"internal: tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned "
+                f"{slot.dtype} {list(slot.shape)}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        done = 0
+        while done < slot.nbytes:
+            done += os.pwrite(self._fds[slot.shard], view[done : done + (1 << 30)], slot.offset + done)
+        slot.written = True
 
     def finish(self) -> list[str]:
-        """Write what is pending, name the shards and write the index; returns the file names."""
-        self._flush()
-        self._wait()
-        if self._pool is not None:
-            self._pool.shutdown()
-        n = len(self._shards)
-        if n == 1:
-            final = ["model.safetensors"]
-        else:
-            final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map: dict[str, str] = {}
-        for (tmp, names), name in zip(self._shards, final):
-            (self.out_dir / tmp).rename(self.out_dir / name)
-            for t in names:
-                weight_map[t] = name
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        """Close the shards, check every tensor was written, write the index; returns file names."""
+        missing = [n for n, s in self.slots.items() if not s.written]
+        self.close()
+        if missing:
+            raise SubmergeError(f"internal: {len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[slot.shard] for name, slot in sorted(self.slots.items())}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return final
+        return list(self.files)
 
-    def abort(self) -> None:
-        try:
-            self._wait()
-        except Exception:
-            pass
-        if self._pool is not None:
-            self._pool.shutdown()
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    abort = close

@@ -63,6 +63,8 @@ def _merge_task_vectors(
     assert base is not None
     n = len(ctx.tensors)
     norm = rescale_norm if rescale else None
+    if sparsify is None and consensus is None and base.dtype in (torch.float32, torch.float64):
+        return _weighted_sum_streaming(ctx, weight, lambda_, normalize)
     deltas = torch.empty((n,) + tuple(base.shape), dtype=base.dtype, device=base.device)
     for i in range(n):
         d = torch.sub(ctx.tensors[i], base, out=deltas[i])
@@ -110,6 +112,28 @@ def _merge_task_vectors(
     if lambda_ != 1:
         merged *= lambda_
     return merged.add_(base)
+
+
+def _weighted_sum_streaming(ctx: TensorContext, weight: list[float], lambda_: float,
+                            normalize: bool) -> torch.Tensor:
+    """Plain task arithmetic, accumulated in place one input at a time (no [N, ...] stack).
+
+    Used for float32/float64 compute; low-precision compute keeps the stacked sum so that
+    ``--compute-dtype bfloat16`` reproduces mergekit's rounding exactly.
+    """
+    base = ctx.base
+    acc = ctx.tensors[0].sub_(base).mul_(weight[0])
+    ctx.tensors[0] = None
+    for i in range(1, len(ctx.tensors)):
+        acc.add_(ctx.tensors[i].sub_(base), alpha=weight[i])
+        ctx.tensors[i] = None
+    if normalize:
+        total = sum(weight)
+        if abs(total) >= 1e-8:
+            acc.div_(total)
+    if lambda_ != 1:
+        acc.mul_(lambda_)
+    return acc.add_(base)
 
 
 # --------------------------------------------------------------------------------------
