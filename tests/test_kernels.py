@@ -65,7 +65,7 @@ def test_sign_election_and_disjoint_mean_by_hand():
     deltas = torch.tensor([[1.0, -2.0, 0.5], [-3.0, -1.0, 0.5], [1.0, 4.0, -2.0]])
     sign = kernels.elect_sign(deltas, "sum")  # sums: -1, 1, -1
     assert torch.equal(sign, torch.tensor([-1.0, 1.0, -1.0]))
-    merged = kernels.disjoint_merge(deltas, torch.ones(3), sign, normalize=True)
+    merged = kernels.disjoint_merge(deltas.clone(), torch.ones(3), sign, normalize=True)
     assert torch.allclose(merged, torch.tensor([-3.0, 4.0, -2.0]))
     sign_count = kernels.elect_sign(deltas, "count")  # votes: +1, -1, +1
     assert torch.equal(sign_count, torch.tensor([1.0, -1.0, 1.0]))

@@ -15,28 +15,36 @@ RESCALE_NORMS = ("l1", "l2", "linf", "density")
 
 
 def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of a 1-D tensor."""
+    """The k-th smallest value (1-based) of a 1-D tensor, by selection (never a full sort).
+
+    On CPU, NumPy's introselect (``np.partition``) is about 3x faster than
+    ``torch.kthvalue``; elsewhere ``torch.kthvalue`` runs on the device.
+    """
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        value = np.partition(flat.numpy(), k - 1)[k - 1]
+        return torch.tensor(value, dtype=flat.dtype)
     return torch.kthvalue(flat, k).values
 
 
 def _take_tie_group(
-    a: torch.Tensor, v: torch.Tensor, lo: int, hi: int, mask: torch.Tensor
+    a: torch.Tensor, v: torch.Tensor, lo: int, hi: int, mask: torch.Tensor,
+    start: Optional[int] = None,
 ) -> None:
-    """Add to ``mask`` the entries equal to ``v`` whose ascending rank lies in [lo, hi).
+    """Set in ``mask`` exactly the entries equal to ``v`` whose ascending rank lies in [lo, hi).
 
     Inside the group of entries equal to ``v`` ranks are assigned by position.
+    ``start`` (the number of entries below ``v``) is counted when not given.
     """
-    eq = a == v
-    start = int((a < v).sum())
-    count = int(eq.sum())
+    if start is None:
+        start = int(torch.count_nonzero(a < v))
+    positions = (a == v).nonzero().squeeze(1)  # the tie group only: small next to the tensor
+    count = positions.numel()
     j0, j1 = max(lo, start) - start, min(hi, start + count) - start
-    if j1 <= j0:
-        return
-    if j0 == 0 and j1 == count:
-        mask |= eq
-        return
-    pos = eq.cumsum(0) - 1
-    mask |= eq & (pos >= j0) & (pos < j1)
+    mask[positions] = False
+    if j1 > j0:
+        mask[positions[j0:j1]] = True
 
 
 def rank_window_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -52,6 +60,14 @@ def rank_window_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     if lo == 0 and hi == n:
         return torch.ones_like(values, dtype=torch.bool)
     a = values.reshape(-1)
+    if lo == 0 or hi == n:
+        # one threshold; without ties at it, a single comparison selects exactly hi - lo entries
+        v = _kth_smallest(a, hi) if lo == 0 else _kth_smallest(a, lo + 1)
+        mask = a <= v if lo == 0 else a >= v
+        selected = int(torch.count_nonzero(mask))
+        if selected != hi - lo:  # ties at the threshold: keep the group's entries by position
+            _take_tie_group(a, v, lo, hi, mask, start=None if lo == 0 else n - selected)
+        return mask.reshape(values.shape)
     v_hi = _kth_smallest(a, hi)
     if lo > 0:
         v_lo = _kth_smallest(a, lo + 1)
@@ -170,18 +186,22 @@ def elect_sign(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
 def disjoint_merge(
     deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
-    """Sum the entries whose sign agrees with the elected sign.
+    """Sum the entries whose sign agrees with the elected sign (``deltas`` is consumed).
 
     With ``normalize`` the sum is divided by the total weight of the agreeing
     entries (with unit weights: the paper's disjoint mean over agreeing models).
+    Accumulated one model at a time, so no [N, ...] temporaries are made.
     """
-    agree = deltas.sign() == sign
-    merged = (deltas * agree).sum(dim=0)
-    if normalize:
-        w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
-        divisor = (agree * w).sum(dim=0)
+    merged = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for i in range(deltas.shape[0]):
+        agree = torch.mul(deltas[i], sign).gt_(0)  # same sign as elected (zeros never agree)
+        merged.add_(deltas[i].mul_(agree))
+        if divisor is not None:
+            divisor.add_(agree, alpha=float(weights[i]))
+    if divisor is not None:
         divisor[divisor == 0] = 1
-        merged /= divisor
+        merged.div_(divisor)
     return merged
 
 
