@@ -326,12 +326,12 @@ class Planner:
             tok = c.tokenizer_source
             if tok not in models:
                 models[tok] = Checkpoint(resolve_model_path(tok, self.config_dir), label=tok)
-        self._check_params_finite(jobs)
+        self._check_linear_weights(jobs)
         first = next((j for j in jobs if j.copy_from is None), None)
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
         return MergePlan(c, m, models, reference, jobs, global_params, out_config, tok)
 
-    def _check_params_finite(self, jobs: list[TensorJob]) -> None:
+    def _check_linear_weights(self, jobs: list[TensorJob]) -> None:
         if self.method.name == "linear":
             for job in jobs:
                 if job.params.get("normalize") and job.params and sum(job.params["weight"]) == 0:

@@ -92,7 +92,7 @@ def _merge_task_vectors(
                     f"got density={density[i]}, epsilon={epsilon[i]}"
                 )
             keep_prob = kernels.della_keep_probs(d, density[i], epsilon[i])
-            mask = torch.bernoulli(keep_prob, generator=ctx.generator).bool()
+            mask = torch.rand(d.shape, generator=ctx.generator, device=d.device) < keep_prob
         else:  # pragma: no cover - registry guarantees the names
             raise ValueError(sparsify)
         kernels.rescale_masked(d, mask, norm, keep_prob)
