@@ -240,6 +240,3 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> A
     frac = scaled - i0
     return (1 - frac) * setting[i0] + frac * setting[i1]
 
-
-def setting_names(params: Parameters) -> list[str]:
-    return list(params or {})

@@ -7,7 +7,6 @@ shapes, dtypes, the method's input contract and every parameter of every tensor.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setti
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.methods import MergeMethod, get_method
-
-log = logging.getLogger("submerge")
 
 _LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -226,7 +223,6 @@ class Planner:
             s = slices[s_index]
             srcs, base = slice_inputs[s_index]
             src_by_model = {src.model: src for src in s.sources}
-            info = ref.tensors.get(in_name_for(reference, src_by_model.get(reference)))
             inputs = [(src.model, in_name_for(src.model, src)) for src in srcs]
             base_in = (base, in_name_for(base, src_by_model.get(base))) if base else None
             all_in = inputs + ([base_in] if base_in else [])

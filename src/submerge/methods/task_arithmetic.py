@@ -50,15 +50,19 @@ def _merge_task_vectors(
     sparsify: Optional[str],
     consensus: Optional[str],
     weight: list[float],
-    lambda_: float,
     normalize: bool,
     rescale: bool = False,
     rescale_norm: str = "l1",
     density: Optional[list[float]] = None,
     gamma: Optional[list[float]] = None,
     epsilon: Optional[list[float]] = None,
-    thresholds: Optional[list[float]] = None,
+    topk_scope: str = "tensor",
+    int8_mask: bool = False,
+    **scale: float,
 ) -> torch.Tensor:
+    """The whole family; ``scale`` carries ``lambda`` (a Python keyword, so it arrives by **)."""
+    lambda_ = scale.get("lambda", 1.0)
+    thresholds = ctx.state if topk_scope == "global" else None
     base = ctx.base
     assert base is not None
     n = len(ctx.tensors)
@@ -136,27 +140,6 @@ def _weighted_sum_streaming(ctx: TensorContext, weight: list[float], lambda_: fl
     return acc.add_(base)
 
 
-# --------------------------------------------------------------------------------------
-# task_arithmetic
-# --------------------------------------------------------------------------------------
-@register_method(
-    name="task_arithmetic",
-    pretty_name="Task Arithmetic",
-    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
-    url="https://arxiv.org/abs/2212.04089",
-    variant="theta = base + lambda * sum_i weight_i * (theta_i - base); with normalize, the sum is "
-            "divided by sum_i weight_i. Defaults as mergekit: normalize=false, lambda=1.",
-    params=[_WEIGHT, _LAMBDA, _normalize(False), _INT8],
-    needs_base=True,
-)
-def task_arithmetic(ctx: TensorContext, *, weight, normalize, int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify=None, consensus=None, weight=weight,
-                               lambda_=p["lambda"], normalize=normalize)
-
-
-# --------------------------------------------------------------------------------------
-# ties (per-tensor top-k as mergekit, or the paper's global top-k)
-# --------------------------------------------------------------------------------------
 def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
     """Per-model |delta| thresholds over the whole model (the TIES reference code's rule).
 
@@ -191,187 +174,88 @@ def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
     return [s.value() if s is not None else float("-inf") for s in selectors]
 
 
-@register_method(
-    name="ties",
-    pretty_name="TIES",
-    paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
-    url="https://arxiv.org/abs/2306.01708",
-    variant="trim each task vector to its top-`density` magnitudes (topk_scope=tensor: per tensor, "
-            "exactly max(1, int(density*n)) entries, as mergekit; topk_scope=global: one threshold "
-            "over the whole model, as the paper's code), weight, elect the sign of the weighted sum "
-            "(zero -> +), average the agreeing entries (normalize: divide by their total weight), "
-            "scale by lambda. Defaults: density=1, normalize=true, rescale=false, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _LAMBDA, _normalize(True), _rescale(False), _RESCALE_NORM, _INT8,
-            Param("topk_scope", str, "tensor", choices=("tensor", "global"),
-                  help="trim per tensor (mergekit) or over the whole model (paper)")],
-    needs_base=True,
-    prepare=_ties_global_thresholds,
-    prepare_when=lambda g: g.get("topk_scope") == "global",
-)
-def ties(ctx: TensorContext, *, weight, density, normalize, rescale, rescale_norm, int8_mask,
-         topk_scope, **p) -> torch.Tensor:
-    return _merge_task_vectors(
-        ctx, sparsify="magnitude", consensus="sum", weight=weight, lambda_=p["lambda"],
-        normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, density=density,
-        thresholds=ctx.state if topk_scope == "global" else None,
-    )
+def _member(sparsify: Optional[str], consensus: Optional[str]):
+    """One method of the family: a sparsifier and a consensus rule over `_merge_task_vectors`."""
+
+    def merge(ctx: TensorContext, **params) -> torch.Tensor:
+        return _merge_task_vectors(ctx, sparsify=sparsify, consensus=consensus, **params)
+
+    return merge
 
 
-# --------------------------------------------------------------------------------------
-# magnitude_prune
-# --------------------------------------------------------------------------------------
-@register_method(
-    name="magnitude_prune",
-    pretty_name="Magnitude pruning + task arithmetic",
-    paper="PEFT's magnitude_prune combination (top-k magnitude trim, then weighted task arithmetic)",
-    url="https://huggingface.co/docs/peft/developer_guides/model_merging",
-    variant="each task vector trimmed to its top-`density` magnitudes per tensor, then "
-            "task arithmetic (no sign election). Defaults: density=1, normalize=false, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _LAMBDA, _normalize(False), _rescale(False), _RESCALE_NORM, _INT8],
-    needs_base=True,
-)
-def magnitude_prune(ctx: TensorContext, *, weight, density, normalize, rescale, rescale_norm,
-                    int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="magnitude", consensus=None, weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density)
-
-
-# --------------------------------------------------------------------------------------
-# DARE
-# --------------------------------------------------------------------------------------
-_DARE_PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024"
-_DARE_URL = "https://arxiv.org/abs/2311.03099"
-
-
-@register_method(
-    name="dare_linear",
-    pretty_name="Linear DARE",
-    paper=_DARE_PAPER,
-    url=_DARE_URL,
-    variant="drop each task-vector entry with probability 1-density (Bernoulli), rescale the "
-            "survivors (rescale_norm=l1: match the l1 norm, as mergekit; 'density': divide by "
-            "density, as the paper), then task arithmetic. Defaults: density=1, rescale=true, "
-            "normalize=false, lambda=1. Reproducible with --random-seed.",
-    params=[_WEIGHT, _DENSITY, _LAMBDA, _normalize(False), _rescale(True), _RESCALE_NORM, _INT8],
-    needs_base=True,
-    randomized=True,
-)
-def dare_linear(ctx: TensorContext, *, weight, density, normalize, rescale, rescale_norm,
-                int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="random", consensus=None, weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density)
-
-
-@register_method(
-    name="dare_ties",
-    pretty_name="DARE TIES",
-    paper=_DARE_PAPER,
-    url=_DARE_URL,
-    variant="DARE drop-and-rescale of each task vector, then TIES sign election and disjoint "
-            "merge. Defaults: density=1, rescale=true (l1), normalize=false, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _LAMBDA, _normalize(False), _rescale(True), _RESCALE_NORM, _INT8],
-    needs_base=True,
-    randomized=True,
-)
-def dare_ties(ctx: TensorContext, *, weight, density, normalize, rescale, rescale_norm,
-              int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="random", consensus="sum", weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density)
-
-
-# --------------------------------------------------------------------------------------
-# Model Breadcrumbs
-# --------------------------------------------------------------------------------------
-_BC_PAPER = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024"
-_BC_URL = "https://arxiv.org/abs/2312.06795"
+_DARE = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024", "https://arxiv.org/abs/2311.03099")
+_BREADCRUMBS = ("Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse "
+                "Masks, ECCV 2024", "https://arxiv.org/abs/2312.06795")
+_DELLA = ("Deep et al., DELLA-Merging: Reducing Interference via Magnitude-Based Sampling, 2024",
+          "https://arxiv.org/abs/2406.11617")
 _GAMMA = Param("gamma", float, 0.01, per_model=True, low=0.0, high=1.0,
                help="fraction of largest-magnitude entries removed as outliers")
-
-
-@register_method(
-    name="breadcrumbs",
-    pretty_name="Model Breadcrumbs",
-    paper=_BC_PAPER,
-    url=_BC_URL,
-    variant="per tensor, drop the int(gamma*n) largest |delta| (outliers) and the smallest so that "
-            "int(density*n) entries remain, then task arithmetic. Defaults: density=1, gamma=0.01, "
-            "normalize=false, rescale=false, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale(False), _RESCALE_NORM,
-            _INT8],
-    needs_base=True,
-)
-def breadcrumbs(ctx: TensorContext, *, weight, density, gamma, normalize, rescale, rescale_norm,
-                int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="outliers", consensus=None, weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density, gamma=gamma)
-
-
-@register_method(
-    name="breadcrumbs_ties",
-    pretty_name="Model Breadcrumbs with TIES",
-    paper=_BC_PAPER,
-    url=_BC_URL,
-    variant="Breadcrumbs masks, then TIES sign election and disjoint merge. Defaults: density=1, "
-            "gamma=0.01, normalize=false, rescale=false, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale(False), _RESCALE_NORM,
-            _INT8],
-    needs_base=True,
-)
-def breadcrumbs_ties(ctx: TensorContext, *, weight, density, gamma, normalize, rescale,
-                     rescale_norm, int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="outliers", consensus="sum", weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density, gamma=gamma)
-
-
-# --------------------------------------------------------------------------------------
-# DELLA
-# --------------------------------------------------------------------------------------
-_DELLA_PAPER = "Deep et al., DELLA-Merging: Reducing Interference via Magnitude-Based Sampling, 2024"
-_DELLA_URL = "https://arxiv.org/abs/2406.11617"
 _EPSILON = Param("epsilon", float, 0.15, per_model=True, low=0.0, high=1.0,
                  help="half-width of the keep-probability window around density")
+_TOPK_SCOPE = Param("topk_scope", str, "tensor", choices=("tensor", "global"),
+                    help="trim per tensor (mergekit) or over the whole model (paper)")
 
+# name, pretty name, (paper, url), sparsifier, consensus, normalize default, rescale default,
+# extra parameters, randomized, variant
+_FAMILY = [
+    ("task_arithmetic", "Task Arithmetic",
+     ("Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023", "https://arxiv.org/abs/2212.04089"),
+     None, None, False, None, [], False,
+     "theta = base + lambda * sum_i weight_i * (theta_i - base); with normalize, the sum is divided by "
+     "sum_i weight_i. Defaults as mergekit: normalize=false, lambda=1."),
+    ("ties", "TIES",
+     ("Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
+      "https://arxiv.org/abs/2306.01708"),
+     "magnitude", "sum", True, False, [_DENSITY, _TOPK_SCOPE], False,
+     "trim each task vector to its top-`density` magnitudes (topk_scope=tensor: per tensor, exactly "
+     "max(1, int(density*n)) entries, as mergekit; topk_scope=global: one threshold over the whole model, "
+     "as the paper's code), weight, elect the sign of the weighted sum (zero -> +), average the agreeing "
+     "entries (normalize: divide by their total weight), scale by lambda. Defaults: density=1, "
+     "normalize=true, rescale=false, lambda=1."),
+    ("magnitude_prune", "Magnitude pruning + task arithmetic",
+     ("PEFT's magnitude_prune combination (top-k magnitude trim, then weighted task arithmetic)",
+      "https://huggingface.co/docs/peft/developer_guides/model_merging"),
+     "magnitude", None, False, False, [_DENSITY], False,
+     "each task vector trimmed to its top-`density` magnitudes per tensor, then task arithmetic (no sign "
+     "election). Defaults: density=1, normalize=false, lambda=1."),
+    ("dare_linear", "Linear DARE", _DARE, "random", None, False, True, [_DENSITY], True,
+     "drop each task-vector entry with probability 1-density (Bernoulli), rescale the survivors "
+     "(rescale_norm=l1: match the l1 norm, as mergekit; 'density': divide by density, as the paper), then "
+     "task arithmetic. Defaults: density=1, rescale=true, normalize=false, lambda=1. Reproducible with "
+     "--random-seed."),
+    ("dare_ties", "DARE TIES", _DARE, "random", "sum", False, True, [_DENSITY], True,
+     "DARE drop-and-rescale of each task vector, then TIES sign election and disjoint merge. Defaults: "
+     "density=1, rescale=true (l1), normalize=false, lambda=1."),
+    ("breadcrumbs", "Model Breadcrumbs", _BREADCRUMBS, "outliers", None, False, False, [_DENSITY, _GAMMA], False,
+     "per tensor, drop the int(gamma*n) largest |delta| (outliers) and the smallest so that int(density*n) "
+     "entries remain, then task arithmetic. Defaults: density=1, gamma=0.01, normalize=false, "
+     "rescale=false, lambda=1."),
+    ("breadcrumbs_ties", "Model Breadcrumbs with TIES", _BREADCRUMBS, "outliers", "sum", False, False,
+     [_DENSITY, _GAMMA], False,
+     "Breadcrumbs masks, then TIES sign election and disjoint merge. Defaults: density=1, gamma=0.01, "
+     "normalize=false, rescale=false, lambda=1."),
+    ("della", "DELLA", _DELLA, "della", "sum", True, True, [_DENSITY, _EPSILON], True,
+     "MagPrune: per row, keep probabilities linear in magnitude rank from density-epsilon to "
+     "density+epsilon, Bernoulli drop, rescale (l1 as mergekit, or 'density' = 1/p_i as the paper); then "
+     "TIES sign election and disjoint merge. Defaults: density=1, epsilon=0.15, normalize=true, "
+     "rescale=true, lambda=1."),
+    ("della_linear", "Linear DELLA", _DELLA, "della", None, False, True, [_DENSITY, _EPSILON], True,
+     "DELLA MagPrune sampling, then task arithmetic (no sign election). Defaults: density=1, epsilon=0.15, "
+     "normalize=false, rescale=true, lambda=1."),
+]
 
-@register_method(
-    name="della",
-    pretty_name="DELLA",
-    paper=_DELLA_PAPER,
-    url=_DELLA_URL,
-    variant="MagPrune: per row, keep probabilities linear in magnitude rank from density-epsilon to "
-            "density+epsilon, Bernoulli drop, rescale (l1 as mergekit, or 'density' = 1/p_i as the "
-            "paper); then TIES sign election and disjoint merge. Defaults: density=1, epsilon=0.15, "
-            "normalize=true, rescale=true, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(True), _rescale(True), _RESCALE_NORM,
-            _INT8],
-    needs_base=True,
-    randomized=True,
-)
-def della(ctx: TensorContext, *, weight, density, epsilon, normalize, rescale, rescale_norm,
-          int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="della", consensus="sum", weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density, epsilon=epsilon)
-
-
-@register_method(
-    name="della_linear",
-    pretty_name="Linear DELLA",
-    paper=_DELLA_PAPER,
-    url=_DELLA_URL,
-    variant="DELLA MagPrune sampling, then task arithmetic (no sign election). Defaults: density=1, "
-            "epsilon=0.15, normalize=false, rescale=true, lambda=1.",
-    params=[_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(False), _rescale(True), _RESCALE_NORM,
-            _INT8],
-    needs_base=True,
-    randomized=True,
-)
-def della_linear(ctx: TensorContext, *, weight, density, epsilon, normalize, rescale,
-                 rescale_norm, int8_mask, **p) -> torch.Tensor:
-    return _merge_task_vectors(ctx, sparsify="della", consensus=None, weight=weight,
-                               lambda_=p["lambda"], normalize=normalize, rescale=rescale,
-                               rescale_norm=rescale_norm, density=density, epsilon=epsilon)
+for (_name, _pretty, (_paper, _url), _sparsify, _consensus, _norm_default, _rescale_default, _extra,
+     _randomized, _variant) in _FAMILY:
+    _params = [_WEIGHT, *_extra, _LAMBDA, _normalize(_norm_default), _INT8]
+    if _rescale_default is not None:
+        _params += [_rescale(_rescale_default), _RESCALE_NORM]
+    register_method(
+        name=_name, pretty_name=_pretty, paper=_paper, url=_url, variant=_variant, params=_params,
+        needs_base=True, randomized=_randomized,
+        prepare=_ties_global_thresholds if _name == "ties" else None,
+        prepare_when=(lambda g: g.get("topk_scope") == "global") if _name == "ties" else None,
+    )(_fn := _member(_sparsify, _consensus))
+    _fn.__name__ = _fn.__qualname__ = _name
+    _fn.__doc__ = f"{_pretty} — {_paper} ({_url}).\n\nVariant: {_variant}"
+del _name, _pretty, _paper, _url, _sparsify, _consensus, _norm_default, _rescale_default, _extra
+del _randomized, _variant, _params, _fn
