@@ -191,3 +191,28 @@ def test_magnitude_prune_by_hand():
     b = torch.tensor([1.0, 2.0, -5.0, 0.1])
     out = run("magnitude_prune", [a, b], base, weight=1.0, density=0.5)
     assert torch.allclose(out, torch.tensor([4.0, 2.0, -5.0, -3.0]))
+
+
+def test_ties_fused_path_equals_mask_path_with_heavy_ties():
+    """The chunked CPU path (threshold + tie budget) equals whole-tensor masks, ties included."""
+    from submerge.methods import kernels
+
+    torch.manual_seed(4)
+    base = torch.zeros(50, 40)
+    fts = [torch.round(torch.randn(50, 40) * 4) / 4 for _ in range(3)]  # few distinct magnitudes
+    weights, density = [1.0, 0.5, 2.0], 0.3
+    got = run("ties", fts, base, weight=weights, density=density)
+    masked = torch.stack([f * kernels.magnitude_mask(f, density) * w for f, w in zip(fts, weights)])
+    expect = kernels.disjoint_merge(masked, torch.tensor(weights), kernels.elect_sign(masked), True)
+    assert torch.equal(got, expect)
+    for f in fts:  # exactly k kept, earliest positions win among equal magnitudes
+        m = kernels.magnitude_mask(f, density)
+        assert m.sum().item() == int(density * f.numel())
+    rules = [kernels.magnitude_threshold(f, density) for f in fts]
+    assert any(r.budget is not None for r in rules)
+    small = kernels.consensus_merge_chunked([f.clone() for f in fts], rules, weights, True,
+                                            torch.empty(50, 40), chunk=7)
+    rules = [kernels.magnitude_threshold(f, density) for f in fts]
+    large = kernels.consensus_merge_chunked([f.clone() for f in fts], rules, weights, True,
+                                            torch.empty(50, 40))
+    assert torch.equal(small, expect) and torch.equal(large, expect)

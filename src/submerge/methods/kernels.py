@@ -7,6 +7,7 @@ position so that exactly the requested number of entries is kept.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -82,14 +83,103 @@ def rank_window_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``max(1, int(density * n))`` largest-magnitude entries (mergekit/PEFT rule)."""
+    """Keep the ``max(1, int(density * n))`` largest-magnitude entries (mergekit/PEFT rule).
+
+    Ties at the threshold are resolved as a stable descending sort would: among equal
+    magnitudes, earlier positions are kept, so exactly k entries survive.
+    """
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or n == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * n))
-    return rank_window_mask(delta.abs(), n - k, n)
+    a = delta.abs().reshape(-1)
+    v = _kth_smallest(a, n - k + 1)
+    mask = a >= v
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # drop the last `extra` entries equal to the threshold
+        ties = (a == v).nonzero().squeeze(1)
+        mask[ties[ties.numel() - extra :]] = False
+    return mask.reshape(delta.shape)
+
+
+@dataclass
+class TopK:
+    """A top-k magnitude rule in threshold form: keep ``|x| > v``, plus the first
+    ``budget`` entries (by position) with ``|x| == v``; ``budget=None`` keeps every
+    ``|x| >= v`` (no tie straddles the threshold)."""
+
+    v: float
+    budget: Optional[int] = None
+
+
+def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
+    """:func:`magnitude_mask` as a :class:`TopK` rule, applicable chunk by chunk (CPU float32/64).
+
+    ``density`` must be in (0, 1).  Uses one in-place introselect on a scratch copy.
+    """
+    import numpy as np
+
+    n = delta.numel()
+    k = max(1, int(density * n))
+    a = np.abs(delta.reshape(-1).numpy())  # our own scratch copy: partition it in place
+    a.partition(n - k)
+    v = a[n - k]
+    if n - k == 0 or a[: n - k].max() < v:
+        return TopK(float(v))
+    above = int(np.count_nonzero(a[n - k :] > v))
+    return TopK(float(v), k - above)
+
+
+def consensus_merge_chunked(
+    deltas: list[torch.Tensor],
+    rules: list[Optional[TopK]],
+    weights: list[float],
+    normalize: bool,
+    out: torch.Tensor,
+    chunk: int = 1 << 18,
+) -> torch.Tensor:
+    """Trim (by threshold or mask), weight, elect signs and disjoint-merge, one cache-sized chunk at a time.
+
+    ``rules[i]`` trims model i (None: no trim); budgets of tied entries are spent in
+    position order, so the result equals :func:`magnitude_mask`.  Numerically the
+    same steps as masking whole tensors then calling :func:`elect_sign`
+    and :func:`disjoint_merge` (the sum over models is taken on a stacked chunk, in model
+    order), but every intermediate stays in cache.  Writes the merged delta into ``out``.
+    """
+    flat = [d.reshape(-1) for d in deltas]
+    budgets = [r.budget if r is not None else None for r in rules]
+    res = out.reshape(-1)
+    n = res.numel()
+    w = torch.tensor(weights, dtype=out.dtype)
+    scale = any(x != 1 for x in weights)
+    stack = torch.empty((len(flat), min(chunk, n)), dtype=out.dtype, device=out.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        st = stack[:, : stop - start]
+        for i, d in enumerate(flat):
+            dc = d[start:stop]
+            rule = rules[i]
+            if rule is None:
+                st[i].copy_(dc)
+            else:
+                mag = dc.abs()
+                keep = mag.clone().gt_(rule.v) if budgets[i] is not None else mag.ge_(rule.v)
+                if budgets[i]:  # ties at the threshold: spend the budget in position order
+                    tie = mag.eq_(rule.v)
+                    count = int(tie.sum())
+                    if count <= budgets[i]:
+                        keep.add_(tie)
+                        budgets[i] -= count
+                    else:
+                        keep[tie.nonzero().squeeze(1)[: budgets[i]]] = 1
+                        budgets[i] = 0
+                torch.mul(dc, keep, out=st[i])
+            if scale:
+                st[i].mul_(weights[i])
+        disjoint_merge(st, w, elect_sign(st, "sum"), normalize, out=res[start:stop])
+    return out
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -110,11 +200,12 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
 def bernoulli_mask(
     delta: torch.Tensor, density: float, generator: Optional[torch.Generator]
 ) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density``."""
+    """DARE: keep each entry independently with probability ``density`` (float 0/1 mask)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    # uniform draws compared with the keep probability: the same law as torch.bernoulli, 2x faster
-    return torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    # uniform draws compared in place with the keep probability: the law of torch.bernoulli,
+    # as a float 0/1 mask (float masks are much faster to apply than boolean ones on CPU)
+    return torch.rand(delta.shape, generator=generator, device=delta.device).lt_(density)
 
 
 def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -174,33 +265,39 @@ def _norm(x: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def elect_sign(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
-    """TIES sign election over the stacked (weighted) deltas ``[N, ...]``.
+    """TIES sign election over the stacked (weighted) deltas ``[N, ...]``, as ±1 floats.
 
     ``sum``: the sign of the summed deltas (the paper's mass rule); ``count``: the
-    sign of the vote count.  Zero totals elect +1 (mergekit's rule).
+    sign of the vote count.  Zero totals elect +1 (mergekit's rule).  (Float 0/1 masks
+    made by in-place comparisons are ~10x faster on CPU than boolean tensors.)
     """
     total = deltas.sum(dim=0) if method == "sum" else deltas.sign().sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+    return total.ge_(0).mul_(2).sub_(1)
 
 
 def disjoint_merge(
-    deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor, normalize: bool
+    deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor, normalize: bool,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Sum the entries whose sign agrees with the elected sign (``deltas`` is consumed).
+    """Sum the entries whose sign agrees with the elected sign.
 
     With ``normalize`` the sum is divided by the total weight of the agreeing
     entries (with unit weights: the paper's disjoint mean over agreeing models).
     Accumulated one model at a time, so no [N, ...] temporaries are made.
     """
-    merged = torch.zeros_like(sign)
+    merged = torch.zeros_like(sign) if out is None else out.zero_()
     divisor = torch.zeros_like(sign) if normalize else None
     for i in range(deltas.shape[0]):
-        agree = torch.mul(deltas[i], sign).gt_(0)  # same sign as elected (zeros never agree)
-        merged.add_(deltas[i].mul_(agree))
+        agree = torch.mul(deltas[i], sign).gt_(0)  # 1.0 where the signs agree (zeros never do)
+        merged.addcmul_(deltas[i], agree)
         if divisor is not None:
             divisor.add_(agree, alpha=float(weights[i]))
     if divisor is not None:
-        divisor[divisor == 0] = 1
+        if bool((weights > 0).all()):
+            # divisor is 0 exactly where nothing agrees (merged is 0 there): any positive value works
+            divisor.clamp_(min=float(weights.min()))
+        else:
+            divisor[divisor == 0] = 1
         merged.div_(divisor)
     return merged
 

@@ -69,26 +69,26 @@ def _merge_task_vectors(
     norm = rescale_norm if rescale else None
     if sparsify is None and consensus is None and base.dtype in (torch.float32, torch.float64):
         return _weighted_sum_streaming(ctx, weight, lambda_, normalize)
+    if (consensus == "sum" and sparsify in (None, "magnitude") and not rescale
+            and base.device.type == "cpu" and base.dtype in (torch.float32, torch.float64)):
+        return _ties_fused(ctx, weight, density, thresholds, lambda_, normalize, sparsify)
     deltas = torch.empty((n,) + tuple(base.shape), dtype=base.dtype, device=base.device)
-    for i in range(n):
+
+    def sparsify_one(i: int) -> None:
         d = torch.sub(ctx.tensors[i], base, out=deltas[i])
         ctx.tensors[i] = None  # the input is scratch: free it as soon as it is used
         if sparsify is None or (density[i] >= 1 and thresholds is None):
-            continue
-        keep_prob = None
+            return
+        keep_prob = density[i]
         if sparsify == "magnitude":
             if thresholds is not None:  # global top-k (paper): one threshold per model
                 mask = d.abs() >= thresholds[i]
-                keep_prob = density[i]
             else:
                 mask = kernels.magnitude_mask(d, density[i])
-                keep_prob = density[i]
         elif sparsify == "random":
             mask = kernels.bernoulli_mask(d, density[i], ctx.generator)
-            keep_prob = density[i]
         elif sparsify == "outliers":
             mask = kernels.outlier_mask(d, density[i], gamma[i])
-            keep_prob = density[i]
         elif sparsify == "della":
             if density[i] - epsilon[i] <= 0 or density[i] + epsilon[i] >= 1:
                 raise ConfigError(
@@ -96,14 +96,17 @@ def _merge_task_vectors(
                     f"got density={density[i]}, epsilon={epsilon[i]}"
                 )
             keep_prob = kernels.della_keep_probs(d, density[i], epsilon[i])
-            mask = torch.rand(d.shape, generator=ctx.generator, device=d.device) < keep_prob
+            mask = torch.rand(d.shape, generator=ctx.generator, device=d.device).lt_(keep_prob)
         else:  # pragma: no cover - registry guarantees the names
             raise ValueError(sparsify)
         kernels.rescale_masked(d, mask, norm, keep_prob)
-        del mask
+
+    for i in range(n):
+        sparsify_one(i)
 
     w = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    deltas.mul_(w.reshape((-1,) + (1,) * base.dim()))
+    if any(x != 1 for x in weight):
+        deltas.mul_(w.reshape((-1,) + (1,) * base.dim()))
     if consensus is not None:
         sign = kernels.elect_sign(deltas, consensus)
         merged = kernels.disjoint_merge(deltas, w, sign, normalize)
@@ -116,6 +119,37 @@ def _merge_task_vectors(
     if lambda_ != 1:
         merged *= lambda_
     return merged.add_(base)
+
+
+def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[float]],
+                global_thresholds: Optional[list[float]], lambda_: float, normalize: bool,
+                sparsify: Optional[str]) -> torch.Tensor:
+    """TIES on CPU in float32/64: trim thresholds per model, then one chunked fused pass.
+
+    Same result as the general path (tested), without [N, ...] temporaries: the inputs
+    become their task vectors in place, and trimming, weighting, sign election and
+    the disjoint merge run chunk by chunk in cache.
+    """
+    base = ctx.base
+    deltas, rules = [], []
+    for i in range(len(ctx.tensors)):
+        d = ctx.tensors[i].sub_(base)
+        ctx.tensors[i] = None
+        deltas.append(d)
+        if global_thresholds is not None:
+            rules.append(kernels.TopK(global_thresholds[i]))
+        elif sparsify is None or density[i] >= 1:
+            rules.append(None)
+        elif density[i] <= 0:
+            rules.append(kernels.TopK(float("inf")))
+        else:
+            rules.append(kernels.magnitude_threshold(d, density[i]))
+    out = torch.empty_like(base)
+    kernels.consensus_merge_chunked(deltas, rules, weight, normalize, out)
+    del deltas
+    if lambda_ != 1:
+        out.mul_(lambda_)
+    return out.add_(base)
 
 
 def _weighted_sum_streaming(ctx: TensorContext, weight: list[float], lambda_: float,
