@@ -125,3 +125,16 @@ def test_ties_global_scope_runs_end_to_end(family, tmp_path):
                                         ("2GiB", 2 * 2**30), ("1e6", 10**6), (1234, 1234)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def test_in_memory_merge_equals_file_merge(family, tmp_path):
+    base, fts = family
+    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"lambda": 0.7},
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3}} for p in fts]}
+    out = submerge.merge(cfg, tmp_path / "f", quiet=True).out_dir
+    sds = [load_dir(p) for p in fts]
+    mem = submerge.merge_state_dicts("ties", load_dir(base), sds, {"lambda": 0.7, "weight": 1.0, "density": 0.3})
+    ref = load_dir(out)
+    assert set(mem) == set(ref) and all(torch.equal(mem[k], ref[k]) for k in ref)
+    with pytest.raises(submerge.ConfigError, match="did you mean density"):
+        submerge.merge_state_dicts("ties", load_dir(base), sds, {"densty": 0.3, "weight": 1.0})

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from submerge.api import merge, validate  # noqa: E402
+from submerge.api import merge, merge_state_dicts, validate  # noqa: E402
 from submerge.config import MergeConfig, load_config, parse_config  # noqa: E402
 from submerge.errors import CheckpointError, ConfigError, NonFiniteError, SubmergeError  # noqa: E402
 from submerge.executor import MergeOptions, MergeResult  # noqa: E402
@@ -10,6 +10,7 @@ from submerge.methods import get_method, list_methods, register_method  # noqa: 
 
 __all__ = [
     "merge",
+    "merge_state_dicts",
     "validate",
     "MergeConfig",
     "MergeOptions",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
 
 from submerge.config import MergeConfig, load_config, parse_config
-from submerge.errors import ConfigError
-from submerge.executor import Executor, MergeOptions, MergeResult
+from submerge.errors import CheckpointError, ConfigError
+from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
+from submerge.methods import ModelPass, TensorContext, get_method
 from submerge.plan import MergePlan, plan_merge
 
 ConfigLike = Union[str, Path, dict, MergeConfig]
@@ -60,3 +63,55 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
         plan.close()
         raise
     return executor.run(out)
+
+
+def merge_state_dicts(
+    method: str,
+    base: Optional[Mapping[str, torch.Tensor]],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    parameters: Optional[dict] = None,
+    model_parameters: Optional[Sequence[Optional[dict]]] = None,
+    *,
+    random_seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with a registered method (no files).
+
+    ``parameters`` are global values (``{"lambda": 0.5}``), ``model_parameters`` one
+    dict per model (``[{"weight": 1.0, "density": 0.2}, ...]``); a per-model parameter
+    given in ``parameters`` applies to every model.  Inputs are not modified; each
+    output tensor has the base's (else the first model's) dtype.  Non-floating tensors
+    are copied from the base.  Meant for search loops (benchmarks, scale selection).
+    """
+    m = get_method(method)
+    if m.needs_base and base is None:
+        raise ConfigError(f"{m.name} needs a base model")
+    n = len(models)
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        raise ConfigError(f"{m.name} cannot merge {n} model(s)")
+    kwargs = m.bind(parameters, list(model_parameters or [None] * n))
+    ref = base if base is not None else models[0]
+    for i, sd in enumerate(models):
+        missing = set(ref) - set(sd)
+        if missing:
+            raise CheckpointError(f"model {i} is missing tensor(s) {sorted(missing)[:3]}")
+    float_names = [k for k, v in ref.items() if v.is_floating_point()]
+
+    def read(name: str):
+        tensors = [sd[name].to(compute_dtype, copy=True) for sd in models]
+        b = base[name].to(compute_dtype, copy=True) if base is not None else None
+        return tensors, b
+
+    state = None
+    if m.needs_prepare(kwargs):
+        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs, [str(i) for i in range(n)]), kwargs)
+    out: dict[str, torch.Tensor] = {}
+    for name, value in ref.items():
+        if name not in float_names:
+            out[name] = value.clone()
+            continue
+        tensors, b = read(name)
+        gen = torch.Generator().manual_seed(tensor_seed(random_seed, name))
+        merged = m(TensorContext(name, tensors, b, gen, state), **kwargs)
+        out[name] = merged.to(value.dtype)
+    return out

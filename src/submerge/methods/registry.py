@@ -168,6 +168,42 @@ class MergeMethod:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    def bind(self, parameters: Optional[dict], model_parameters: Sequence[Optional[dict]]) -> dict:
+        """Validate plain (already resolved) values: global ``parameters`` and one dict per model.
+
+        Unknown names, per-model values for global parameters and missing required values
+        raise a ConfigError; defaults fill the rest.  Returns the keyword arguments of the
+        method (per-model parameters as lists).
+        """
+        parameters = dict(parameters or {})
+        names = set(self.param_names)
+        per_model = {p.name for p in self.params if p.per_model}
+        for where, keys in [("parameters", parameters)] + [
+            (f"model {i} parameters", m or {}) for i, m in enumerate(model_parameters)
+        ]:
+            for key in keys:
+                if key not in names:
+                    raise ConfigError(f"{where}: parameter '{key}' is not used by {self.name}"
+                                      f"{suggest(key, names)}")
+                if where != "parameters" and key not in per_model:
+                    raise ConfigError(f"{where}: '{key}' applies to the whole merge, not per model")
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.per_model:
+                values = []
+                for i, m in enumerate(model_parameters):
+                    v = (m or {}).get(p.name, parameters.get(p.name, p.default))
+                    if v is _MISSING:
+                        raise ConfigError(f"missing required parameter '{p.name}' of {self.name} for model {i}")
+                    values.append(p.coerce(v, f"model {i}"))
+                out[p.name] = values
+            else:
+                v = parameters.get(p.name, p.default)
+                if v is _MISSING:
+                    raise ConfigError(f"missing required parameter '{p.name}' of {self.name}")
+                out[p.name] = p.coerce(v, "the merge")
+        return out
+
     def needs_prepare(self, global_params: dict) -> bool:
         if self.prepare is None:
             return False
