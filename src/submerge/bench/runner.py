@@ -1,0 +1,231 @@
+"""`submerge bench`: fine-tune one expert per task, merge them with every applicable method, score.
+
+Protocol (as the CLIP task-arithmetic benchmarks): frozen zero-shot heads, encoder-only
+fine-tuning, each merged encoder scored with every task's own head.  Scales (lambda) are
+chosen on the validation split only (max mean normalised val accuracy); each reported
+number touches the test split once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from submerge.api import merge_state_dicts
+from submerge.bench.backbone import Backbone
+from submerge.bench.evaluate import bootstrap_ci, correct, paired_diff_ci
+from submerge.bench.finetune import Recipe, cache_key, finetune
+from submerge.bench.tasks import SUITES, get_task
+from submerge.errors import ConfigError
+from submerge.methods import get_method, list_methods
+
+log = logging.getLogger("submerge.bench")
+
+# Settings of the "default" row of each method: its registry defaults plus the values its paper
+# recommends where the registry default (mergekit's) is a no-op.  weight = 1 for every expert.
+PRESETS: dict[str, dict] = {
+    "ties": {"density": 0.2},             # TIES paper: keep the top 20 %
+    "magnitude_prune": {"density": 0.2},
+    "dare_linear": {"density": 0.5},      # FusionBench default drop rate 0.5
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.01},   # drop top 1 % and the bottom tail
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.01},
+    "della": {"density": 0.5, "epsilon": 0.15},
+    "della_linear": {"density": 0.5, "epsilon": 0.15},
+}
+LAMBDA_GRID = [round(0.1 * i, 2) for i in range(1, 11)]
+
+
+@dataclass
+class BenchConfig:
+    suite: str = "text8"
+    tasks: Optional[list[str]] = None
+    methods: Optional[list[str]] = None
+    seed: int = 0
+    n_train: int = 2000
+    n_val: int = 300
+    n_test: int = 1000
+    lambda_grid: list[float] = field(default_factory=lambda: list(LAMBDA_GRID))
+    recipe: Recipe = field(default_factory=Recipe)
+    backbone: Optional[str] = None
+    cache_dir: Optional[str] = None
+    quiet: bool = False
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchConfig":
+        base = dict(suite="quick", n_train=1000, n_val=100, n_test=300, lambda_grid=[0.25, 0.5, 0.75, 1.0])
+        base.update(kw)
+        return cls(**base)
+
+
+def applicable_methods(n_models: int, names: Optional[Sequence[str]] = None) -> list[str]:
+    if names:
+        for n in names:
+            get_method(n)
+        chosen = [get_method(n) for n in names]
+    else:
+        chosen = list_methods()
+    out = []
+    for m in chosen:
+        if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
+            if names:
+                raise ConfigError(f"{m.name} cannot merge {n_models} experts")
+            continue
+        out.append(m.name)
+    return out
+
+
+def _params(method: str) -> dict:
+    m = get_method(method)
+    p = {k: v for k, v in PRESETS.get(method, {}).items() if k in m.param_names}
+    if "weight" in m.param_names:
+        p["weight"] = 1.0
+    return p
+
+
+def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
+    cfg = cfg or BenchConfig()
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
+    names = cfg.tasks or SUITES.get(cfg.suite)
+    if not names:
+        raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
+    tasks = [get_task(n) for n in names]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    bb = Backbone(cfg.backbone, max_len=cfg.recipe.max_len)
+    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+    say(f"backbone {bb.path} ({sum(v.numel() for v in bb.pretrained.values()) / 1e6:.1f}M params); "
+        f"tasks: {', '.join(names)}")
+
+    splits = {t.name: t.split(seed=0, n_test=cfg.n_test, n_val=cfg.n_val, n_train=cfg.n_train) for t in tasks}
+    heads = {t.name: bb.head(t.class_prompts()) for t in tasks}
+
+    def score(split: str) -> dict[str, np.ndarray]:
+        return {t.name: correct(bb, *getattr(splits[t.name], split), heads[t.name]) for t in tasks}
+
+    bb.reset()
+    zs_val, zs_test = score("val"), score("test")
+    say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in zs_test.items()))
+
+    experts, ft_logs, ft_val, ft_test = [], {}, {}, {}
+    for t in tasks:
+        tr_x, tr_y = splits[t.name].train
+        key = cache_key(bb, t.fingerprint(), len(tr_x), cfg.recipe, cfg.seed)
+        state, info = finetune(bb, tr_x, tr_y, heads[t.name], cfg.recipe, cfg.seed, cache, key,
+                               desc=f"fine-tune {t.name}", quiet=cfg.quiet)
+        bb.load(state)
+        ft_val[t.name] = correct(bb, *splits[t.name].val, heads[t.name])
+        ft_test[t.name] = correct(bb, *splits[t.name].test, heads[t.name])
+        bb.reset()
+        experts.append(state)
+        ft_logs[t.name] = info
+        took = "cached" if info.get("cached") else "{:.0f}s".format(info["seconds"])
+        say(f"expert {t.name}: test {ft_test[t.name].mean():.3f} (zero-shot {zs_test[t.name].mean():.3f}), {took}")
+
+    base = {n: bb.pretrained[n] for n in bb.trainable_names()}
+    ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in ft_val.items()}
+
+    def evaluate(state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
+        bb.load(state)
+        res = score(split)
+        bb.reset()
+        return res
+
+    def val_norm(res: dict[str, np.ndarray]) -> float:
+        return float(np.mean([res[k].mean() / ft_val_mean[k] for k in res]))
+
+    rows, test_correct = [], {}
+    methods = applicable_methods(len(tasks), cfg.methods)
+    for method in methods:
+        m = get_method(method)
+        params = _params(method)
+        t0 = time.perf_counter()
+        try:
+            merged = merge_state_dicts(method, base, experts, params, random_seed=cfg.seed)
+        except ConfigError as e:
+            say(f"skip {method}: {e}")
+            continue
+        seconds = time.perf_counter() - t0
+        settings = [("default", params, merged, get_method(method).param("lambda").default
+                     if "lambda" in m.param_names else None, None)]
+        if "lambda" in m.param_names:
+            default_lambda = m.param("lambda").default
+            delta = {k: (merged[k] - base[k]) / default_lambda for k in base}
+            curve: dict[float, float] = {}
+            grid = list(cfg.lambda_grid)
+            while grid:
+                for a in grid:
+                    curve[a] = val_norm(evaluate({k: base[k] + a * delta[k] for k in base}, "val"))
+                best = max(curve, key=curve.get)
+                top = max(curve)
+                grid = [round(top + 0.25, 2)] if best == top and top < 3.0 else []
+            best = max(curve, key=curve.get)
+            tuned = {k: base[k] + best * delta[k] for k in base}
+            settings.append(("val-tuned", {**params, "lambda": best}, tuned, best, curve))
+        for setting, p, state, alpha, curve in settings:
+            res = evaluate(state, "test")
+            label = f"{method} ({setting})" if len(settings) > 1 else method
+            test_correct[label] = res
+            per = {k: float(v.mean()) for k, v in res.items()}
+            row = {
+                "method": method, "setting": setting, "label": label, "params": p, "alpha": alpha,
+                "per_task": per,
+                "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
+                "avg_abs": float(np.mean(list(per.values()))),
+                "avg_norm": float(np.mean([per[k] / max(ft_test[k].mean(), 1e-9) for k in per])),
+                "seconds": seconds,
+            }
+            if curve:
+                row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
+            rows.append(row)
+            say(f"{label:34s} alpha={alpha}  avg abs {row['avg_abs']:.4f}  norm {row['avg_norm']:.4f}")
+
+    zs = {k: float(v.mean()) for k, v in zs_test.items()}
+    ft = {k: float(v.mean()) for k, v in ft_test.items()}
+    ft_norm = [ft[k] for k in ft]
+    ref = "task_arithmetic (val-tuned)"
+    comparisons = {}
+    if ref in test_correct:
+        order = list(ft)
+        for label, res in test_correct.items():
+            if label != ref:
+                d, lo, hi = paired_diff_ci([res[k] for k in order], [test_correct[ref][k] for k in order], ft_norm)
+                comparisons[f"{label} - {ref}"] = {"norm_diff": d, "ci95": [lo, hi]}
+    d, lo, hi = paired_diff_ci([ft_test[k] for k in ft], [zs_test[k] for k in ft])
+    comparisons["finetuned - zeroshot (abs)"] = {"abs_diff": d, "ci95": [lo, hi]}
+    results = {
+        "suite": cfg.suite if not cfg.tasks else "custom",
+        "backbone": {"path": str(bb.path), "sha256": bb.fingerprint,
+                     "params": int(sum(v.numel() for v in bb.pretrained.values()))},
+        "tasks": names,
+        "task_info": {t.name: {"classes": list(t.class_names), "n_train": len(splits[t.name].train[0]),
+                               "n_val": len(splits[t.name].val[0]), "n_test": len(splits[t.name].test[0]),
+                               "majority_test": float(np.bincount(splits[t.name].test[1]).max() / len(splits[t.name].test[1])),
+                               "source": t.source, "license": t.license} for t in tasks},
+        "zeroshot": zs, "zeroshot_ci": {k: bootstrap_ci(v) for k, v in zs_test.items()},
+        "finetuned": ft, "finetuned_ci": {k: bootstrap_ci(v) for k, v in ft_test.items()},
+        "finetune_log": ft_logs,
+        "rows": rows,
+        "comparisons": comparisons,
+        "seed": cfg.seed,
+        "config": {**asdict(cfg), "recipe": asdict(cfg.recipe)},
+        "seconds_total": time.perf_counter() - t_start,
+        "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    from submerge.bench.report import write_report
+
+    write_report(results, out_dir)
+    say(f"wrote {out_dir}/results.json, results.md and plots in {results['seconds_total'] / 60:.1f} min")
+    return results
