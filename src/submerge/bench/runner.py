@@ -101,7 +101,6 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     if not names:
         raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
     tasks = [get_task(n) for n in names]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bb = Backbone(cfg.backbone, max_len=cfg.recipe.max_len)
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
     say(f"backbone {bb.path} ({sum(v.numel() for v in bb.pretrained.values()) / 1e6:.1f}M params); "
