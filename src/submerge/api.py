@@ -72,6 +72,7 @@ def merge_state_dicts(
     parameters: Optional[dict] = None,
     model_parameters: Optional[Sequence[Optional[dict]]] = None,
     *,
+    stats: Optional[Sequence[Any]] = None,
     random_seed: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
@@ -82,7 +83,11 @@ def merge_state_dicts(
     given in ``parameters`` applies to every model.  Inputs are not modified; each
     output tensor has the base's (else the first model's) dtype.  Non-floating tensors
     are copied from the base.  Meant for search loops (benchmarks, scale selection).
+    ``stats`` gives data-based methods (esm, regmean) one calibration source per model: a
+    :class:`~submerge.calibrate.CalibrationStats` or a folder written by ``submerge calibrate``.
     """
+    from submerge.calibrate import load_stats
+
     m = get_method(method)
     if m.needs_base and base is None:
         raise ConfigError(f"{m.name} needs a base model")
@@ -96,6 +101,12 @@ def merge_state_dicts(
         if missing:
             raise CheckpointError(f"model {i} is missing tensor(s) {sorted(missing)[:3]}")
     float_names = [k for k, v in ref.items() if v.is_floating_point()]
+    if m.needs_stats:
+        if stats is None or len(stats) != n:
+            raise ConfigError(f"{m.name} needs calibration statistics for each of the {n} models "
+                              f"(stats=[...], from submerge.calibrate.collect_stats or `submerge calibrate`)")
+        stats = [load_stats(s) for s in stats]
+    stats_of = (lambda name: [s.lookup(name) for s in stats]) if m.needs_stats else None
 
     def read(name: str):
         tensors = [sd[name].to(compute_dtype, copy=True) for sd in models]
@@ -104,7 +115,8 @@ def merge_state_dicts(
 
     state = None
     if m.needs_prepare(kwargs):
-        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs, [str(i) for i in range(n)]), kwargs)
+        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs, [str(i) for i in range(n)],
+                                    stats=stats_of), kwargs)
     out: dict[str, torch.Tensor] = {}
     for name, value in ref.items():
         if name not in float_names:
@@ -112,6 +124,7 @@ def merge_state_dicts(
             continue
         tensors, b = read(name)
         gen = torch.Generator().manual_seed(tensor_seed(random_seed, name))
-        merged = m(TensorContext(name, tensors, b, gen, state), **kwargs)
+        st = stats_of(name) if stats_of is not None else None
+        merged = m(TensorContext(name, tensors, b, gen, state, stats=st), **kwargs)
         out[name] = merged.to(value.dtype)
     return out

@@ -58,6 +58,9 @@ class BenchConfig:
     backbone: Optional[str] = None
     cache_dir: Optional[str] = None
     quiet: bool = False
+    calib_n: int = 32              # calibration inputs per task for data-based methods (ESM, RegMean)
+    calib_split: str = "train"     # where they come from: "train" or "val" (never test)
+    calib_source: str = "finetuned"  # statistics in the task's fine-tuned expert (ESM) or the base
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -91,104 +94,152 @@ def _params(method: str) -> dict:
     return p
 
 
-def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
-    cfg = cfg or BenchConfig()
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
-    names = cfg.tasks or SUITES.get(cfg.suite)
-    if not names:
-        raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
-    tasks = [get_task(n) for n in names]
-    bb = Backbone(cfg.backbone, max_len=cfg.recipe.max_len)
-    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    say(f"backbone {bb.path} ({sum(v.numel() for v in bb.pretrained.values()) / 1e6:.1f}M params); "
-        f"tasks: {', '.join(names)}")
+class BenchSession:
+    """Everything a benchmark run shares: backbone, tasks, splits, heads, experts, scorers.
 
-    splits = {t.name: t.split(seed=0, n_test=cfg.n_test, n_val=cfg.n_val, n_train=cfg.n_train) for t in tasks}
-    heads = {t.name: bb.head(t.class_prompts()) for t in tasks}
+    Used by :func:`run_bench` and by scripts in ``benchmarks/`` (ablations) so that every
+    number comes from the same protocol.
+    """
 
-    def score(split: str) -> dict[str, np.ndarray]:
-        return {t.name: correct(bb, *getattr(splits[t.name], split), heads[t.name]) for t in tasks}
-
-    bb.reset()
-    zs_val, zs_test = score("val"), score("test")
-    say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in zs_test.items()))
-
-    experts, ft_logs, ft_val, ft_test = [], {}, {}, {}
-    for t in tasks:
-        tr_x, tr_y = splits[t.name].train
-        key = cache_key(bb, t.fingerprint(), len(tr_x), cfg.recipe, cfg.seed)
-        state, info = finetune(bb, tr_x, tr_y, heads[t.name], cfg.recipe, cfg.seed, cache, key,
-                               desc=f"fine-tune {t.name}", quiet=cfg.quiet)
-        bb.load(state)
-        ft_val[t.name] = correct(bb, *splits[t.name].val, heads[t.name])
-        ft_test[t.name] = correct(bb, *splits[t.name].test, heads[t.name])
+    def __init__(self, cfg: Optional[BenchConfig] = None):
+        cfg = self.cfg = cfg or BenchConfig()
+        self.t_start = time.perf_counter()
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
+        names = self.names = cfg.tasks or SUITES.get(cfg.suite)
+        if not names:
+            raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
+        self.tasks = [get_task(n) for n in names]
+        bb = self.bb = Backbone(cfg.backbone, max_len=cfg.recipe.max_len)
+        say = self.say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+        say(f"backbone {bb.path} ({sum(v.numel() for v in bb.pretrained.values()) / 1e6:.1f}M params); "
+            f"tasks: {', '.join(names)}")
+        self.splits = {t.name: t.split(seed=0, n_test=cfg.n_test, n_val=cfg.n_val, n_train=cfg.n_train)
+                       for t in self.tasks}
+        self.heads = {t.name: bb.head(t.class_prompts()) for t in self.tasks}
         bb.reset()
-        experts.append(state)
-        ft_logs[t.name] = info
-        took = "cached" if info.get("cached") else "{:.0f}s".format(info["seconds"])
-        say(f"expert {t.name}: test {ft_test[t.name].mean():.3f} (zero-shot {zs_test[t.name].mean():.3f}), {took}")
+        self.zs_val, self.zs_test = self.score("val"), self.score("test")
+        say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_test.items()))
+        self.experts, self.ft_logs, self.ft_val, self.ft_test = [], {}, {}, {}
+        for t in self.tasks:
+            tr_x, tr_y = self.splits[t.name].train
+            key = cache_key(bb, t.fingerprint(), len(tr_x), cfg.recipe, cfg.seed)
+            state, info = finetune(bb, tr_x, tr_y, self.heads[t.name], cfg.recipe, cfg.seed, cache, key,
+                                   desc=f"fine-tune {t.name}", quiet=cfg.quiet)
+            bb.load(state)
+            self.ft_val[t.name] = correct(bb, *self.splits[t.name].val, self.heads[t.name])
+            self.ft_test[t.name] = correct(bb, *self.splits[t.name].test, self.heads[t.name])
+            bb.reset()
+            self.experts.append(state)
+            self.ft_logs[t.name] = info
+            took = "cached" if info.get("cached") else "{:.0f}s".format(info["seconds"])
+            say(f"expert {t.name}: test {self.ft_test[t.name].mean():.3f} "
+                f"(zero-shot {self.zs_test[t.name].mean():.3f}), {took}")
+        self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}
+        self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
+        self._stats: dict = {}
 
-    base = {n: bb.pretrained[n] for n in bb.trainable_names()}
-    ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in ft_val.items()}
+    def score(self, split: str) -> dict[str, np.ndarray]:
+        return {t.name: correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
+                for t in self.tasks}
 
-    def evaluate(state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
-        bb.load(state)
-        res = score(split)
-        bb.reset()
+    def evaluate(self, state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
+        self.bb.load(state)
+        res = self.score(split)
+        self.bb.reset()
         return res
 
-    def val_norm(res: dict[str, np.ndarray]) -> float:
-        return float(np.mean([res[k].mean() / ft_val_mean[k] for k in res]))
+    def val_norm(self, res: dict[str, np.ndarray]) -> float:
+        return float(np.mean([res[k].mean() / self.ft_val_mean[k] for k in res]))
 
+    def val_score(self, state: dict[str, torch.Tensor]) -> float:
+        return self.val_norm(self.evaluate(state, "val"))
+
+    def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
+                    seed: int = 0) -> list:
+        """Per task, activation statistics of ``n`` unlabeled inputs of ``split`` (one padded batch)
+        run through the task's fine-tuned expert (``source="finetuned"``) or the base model."""
+        from submerge.calibrate import collect_stats
+
+        n = n or self.cfg.calib_n
+        split = split or self.cfg.calib_split
+        source = source or self.cfg.calib_source
+        key = (n, split, source, seed)
+        if key not in self._stats:
+            out = []
+            for t, expert in zip(self.tasks, self.experts):
+                texts = list(getattr(self.splits[t.name], split)[0])
+                idx = np.random.default_rng(seed).permutation(len(texts))[:n]
+                batch = dict(self.bb.tokenize([texts[i] for i in idx]))
+                if source == "finetuned":
+                    self.bb.load(expert)
+                out.append(collect_stats(self.bb.model, [batch], progress=False,
+                                         info={"task": t.name, "n_inputs": len(idx), "split": split,
+                                               "source": source}))
+                self.bb.reset()
+            self._stats[key] = out
+        return self._stats[key]
+
+    def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
+                 curve: Optional[dict] = None, label: Optional[str] = None) -> tuple[dict, dict]:
+        res = self.evaluate(state, "test")
+        per = {k: float(v.mean()) for k, v in res.items()}
+        row = {
+            "method": method, "setting": setting, "label": label or f"{method} ({setting})", "params": params,
+            "alpha": alpha, "per_task": per,
+            "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
+            "avg_abs": float(np.mean(list(per.values()))),
+            "avg_norm": float(np.mean([per[k] / max(self.ft_test[k].mean(), 1e-9) for k in per])),
+            "seconds": seconds,
+        }
+        if curve:
+            row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
+        return row, res
+
+
+def _param_text(p: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in p.items() if k != "weight")
+
+
+def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
+    from submerge.search import search_alpha
+
+    cfg = cfg or BenchConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    S = BenchSession(cfg)
+    say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
     methods = applicable_methods(len(tasks), cfg.methods)
     for method in methods:
         m = get_method(method)
         params = _params(method)
+        stats = S.calibration() if m.needs_stats else None
         t0 = time.perf_counter()
+        settings = []
         try:
-            merged = merge_state_dicts(method, base, experts, params, random_seed=cfg.seed)
+            if m.scale_param is None:
+                merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
+                settings.append(("default", params, merged, None, None))
+            else:
+                grid = cfg.lambda_grid if m.scale_param == "lambda" else None
+                found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
+                                     random_seed=cfg.seed, grid=grid, patience=None if grid else 3)
+                default = m.param(m.scale_param).default
+                settings.append(("default", params, found.path(default, copy=True), default, None))
+                settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
+                                 found.curve))
         except ConfigError as e:
             say(f"skip {method}: {e}")
             continue
         seconds = time.perf_counter() - t0
-        settings = [("default", params, merged, get_method(method).param("lambda").default
-                     if "lambda" in m.param_names else None, None)]
-        if "lambda" in m.param_names:
-            default_lambda = m.param("lambda").default
-            delta = {k: (merged[k] - base[k]) / default_lambda for k in base}
-            curve: dict[float, float] = {}
-            grid = list(cfg.lambda_grid)
-            while grid:
-                for a in grid:
-                    curve[a] = val_norm(evaluate({k: base[k] + a * delta[k] for k in base}, "val"))
-                best = max(curve, key=curve.get)
-                top = max(curve)
-                grid = [round(top + 0.25, 2)] if best == top and top < 3.0 else []
-            best = max(curve, key=curve.get)
-            tuned = {k: base[k] + best * delta[k] for k in base}
-            settings.append(("val-tuned", {**params, "lambda": best}, tuned, best, curve))
         for setting, p, state, alpha, curve in settings:
-            res = evaluate(state, "test")
             label = f"{method} ({setting})" if len(settings) > 1 else method
+            row, res = S.test_row(method, setting, p, state, alpha, seconds, curve, label)
             test_correct[label] = res
-            per = {k: float(v.mean()) for k, v in res.items()}
-            row = {
-                "method": method, "setting": setting, "label": label, "params": p, "alpha": alpha,
-                "per_task": per,
-                "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
-                "avg_abs": float(np.mean(list(per.values()))),
-                "avg_norm": float(np.mean([per[k] / max(ft_test[k].mean(), 1e-9) for k in per])),
-                "seconds": seconds,
-            }
-            if curve:
-                row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
             rows.append(row)
             say(f"{label:34s} alpha={alpha}  avg abs {row['avg_abs']:.4f}  norm {row['avg_norm']:.4f}")
 
+    ft_test, zs_test, splits = S.ft_test, S.zs_test, S.splits
     zs = {k: float(v.mean()) for k, v in zs_test.items()}
     ft = {k: float(v.mean()) for k, v in ft_test.items()}
     ft_norm = [ft[k] for k in ft]
@@ -213,12 +264,12 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
                                "source": t.source, "license": t.license} for t in tasks},
         "zeroshot": zs, "zeroshot_ci": {k: bootstrap_ci(v) for k, v in zs_test.items()},
         "finetuned": ft, "finetuned_ci": {k: bootstrap_ci(v) for k, v in ft_test.items()},
-        "finetune_log": ft_logs,
+        "finetune_log": S.ft_logs,
         "rows": rows,
         "comparisons": comparisons,
         "seed": cfg.seed,
         "config": {**asdict(cfg), "recipe": asdict(cfg.recipe)},
-        "seconds_total": time.perf_counter() - t_start,
+        "seconds_total": time.perf_counter() - S.t_start,
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }

@@ -56,7 +56,9 @@ class Param:
         return self.default is _MISSING
 
     def coerce(self, value: Any, where: str) -> Any:
-        """Validate and convert one resolved scalar value."""
+        """Validate and convert one resolved scalar value (None stays None where it is the default)."""
+        if value is None and self.default is None:
+            return None
         t = self.type
         try:
             if t is bool:
@@ -117,6 +119,7 @@ class TensorContext:
     generator: torch.Generator
     state: Any = None
     model_names: Sequence[str] = ()
+    stats: Optional[Sequence[Any]] = None  # per model: calibration LayerStats of this tensor, or None
 
 
 class ModelPass:
@@ -128,11 +131,19 @@ class ModelPass:
         read: Callable[[str], tuple[list[torch.Tensor], Optional[torch.Tensor]]],
         params: Callable[[str], dict],
         model_names: Sequence[str],
+        stats: Optional[Callable[[str], Optional[Sequence[Any]]]] = None,
+        scratch_dir: Optional[Any] = None,
     ):
         self.names = list(names)
         self._read = read
         self._params = params
         self.model_names = list(model_names)
+        self._stats = stats
+        self.scratch_dir = scratch_dir  # a folder for spilling results, removed after the merge; None = RAM
+
+    def stats(self, name: str) -> Optional[Sequence[Any]]:
+        """Per model, the calibration statistics of the layer owning tensor ``name`` (None where absent)."""
+        return self._stats(name) if self._stats is not None else None
 
     def __iter__(self) -> Iterator[tuple[str, list[torch.Tensor], Optional[torch.Tensor], dict]]:
         """Yield ``(name, tensors, base, params)`` for every floating-point output tensor."""
@@ -157,6 +168,9 @@ class MergeMethod:
     prepare: Optional[Callable[[ModelPass, dict], Any]] = None
     prepare_when: Optional[Callable[[dict], bool]] = None
     aliases: dict = field(default_factory=dict)
+    scale_param: Optional[str] = None  # a global parameter the output is affine in (searched by search_alpha)
+    needs_stats: bool = False  # needs per-model calibration statistics (``calibration:`` in the config)
+    search: Optional[dict] = None  # how search_alpha explores scale_param: {"grid": [...]} or {"bounds": (a, b)}
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -230,6 +244,9 @@ def register_method(
     randomized: bool = False,
     prepare: Optional[Callable[[ModelPass, dict], Any]] = None,
     prepare_when: Optional[Callable[[dict], bool]] = None,
+    scale_param: Optional[str] = None,
+    needs_stats: bool = False,
+    search: Optional[dict] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator registering a per-tensor merge function under ``name``.
 
@@ -253,6 +270,9 @@ def register_method(
             randomized=randomized,
             prepare=prepare,
             prepare_when=prepare_when,
+            scale_param=scale_param,
+            needs_stats=needs_stats,
+            search=search,
         )
         return func
 

@@ -288,6 +288,7 @@ for (_name, _pretty, (_paper, _url), _sparsify, _consensus, _norm_default, _resc
         needs_base=True, randomized=_randomized,
         prepare=_ties_global_thresholds if _name == "ties" else None,
         prepare_when=(lambda g: g.get("topk_scope") == "global") if _name == "ties" else None,
+        scale_param="lambda", search={"grid": [round(0.1 * i, 2) for i in range(1, 11)]},
     )(_fn := _member(_sparsify, _consensus))
     _fn.__name__ = _fn.__qualname__ = _name
     _fn.__doc__ = f"{_pretty} — {_paper} ({_url}).\n\nVariant: {_variant}"

@@ -1,0 +1,442 @@
+"""Calibration statistics: what each linear layer sees on a few task inputs.
+
+Data-based merges (ESM, RegMean, ESM++) need, per task and per linear layer, the
+uncentred input second moment ``G = XᵀX`` (d_in x d_in), the token count and the
+mean input.  Since the output shift of an update is ``ΔO = X ΔWᵀ``, the PCA of
+``ΔO`` is the eigendecomposition of ``ΔW G ΔWᵀ``: no activation is ever stored.
+
+* :func:`collect_stats` runs any ``nn.Module`` on an iterable of batches with
+  forward pre-hooks on its ``nn.Linear`` (and transformers ``Conv1D``) layers,
+  accumulating ``G`` in float64 over batches and tokens, padding masked.
+  Layers fed the very same input tensor (q/k/v, gate/up) share one entry.
+* :meth:`CalibrationStats.save` writes ``stats.safetensors`` + ``manifest.json``;
+  :func:`load_stats` reopens it lazily, one layer at a time, so the statistics of
+  a large model never need to fit in RAM when merging.
+* :func:`calibrate_model_dir` is what ``submerge calibrate`` runs: a local Hugging
+  Face folder, a text / JSONL / tensor file of inputs, N examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from submerge.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("submerge")
+
+FORMAT = "submerge-calibration/1"
+STATS_FILE = "stats.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one linear layer.
+
+    ``gram`` = Σ x xᵀ over the counted tokens (float64, d_in x d_in, *not* divided by
+    ``count``), ``mean`` = the mean input (the ESM++ prototype), ``layout`` = how the
+    layer stores its weight: ``"out_in"`` (nn.Linear, y = x Wᵀ) or ``"in_out"`` (Conv1D).
+    """
+
+    gram: torch.Tensor
+    mean: torch.Tensor
+    count: int
+    layout: str = "out_in"
+
+    @property
+    def d_in(self) -> int:
+        return self.gram.shape[0]
+
+    def weight_as_out_in(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T if self.layout == "in_out" else w
+
+
+def _linear_layout(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Linear):
+        return "out_in"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style layer
+        return "in_out"
+    return None
+
+
+def linear_modules(model: nn.Module, pattern: Optional[str] = None) -> dict[str, nn.Module]:
+    """The model's linear layers (name -> module), optionally filtered by a regex on the name."""
+    rx = re.compile(pattern) if pattern else None
+    return {n: m for n, m in model.named_modules()
+            if _linear_layout(m) is not None and (rx is None or rx.search(n))}
+
+
+class CalibrationStats:
+    """Per-layer statistics of one model on one task's inputs (in memory)."""
+
+    def __init__(self, layers: dict[str, LayerStats], aliases: Optional[dict[str, str]] = None,
+                 info: Optional[dict] = None):
+        self.layers = layers
+        self.aliases = dict(aliases or {})  # layer -> the layer whose (identical) input it shares
+        self.info = dict(info or {})
+
+    def names(self) -> list[str]:
+        return list(self.layers) + list(self.aliases)
+
+    def get(self, layer: str) -> Optional[LayerStats]:
+        layer = self.aliases.get(layer, layer)
+        return self.layers.get(layer)
+
+    def lookup(self, tensor_name: str) -> Optional[LayerStats]:
+        """The stats of the layer owning a weight tensor (matched on the module path suffix)."""
+        key = match_layer(tensor_name, self.names())
+        return self.get(key) if key is not None else None
+
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically)."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        if out.exists() and not overwrite:
+            raise ConfigError(f"calibration folder {out} already exists (pass overwrite=True / --overwrite)")
+        tmp = out.parent / f".{out.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            tensors = {}
+            for name, st in self.layers.items():
+                tensors[f"{name}.gram"] = st.gram.contiguous()
+                tensors[f"{name}.mean"] = st.mean.contiguous()
+            save_file(tensors, str(tmp / STATS_FILE))
+            manifest = {
+                "format": FORMAT,
+                **self.info,
+                "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout}
+                           for n, st in self.layers.items()},
+                "aliases": self.aliases,
+            }
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+class StatsReader(CalibrationStats):
+    """Saved statistics, opened lazily: each layer is read from disk when asked for."""
+
+    def __init__(self, path: Union[str, Path]):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        mpath = self.path / MANIFEST_FILE
+        if not mpath.exists() or not (self.path / STATS_FILE).exists():
+            raise CheckpointError(f"{self.path} is not a calibration folder (needs {MANIFEST_FILE} and "
+                                  f"{STATS_FILE}; create one with `submerge calibrate`)")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{mpath}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+        self._meta = manifest["layers"]
+        self._file = safe_open(str(self.path / STATS_FILE), framework="pt")
+        info = {k: v for k, v in manifest.items() if k not in ("layers", "aliases", "format")}
+        super().__init__({}, manifest.get("aliases", {}), info)
+
+    def names(self) -> list[str]:
+        return list(self._meta) + list(self.aliases)
+
+    def get(self, layer: str) -> Optional[LayerStats]:
+        layer = self.aliases.get(layer, layer)
+        meta = self._meta.get(layer)
+        if meta is None:
+            return None
+        return LayerStats(self._file.get_tensor(f"{layer}.gram"), self._file.get_tensor(f"{layer}.mean"),
+                          int(meta["count"]), meta.get("layout", "out_in"))
+
+
+StatsLike = Union[CalibrationStats, str, Path]
+
+
+def load_stats(source: StatsLike) -> CalibrationStats:
+    """A :class:`CalibrationStats` from an in-memory object or a saved folder."""
+    if isinstance(source, CalibrationStats):
+        return source
+    return StatsReader(source)
+
+
+def match_layer(tensor_name: str, layers: Sequence[str]) -> Optional[str]:
+    """The layer a weight tensor belongs to: the longest layer name that is a dotted suffix of the
+    tensor's module path (so ``bert.encoder.layer.0.attention.self.query.weight`` finds
+    ``encoder.layer.0.attention.self.query``), or the other way round (stats taken on a wrapper)."""
+    module = tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+    if module in layers:
+        return module
+    best = None
+    for layer in layers:
+        if module.endswith("." + layer) or layer.endswith("." + module):
+            if best is None or len(layer) > len(best):
+                best = layer
+    return best
+
+
+# ------------------------------------------------------------------------------ collection
+class _Accumulator:
+    def __init__(self, d_in: int, layout: str, device: torch.device):
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.count = 0
+        self.layout = layout
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+
+def _mask_of(batch: Any) -> Optional[torch.Tensor]:
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        return m if isinstance(m, torch.Tensor) else None
+    return None
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    layers: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    total: Optional[int] = None,
+    info: Optional[dict] = None,
+) -> CalibrationStats:
+    """Run ``model`` on ``batches`` and return the input statistics of its linear layers.
+
+    A batch is a dict of keyword arguments (its ``attention_mask``, if any, selects the
+    tokens counted: padding is left out), a tuple of positional arguments, or one tensor.
+    ``layers`` is an optional regex on module names.  Layers whose input is the same tensor
+    as an earlier layer's in the same forward (q/k/v, gate/up) are recorded as aliases.
+    """
+    mods = linear_modules(model, layers)
+    if not mods:
+        raise ConfigError("the model has no nn.Linear / Conv1D layers" + (f" matching {layers!r}" if layers else ""))
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    acc: dict[str, _Accumulator] = {}
+    aliases: dict[str, str] = {}
+    current: dict[str, Any] = {"mask": None, "first": True, "seen": {}, "keep": []}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple) -> None:
+            if name in aliases or not args:
+                return
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                return
+            if current["first"]:
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+                owner = current["seen"].get(key)
+                if owner is not None:
+                    aliases[name] = owner
+                    return
+                current["seen"][key] = name
+                current["keep"].append(x)  # keep it alive: its storage cannot be reused this forward
+            mask = current["mask"]
+            if mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.bool()]
+            a = acc.get(name)
+            if a is None:
+                a = acc[name] = _Accumulator(x.shape[-1], _linear_layout(module), x.device)
+            a.add(x)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    was_training = model.training
+    model.eval()
+    n_batches, t0 = 0, time.perf_counter()
+    try:
+        for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
+            batch = _to(batch, dev)
+            current["mask"] = _mask_of(batch)
+            _call(model, batch)
+            if current["first"]:
+                current["first"], current["seen"], current["keep"] = False, {}, []
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ConfigError("calibration got no batches")
+    out = {}
+    for name, a in acc.items():
+        if a.count == 0:
+            continue
+        out[name] = LayerStats(a.gram.cpu(), (a.sum / a.count).cpu(), a.count, a.layout)
+    meta = {"batches": n_batches, "seconds": round(time.perf_counter() - t0, 3),
+            "tokens": max((s.count for s in out.values()), default=0)}
+    meta.update(info or {})
+    return CalibrationStats(out, {k: v for k, v in aliases.items() if v in out}, meta)
+
+
+# ------------------------------------------------------------------------------ inputs from files
+def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Union[list[str], dict]:
+    """Calibration inputs from a file: ``.txt`` (one text per line), ``.jsonl`` (a ``text`` field, or
+    ``field_name``), ``.json`` (a list of strings) or ``.pt``/``.safetensors`` (ready model inputs:
+    ``input_ids`` [+ ``attention_mask``])."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"calibration input file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        data = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(data, torch.Tensor):
+            data = {"input_ids": data}
+        if not isinstance(data, dict) or "input_ids" not in data:
+            raise ConfigError(f"{p}: expected a tensor or a dict with 'input_ids'")
+        return data
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(p))
+        if "input_ids" not in data:
+            raise ConfigError(f"{p}: expected a tensor named 'input_ids'")
+        return data
+    text = p.read_text(encoding="utf-8")
+    if suffix == ".jsonl":
+        key = field_name or "text"
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            if isinstance(rec, str):
+                out.append(rec)
+            elif isinstance(rec, dict) and isinstance(rec.get(key), str):
+                out.append(rec[key])
+            else:
+                raise ConfigError(f"{p}:{i + 1}: no string field {key!r} (choose one with --field)")
+        return out
+    if suffix == ".json":
+        rec = json.loads(text)
+        if not isinstance(rec, list) or not all(isinstance(r, str) for r in rec):
+            raise ConfigError(f"{p}: expected a JSON list of strings")
+        return rec
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def text_batches(texts: Sequence[str], tokenizer: Any, batch_size: int = 8,
+                 max_length: int = 128) -> Iterator[dict]:
+    for s in range(0, len(texts), batch_size):
+        yield dict(tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True,
+                             max_length=max_length, return_tensors="pt"))
+
+
+def tensor_batches(data: dict, n: int, batch_size: int = 8) -> Iterator[dict]:
+    for s in range(0, n, batch_size):
+        yield {k: v[s:s + batch_size] for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def model_fingerprint(path: Union[str, Path]) -> str:
+    """A cheap identity of a checkpoint folder: sha256 over its weight files' names, sizes and headers."""
+    p = Path(path)
+    files = sorted(f for f in (p.iterdir() if p.is_dir() else [p])
+                   if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()
+
+
+def calibrate_model_dir(
+    model_dir: Union[str, Path],
+    inputs: Union[str, Path, Sequence[str]],
+    out_dir: Union[str, Path],
+    *,
+    n: int = 32,
+    max_length: int = 128,
+    batch_size: int = 8,
+    seed: int = 0,
+    task: Optional[str] = None,
+    layers: Optional[str] = None,
+    source: str = "finetuned",
+    field_name: Optional[str] = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CalibrationStats:
+    """``submerge calibrate``: statistics of a local Hugging Face model on ``n`` inputs of one task.
+
+    The first ``n`` inputs of a shuffled (``seed``) copy are used.  ``source`` records which
+    model the statistics come from ("finetuned" — the task's own model, as ESM — or "base").
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    if source not in ("finetuned", "base"):
+        raise ConfigError(f"source must be 'finetuned' or 'base', got {source!r}")
+    data = read_inputs(inputs, field_name) if isinstance(inputs, (str, Path)) else list(inputs)
+    model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
+    if isinstance(data, dict):
+        total = int(data["input_ids"].shape[0])
+        count = min(n, total)
+        batches = tensor_batches(data, count, batch_size)
+    else:
+        if not data:
+            raise ConfigError(f"no calibration inputs in {inputs}")
+        order = list(range(len(data)))
+        random.Random(seed).shuffle(order)
+        chosen = [data[i] for i in order[:n]]
+        count = len(chosen)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        batches = text_batches(chosen, tok, batch_size, max_length)
+    if count < n:
+        log.warning("only %d calibration inputs available (asked for %d)", count, n)
+    info = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir), "task": task,
+            "n_inputs": count, "max_length": max_length, "source": source, "seed": seed,
+            "inputs": str(inputs) if isinstance(inputs, (str, Path)) else "<python>"}
+    stats = collect_stats(model, batches, layers=layers, device=device, progress=progress,
+                          total=(count + batch_size - 1) // batch_size, info=info)
+    stats.save(out_dir, overwrite=overwrite)
+    return stats

@@ -1,0 +1,429 @@
+"""Data-based merging with calibration statistics: ESM (Essential Subspace Merging) and RegMean.
+
+Both read, per task and per linear layer, the input second moment ``G_t = X_tᵀX_t`` that
+``submerge calibrate`` (or :func:`submerge.calibrate.collect_stats`) records.
+
+ESM, per linear layer that gets the essential-subspace path (its "ESD keys"):
+
+1. per task, the essential subspace: the top eigenvectors ``E_t`` of the (uncentred)
+   covariance of the feature shift ``ΔO_t = X_t ΔW_tᵀ``, i.e. of ``ΔW_t G_t ΔW_tᵀ`` (Gram
+   trick: no activations, and a d_in x d_in problem when d_out > d_in), rank
+   ``r = ⌊rank_scale·d_out/T⌋``; the coordinates ``C_t = E_tᵀ ΔW_t``;
+2. eigenvalue re-weighting ``s = (λ/mean λ)^eig_power`` (normalised to mean 1) on both
+   factors, task polarisation ``(‖ΔW_t‖/mean‖ΔW‖)^task_power``, input-column
+   polarisation ``(c_j/mean c)^column_power``;
+3. fusion: ``polar`` (the authors: polar factors of the stacked E and C, each times its
+   mean singular value, times ``factor``) or ``tsv`` (each task's rank-r essential
+   approximation re-factorised and fused as TSV-M, keeping its singular values);
+4. layer polarisation ``(‖ΔW_ℓ‖/mean_family‖ΔW‖)^layer_power`` within each layer family;
+5. θ = θ_0 + α·ΔW on the ESD keys (``alpha_scope: esd``, the authors) or on every
+   tensor (``alpha_scope: all``); the rest (TSV-M for other linears, the mean of task
+   vectors for non-matrices) with coefficient 1 / α.
+
+Steps 4 needs every layer's merged update first, so ESM runs a whole-model pass that
+spills the unscaled ESD results (to the merge's scratch folder, or RAM in the Python
+API) and records the per-layer norms; the per-tensor pass then only rescales.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from submerge.errors import ConfigError
+from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
+from submerge.methods.subspace import is_matrix, mean_of, polar, task_vectors, tsv_merge
+
+log = logging.getLogger("submerge")
+
+ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
+# Module-name rules for BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2/NeoX, HF CLIP/ViT and open_clip.
+# Order matters: the attention output projection is matched before the MLP output.
+_DEFAULT_ROLE_RULES: list[tuple[str, str]] = [
+    ("qkv", r"(in_proj_weight|c_attn\.weight|\.qkv(_proj)?\.weight|query_key_value\.weight|Wqkv\.weight)$"),
+    ("q", r"(query|q_proj|q_lin)\.weight$"),
+    ("k", r"(key|k_proj|k_lin)\.weight$"),
+    ("v", r"(value|v_proj|v_lin)\.weight$"),
+    ("attn_out", r"(attention\.output\.dense|o_proj|out_proj|attn\.c_proj|self_attn\.dense|out_lin|"
+                 r"attention\.dense)\.weight$"),
+    ("mlp_in", r"(intermediate\.dense|gate_proj|up_proj|fc1|c_fc|dense_h_to_4h|lin1|w1|w3)\.weight$"),
+    ("mlp_out", r"(output\.dense|down_proj|fc2|mlp\.c_proj|dense_4h_to_h|lin2|w2)\.weight$"),
+]
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # ESM-ViT code (esm_utils.esm_merge): ESD on stacked QKV + both MLP linears, attention-out by TSV-M.
+    "vit": dict(esd_roles="qkv,mlp_in,mlp_out", stack_qkv=True, eig_power=0.15, task_power=2.0,
+                column_power=2.0, layer_power=2.0, factor=2.0, fusion="polar", alpha_scope="esd",
+                rank_scale=1.0),
+    # ESM-RoBERTa code (merge.py::esm): ESD on all six linears, q/k/v separate, layer polarisation only.
+    "glue": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.15, task_power=0.0,
+                 column_power=0.0, layer_power=2.0, factor=1.0, fusion="polar", alpha_scope="esd",
+                 rank_scale=1.0),
+}
+RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0)}  # the authors' alpha search ranges
+
+
+def parse_role_patterns(spec: str) -> list[tuple[str, re.Pattern]]:
+    """Role rules: the built-in ones, with ``"role=regex;role=regex"`` overrides tried first."""
+    rules: list[tuple[str, re.Pattern]] = []
+    for part in filter(None, (p.strip() for p in (spec or "").split(";"))):
+        role, sep, rx = part.partition("=")
+        role = role.strip()
+        if not sep or role not in ROLES:
+            raise ConfigError(f"role_patterns: expected 'role=regex' with role in {list(ROLES)}, got {part!r}")
+        try:
+            rules.append((role, re.compile(rx.strip())))
+        except re.error as e:
+            raise ConfigError(f"role_patterns: bad regex {rx!r} ({e})") from None
+    rules += [(r, re.compile(rx)) for r, rx in _DEFAULT_ROLE_RULES]
+    return rules
+
+
+def layer_role(name: str, rules: list[tuple[str, re.Pattern]]) -> Optional[tuple[str, re.Match]]:
+    for role, rx in rules:
+        m = rx.search(name)
+        if m:
+            return role, m
+    return None
+
+
+def family_of(name: str) -> str:
+    """The layer family: the name with its (first) layer index replaced by ``*``."""
+    return re.sub(r"\.\d+\.", ".*.", name, count=1)
+
+
+# ------------------------------------------------------------------------------ kernels
+def essential_subspace(dw: torch.Tensor, gram: torch.Tensor, count: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` principal directions ``E [d_out, rank]`` and eigenvalues ``λ [rank]`` (descending)
+    of the uncentred feature-shift covariance ``ΔW G ΔWᵀ / (n − 1)`` (float64).
+
+    ``d_out <= d_in``: eigh of the d_out x d_out matrix.  Otherwise: with ``M = ΔW G^½``,
+    eigh of ``MᵀM`` (d_in x d_in) and ``E = M V / √λ`` — the same nonzero spectrum.
+    Directions beyond the rank of ``ΔO`` come back as zero columns with λ = 0.
+    """
+    dw = dw.double()
+    gram = gram.double()
+    d_out, d_in = dw.shape
+    rank = min(rank, d_out)
+    denom = max(count - 1, 1)
+    if d_out <= d_in:
+        cov = dw @ gram @ dw.T
+        lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
+        lam, vec = lam.flip(0)[:rank].clamp(min=0), vec.flip(1)[:, :rank]
+        return vec, lam / denom
+    w, q = torch.linalg.eigh((gram + gram.T) / 2)
+    g_half = (q * w.clamp(min=0).sqrt()) @ q.T
+    m = dw @ g_half
+    lam, v = torch.linalg.eigh(m.T @ m)
+    lam, v = lam.flip(0).clamp(min=0), v.flip(1)
+    k = min(rank, d_in)
+    lam, v = lam[:k], v[:, :k]
+    tol = lam.max().clamp(min=1e-300) * (max(d_out, d_in) * torch.finfo(torch.float64).eps)
+    ok = lam > tol
+    e = torch.zeros(d_out, k, dtype=torch.float64, device=dw.device)
+    e[:, ok] = (m @ v[:, ok]) / lam[ok].sqrt()
+    lam = torch.where(ok, lam, torch.zeros_like(lam))
+    if k < rank:  # rank(ΔO) <= d_in < requested rank: pad with zero directions
+        e = torch.cat([e, e.new_zeros(d_out, rank - k)], 1)
+        lam = torch.cat([lam, lam.new_zeros(rank - k)])
+    return e, lam / denom
+
+
+def _eig_weights(lam: torch.Tensor, power: float) -> torch.Tensor:
+    if power == 0 or float(lam.mean()) <= 0:
+        return torch.ones_like(lam)
+    s = (lam / lam.mean()).pow(power)
+    return s / s.mean()
+
+
+def esm_merge_matrix(
+    deltas: list[torch.Tensor],
+    grams: list[torch.Tensor],
+    counts: list[int],
+    *,
+    rank: Optional[int] = None,
+    rank_scale: float = 1.0,
+    eig_power: float = 0.15,
+    task_power: float = 2.0,
+    column_power: float = 2.0,
+    factor: float = 2.0,
+    fusion: str = "polar",
+) -> torch.Tensor:
+    """ESM fusion of one (d_out x d_in, ``y = x Wᵀ``) matrix from T task updates and their input Grams.
+
+    Returns the merged update before layer polarisation and α, in float64.
+    """
+    T = len(deltas)
+    d_out, d_in = deltas[0].shape
+    r = rank if rank is not None else max(1, int(rank_scale * d_out) // T)
+    es, cs, norms = [], [], []
+    for dw, g, n in zip(deltas, grams, counts):
+        dw = dw.double()
+        e, lam = essential_subspace(dw, g, n, r)
+        c = e.T @ dw
+        nt = torch.linalg.norm(dw)
+        norms.append(nt)
+        if task_power:
+            c = c * nt.pow(task_power)
+        s = _eig_weights(lam, eig_power)
+        es.append(e * s)
+        cs.append(s[:, None] * c)
+    e_cat, c_cat = torch.cat(es, 1), torch.cat(cs, 0)
+    if task_power:
+        mean_n = torch.stack(norms).mean()
+        if float(mean_n) > 0:
+            c_cat = c_cat / mean_n.pow(task_power)
+    if column_power:
+        col = torch.linalg.norm(c_cat, dim=0)
+        if float(col.mean()) > 0:
+            c_cat = c_cat * (col / col.mean()).pow(column_power)
+    if fusion == "polar":
+        e_o, s1 = polar(e_cat)
+        c_o, s2 = polar(c_cat)
+        return factor * (e_o * s1.mean()) @ (c_o * s2.mean())
+    if fusion == "tsv":  # each task's essential approximation as an SVD, fused by TSV-M (spectrum kept)
+        us, ss, vs = [], [], []
+        for t in range(T):
+            e_t, c_t = e_cat[:, t * r:(t + 1) * r], c_cat[t * r:(t + 1) * r]
+            scale = torch.linalg.norm(e_t, dim=0)  # = s (E has orthonormal columns)
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            u_m, s_m, vh_m = torch.linalg.svd(scale[:, None] * c_t, full_matrices=False)
+            us.append((e_t / safe) @ u_m)
+            ss.append(s_m)
+            vs.append(vh_m)
+        u_o, _ = polar(torch.cat(us, 1))
+        vh_o, _ = polar(torch.cat(vs, 0))
+        return factor * (u_o * torch.cat(ss)) @ vh_o
+    raise ConfigError(f"unknown ESM fusion {fusion!r}; use 'polar' or 'tsv'")
+
+
+# ------------------------------------------------------------------------------ the method
+class Spill:
+    """Unscaled per-tensor results between the whole-model pass and the per-tensor pass:
+    files in a scratch folder when the executor gives one, else RAM."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = Path(folder) if folder is not None else None
+        self._ram: dict[str, torch.Tensor] = {}
+        self._files: dict[str, Path] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, name: str, x: torch.Tensor) -> None:
+        if self.folder is None:
+            self._ram[name] = x
+            return
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{len(self._files):06d}.safetensors"
+        save_file({"t": x.contiguous()}, str(path))
+        self._files[name] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ram or name in self._files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._ram:
+            return self._ram[name]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._files[name]))["t"]
+
+
+@dataclass
+class ESMState:
+    results: Spill
+    beta: dict[str, float] = field(default_factory=dict)
+    esd: set = field(default_factory=set)
+    fallback: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def resolve_recipe(params: dict) -> dict:
+    """The recipe's constants, overridden by every explicitly given (non-None) parameter."""
+    out = dict(RECIPES[params["recipe"]])
+    for k in out:
+        if params.get(k) is not None:
+            out[k] = params[k]
+    roles = [r.strip() for r in str(out["esd_roles"]).split(",") if r.strip()]
+    if roles == ["all"]:
+        roles = list(ROLES)
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ConfigError(f"esd_roles: unknown role(s) {bad}; use a comma list of {list(ROLES)} or 'all'")
+    out["esd_roles"] = set(roles) | ({"qkv"} if {"q", "k", "v"} & set(roles) else set())
+    return out
+
+
+def _stats_ready(stats) -> bool:
+    return stats is not None and len(stats) > 0 and all(s is not None for s in stats)
+
+
+def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
+    cfg = resolve_recipe(g)
+    rules = parse_role_patterns(g.get("role_patterns") or "")
+    state = ESMState(Spill(mp.scratch_dir), settings=cfg)
+    norms: dict[str, float] = {}  # "family@first member" -> Frobenius norm of the merged matrix
+    norm_key: dict[str, str] = {}  # tensor -> its key in norms (a stacked group shares one)
+    pending: dict[str, dict[str, tuple[str, list, list]]] = {}
+
+    def finish(names: list[str], deltas_list: list[list[torch.Tensor]], stats_list, family: str, esd: bool):
+        """Merge one matrix (or a stacked q/k/v group) and spill its parts."""
+        layouts = [st.layout if st is not None else "out_in" for st in stats_list[0]] if esd else None
+        if esd:
+            stacked = [torch.cat([stats_list[0][t].weight_as_out_in(deltas_list[j][t])
+                                  for j in range(len(names))], 0) for t in range(len(mp.model_names))]
+            grams = [st.gram for st in stats_list[0]]
+            counts = [st.count for st in stats_list[0]]
+            merged = esm_merge_matrix(
+                stacked, grams, counts, rank_scale=cfg["rank_scale"], eig_power=cfg["eig_power"],
+                task_power=cfg["task_power"], column_power=cfg["column_power"], factor=cfg["factor"],
+                fusion=cfg["fusion"]).float()
+            parts = merged.split([stats_list[0][0].weight_as_out_in(d[0]).shape[0] for d in deltas_list], 0)
+            key = family + "@" + names[0]
+            for name, part in zip(names, parts):
+                state.results.put(name, (part.T if layouts[0] == "in_out" else part).contiguous())
+                state.esd.add(name)
+                norm_key[name] = key
+            norms[key] = float(torch.linalg.norm(merged))
+        else:
+            for name, deltas in zip(names, deltas_list):
+                merged = tsv_merge(deltas)
+                state.results.put(name, merged.float().contiguous())
+                norm_key[name] = family + "@" + name
+                norms[norm_key[name]] = float(torch.linalg.norm(merged))
+
+    for name, tensors, base, _params in mp:
+        if base is None or not is_matrix(name, tensors[0], g.get("embeddings", "mean")):
+            continue
+        hit = layer_role(name, rules)
+        if hit is None:
+            continue
+        role, m = hit
+        deltas = [t.sub_(base) for t in tensors]
+        stats = mp.stats(name)
+        ready = _stats_ready(stats) and all(
+            st.d_in == st.weight_as_out_in(deltas[i]).shape[1] for i, st in enumerate(stats))
+        wants = role in cfg["esd_roles"]
+        if wants and not ready:
+            state.fallback.append(name)
+        if role in ("q", "k", "v") and cfg["stack_qkv"] and wants and ready:
+            group = name[:m.start()] + "<qkv>"
+            pending.setdefault(group, {})[role] = (name, deltas, stats)
+            if len(pending[group]) == 3:
+                parts = [pending[group][r] for r in ("q", "k", "v")]
+                del pending[group]
+                finish([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                       family_of(group), True)
+            continue
+        finish([name], [deltas], [stats], family_of(name), wants and ready)
+    for group, parts in pending.items():  # incomplete q/k/v groups: each on its own
+        for role, (name, deltas, stats) in parts.items():
+            finish([name], [deltas], [stats], family_of(name), True)
+
+    # layer polarisation within each family
+    if cfg["layer_power"]:
+        by_fam: dict[str, list[float]] = {}
+        for key, nrm in norms.items():
+            by_fam.setdefault(key.split("@", 1)[0], []).append(nrm)
+        for name, key in norm_key.items():
+            fam = key.split("@", 1)[0]
+            mean = sum(by_fam[fam]) / len(by_fam[fam])
+            state.beta[name] = (norms[key] / mean) ** cfg["layer_power"] if mean > 0 else 1.0
+    if state.fallback:
+        log.warning("esm: %d layer(s) without usable calibration statistics use TSV-M: %s",
+                    len(state.fallback), ", ".join(state.fallback[:6]) + (" ..." if len(state.fallback) > 6 else ""))
+    return state
+
+
+_ESM_PARAMS = [
+    Param("alpha", float, 1.0, help="global scale (on the ESD layers only when alpha_scope=esd)"),
+    Param("recipe", str, "vit", choices=tuple(RECIPES), help="preset of every constant below"),
+    Param("esd_roles", str, None, help="comma list of roles given the essential-subspace path, or 'all'"),
+    Param("stack_qkv", bool, None, help="one ESD over the stacked [q; k; v] (as ViT's in_proj)"),
+    Param("eig_power", float, None, low=0.0, help="eigenvalue re-weighting exponent"),
+    Param("task_power", float, None, low=0.0, help="task polarisation exponent (0 = off)"),
+    Param("column_power", float, None, low=0.0, help="input-column polarisation exponent (0 = off)"),
+    Param("layer_power", float, None, low=0.0, help="layer polarisation exponent (0 = off)"),
+    Param("factor", float, None, help="constant factor on the fused ESD update"),
+    Param("fusion", str, None, choices=("polar", "tsv"), help="polar (authors) or tsv (keep spectrum)"),
+    Param("alpha_scope", str, None, choices=("esd", "all"), help="which tensors alpha scales"),
+    Param("rank_scale", float, None, low=0.0, help="rank per task = floor(rank_scale * d_out / T)"),
+    Param("role_patterns", str, "", help="role overrides 'role=regex;...' (roles q,k,v,qkv,attn_out,mlp_in,mlp_out)"),
+    Param("embeddings", str, "mean", choices=("mean", "svd"), help="embedding tables: mean or TSV-M"),
+]
+
+
+@register_method(
+    name="esm",
+    pretty_name="ESM (Essential Subspace Merging)",
+    paper="Li, Qi, Tian, Geng, Model Merging in the Essential Subspace, CVPR 2026; code github.com/kiddo127/ESM",
+    url="https://arxiv.org/abs/2602.20208",
+    variant="The authors' two code paths as presets. recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
+            "QKV and both MLP linears at rank floor(d_out/T), eigenvalue weights ^0.15, task/column/layer "
+            "polarisation ^2, polar fusion x mean singular value, x2; attention-out by TSV-M; alpha on ESD "
+            "layers only (searched on [0,2]). recipe=glue (ESM-RoBERTa merge.py::esm): ESD on all six linears, "
+            "q/k/v separate, layer polarisation only, no x2 (alpha searched on [0,5]). Statistics from each "
+            "task's fine-tuned model (submerge calibrate). Non-matrices: mean of task vectors; layers without "
+            "statistics: TSV-M (logged). Default alpha=1.",
+    params=_ESM_PARAMS,
+    needs_base=True,
+    min_models=1,
+    prepare=_esm_prepare,
+    scale_param="alpha",
+    needs_stats=True,
+    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", "vit"), (0.0, 2.0))},
+)
+def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
+    st: ESMState = ctx.state
+    alpha = p["alpha"]
+    scope = st.settings["alpha_scope"]
+    base = ctx.base
+    if ctx.name in st.results:
+        dw = st.results.get(ctx.name).to(base.dtype) * st.beta.get(ctx.name, 1.0)
+        coef = alpha if (ctx.name in st.esd or scope == "all") else 1.0
+        return base.add_(dw, alpha=coef)
+    deltas = task_vectors(ctx)
+    coef = alpha if scope == "all" else 1.0
+    merged = tsv_merge(deltas) if is_matrix(ctx.name, deltas[0], p["embeddings"]) else mean_of(deltas)
+    return base.add_(merged, alpha=coef)
+
+
+@register_method(
+    name="regmean",
+    pretty_name="RegMean (regression mean)",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
+    url="https://arxiv.org/abs/2212.09849",
+    variant="Closed form per linear layer, as FusionBench: G_t = X_t^T X_t / N_t from task t's own model, "
+            "off-diagonals scaled by reduce_non_diagonal_ratio (default 0.95), W = (sum G_t)^-1 sum G_t W_t "
+            "(d_in x d_out orientation). Other tensors and layers without statistics: plain average.",
+    params=[Param("reduce_non_diagonal_ratio", float, 0.95, low=0.0, high=1.0,
+                  help="scale of the Gram matrices' off-diagonal entries")],
+    needs_stats=True,
+)
+def regmean(ctx: TensorContext, *, reduce_non_diagonal_ratio: float) -> torch.Tensor:
+    tensors, stats = ctx.tensors, ctx.stats
+    w0 = tensors[0]
+    if w0.dim() == 2 and _stats_ready(stats) and all(
+            s.d_in == s.weight_as_out_in(w).shape[1] for s, w in zip(stats, tensors)):
+        rho = reduce_non_diagonal_ratio
+        g_sum, gw_sum = None, None
+        for s, w in zip(stats, tensors):
+            g = s.gram.double() / max(s.count, 1)
+            g = rho * g + (1 - rho) * torch.diag(torch.diagonal(g))
+            gw = g @ s.weight_as_out_in(w).double().T  # [d_in, d_out]
+            g_sum = g if g_sum is None else g_sum + g
+            gw_sum = gw if gw_sum is None else gw_sum + gw
+        try:
+            sol = torch.linalg.solve(g_sum, gw_sum)
+        except RuntimeError:  # singular: a tiny ridge
+            eye = torch.eye(g_sum.shape[0], dtype=g_sum.dtype, device=g_sum.device)
+            sol = torch.linalg.solve(g_sum + 1e-8 * torch.diagonal(g_sum).mean() * eye, gw_sum)
+        out = sol.T
+        return (out.T if stats[0].layout == "in_out" else out).to(w0.dtype).contiguous()
+    return mean_of(list(tensors))

@@ -1,0 +1,195 @@
+"""The data-free subspace family: TSV-M, Iso-C, Iso-CTS (and the shared SVD kernels).
+
+Every method here works per 2-D weight matrix on the task updates ΔW_t = W_t − W_0:
+it builds a low-rank / re-spectrum merged update ΔW and returns W_0 + α·ΔW.
+Tensors that are not matrices (biases, norms) and, by default, embedding tables get
+the mean of the task vectors (also scaled by α), as the TSV and Iso code do for
+non-2-D parameters.  SVDs run in float64 below ``LOWRANK_MIN_DIM`` and through
+``torch.svd_lowrank`` (float32, a few power iterations) when only a small rank of a
+large matrix is needed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from submerge.methods.registry import Param, TensorContext, register_method
+
+LOWRANK_MIN_DIM = 2048  # below this a full float64 SVD is cheap
+_EMBED_RE = re.compile(r"(embed|wte|wpe|lm_head|position|token_type|shared\.weight|cls_token|pos_emb)", re.I)
+
+
+def is_embedding(name: str) -> bool:
+    """Embedding tables (and tied output heads): merged as plain tensors unless asked otherwise."""
+    return bool(_EMBED_RE.search(name))
+
+
+def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets ``(U [m,k], S [k], Vh [k,n])`` of ``x``, in ``x``'s dtype.
+
+    Full float64 SVD for small matrices; randomized ``torch.svd_lowrank`` when ``k`` is small
+    against a large matrix (``min(m, n) >= LOWRANK_MIN_DIM`` and ``k <= min(m, n) / 8``).
+    """
+    m, n = x.shape
+    k = max(0, min(k, m, n))
+    if min(m, n) >= LOWRANK_MIN_DIM and 8 * k <= min(m, n):
+        u, s, v = torch.svd_lowrank(x.float(), q=min(k + 16, min(m, n)), niter=4)
+        return u[:, :k].to(x.dtype), s[:k].to(x.dtype), v[:, :k].T.to(x.dtype)
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return u[:, :k].to(x.dtype), s[:k].to(x.dtype), vh[:k].to(x.dtype)
+
+
+def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthogonal polar factor ``U Vᵀ`` of ``x = U S Vᵀ`` (the closest matrix with orthonormal
+    columns/rows, Procrustes) and the singular values ``S`` (float64 SVD)."""
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (u @ vh).to(x.dtype), s.to(x.dtype)
+
+
+def task_vectors(ctx: TensorContext) -> list[torch.Tensor]:
+    base = ctx.base
+    return [t.sub_(base) for t in ctx.tensors]
+
+
+def mean_of(deltas: list[torch.Tensor]) -> torch.Tensor:
+    out = deltas[0].clone()
+    for d in deltas[1:]:
+        out.add_(d)
+    return out.div_(len(deltas))
+
+
+def is_matrix(ctx_name: str, x: torch.Tensor, embeddings: str = "mean") -> bool:
+    return x.dim() == 2 and min(x.shape) > 1 and (embeddings == "svd" or not is_embedding(ctx_name))
+
+
+def tsv_merge(deltas: list[torch.Tensor], rank: Optional[int] = None) -> torch.Tensor:
+    """TSV-M of one matrix: per task top-k SVD (k = ⌊min(m, n)/T⌋), concatenate, replace the stacked
+    U and V by their polar factors, keep the singular values: ΔW = U⊥ diag(S_cat) V⊥ᵀ."""
+    m, n = deltas[0].shape
+    T = len(deltas)
+    k = rank if rank is not None else max(1, min(m, n) // T)
+    us, ss, vs = zip(*(truncated_svd(d, k) for d in deltas))
+    u_cat, s_cat, vh_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 0)
+    u_o, _ = polar(u_cat)
+    vh_o, _ = polar(vh_cat)
+    return (u_o * s_cat) @ vh_o
+
+
+def iso_c_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Iso-C of one matrix: SVD of the summed update, all singular values replaced by their mean."""
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    return (s.mean() * (u @ vh)).to(total.dtype)
+
+
+def iso_cts_split(min_dim: int, T: int, common_fraction: float) -> tuple[int, int]:
+    """(k_common, k_per_task) as the Iso-CTS code: the task-specific total is rounded to a multiple
+    of T and the common space takes the rest."""
+    k_c = int(min_dim * common_fraction)
+    per_task = round((min_dim - k_c) / T)
+    return min_dim - per_task * T, per_task
+
+
+def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8) -> torch.Tensor:
+    """Iso-CTS of one matrix: the top common directions of the summed update plus, per task, the top
+    directions of its update with the common space projected out; both stacked U and V are replaced
+    by their polar factors and every singular value by their mean."""
+    m, n = deltas[0].shape
+    T = len(deltas)
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    k_c, k_t = iso_cts_split(min(m, n), T, common_fraction)
+    u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    u_c, s_c, vh_c = u[:, :k_c], s[:k_c], vh[:k_c]
+    us, ss, vs = [u_c], [s_c], [vh_c]
+    if k_t > 0:
+        for d in deltas:
+            d64 = d.double()
+            d_orth = d64 - u_c @ (u_c.T @ d64)
+            ut, st, vht = truncated_svd(d_orth, k_t)
+            us.append(ut)
+            ss.append(st)
+            vs.append(vht)
+    u_o, _ = polar(torch.cat(us, 1))
+    vh_o, _ = polar(torch.cat(vs, 0))
+    s_mean = torch.cat(ss).mean()
+    return (s_mean * (u_o @ vh_o)).to(deltas[0].dtype)
+
+
+_ALPHA_GRID = [round(0.1 * i, 2) for i in range(1, 31)]  # TSV / Iso papers: linspace(0, 3, 31)[1:]
+_EMBEDDINGS = Param("embeddings", str, "mean", choices=("mean", "svd"),
+                    help="embedding tables (by name): mean of task vectors (default) or the matrix rule")
+
+
+def _subspace_method(ctx: TensorContext, rule, alpha: float, embeddings: str) -> torch.Tensor:
+    deltas = task_vectors(ctx)
+    if is_matrix(ctx.name, deltas[0], embeddings):
+        merged = rule(deltas)
+    else:
+        merged = mean_of(deltas)
+    return ctx.base.add_(merged, alpha=alpha)
+
+
+@register_method(
+    name="tsv",
+    pretty_name="TSV-M (Task Singular Vectors: merge)",
+    paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
+    url="https://arxiv.org/abs/2412.00081",
+    variant="TSV-M as the official code (compute_and_sum_svd_mem_reduction): per 2-D matrix and task, SVD of "
+            "the update, keep k = floor(min(m,n)/T) triplets; concatenate; replace the stacked U and V by their "
+            "polar factors (SVD, not the eigh whitening of TSVM_2); dW = U_o diag(S_cat) V_o^T. Other tensors "
+            "(and embedding tables unless embeddings=svd): mean of the task vectors. theta = base + alpha*dW. "
+            "Default alpha=1; the paper tunes it on linspace(0,3,31)[1:].",
+    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS],
+    needs_base=True,
+    scale_param="alpha",
+    search={"grid": _ALPHA_GRID},
+)
+def tsv(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
+    return _subspace_method(ctx, tsv_merge, alpha, embeddings)
+
+
+@register_method(
+    name="iso_c",
+    pretty_name="Iso-C (isotropic merging in the common subspace)",
+    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+          "Subspaces, ICML 2025",
+    url="https://arxiv.org/abs/2502.04959",
+    variant="Iso-C as the official code (iso.py::iso_c): per 2-D matrix, SVD of the summed update "
+            "U S V^T; dW = mean(S) U V^T (flat spectrum). Other tensors: mean of task vectors. theta = base + "
+            "alpha*dW. Default alpha=1; the paper tunes it on linspace(0,3,31)[1:].",
+    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS],
+    needs_base=True,
+    scale_param="alpha",
+    search={"grid": _ALPHA_GRID},
+)
+def iso_c(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
+    return _subspace_method(ctx, iso_c_merge, alpha, embeddings)
+
+
+@register_method(
+    name="iso_cts",
+    pretty_name="Iso-CTS (isotropic merging, common + task-specific subspaces)",
+    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+          "Subspaces, ICML 2025",
+    url="https://arxiv.org/abs/2502.04959",
+    variant="Iso-CTS as the official code (iso.py::iso_cts): common space = top k_c directions of the summed "
+            "update (k_c ~ common_space_fraction*min(m,n), adjusted so the rest divides by T); per task, top "
+            "(min(m,n)-k_c)/T directions of its update with the common space projected out; stacked U and V "
+            "replaced by polar factors, all singular values by their mean. Other tensors: mean of task vectors. "
+            "Defaults: common_space_fraction=0.8, alpha=1 (tuned on linspace(0,3,31)[1:] in the paper).",
+    params=[Param("alpha", float, 1.0, help="scale of the merged update"),
+            Param("common_space_fraction", float, 0.8, low=0.0, high=1.0,
+                  help="fraction of the rank given to the common subspace"), _EMBEDDINGS],
+    needs_base=True,
+    scale_param="alpha",
+    search={"grid": _ALPHA_GRID},
+)
+def iso_cts(ctx: TensorContext, *, alpha: float, common_space_fraction: float, embeddings: str) -> torch.Tensor:
+    return _subspace_method(ctx, lambda d: iso_cts_merge(d, common_space_fraction), alpha, embeddings)

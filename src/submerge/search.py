@@ -1,0 +1,177 @@
+"""Choosing a method's global scale (λ / α) on validation data: :func:`search_alpha`.
+
+Every registered method that declares a ``scale_param`` is affine in it
+(θ(α) = θ(0) + α·(θ(1) − θ(0)): the scale multiplies an update computed without it),
+so the search merges twice — at 0 and at 1 — and every further point costs one
+axpy over the loaded tensors, never a new merge.  Strategies:
+
+* ``grid``: the papers' grids (TA/TIES 0.1..1.0; TSV/Iso 0.1..3.0), stopped after
+  ``patience`` points without improvement, and continued past the upper edge (same
+  step) while the best point sits on it;
+* ``golden``: golden-section search on the method's bounds (ESM: [0, 2] for the ViT
+  recipe, [0, 5] for the GLUE recipe, tolerance 0.01, at most 15 evaluations, as the
+  ESM code); if the best point lands at the upper edge the bracket moves up.
+
+The result is the evaluated point with the best score (ties: the smaller scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from submerge.api import merge_state_dicts
+from submerge.errors import ConfigError
+from submerge.methods import get_method
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@dataclass
+class SearchResult:
+    method: str
+    scale_param: str
+    alpha: float
+    score: float
+    curve: dict[float, float]
+    strategy: str
+    state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    path: Optional["AffinePath"] = field(repr=False, default=None)  # any other scale: path(a, copy=True)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.curve)
+
+
+class AffinePath:
+    """θ(α) = θ(0) + α·(θ(1) − θ(0)) over one set of tensors, materialised into a reused buffer."""
+
+    def __init__(self, at0: Mapping[str, torch.Tensor], at1: Mapping[str, torch.Tensor]):
+        self.at0 = {k: v.float() for k, v in at0.items() if v.is_floating_point()}
+        self.direction = {k: at1[k].float() - self.at0[k] for k in self.at0}
+        self.other = {k: v for k, v in at0.items() if not v.is_floating_point()}
+        self._buf = {k: torch.empty_like(v) for k, v in self.at0.items()}
+        self.dtypes = {k: at1[k].dtype for k in self.at0}
+
+    def __call__(self, alpha: float, copy: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, x0 in self.at0.items():
+            buf = torch.empty_like(x0) if copy else self._buf[k]
+            torch.add(x0, self.direction[k], alpha=alpha, out=buf)
+            out[k] = buf if self.dtypes[k] == buf.dtype else buf.to(self.dtypes[k])
+        out.update(self.other)
+        return out
+
+
+def _grid_search(path: AffinePath, score_fn, grid: Sequence[float], patience: Optional[int],
+                 extend: bool, max_evals: int) -> dict[float, float]:
+    curve: dict[float, float] = {}
+    grid = sorted(grid)
+    step = (grid[-1] - grid[-2]) if len(grid) > 1 else grid[0]
+    best, since = -math.inf, 0
+    i = 0
+    points = list(grid)
+    while i < len(points) and len(curve) < max_evals:
+        a = round(points[i], 6)
+        curve[a] = float(score_fn(path(a)))
+        if curve[a] > best:
+            best, since = curve[a], 0
+        else:
+            since += 1
+            if patience is not None and since >= patience:
+                break
+        i += 1
+        if i == len(points) and extend and max(curve, key=lambda x: (curve[x], -x)) == a:
+            points.append(a + step)  # the best point is the upper edge: continue the grid
+    return curve
+
+
+def _golden_search(path: AffinePath, score_fn, bounds: tuple[float, float], tol: float, max_iter: int,
+                   extend: bool) -> dict[float, float]:
+    curve: dict[float, float] = {}
+
+    def f(a: float) -> float:
+        a = round(a, 6)
+        if a not in curve:
+            curve[a] = float(score_fn(path(a)))
+        return curve[a]
+
+    lo, hi = bounds
+    for _attempt in range(3 if extend else 1):
+        a, b = lo, hi
+        c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+        fc, fd = f(c), f(d)
+        for _ in range(max_iter):
+            if abs(b - a) < tol:
+                break
+            if fc >= fd:
+                b, d, fd = d, c, fc
+                c = b - _GOLDEN * (b - a)
+                fc = f(c)
+            else:
+                a, c, fc = c, d, fd
+                d = a + _GOLDEN * (b - a)
+                fd = f(d)
+        best = max(curve, key=lambda x: (curve[x], -x))
+        width = hi - lo
+        if not extend or best < hi - 0.05 * width:
+            break
+        lo, hi = hi - 0.25 * width, hi + width  # optimum at the upper edge: move the bracket up
+    return curve
+
+
+def search_alpha(
+    method: str,
+    base: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    score_fn: Callable[[dict[str, torch.Tensor]], float],
+    parameters: Optional[dict] = None,
+    model_parameters: Optional[Sequence[Optional[dict]]] = None,
+    *,
+    stats: Optional[Sequence[Any]] = None,
+    strategy: str = "auto",
+    grid: Optional[Sequence[float]] = None,
+    bounds: Optional[tuple[float, float]] = None,
+    tol: float = 0.01,
+    max_iter: int = 15,
+    patience: Optional[int] = 3,
+    extend: bool = True,
+    max_evals: int = 60,
+    random_seed: int = 0,
+) -> SearchResult:
+    """Choose ``method``'s scale (``lambda`` / ``alpha``) maximising ``score_fn(state_dict)``.
+
+    ``score_fn`` gets a full state dict (base + merged tensors; the same buffers are reused
+    between calls, so copy what you keep) and returns a number to maximise — e.g. mean
+    normalised validation accuracy.  ``strategy``: ``auto`` (the method's own: golden section
+    for ESM, the papers' grid otherwise), ``grid`` or ``golden``.  Returns the best point, the
+    whole curve and the merged state at the best scale.
+    """
+    m = get_method(method)
+    if m.scale_param is None:
+        raise ConfigError(f"{method} has no global scale to search")
+    params = dict(parameters or {})
+    kw = dict(stats=stats, random_seed=random_seed)
+    at0 = merge_state_dicts(method, base, models, {**params, m.scale_param: 0.0}, model_parameters, **kw)
+    at1 = merge_state_dicts(method, base, models, {**params, m.scale_param: 1.0}, model_parameters, **kw)
+    path = AffinePath(at0, at1)
+    del at0, at1
+    spec = m.search or {}
+    if strategy == "auto":
+        strategy = "golden" if "bounds" in spec and grid is None else "grid"
+    if strategy == "grid":
+        g = list(grid or spec.get("grid") or [round(0.1 * i, 2) for i in range(1, 11)])
+        curve = _grid_search(path, score_fn, g, patience, extend, max_evals)
+    elif strategy == "golden":
+        if bounds is None:
+            b = spec.get("bounds", (0.0, 2.0))
+            bounds = b(m.bind(params, [None] * len(models))) if callable(b) else b
+        curve = _golden_search(path, score_fn, tuple(bounds), tol, max_iter, extend)
+    else:
+        raise ConfigError(f"unknown search strategy {strategy!r}; use auto, grid or golden")
+    best = max(curve, key=lambda a: (curve[a], -a))
+    return SearchResult(method, m.scale_param, best, curve[best], dict(sorted(curve.items())), strategy,
+                        path(best, copy=True), path)
