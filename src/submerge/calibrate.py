@@ -156,6 +156,13 @@ class StatsReader(CalibrationStats):
     def names(self) -> list[str]:
         return list(self._meta) + list(self.aliases)
 
+    def meta_for(self, tensor_name: str) -> Optional[dict]:
+        """Manifest entry (d_in, count, layout) of the layer owning a tensor, without reading data."""
+        key = match_layer(tensor_name, self.names())
+        if key is None:
+            return None
+        return self._meta.get(self.aliases.get(key, key))
+
     def get(self, layer: str) -> Optional[LayerStats]:
         layer = self.aliases.get(layer, layer)
         meta = self._meta.get(layer)

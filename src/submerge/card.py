@@ -32,6 +32,16 @@ def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", see
         f"- Variant: {m.variant}",
         f"- Compute dtype: {options.compute_dtype}; output dtype: {cfg.out_dtype or cfg.dtype or 'as the inputs'}",
     ]
+    if m.scale_param is not None:
+        value = plan.global_params.get(m.scale_param)
+        given = bool(cfg.parameters and m.scale_param in cfg.parameters)
+        how = options.scale_note or ("set in the config" if given else
+                                     "the method's default (not tuned; choose it with submerge.search_alpha)")
+        lines.append(f"- Scale: {m.scale_param} = {value} ({how})")
+    if plan.stats:
+        lines.append("- Calibration: " + "; ".join(
+            f"`{k}`: {r.info.get('n_inputs')} inputs, {r.info.get('tokens')} tokens ({r.info.get('source')} model)"
+            for k, r in plan.stats.items()))
     if m.randomized:
         lines.append(f"- Random seed: {seed} (per-tensor seeds derive from it; rerun with "
                      f"`--random-seed {seed}` for identical tensors)")

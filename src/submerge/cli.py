@@ -73,6 +73,41 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
 
 
 @main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("-n", "--n", "n", type=int, default=32, show_default=True, help="Inputs used (a seeded random subset).")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per input (truncation).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input subset.")
+@click.option("--task", default=None, help="Task name recorded in the manifest.")
+@click.option("--layers", default=None, help="Regex on module names: only matching linear layers.")
+@click.option("--source", type=click.Choice(["finetuned", "base"]), default="finetuned", show_default=True,
+              help="Which model MODEL_DIR is (recorded): the task's fine-tuned model (ESM) or the base.")
+@click.option("--field", "field_name", default=None, help="JSONL field holding the text (default 'text').")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int, batch_size: int, seed: int,
+              task: Optional[str], layers: Optional[str], source: str, field_name: Optional[str], device: str,
+              overwrite: bool, quiet: bool) -> None:
+    """Record per-layer input statistics of MODEL_DIR on INPUTS (.txt / .jsonl / .json texts, or a .pt /
+    .safetensors file of input_ids [+ attention_mask]) into OUT_DIR, for esm / regmean merges."""
+    from submerge.calibrate import calibrate_model_dir
+
+    _setup_logging(0, quiet)
+    try:
+        st = calibrate_model_dir(model_dir, inputs, out_dir, n=n, max_length=max_length, batch_size=batch_size,
+                                 seed=seed, task=task, layers=layers, source=source, field_name=field_name,
+                                 device=device, overwrite=overwrite, progress=not quiet)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"wrote {out_dir}: {len(st.layers)} layers (+{len(st.aliases)} sharing an input), "
+                   f"{st.info.get('n_inputs')} inputs, {st.info.get('tokens')} tokens, {st.info.get('seconds')}s")
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 def validate(config: str) -> None:
     """Check CONFIG (files, tensors, shapes, parameters) without merging."""

@@ -45,6 +45,7 @@ Parameters = Optional[dict[str, ParameterSetting]]
 class InputModel(_Strict):
     model: str
     parameters: Parameters = None
+    calibration: Optional[str] = None  # a `submerge calibrate` folder (data-based methods: esm, regmean)
 
 
 class InputSlice(_Strict):

@@ -58,6 +58,7 @@ class MergeOptions:
     prefetch: bool = True
     copy_tokenizer: bool = True
     write_card: bool = True
+    scale_note: str = ""  # how the scale (lambda / alpha) was chosen, for the model card
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Executor:
         self.out_dtype = TORCH_DTYPES[out] if out else None
         self.seed = options.random_seed
         self._read_pool: Optional[ThreadPoolExecutor] = None
+        self._scratch: Optional[Path] = None  # spill folder of two-pass methods, inside the temp output
         if plan.method.randomized and self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little")
             plan.notes.append(f"no --random-seed given; drew seed {self.seed} (recorded for reproducibility)")
@@ -161,9 +163,19 @@ class Executor:
             lambda name: self.load(by_name[name]),
             lambda name: by_name[name].params,
             [k for k, _ in float_jobs[0].inputs] if float_jobs else [],
+            stats=(lambda name: self._stats(by_name[name])) if m.needs_stats else None,
+            scratch_dir=self._scratch,
         )
         log.info("%s: whole-model statistics pass", m.name)
         return m.prepare(mp, self.plan.global_params)
+
+    def _stats(self, job: TensorJob) -> list:
+        """Per input model, the calibration statistics of this tensor's layer (None where absent)."""
+        out = []
+        for key, name in job.inputs:
+            reader = self.plan.stats.get(key)
+            out.append(reader.lookup(name) if reader is not None else None)
+        return out
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
                      state) -> torch.Tensor:
@@ -172,7 +184,8 @@ class Executor:
         if self.seed is not None:
             generator.manual_seed(tensor_seed(self.seed, job.out_name))
         ctx = TensorContext(job.out_name, tensors, base, generator, state,
-                            [k for k, _ in job.inputs])
+                            [k for k, _ in job.inputs],
+                            stats=self._stats(job) if self.plan.method.needs_stats else None)
         out = self.plan.method(ctx, **job.params)
         if out.shape != job.shape:
             raise SubmergeError(
@@ -194,6 +207,7 @@ class Executor:
         try:
             specs = [(j.out_name, self._out_dtype(j), tuple(j.shape)) for j in plan.jobs]
             writer = ShardWriter(tmp, specs, parse_size(opt.out_shard_size))
+            self._scratch = tmp / ".scratch"
             state = self._prepare()
             total = plan.input_bytes()
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
@@ -213,6 +227,8 @@ class Executor:
                     bytes_read += size
                     bar.update(size)
             files = writer.finish()
+            state = None
+            shutil.rmtree(self._scratch, ignore_errors=True)
             self._write_metadata(tmp, files)
             if out_dir.exists():
                 if not opt.overwrite:

@@ -51,6 +51,7 @@ class MergePlan:
     out_config: Optional[dict] = None
     tokenizer_model: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)  # model key -> calibration StatsReader
 
     def input_bytes(self) -> int:
         return sum(
@@ -325,7 +326,57 @@ class Planner:
         self._check_linear_weights(jobs)
         first = next((j for j in jobs if j.copy_from is None), None)
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
-        return MergePlan(c, m, models, reference, jobs, global_params, out_config, tok)
+        plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok)
+        self._open_stats(plan)
+        return plan
+
+    def _open_stats(self, plan: MergePlan) -> None:
+        """Data-based methods: open each model's calibration folder and check it against the headers."""
+        c, m = self.config, self.method
+        given = [mdl for mdl in (c.models or []) if mdl.calibration]
+        if not m.needs_stats:
+            if given:
+                plan.notes.append(f"{m.name} uses no calibration statistics; 'calibration' entries are ignored")
+            return
+        if c.models is None:
+            raise ConfigError(f"{m.name} needs per-model calibration statistics: use 'models:' (not 'slices:') "
+                              f"with a 'calibration:' folder for each model")
+        from submerge.calibrate import StatsReader, model_fingerprint
+
+        merged_keys = {k for j in plan.jobs for k, _ in j.inputs}
+        for i, mdl in enumerate(c.models):
+            if mdl.model not in merged_keys:
+                continue
+            if not mdl.calibration:
+                raise ConfigError(f"models[{i}] ({mdl.model}): {m.name} needs 'calibration: <folder>' "
+                                  f"(create it with `submerge calibrate {mdl.model} <inputs> <folder>`)")
+            reader = StatsReader(resolve_model_path(mdl.calibration, self.config_dir))
+            want = reader.info.get("model_fingerprint")
+            path = plan.models[mdl.model].path
+            if want and path.is_dir() and model_fingerprint(path) != want:
+                plan.notes.append(f"calibration {mdl.calibration} was computed on {reader.info.get('model')}, "
+                                  f"whose weights differ from {mdl.model}")
+            plan.stats[mdl.model] = reader
+        missing = []
+        for job in plan.jobs:
+            if job.copy_from is not None or len(job.shape) != 2:
+                continue
+            for key, name in job.inputs:
+                reader = plan.stats.get(key)
+                st_meta = reader.meta_for(name) if reader is not None else None
+                if st_meta is None:
+                    if name.endswith(".weight") and (key, name) == job.inputs[0]:
+                        missing.append(name)
+                    continue
+                d_in = st_meta["d_in"]
+                w_in = job.shape[0] if st_meta.get("layout") == "in_out" else job.shape[1]
+                if d_in != w_in:
+                    raise CheckpointError(
+                        f"calibration {reader.path} layer for {name} has inputs of size {d_in}, but model "
+                        f"'{key}' tensor {name} has shape {list(job.shape)} (statistics of another model?)")
+        if missing:
+            plan.notes.append(f"{len(missing)} 2-D weight(s) have no calibration statistics "
+                              f"(merged without data), e.g. {missing[:3]}")
 
     def _check_linear_weights(self, jobs: list[TensorJob]) -> None:
         if self.method.name == "linear":
