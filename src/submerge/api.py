@@ -86,6 +86,23 @@ def merge_state_dicts(
     ``stats`` gives data-based methods (esm, regmean) one calibration source per model: a
     :class:`~submerge.calibrate.CalibrationStats` or a folder written by ``submerge calibrate``.
     """
+    return merge_state_dicts_many(method, base, models, [parameters], model_parameters, stats=stats,
+                                  random_seed=random_seed, compute_dtype=compute_dtype)[0]
+
+
+def merge_state_dicts_many(
+    method: str,
+    base: Optional[Mapping[str, torch.Tensor]],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    parameter_sets: Sequence[Optional[dict]],
+    model_parameters: Optional[Sequence[Optional[dict]]] = None,
+    *,
+    stats: Optional[Sequence[Any]] = None,
+    random_seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> list[dict[str, torch.Tensor]]:
+    """Several merges of the same inputs that differ only in parameters the method's whole-model
+    ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set."""
     from submerge.calibrate import load_stats
 
     m = get_method(method)
@@ -94,7 +111,7 @@ def merge_state_dicts(
     n = len(models)
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         raise ConfigError(f"{m.name} cannot merge {n} model(s)")
-    kwargs = m.bind(parameters, list(model_parameters or [None] * n))
+    kwargs_list = [m.bind(p, list(model_parameters or [None] * n)) for p in parameter_sets]
     ref = base if base is not None else models[0]
     for i, sd in enumerate(models):
         missing = set(ref) - set(sd)
@@ -114,17 +131,19 @@ def merge_state_dicts(
         return tensors, b
 
     state = None
-    if m.needs_prepare(kwargs):
-        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs, [str(i) for i in range(n)],
-                                    stats=stats_of), kwargs)
-    out: dict[str, torch.Tensor] = {}
+    if m.needs_prepare(kwargs_list[0]):
+        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs_list[0], [str(i) for i in range(n)],
+                                    stats=stats_of), kwargs_list[0])
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in kwargs_list]
     for name, value in ref.items():
         if name not in float_names:
-            out[name] = value.clone()
+            for out in outs:
+                out[name] = value.clone()
             continue
-        tensors, b = read(name)
-        gen = torch.Generator().manual_seed(tensor_seed(random_seed, name))
         st = stats_of(name) if stats_of is not None else None
-        merged = m(TensorContext(name, tensors, b, gen, state, stats=st), **kwargs)
-        out[name] = merged.to(value.dtype)
-    return out
+        for out, kwargs in zip(outs, kwargs_list):
+            tensors, b = read(name)
+            gen = torch.Generator().manual_seed(tensor_seed(random_seed, name))
+            merged = m(TensorContext(name, tensors, b, gen, state, stats=st), **kwargs)
+            out[name] = merged.to(value.dtype)
+    return outs

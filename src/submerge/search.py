@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from submerge.api import merge_state_dicts
+from submerge.api import merge_state_dicts_many
 from submerge.errors import ConfigError
 from submerge.methods import get_method
 
@@ -155,8 +155,8 @@ def search_alpha(
         raise ConfigError(f"{method} has no global scale to search")
     params = dict(parameters or {})
     kw = dict(stats=stats, random_seed=random_seed)
-    at0 = merge_state_dicts(method, base, models, {**params, m.scale_param: 0.0}, model_parameters, **kw)
-    at1 = merge_state_dicts(method, base, models, {**params, m.scale_param: 1.0}, model_parameters, **kw)
+    at0, at1 = merge_state_dicts_many(method, base, models, [{**params, m.scale_param: 0.0},
+                                                            {**params, m.scale_param: 1.0}], model_parameters, **kw)
     path = AffinePath(at0, at1)
     del at0, at1
     spec = m.search or {}

@@ -387,9 +387,11 @@ def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     if ctx.name in st.results:
         dw = st.results.get(ctx.name).to(base.dtype) * st.beta.get(ctx.name, 1.0)
         coef = alpha if (ctx.name in st.esd or scope == "all") else 1.0
-        return base.add_(dw, alpha=coef)
-    deltas = task_vectors(ctx)
+        return base.add_(dw, alpha=coef) if coef != 0 else base
     coef = alpha if scope == "all" else 1.0
+    if coef == 0:
+        return base
+    deltas = task_vectors(ctx)
     merged = tsv_merge(deltas) if is_matrix(ctx.name, deltas[0], p["embeddings"]) else mean_of(deltas)
     return base.add_(merged, alpha=coef)
 

@@ -128,6 +128,8 @@ _EMBEDDINGS = Param("embeddings", str, "mean", choices=("mean", "svd"),
 
 
 def _subspace_method(ctx: TensorContext, rule, alpha: float, embeddings: str) -> torch.Tensor:
+    if alpha == 0:
+        return ctx.base
     deltas = task_vectors(ctx)
     if is_matrix(ctx.name, deltas[0], embeddings):
         merged = rule(deltas)
