@@ -43,6 +43,10 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "vit+calib128": ("esm", VIT, {"n": 128}, "128 calibration inputs per task"),
     "vit+calib_val": ("esm", VIT, {"split": "val"}, "calibration inputs from the val split"),
     "vit+calib_base": ("esm", VIT, {"source": "base"}, "statistics in the base model"),
+    # beyond one factor at a time: the ESD truncation inside TSV-M's fusion (spectrum kept, no scalings)
+    "esd_tsv": ("esm", {"recipe": "glue", "fusion": "tsv", "layer_power": 0.0, "eig_power": 0.0, "factor": 1.0,
+                        "alpha_scope": "all"}, {},
+                "ESD truncation + TSV-M fusion (spectrum kept), no scalings, alpha on all"),
 }
 
 
@@ -50,9 +54,13 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = BenchConfig(suite=args.suite, seed=args.seed, quiet=True)
+    from submerge.bench.finetune import Recipe
+
+    recipe = Recipe(lr=args.lr) if args.lr else Recipe()
+    tasks = args.tasks.split(",") if args.tasks else None
+    cfg = BenchConfig(suite=args.suite, tasks=tasks, seed=args.seed, quiet=True, recipe=recipe)
     if args.suite == "quick":
-        cfg = BenchConfig.quick(seed=args.seed, quiet=True)
+        cfg = BenchConfig.quick(seed=args.seed, quiet=True, recipe=recipe, tasks=tasks)
     S = BenchSession(cfg)
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     extra = json.loads(args.extra) if args.extra else {}
@@ -82,7 +90,7 @@ def run(args) -> None:
         res = S.evaluate(state, "test")
         rec = {
             "name": name, "method": method, "params": params, "calibration": calib, "what": what,
-            "seed": args.seed, "suite": args.suite, "alpha": alpha, "val_norm": val,
+            "seed": args.seed, "suite": args.suite, "lr": cfg.recipe.lr, "tasks": S.names, "alpha": alpha, "val_norm": val,
             "val_curve": {str(k): v for k, v in curve.items()},
             "test_correct": {k: v.astype(int).tolist() for k, v in res.items()},
             "test_acc": {k: float(v.mean()) for k, v in res.items()},
@@ -176,6 +184,8 @@ def main() -> None:
     r.add_argument("--variants", default="")
     r.add_argument("--extra", default="", help="JSON {name: [method, params, calibration, what]}")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (a different expert suite)")
+    r.add_argument("--tasks", default="", help="comma list of tasks instead of the suite's")
     r.add_argument("--force", action="store_true")
     t = sub.add_parser("table")
     t.add_argument("folder")

@@ -64,8 +64,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "glue": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.15, task_power=0.0,
                  column_power=0.0, layer_power=2.0, factor=1.0, fusion="polar", alpha_scope="esd",
                  rank_scale=1.0),
+    # submerge's default, chosen on validation data by the ablation in benchmarks/results/esm_ablation/:
+    # the essential-subspace truncation on all six linears, fused as TSV-M fuses (each task's spectrum
+    # kept instead of the polar factors' mean), layer polarisation, alpha on every tensor.
+    "essential_tsv": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.0,
+                          task_power=0.0, column_power=0.0, layer_power=2.0, factor=1.0, fusion="tsv",
+                          alpha_scope="all", rank_scale=1.0),
 }
-RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0)}  # the authors' alpha search ranges
+DEFAULT_RECIPE = "essential_tsv"
+RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 3.0)}  # alpha search ranges
 
 
 def parse_role_patterns(spec: str) -> list[tuple[str, re.Pattern]]:
@@ -343,7 +350,7 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
 
 _ESM_PARAMS = [
     Param("alpha", float, 1.0, help="global scale (on the ESD layers only when alpha_scope=esd)"),
-    Param("recipe", str, "vit", choices=tuple(RECIPES), help="preset of every constant below"),
+    Param("recipe", str, DEFAULT_RECIPE, choices=tuple(RECIPES), help="preset of every constant below"),
     Param("esd_roles", str, None, help="comma list of roles given the essential-subspace path, or 'all'"),
     Param("stack_qkv", bool, None, help="one ESD over the stacked [q; k; v] (as ViT's in_proj)"),
     Param("eig_power", float, None, low=0.0, help="eigenvalue re-weighting exponent"),
@@ -364,7 +371,10 @@ _ESM_PARAMS = [
     pretty_name="ESM (Essential Subspace Merging)",
     paper="Li, Qi, Tian, Geng, Model Merging in the Essential Subspace, CVPR 2026; code github.com/kiddo127/ESM",
     url="https://arxiv.org/abs/2602.20208",
-    variant="The authors' two code paths as presets. recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
+    variant="Default recipe=essential_tsv (submerge's, chosen on validation: see benchmarks/results/esm_ablation): "
+            "ESD truncation of all six attention/MLP linears at rank floor(d_out/T), fused as TSV-M (stacked "
+            "bases replaced by polar factors, each task's essential spectrum kept), layer polarisation ^2, alpha "
+            "on every tensor (searched on [0,3]). The authors' two code paths are presets: recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
             "QKV and both MLP linears at rank floor(d_out/T), eigenvalue weights ^0.15, task/column/layer "
             "polarisation ^2, polar fusion x mean singular value, x2; attention-out by TSV-M; alpha on ESD "
             "layers only (searched on [0,2]). recipe=glue (ESM-RoBERTa merge.py::esm): ESD on all six linears, "
@@ -377,7 +387,7 @@ _ESM_PARAMS = [
     prepare=_esm_prepare,
     scale_param="alpha",
     needs_stats=True,
-    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", "vit"), (0.0, 2.0))},
+    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", DEFAULT_RECIPE), (0.0, 2.0))},
 )
 def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     st: ESMState = ctx.state

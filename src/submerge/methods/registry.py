@@ -99,7 +99,8 @@ class Param:
 
     def describe(self) -> str:
         scope = "per model" if self.per_model else "global"
-        default = "required" if self.required else f"default {self.default!r}"
+        default = ("required" if self.required else "default: set by the preset/recipe" if self.default is None
+                   else f"default {self.default!r}")
         return f"{self.name} ({self.type.__name__}, {scope}, {default})"
 
 
