@@ -31,6 +31,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "iso_c": ("iso_c", {}, {}, "baseline"),
     "iso_cts": ("iso_cts", {}, {}, "baseline"),
     "regmean": ("regmean", {}, {}, "baseline (data-based, no scale)"),
+    "esm": ("esm", {}, {}, "submerge's default esm (recipe essential_tsv)"),
     "esm_vit": ("esm", VIT, {}, "authors' ViT recipe"),
     "esm_glue": ("esm", {"recipe": "glue"}, {}, "authors' GLUE recipe"),
     "vit+alpha_all": ("esm", {**VIT, "alpha_scope": "all"}, {}, "alpha scales every tensor"),
@@ -43,6 +44,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "vit+calib128": ("esm", VIT, {"n": 128}, "128 calibration inputs per task"),
     "vit+calib_val": ("esm", VIT, {"split": "val"}, "calibration inputs from the val split"),
     "vit+calib_base": ("esm", VIT, {"source": "base"}, "statistics in the base model"),
+    "esm+calib128": ("esm", {}, {"n": 128}, "submerge's default esm with 128 calibration inputs per task"),
     # beyond one factor at a time: the ESD truncation inside TSV-M's fusion (spectrum kept, no scalings)
     "esd_tsv": ("esm", {"recipe": "glue", "fusion": "tsv", "layer_power": 0.0, "eig_power": 0.0, "factor": 1.0,
                         "alpha_scope": "all"}, {},

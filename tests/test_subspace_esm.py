@@ -351,3 +351,20 @@ def test_affine_path_reuses_buffers():
     y = p(2.0)["w"]
     assert x.data_ptr() == y.data_ptr() and torch.equal(y, torch.full((3,), 2.0))
     assert torch.equal(p(0.25, copy=True)["w"], torch.full((3,), 0.25))
+
+
+def test_vit_recipe_gives_separate_qkv_the_essential_subspace():
+    """recipe vit on a model with separate q/k/v: they get ESD (stacked, or each alone), not TSV-M."""
+    base, experts = _tiny_family()
+    stats = _stats_for(experts)
+    sd0, sds = base.state_dict(), [m.state_dict() for m in experts]
+    p = {"role_patterns": _role_rules(), "alpha": 1.0, "layer_power": 0.0}
+    stacked = merge_state_dicts("esm", sd0, sds, {**p, "recipe": "vit"}, stats=stats)
+    separate = merge_state_dicts("esm", sd0, sds, {**p, "recipe": "vit", "stack_qkv": False}, stats=stats)
+    tsv = merge_state_dicts("esm", sd0, sds, {**p, "recipe": "vit", "esd_roles": "mlp_in,mlp_out"}, stats=stats)
+    k = "layer.0.query.weight"
+    assert not torch.allclose(stacked[k], separate[k], atol=1e-6)
+    assert not torch.allclose(stacked[k], tsv[k], atol=1e-6) and not torch.allclose(separate[k], tsv[k], atol=1e-6)
+    # attention-out is TSV-M in the vit recipe in every case
+    k = "layer.0.attn_out.weight"
+    assert torch.allclose(stacked[k], tsv[k], atol=1e-6)

@@ -72,7 +72,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                           alpha_scope="all", rank_scale=1.0),
 }
 DEFAULT_RECIPE = "essential_tsv"
-RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 3.0)}  # alpha search ranges
+RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 5.0)}  # alpha search ranges
 
 
 def parse_role_patterns(spec: str) -> list[tuple[str, re.Pattern]]:
@@ -263,7 +263,12 @@ def resolve_recipe(params: dict) -> dict:
     bad = [r for r in roles if r not in ROLES]
     if bad:
         raise ConfigError(f"esd_roles: unknown role(s) {bad}; use a comma list of {list(ROLES)} or 'all'")
-    out["esd_roles"] = set(roles) | ({"qkv"} if {"q", "k", "v"} & set(roles) else set())
+    roles = set(roles)
+    if "qkv" in roles:  # "qkv" means the attention input projections, fused (ViT in_proj) or separate (BERT)
+        roles |= {"q", "k", "v"}
+    if {"q", "k", "v"} & roles:
+        roles.add("qkv")
+    out["esd_roles"] = roles
     return out
 
 
@@ -374,7 +379,7 @@ _ESM_PARAMS = [
     variant="Default recipe=essential_tsv (submerge's, chosen on validation: see benchmarks/results/esm_ablation): "
             "ESD truncation of all six attention/MLP linears at rank floor(d_out/T), fused as TSV-M (stacked "
             "bases replaced by polar factors, each task's essential spectrum kept), layer polarisation ^2, alpha "
-            "on every tensor (searched on [0,3]). The authors' two code paths are presets: recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
+            "on every tensor (searched on [0,5]). The authors' two code paths are presets: recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
             "QKV and both MLP linears at rank floor(d_out/T), eigenvalue weights ^0.15, task/column/layer "
             "polarisation ^2, polar fusion x mean singular value, x2; attention-out by TSV-M; alpha on ESD "
             "layers only (searched on [0,2]). recipe=glue (ESM-RoBERTa merge.py::esm): ESD on all six linears, "
