@@ -31,7 +31,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "iso_c": ("iso_c", {}, {}, "baseline"),
     "iso_cts": ("iso_cts", {}, {}, "baseline"),
     "regmean": ("regmean", {}, {}, "baseline (data-based, no scale)"),
-    "esm": ("esm", {}, {}, "submerge's default esm (recipe essential_tsv)"),
+    "esm": ("esm", {}, {}, "submerge's default (recipe essential_tsv = esd_tsv + layer polarisation)"),
     "esm_vit": ("esm", VIT, {}, "authors' ViT recipe"),
     "esm_glue": ("esm", {"recipe": "glue"}, {}, "authors' GLUE recipe"),
     "vit+alpha_all": ("esm", {**VIT, "alpha_scope": "all"}, {}, "alpha scales every tensor"),
@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "vit+calib_val": ("esm", VIT, {"split": "val"}, "calibration inputs from the val split"),
     "vit+calib_base": ("esm", VIT, {"source": "base"}, "statistics in the base model"),
     "esm+calib128": ("esm", {}, {"n": 128}, "submerge's default esm with 128 calibration inputs per task"),
+    "esm+identity_gram": ("esm", {}, {"identity": True},
+                          "control: the default with identity Gram matrices (SVD truncation, no data)"),
     # beyond one factor at a time: the ESD truncation inside TSV-M's fusion (spectrum kept, no scalings)
     "esd_tsv": ("esm", {"recipe": "glue", "fusion": "tsv", "layer_power": 0.0, "eig_power": 0.0, "factor": 1.0,
                         "alpha_scope": "all"}, {},
@@ -76,7 +78,13 @@ def run(args) -> None:
         else:
             method, params, calib, what = extra[name]
         t0 = time.perf_counter()
-        stats = S.calibration(**calib) if method in ("esm", "regmean") else None
+        if calib.get("identity"):  # control: identity Gram matrices = plain SVD truncation inside ESM
+            from submerge.calibrate import CalibrationStats, LayerStats
+
+            stats = [CalibrationStats({k: LayerStats(torch.eye(v.d_in, dtype=torch.float64), v.mean, v.count, v.layout)
+                                       for k, v in st.layers.items()}, st.aliases) for st in S.calibration()]
+        else:
+            stats = S.calibration(**calib) if method in ("esm", "regmean") else None
         t_cal = time.perf_counter() - t0
         if method == "regmean":
             from submerge.api import merge_state_dicts
