@@ -26,15 +26,8 @@ import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
-_MEASURE = r"""
-import resource, subprocess, sys, time
-t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-dt = time.perf_counter() - t
-if r.returncode:
-    sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)
-print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
+sys.path.insert(0, str(HERE))
+from merge_speed import _MEASURE  # noqa: E402  (same child-process timer)
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:

@@ -103,7 +103,7 @@ def merge_state_dicts_many(
 ) -> list[dict[str, torch.Tensor]]:
     """Several merges of the same inputs that differ only in parameters the method's whole-model
     ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set."""
-    from submerge.calibrate import load_stats
+    from submerge.calibrate import LazyStats, load_stats
 
     m = get_method(method)
     if m.needs_base and base is None:
@@ -123,7 +123,7 @@ def merge_state_dicts_many(
             raise ConfigError(f"{m.name} needs calibration statistics for each of the {n} models "
                               f"(stats=[...], from submerge.calibrate.collect_stats or `submerge calibrate`)")
         stats = [load_stats(s) for s in stats]
-    stats_of = (lambda name: [s.lookup(name) for s in stats]) if m.needs_stats else None
+    stats_of = (lambda name: LazyStats([(s, name) for s in stats])) if m.needs_stats else None
 
     def read(name: str):
         tensors = [sd[name].to(compute_dtype, copy=True) for sd in models]

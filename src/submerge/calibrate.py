@@ -172,6 +172,26 @@ class StatsReader(CalibrationStats):
                           int(meta["count"]), meta.get("layout", "out_in"))
 
 
+class LazyStats(Sequence):
+    """Per model, the stats of one tensor's layer, read from disk only when a method indexes it
+    (ESM's per-tensor pass never does: its statistics were used in the whole-model pass)."""
+
+    def __init__(self, sources: list[tuple[Optional[CalibrationStats], str]]):
+        self._sources = sources
+        self._cache: dict[int, Optional[LayerStats]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i not in self._cache:
+            stats, name = self._sources[i]
+            self._cache[i] = stats.lookup(name) if stats is not None else None
+        return self._cache[i]
+
+
 StatsLike = Union[CalibrationStats, str, Path]
 
 

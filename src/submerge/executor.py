@@ -171,11 +171,10 @@ class Executor:
 
     def _stats(self, job: TensorJob) -> list:
         """Per input model, the calibration statistics of this tensor's layer (None where absent)."""
-        out = []
-        for key, name in job.inputs:
-            reader = self.plan.stats.get(key)
-            out.append(reader.lookup(name) if reader is not None else None)
-        return out
+        from submerge.calibrate import LazyStats
+
+        readers = [self.plan.stats.get(key) for key, _ in job.inputs]
+        return LazyStats([(r, name) for r, (_, name) in zip(readers, job.inputs)])
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
                      state) -> torch.Tensor:

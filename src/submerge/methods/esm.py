@@ -286,8 +286,8 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
 
     def finish(names: list[str], deltas_list: list[list[torch.Tensor]], stats_list, family: str, esd: bool):
         """Merge one matrix (or a stacked q/k/v group) and spill its parts."""
-        layouts = [st.layout if st is not None else "out_in" for st in stats_list[0]] if esd else None
         if esd:
+            layout = stats_list[0][0].layout
             stacked = [torch.cat([stats_list[0][t].weight_as_out_in(deltas_list[j][t])
                                   for j in range(len(names))], 0) for t in range(len(mp.model_names))]
             grams = [st.gram for st in stats_list[0]]
@@ -299,7 +299,7 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
             parts = merged.split([stats_list[0][0].weight_as_out_in(d[0]).shape[0] for d in deltas_list], 0)
             key = family + "@" + names[0]
             for name, part in zip(names, parts):
-                state.results.put(name, (part.T if layouts[0] == "in_out" else part).contiguous())
+                state.results.put(name, (part.T if layout == "in_out" else part).contiguous())
                 state.esd.add(name)
                 norm_key[name] = key
             norms[key] = float(torch.linalg.norm(merged))
