@@ -101,11 +101,22 @@ def test_user_task_and_user_backbone(tmp_path):
 def test_tiny_end_to_end_data_based_methods(tmp_path):
     """ESM / RegMean / TSV-M rows: calibration statistics from the experts, scales chosen on val."""
     _need_data()
-    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["esm", "regmean", "tsv"],
-                      n_train=32, n_val=16, n_test=32, calib_n=8, cache_dir=str(tmp_path / "cache"), quiet=True)
+    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["esm", "esm_pp", "regmean", "tsv"],
+                      n_train=32, n_val=16, n_test=32, calib_n=8, cache_dir=str(tmp_path / "cache"), quiet=True,
+                      esmpp_ranks=[2, 384])
     res = run_bench(tmp_path / "out", cfg)
     labels = [r["label"] for r in res["rows"]]
-    assert labels == ["esm (default)", "esm (val-tuned)", "regmean", "tsv (default)", "tsv (val-tuned)"]
+    assert labels == ["esm (default)", "esm (val-tuned)", "esm_pp r=2 (routed)", "esm_pp r=384 (routed)",
+                      "esm_pp r=384 (oracle task id)", "regmean", "tsv (default)", "tsv (val-tuned)"]
     esm_tuned = res["rows"][1]
     assert 0.0 <= esm_tuned["alpha"] <= 5.0 and len(esm_tuned["val_curve"]) >= 5
-    assert res["rows"][4]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
+    assert res["rows"][7]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
+    pp = {r["label"]: r for r in res["rows"] if r["method"] == "esm_pp"}
+    assert all(r["alpha"] == esm_tuned["alpha"] for r in pp.values())  # experts sit on the val-tuned ESM
+    routed = pp["esm_pp r=2 (routed)"]
+    assert 0.0 <= routed["routing"]["accuracy"] <= 1.0 and routed["overhead"]["params_pct_of_base"] > 0
+    assert sum(map(sum, routed["routing"]["confusion"])) > 0
+    # full-rank experts (384 = hidden size >= every d_out of the routed q/k/v) with oracle routing are the
+    # fine-tuned experts on q/k/v and the MLP input; the rest of the model is merged, so not exactly 100 %
+    assert pp["esm_pp r=384 (oracle task id)"]["avg_norm"] >= routed["avg_norm"] - 0.1
+    assert "## ESM++" in (tmp_path / "out" / "results.md").read_text()

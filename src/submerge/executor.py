@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -208,6 +209,9 @@ class Executor:
             writer = ShardWriter(tmp, specs, parse_size(opt.out_shard_size))
             self._scratch = tmp / ".scratch"
             state = self._prepare()
+            side = (plan.method.sidecar(plan.global_params, [k for k, _ in plan.jobs[0].inputs])
+                    if plan.method.sidecar is not None and plan.jobs else None)
+            n_params = 0
             total = plan.input_bytes()
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
                       desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
@@ -218,15 +222,22 @@ class Executor:
                     else:
                         tensors, base = data
                         size = job.nbytes * (len(job.inputs) + (job.base is not None))
+                        keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
                         out = self.merge_tensor(job, tensors, base, state)
                         del tensors, base
                         out = out.to(device="cpu", dtype=self._out_dtype(job))
+                        if keep is not None:
+                            side.add(job.out_name, out, keep, self._stats(job) if plan.method.needs_stats else None)
+                            del keep
+                    n_params += math.prod(job.shape)
                     writer.add(job.out_name, out)
                     del out, data
                     bytes_read += size
                     bar.update(size)
             files = writer.finish()
-            state = None
+            if side is not None:
+                plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
+            state = side = None
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._write_metadata(tmp, files)
             if out_dir.exists():

@@ -49,6 +49,24 @@ def markdown(results: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | " +
                      " | ".join(_fmt(r["per_task"][t] / ft[t]) for t in tasks) + f" | {_fmt(r['avg_norm'])} |")
+    pp = [r for r in rows if r.get("overhead")]
+    if pp:
+        lines += ["", "## ESM++ (experts on the val-tuned ESM merge)", "",
+                  "| setting | norm | routing acc. | extra params (% of base) | ms / example (static) |",
+                  "|---|---:|---:|---:|---|"]
+        for r in pp:
+            acc = f"{_fmt(r['routing']['accuracy'])}" if r.get("routing") else "– (oracle)"
+            lines.append(f"| {r['setting']} | {_fmt(r['avg_norm'])} | {acc} | "
+                         f"{r['overhead']['params_pct_of_base']:.2f} | {r['ms_per_example']:.2f} "
+                         f"({r['static_ms_per_example']:.2f}) |")
+        routed = [r for r in pp if r.get("routing")]
+        if routed:
+            rep = routed[-1]["routing"]
+            lines += ["", f"Routing confusion ({routed[-1]['setting']}, % of a true task's layer decisions):", "",
+                      "| true \\ routed | " + " | ".join(rep["tasks"]) + " |", "|" + "---|" * (len(rep["tasks"]) + 1)]
+            for t, row in zip(rep["tasks"], rep["confusion"]):
+                tot = max(sum(row), 1)
+                lines.append(f"| {t} | " + " | ".join(f"{100 * c / tot:.1f}" for c in row) + " |")
     lines += ["", "## Tasks (95% bootstrap interval of the fine-tuned test accuracy)", "",
               "| task | classes | train | val | test | majority | zero-shot | fine-tuned [95% CI] |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]

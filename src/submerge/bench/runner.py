@@ -61,6 +61,7 @@ class BenchConfig:
     calib_n: int = 32              # calibration inputs per task for data-based methods (ESM, RegMean)
     calib_split: str = "train"     # where they come from: "train" or "val" (never test)
     calib_source: str = "finetuned"  # statistics in the task's fine-tuned expert (ESM) or the base
+    esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -148,6 +149,46 @@ class BenchSession:
         self.bb.reset()
         return res
 
+    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route"):
+        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle).
+
+        Returns per-task correctness, the routing report (true task = the task being scored) and
+        the wall seconds of the scoring."""
+        from submerge.routing import RoutingRecorder, attach
+
+        self.bb.load(state)
+        router = attach(self.bb.model, experts)
+        rec = RoutingRecorder(router)
+        t0 = time.perf_counter()
+        try:
+            res = {}
+            for i, t in enumerate(self.tasks):
+                texts, labels = getattr(self.splits[t.name], split)
+                if mode == "oracle":
+                    res[t.name] = self._oracle_correct(router, i, texts, labels, self.heads[t.name])
+                else:
+                    with rec.batch(i):
+                        res[t.name] = correct(self.bb, texts, labels, self.heads[t.name])
+        finally:
+            seconds = time.perf_counter() - t0
+            router.detach()
+            self.bb.reset()
+        return res, (rec.report() if mode != "oracle" else None), seconds
+
+    def _oracle_correct(self, router, task: int, texts, labels, head) -> np.ndarray:
+        """Like :func:`correct`, every sample routed to expert ``task`` (batches of the embedder)."""
+        n = len(texts)
+        with router.oracle(torch.full((min(n, 128),), task)):
+            out = []
+            for s in range(0, n, 128):
+                chunk = texts[s:s + 128]
+                router.state.task_ids = torch.full((len(chunk),), task)
+                with torch.no_grad():
+                    emb = self.bb.forward_embed(self.bb.tokenize(chunk))
+                out.append((emb @ head.T).argmax(-1))
+        pred = torch.cat(out).numpy()
+        return (pred == np.asarray(labels)).astype(np.float64)
+
     def val_norm(self, res: dict[str, np.ndarray]) -> float:
         return float(np.mean([res[k].mean() / self.ft_val_mean[k] for k in res]))
 
@@ -180,8 +221,9 @@ class BenchSession:
         return self._stats[key]
 
     def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
-                 curve: Optional[dict] = None, label: Optional[str] = None) -> tuple[dict, dict]:
-        res = self.evaluate(state, "test")
+                 curve: Optional[dict] = None, label: Optional[str] = None,
+                 res: Optional[dict] = None) -> tuple[dict, dict]:
+        res = self.evaluate(state, "test") if res is None else res
         per = {k: float(v.mean()) for k, v in res.items()}
         row = {
             "method": method, "setting": setting, "label": label or f"{method} ({setting})", "params": params,
@@ -200,6 +242,44 @@ def _param_text(p: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items() if k != "weight")
 
 
+def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict) -> list[dict]:
+    """ESM++ rows: experts of rank r on the val-tuned ESM merge, routed (and oracle at the largest r),
+    with routing accuracy and the inference time against the static model."""
+    from submerge.routing import build_experts
+    from submerge.search import search_alpha
+
+    if found is None:
+        found = search_alpha("esm", S.base, S.experts, S.val_score, {}, stats=stats, random_seed=S.cfg.seed,
+                             patience=3)
+    t0 = time.perf_counter()
+    static_res = S.evaluate(found.state, "test")
+    static_s = time.perf_counter() - t0
+    n_test = sum(len(v) for v in static_res.values())
+    rows = []
+    for r in S.cfg.esmpp_ranks:
+        t0 = time.perf_counter()
+        experts = build_experts(found.state, S.experts, stats, rank=r, tasks=S.names)
+        build_s = time.perf_counter() - t0
+        ov = experts.overhead(sum(v.numel() for v in S.base.values()))
+        modes = ["route"] + (["oracle"] if r == max(S.cfg.esmpp_ranks) else [])
+        for mode in modes:
+            res, report, secs = S.evaluate_routed(found.state, experts, "test", mode)
+            label = f"esm_pp r={r} ({'routed' if mode == 'route' else 'oracle task id'})"
+            row, _ = S.test_row("esm_pp", f"r={r}, {mode}", {"rank": r, "alpha": found.alpha}, found.state, found.alpha,
+                                build_s, label=label, res=res)
+            row["overhead"] = ov
+            row["ms_per_example"] = 1000 * secs / n_test
+            row["static_ms_per_example"] = 1000 * static_s / n_test
+            if report is not None:
+                row["routing"] = report.to_dict()
+            test_correct[label] = res
+            rows.append(row)
+            S.say(f"{label:34s} norm {row['avg_norm']:.4f}"
+                  + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
+                  + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
+    return rows
+
+
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     from submerge.search import search_alpha
 
@@ -210,12 +290,16 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
     methods = applicable_methods(len(tasks), cfg.methods)
+    searched: dict[str, object] = {}
     for method in methods:
         m = get_method(method)
         params = _params(method)
         stats = S.calibration() if m.needs_stats else None
         t0 = time.perf_counter()
         settings = []
+        if method == "esm_pp":
+            rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct)
+            continue
         try:
             if m.scale_param is None:
                 merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
@@ -224,6 +308,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
                 grid = cfg.lambda_grid if m.scale_param == "lambda" else None
                 found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
                                      random_seed=cfg.seed, grid=grid, patience=None if grid else 3)
+                searched[method] = found
                 default = m.param(m.scale_param).default
                 settings.append(("default", params, found.path(default, copy=True), default, None))
                 settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,

@@ -153,6 +153,23 @@ class ModelPass:
             yield name, tensors, base, self._params(name)
 
 
+class Sidecar:
+    """Extra output a method writes beside the merged model (ESM++ experts), built while streaming.
+
+    The executor asks :meth:`wants` per output tensor, keeps a copy of the inputs for those, and after
+    merging calls :meth:`add` with the merged tensor as it will be saved; :meth:`finish` writes the
+    files into the (temporary) output folder and returns lines for the model card."""
+
+    def wants(self, name: str) -> bool:
+        return False
+
+    def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor], stats: Optional[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def finish(self, folder: Any, model_params: int, model_bytes: int) -> list[str]:
+        return []
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -172,6 +189,7 @@ class MergeMethod:
     scale_param: Optional[str] = None  # a global parameter the output is affine in (searched by search_alpha)
     needs_stats: bool = False  # needs per-model calibration statistics (``calibration:`` in the config)
     search: Optional[dict] = None  # how search_alpha explores scale_param: {"grid": [...]} or {"bounds": (a, b)}
+    sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None  # (global params, model names) -> Sidecar
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -248,6 +266,7 @@ def register_method(
     scale_param: Optional[str] = None,
     needs_stats: bool = False,
     search: Optional[dict] = None,
+    sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator registering a per-tensor merge function under ``name``.
 
@@ -274,6 +293,7 @@ def register_method(
             scale_param=scale_param,
             needs_stats=needs_stats,
             search=search,
+            sidecar=sidecar,
         )
         return func
 
