@@ -120,3 +120,23 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     # fine-tuned experts on q/k/v and the MLP input; the rest of the model is merged, so not exactly 100 %
     assert pp["esm_pp r=384 (oracle task id)"]["avg_norm"] >= routed["avg_norm"] - 0.1
     assert "## ESM++" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_pareto_tiny_end_to_end(tmp_path):
+    """`submerge pareto` on two tasks: a 3-point grid per rule, mixture over two seeds, one multitask model."""
+    _need_data()
+    from submerge.bench.pareto import ParetoConfig, run_pareto, simplex_grid
+
+    assert simplex_grid(2, 21)[0] == (0.0, 1.0) and len(simplex_grid(2, 21)) == 21
+    assert len(simplex_grid(3, 6)) == 21 and all(abs(sum(w) - 1) < 1e-9 for w in simplex_grid(3, 6))
+    bench = BenchConfig(n_train=32, n_val=16, n_test=32, fisher_n=4, cache_dir=str(tmp_path / "cache"), quiet=True)
+    cfg = ParetoConfig(tasks=["rt_sentiment", "wordnet_noun"], grid=3, multitask=[0.5], em_steps=1, bench=bench)
+    res = run_pareto(tmp_path / "p", cfg)
+    assert set(res["fronts"]) == {"isotropic", "diagonal", "mixture"}
+    iso = res["fronts"]["isotropic"]
+    assert [p["weights"] for p in iso] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    # the isotropic rule at a corner is that expert
+    e = {x["task"]: x["acc"] for x in res["experts"]}
+    assert iso[2]["acc"] == e["rt_sentiment"] and iso[0]["acc"] == e["wordnet_noun"]
+    assert len(res["multitask"]) == 1 and set(res["gaps"]) == {"isotropic", "diagonal", "mixture"}
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000 and "ground truth" in (tmp_path / "p" / "pareto.md").read_text()

@@ -103,7 +103,7 @@ def merge_state_dicts_many(
 ) -> list[dict[str, torch.Tensor]]:
     """Several merges of the same inputs that differ only in parameters the method's whole-model
     ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set."""
-    from submerge.calibrate import LazyStats, load_stats
+    from submerge.calibrate import LazyStats, check_stats_kind, load_stats
 
     m = get_method(method)
     if m.needs_base and base is None:
@@ -118,12 +118,15 @@ def merge_state_dicts_many(
         if missing:
             raise CheckpointError(f"model {i} is missing tensor(s) {sorted(missing)[:3]}")
     float_names = [k for k, v in ref.items() if v.is_floating_point()]
-    if m.needs_stats:
+    uses_stats = m.uses_stats(kwargs_list[0])
+    if uses_stats:
         if stats is None or len(stats) != n:
             raise ConfigError(f"{m.name} needs calibration statistics for each of the {n} models "
                               f"(stats=[...], from submerge.calibrate.collect_stats or `submerge calibrate`)")
         stats = [load_stats(s) for s in stats]
-    stats_of = (lambda name: LazyStats([(s, name) for s in stats])) if m.needs_stats else None
+        for i, s in enumerate(stats):
+            check_stats_kind(s, m.stats_kind, m.name, f"stats[{i}]")
+    stats_of = (lambda name: LazyStats([(s, name) for s in stats])) if uses_stats else None
 
     def read(name: str):
         tensors = [sd[name].to(compute_dtype, copy=True) for sd in models]

@@ -84,6 +84,8 @@ def linear_modules(model: nn.Module, pattern: Optional[str] = None) -> dict[str,
 class CalibrationStats:
     """Per-layer statistics of one model on one task's inputs (in memory)."""
 
+    kind = "calibration"
+
     def __init__(self, layers: dict[str, LayerStats], aliases: Optional[dict[str, str]] = None,
                  info: Optional[dict] = None):
         self.layers = layers
@@ -196,10 +198,23 @@ StatsLike = Union[CalibrationStats, str, Path]
 
 
 def load_stats(source: StatsLike) -> CalibrationStats:
-    """A :class:`CalibrationStats` from an in-memory object or a saved folder."""
-    if isinstance(source, CalibrationStats):
+    """Per-model statistics from an in-memory object or a saved folder: calibration statistics
+    (``submerge calibrate``) or a diagonal Fisher (``submerge fisher``, :mod:`submerge.fisher`)."""
+    from submerge.fisher import FisherReader, FisherStats, is_fisher_folder
+
+    if isinstance(source, (CalibrationStats, FisherStats)):
         return source
+    if is_fisher_folder(source):
+        return FisherReader(source)
     return StatsReader(source)
+
+
+def check_stats_kind(stats: Any, want: str, method: str, where: str) -> None:
+    """A method reading Gram statistics given a Fisher folder (or the other way round) fails here."""
+    kind = getattr(stats, "kind", "calibration")
+    if kind != want:
+        make = "`submerge fisher`" if want == "fisher" else "`submerge calibrate`"
+        raise ConfigError(f"{where}: {method} needs {want} statistics (from {make}), got {kind} statistics")
 
 
 def match_layer(tensor_name: str, layers: Sequence[str]) -> Optional[str]:

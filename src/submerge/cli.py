@@ -108,6 +108,41 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
 
 
 @main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("-n", "--n", "n", type=int, default=256, show_default=True, help="Inputs used (a seeded random subset).")
+@click.option("--kind", type=click.Choice(["true", "sampled", "empirical"]), default="true", show_default=True,
+              help="true: exact expectation over the predicted classes (no labels; a backward pass per class); "
+                   "sampled: one class drawn per input; empirical: the given labels.")
+@click.option("--label-field", default=None, help="JSONL field with the label (needed for --kind empirical).")
+@click.option("--field", "field_name", default=None, help="JSONL field holding the text (default 'text').")
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", default=None, help="Task name recorded in the manifest.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_field: Optional[str],
+           field_name: Optional[str], max_length: int, seed: int, task: Optional[str], device: str, overwrite: bool,
+           quiet: bool) -> None:
+    """Estimate the diagonal Fisher of a sequence-classification MODEL_DIR on INPUTS into OUT_DIR, for the
+    fisher / posterior merge methods (give OUT_DIR as the model's `calibration:` in the config)."""
+    from submerge.fisher import fisher_model_dir
+
+    _setup_logging(0, quiet)
+    try:
+        st = fisher_model_dir(model_dir, inputs, out_dir, n=n, kind=kind, label_field=label_field,
+                              field_name=field_name, max_length=max_length, seed=seed, task=task, device=device,
+                              overwrite=overwrite, progress=not quiet)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"wrote {out_dir}: {kind} Fisher of {len(st.tensors)} tensors on {st.info['n_examples']} inputs "
+                   f"in {st.info['seconds']}s")
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 def validate(config: str) -> None:
     """Check CONFIG (files, tensors, shapes, parameters) without merging."""
@@ -227,6 +262,52 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
         run_bench(out_dir, cfg)
     except SubmergeError as e:
         _fail(e)
+
+
+@main.command()
+@click.option("--tasks", default="rt_sentiment,rt_subjectivity", show_default=True,
+              help="Comma-separated benchmark tasks (2 or 3 for a grid; more are sampled).")
+@click.option("--grid", type=int, default=21, show_default=True, help="Points per edge of the weight simplex.")
+@click.option("--samples", type=int, default=30, show_default=True, help="Weightings sampled for > 3 tasks.")
+@click.option("--rules", default="isotropic,diagonal,mixture", show_default=True,
+              help="Posterior families: isotropic (= task arithmetic), diagonal (Fisher), mixture (EM over seeds).")
+@click.option("--mixture-seeds", default="0,1", show_default=True, help="Fine-tuning seeds = mixture components.")
+@click.option("--multitask", default="0.1,0.3,0.5,0.7,0.9", show_default=True,
+              help="2 tasks: weights of task 1 for true multitask fine-tunes (ground truth); '' for none.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="1000 training / 100 val / 300 test examples per task.")
+@click.option("--n-train", type=int, default=None)
+@click.option("--n-test", type=int, default=None)
+@click.option("--fisher-n", type=int, default=None, help="Inputs per task for each expert's Fisher (default 64).")
+@click.option("--cache-dir", default=None)
+@click.option("--out", "out", default=None, help="Output folder (default: bench-results/pareto-<tasks>).")
+@click.option("--quiet", "-q", is_flag=True)
+def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, multitask: str, split: str, seed: int,
+           quick: bool, n_train: Optional[int], n_test: Optional[int], fisher_n: Optional[int],
+           cache_dir: Optional[str], out: Optional[str], quiet: bool) -> None:
+    """Preview task trade-offs: sweep task weights, merge with posterior rules, plot the fronts (PNG)."""
+    from submerge.bench.pareto import ParetoConfig, run_pareto
+    from submerge.bench.runner import BenchConfig
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    kw = {k: v for k, v in dict(n_train=n_train, n_test=n_test, fisher_n=fisher_n, cache_dir=cache_dir,
+                                quiet=quiet).items() if v is not None}
+    bench = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    cfg = ParetoConfig(tasks=names, grid=grid, samples=samples, rules=[r.strip() for r in rules.split(",") if r.strip()],
+                       mixture_seeds=[int(x) for x in mixture_seeds.split(",") if x.strip()],
+                       multitask=[float(x) for x in multitask.split(",") if x.strip()], split=split, seed=seed,
+                       bench=bench)
+    out_dir = Path(out) if out else Path("bench-results") / f"pareto-{'-'.join(names)}-seed{seed}"
+    try:
+        res = run_pareto(out_dir, cfg)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"wrote {out_dir}/pareto.json, pareto.md, pareto.png in {res['seconds_total'] / 60:.1f} min")
+        for rule, g in res["gaps"].items():
+            click.echo(f"{rule}: {g['same_weights']:.2f} points from the multitask models at the same weights, "
+                       f"{g['to_front']:.2f} from its front")
 
 
 if __name__ == "__main__":  # pragma: no cover

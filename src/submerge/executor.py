@@ -164,7 +164,7 @@ class Executor:
             lambda name: self.load(by_name[name]),
             lambda name: by_name[name].params,
             [k for k, _ in float_jobs[0].inputs] if float_jobs else [],
-            stats=(lambda name: self._stats(by_name[name])) if m.needs_stats else None,
+            stats=(lambda name: self._stats(by_name[name])) if m.uses_stats(self.plan.global_params) else None,
             scratch_dir=self._scratch,
         )
         log.info("%s: whole-model statistics pass", m.name)
@@ -185,7 +185,7 @@ class Executor:
             generator.manual_seed(tensor_seed(self.seed, job.out_name))
         ctx = TensorContext(job.out_name, tensors, base, generator, state,
                             [k for k, _ in job.inputs],
-                            stats=self._stats(job) if self.plan.method.needs_stats else None)
+                            stats=self._stats(job) if self.plan.method.uses_stats(self.plan.global_params) else None)
         out = self.plan.method(ctx, **job.params)
         if out.shape != job.shape:
             raise SubmergeError(
@@ -227,7 +227,7 @@ class Executor:
                         del tensors, base
                         out = out.to(device="cpu", dtype=self._out_dtype(job))
                         if keep is not None:
-                            side.add(job.out_name, out, keep, self._stats(job) if plan.method.needs_stats else None)
+                            side.add(job.out_name, out, keep, self._stats(job) if plan.method.uses_stats(plan.global_params) else None)
                             del keep
                     n_params += math.prod(job.shape)
                     writer.add(job.out_name, out)

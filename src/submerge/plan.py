@@ -334,14 +334,14 @@ class Planner:
         """Data-based methods: open each model's calibration folder and check it against the headers."""
         c, m = self.config, self.method
         given = [mdl for mdl in (c.models or []) if mdl.calibration]
-        if not m.needs_stats:
+        if not m.uses_stats(plan.global_params):
             if given:
                 plan.notes.append(f"{m.name} uses no calibration statistics; 'calibration' entries are ignored")
             return
         if c.models is None:
             raise ConfigError(f"{m.name} needs per-model calibration statistics: use 'models:' (not 'slices:') "
                               f"with a 'calibration:' folder for each model")
-        from submerge.calibrate import StatsReader, model_fingerprint
+        from submerge.calibrate import check_stats_kind, load_stats, model_fingerprint
 
         merged_keys = {k for j in plan.jobs for k, _ in j.inputs}
         for i, mdl in enumerate(c.models):
@@ -350,7 +350,8 @@ class Planner:
             if not mdl.calibration:
                 raise ConfigError(f"models[{i}] ({mdl.model}): {m.name} needs 'calibration: <folder>' "
                                   f"(create it with `submerge calibrate {mdl.model} <inputs> <folder>`)")
-            reader = StatsReader(resolve_model_path(mdl.calibration, self.config_dir))
+            reader = load_stats(resolve_model_path(mdl.calibration, self.config_dir))
+            check_stats_kind(reader, m.stats_kind, m.name, f"models[{i}] calibration {mdl.calibration}")
             want = reader.info.get("model_fingerprint")
             path = plan.models[mdl.model].path
             if want and path.is_dir() and model_fingerprint(path) != want:
@@ -367,6 +368,12 @@ class Planner:
                 if st_meta is None:
                     if name.endswith(".weight") and (key, name) == job.inputs[0]:
                         missing.append(name)
+                    continue
+                if "shape" in st_meta:
+                    if list(st_meta["shape"]) != list(job.shape):
+                        raise CheckpointError(
+                            f"Fisher {reader.path} has shape {st_meta['shape']} for {name}, but model '{key}' "
+                            f"has {list(job.shape)} (computed on another model?)")
                     continue
                 d_in = st_meta["d_in"]
                 w_in = job.shape[0] if st_meta.get("layout") == "in_out" else job.shape[1]

@@ -61,6 +61,8 @@ class BenchConfig:
     calib_n: int = 32              # calibration inputs per task for data-based methods (ESM, RegMean)
     calib_split: str = "train"     # where they come from: "train" or "val" (never test)
     calib_source: str = "finetuned"  # statistics in the task's fine-tuned expert (ESM) or the base
+    fisher_n: int = 64             # inputs per task for the diagonal Fisher (fisher / posterior rows)
+    fisher_kind: str = "sampled"   # one drawn class per input: the true Fisher at one backward pass
     esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
 
     @classmethod
@@ -149,15 +151,17 @@ class BenchSession:
         self.bb.reset()
         return res
 
-    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route"):
-        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle).
+    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
+                        **routing):
+        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle;
+        ``routing`` options such as ``top_k`` or ``global_routing`` go to :func:`submerge.routing.attach`).
 
         Returns per-task correctness, the routing report (true task = the task being scored) and
         the wall seconds of the scoring."""
         from submerge.routing import RoutingRecorder, attach
 
         self.bb.load(state)
-        router = attach(self.bb.model, experts)
+        router = attach(self.bb.model, experts, **routing)
         rec = RoutingRecorder(router)
         t0 = time.perf_counter()
         try:
@@ -217,6 +221,37 @@ class BenchSession:
                                          info={"task": t.name, "n_inputs": len(idx), "split": split,
                                                "source": source}))
                 self.bb.reset()
+            self._stats[key] = out
+        return self._stats[key]
+
+    def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0,
+               experts: Optional[list] = None) -> list:
+        """Per task, the diagonal Fisher of its expert (``kind`` true/empirical) on ``n`` inputs of ``split``,
+        through the task's frozen head (softmax of ``logit_scale`` x cosine, the fine-tuning likelihood).
+        ``experts``: other fine-tunes of the same tasks (not cached)."""
+        from submerge.fisher import fisher_diagonal
+
+        n = n or self.cfg.fisher_n
+        kind = kind or self.cfg.fisher_kind
+        key = ("fisher", n, kind, split, seed)
+        if experts is not None or key not in self._stats:
+            out = []
+            names = self.bb.trainable_names()
+            scale = self.cfg.recipe.logit_scale
+            for t, expert in zip(self.tasks, experts if experts is not None else self.experts):
+                texts, labels = getattr(self.splits[t.name], split)
+                idx = np.random.default_rng(seed).permutation(len(texts))[:n]
+                head = self.heads[t.name]
+                self.bb.load(expert)
+                examples = [self.bb.tokenize([texts[i]]) for i in idx]
+                out.append(fisher_diagonal(
+                    self.bb.model, examples,
+                    lambda m, ex: torch.log_softmax(scale * self.bb.forward_embed(ex) @ head.T, -1),
+                    kind=kind, labels=[labels[i] for i in idx], params=names, progress=False,
+                    info={"task": t.name, "split": split}))
+                self.bb.reset()
+            if experts is not None:
+                return out
             self._stats[key] = out
         return self._stats[key]
 
@@ -294,7 +329,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     for method in methods:
         m = get_method(method)
         params = _params(method)
-        stats = S.calibration() if m.needs_stats else None
+        stats = None
+        if m.uses_stats(params):
+            stats = S.fisher() if m.stats_kind == "fisher" else S.calibration()
         t0 = time.perf_counter()
         settings = []
         if method == "esm_pp":

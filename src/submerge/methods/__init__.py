@@ -1,6 +1,6 @@
 """Merge methods: one module per family, each method registered once under its public name."""
 
-from submerge.methods import esm, esm_pp, linear, model_stock, slerp, subspace, task_arithmetic  # noqa: F401  (register)
+from submerge.methods import esm, esm_pp, linear, model_stock, posterior, slerp, subspace, task_arithmetic  # noqa: F401  (register)
 from submerge.methods.registry import (
     MergeMethod,
     ModelPass,

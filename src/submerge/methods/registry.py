@@ -188,6 +188,8 @@ class MergeMethod:
     aliases: dict = field(default_factory=dict)
     scale_param: Optional[str] = None  # a global parameter the output is affine in (searched by search_alpha)
     needs_stats: bool = False  # needs per-model calibration statistics (``calibration:`` in the config)
+    stats_kind: str = "calibration"  # which: "calibration" (Gram, submerge calibrate) or "fisher" (submerge fisher)
+    stats_when: Optional[Callable[[dict], bool]] = None  # needs_stats only for these global parameters
     search: Optional[dict] = None  # how search_alpha explores scale_param: {"grid": [...]} or {"bounds": (a, b)}
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None  # (global params, model names) -> Sidecar
 
@@ -237,6 +239,10 @@ class MergeMethod:
                 out[p.name] = p.coerce(v, "the merge")
         return out
 
+    def uses_stats(self, global_params: dict) -> bool:
+        """Whether a merge with these (bound) global parameters reads per-model statistics."""
+        return self.needs_stats and (self.stats_when is None or bool(self.stats_when(global_params)))
+
     def needs_prepare(self, global_params: dict) -> bool:
         if self.prepare is None:
             return False
@@ -265,6 +271,8 @@ def register_method(
     prepare_when: Optional[Callable[[dict], bool]] = None,
     scale_param: Optional[str] = None,
     needs_stats: bool = False,
+    stats_kind: str = "calibration",
+    stats_when: Optional[Callable[[dict], bool]] = None,
     search: Optional[dict] = None,
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
@@ -292,6 +300,8 @@ def register_method(
             prepare_when=prepare_when,
             scale_param=scale_param,
             needs_stats=needs_stats,
+            stats_kind=stats_kind,
+            stats_when=stats_when,
             search=search,
             sidecar=sidecar,
         )

@@ -1,0 +1,96 @@
+"""ESM++ on the text suite: residual experts on the val-tuned ESM merge, routed by prototypes.
+
+    python benchmarks/esm_pp.py --seed 0 --out benchmarks/results/esm_pp/text8/seed0
+
+The static model is submerge's default ``esm`` at the scale chosen on validation by the ESM
+ablation run of the same seed (``benchmarks/results/esm_ablation/text8/seed<N>/esm.json``; the
+search is not repeated).  Each variant builds experts from the same calibration statistics
+(32 training inputs per task, in the task's expert) and is scored once on test: per-task
+accuracy, routing accuracy (per layer and the confusion matrix; the true task of an input is
+the task it is scored in), inference time per example against the static model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from submerge.api import merge_state_dicts
+from submerge.bench.evaluate import paired_diff_ci
+from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.routing import build_experts
+
+# name -> (rank, routed roles, routing options, mode)
+VARIANTS = {
+    "r8": (8, "qkv,mlp_in", {}, "route"),
+    "r32": (32, "qkv,mlp_in", {}, "route"),
+    "r32_all": (32, "all", {}, "route"),
+    "r32_global": (32, "qkv,mlp_in", {"global_routing": True}, "route"),
+    "r32_oracle": (32, "qkv,mlp_in", {}, "oracle"),
+    "r32_all_oracle": (32, "all", {}, "oracle"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ablation", default="benchmarks/results/esm_ablation/text8")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    esm_rec = json.loads((Path(args.ablation) / f"seed{args.seed}" / "esm.json").read_text())
+    S = BenchSession(BenchConfig(seed=args.seed, quiet=True))
+    stats = S.calibration()
+    alpha = esm_rec["alpha"]
+    static = merge_state_dicts("esm", S.base, S.experts, {"alpha": alpha}, stats=stats)
+    t0 = time.perf_counter()
+    static_res = S.evaluate(static, "test")
+    static_s = time.perf_counter() - t0
+    n_test = sum(len(v) for v in static_res.values())
+    norm = [S.ft_test[k].mean() for k in S.names]
+    static_norm = float(np.mean([static_res[k].mean() / S.ft_test[k].mean() for k in S.names]))
+    assert abs(static_norm - esm_rec["test_norm"]) < 1e-9, "static ESM differs from the ablation's esm row"
+    summary = {"seed": args.seed, "alpha": alpha, "static_test_norm": static_norm,
+               "static_ms_per_example": 1000 * static_s / n_test, "variants": {}}
+    print(f"static esm alpha={alpha:.3f} test_norm={static_norm:.4f} ({1000 * static_s / n_test:.2f} ms/ex)", flush=True)
+    for name in args.variants.split(","):
+        rank, routed, opts, mode = VARIANTS[name]
+        t0 = time.perf_counter()
+        experts = build_experts(static, S.experts, stats, rank=rank, routed=routed, tasks=S.names)
+        build_s = time.perf_counter() - t0
+        res, report, secs = S.evaluate_routed(static, experts, "test", mode, **opts)
+        test_norm = float(np.mean([res[k].mean() / S.ft_test[k].mean() for k in S.names]))
+        d, lo, hi = paired_diff_ci([res[k] for k in S.names], [static_res[k] for k in S.names], norm)
+        rec = {
+            "name": name, "rank": rank, "routed": routed, "options": opts, "mode": mode, "seed": args.seed,
+            "alpha": alpha, "tasks": S.names, "test_norm": test_norm,
+            "test_acc": {k: float(v.mean()) for k, v in res.items()},
+            "test_correct": {k: v.astype(int).tolist() for k, v in res.items()},
+            "ft_test": {k: float(v.mean()) for k, v in S.ft_test.items()},
+            "minus_static": [100 * d, 100 * lo, 100 * hi],
+            "overhead": experts.overhead(sum(v.numel() for v in S.base.values())),
+            "seconds_build": build_s, "ms_per_example": 1000 * secs / n_test,
+            "static_ms_per_example": summary["static_ms_per_example"],
+            "routing": report.to_dict() if report is not None else None,
+            "routing_per_layer_n": report.per_layer_n if report is not None else None,
+        }
+        (out / f"{name}.json").write_text(json.dumps(rec))
+        summary["variants"][name] = {k: rec[k] for k in ("test_norm", "minus_static", "ms_per_example")}
+        acc = f" routing acc {report.accuracy:.3f}" if report is not None else ""
+        print(f"{name:16s} test_norm={test_norm:.4f} vs static {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+              f"{acc} {rec['ms_per_example']:.2f} ms/ex, +{rec['overhead']['params_pct_of_base']:.1f}% params",
+              flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
