@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="task_arithmetic,tsv,iso_cts,esm,regmean")
+    ap.add_argument("--device", default="cpu", help="where calibration and merge math run (cpu, cuda)")
+    ap.add_argument("--name", default="esm_speed", help="results file stem under benchmarks/results/")
+    ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
     from submerge.synthetic import llama_config, make_family
 
@@ -57,7 +60,7 @@ def main() -> None:
     n_params = sum(t.numel() for f in base.glob("*.safetensors")
                    for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(f).values())
     env_threads = ["env", f"OMP_NUM_THREADS={args.threads}", f"MKL_NUM_THREADS={args.threads}"]
-    exe = shutil.which("submerge") or "submerge"
+    exe = [shutil.which("submerge")] if shutil.which("submerge") else [sys.executable, "-m", "submerge.cli"]
     results: dict = {"params": n_params, "threads": args.threads, "layers": args.layers, "calibrate": {}, "merge": {},
                      "python": platform.python_version(), "torch": torch.__version__}
     calib = []
@@ -68,28 +71,31 @@ def main() -> None:
                     "attention_mask": torch.ones(32, 128, dtype=torch.long)}, inputs)
         out = args.work / f"stats{i}"
         shutil.rmtree(out, ignore_errors=True)
-        dt, rss = measure(env_threads + [exe, "calibrate", str(ft), str(inputs), str(out), "-n", "32", "-q"])
+        dt, rss = measure(env_threads + [*exe, "calibrate", str(ft), str(inputs), str(out), "-n", "32", "-q",
+                                         "--device", args.device])
         results["calibrate"][f"ft{i}"] = {"seconds": dt, "peak_rss_mb": rss}
         print(f"calibrate ft{i}: {dt:.1f}s, {rss:.0f} MB", flush=True)
         calib.append(out)
     for method in args.methods.split(","):
         cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
-               "models": [{"model": str(f), **({"calibration": str(c)} if method in ("esm", "regmean") else {})}
+               "models": [{"model": str(f), **({"calibration": str(c)} if method in ("esm", "esm_pp", "regmean") else {})}
                           for f, c in zip(fts, calib)]}
         if method == "task_arithmetic":
             cfg["parameters"] = {"weight": 1.0, "lambda": 0.3}
         path = args.work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         out = args.work / f"out-{method}"
-        dt, rss = measure(env_threads + [exe, "merge", str(path), str(out), "--overwrite", "-q",
-                                         "--threads", str(args.threads)])
+        dt, rss = measure(env_threads + [*exe, "merge", str(path), str(out), "--overwrite", "-q",
+                                         "--threads", str(args.threads), "--device", args.device])
         results["merge"][method] = {"seconds": dt, "peak_rss_mb": rss}
         print(f"merge {method}: {dt:.1f}s, {rss:.0f} MB", flush=True)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "esm_speed.json").write_text(json.dumps(results, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    results["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
+    (args.results / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     ta = results["merge"].get("task_arithmetic", {}).get("seconds")
     lines = [f"# Data-based merging cost: {n_params / 1e6:.0f}M-parameter Llama family, base + 4 fine-tunes (bf16)",
-             "", f"{args.threads} CPU threads, {platform.processor() or platform.machine()}; one process per row; "
+             "", f"{args.threads} CPU threads, {platform.processor() or platform.machine()}, math on {results['device']}; "
+             "one process per row; "
              "32 calibration inputs x 128 tokens per task.", "",
              "| step | seconds | peak RSS (MB) | vs task_arithmetic |", "|---|---|---|---|"]
     for k, v in results["calibrate"].items():
@@ -97,7 +103,7 @@ def main() -> None:
     for k, v in results["merge"].items():
         rel = f"{v['seconds'] / ta:.1f}x" if ta else ""
         lines.append(f"| merge {k} | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} | {rel} |")
-    (HERE / "results" / "esm_speed.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -114,7 +114,7 @@ def essential_subspace(dw: torch.Tensor, gram: torch.Tensor, count: int, rank: i
     Directions beyond the rank of ``ΔO`` come back as zero columns with λ = 0.
     """
     dw = dw.double()
-    gram = gram.double()
+    gram = gram.to(dw.device, torch.float64)  # statistics live on the CPU; the math where the weights are
     d_out, d_in = dw.shape
     rank = min(rank, d_out)
     denom = max(count - 1, 1)
@@ -222,6 +222,7 @@ class Spill:
             self.folder.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu")  # spilled results wait on the CPU (or disk), not on an accelerator
         if self.folder is None:
             self._ram[name] = x
             return
@@ -400,7 +401,7 @@ def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     scope = st.settings["alpha_scope"]
     base = ctx.base
     if ctx.name in st.results:
-        dw = st.results.get(ctx.name).to(base.dtype) * st.beta.get(ctx.name, 1.0)
+        dw = st.results.get(ctx.name).to(base.device, base.dtype) * st.beta.get(ctx.name, 1.0)
         coef = alpha if (ctx.name in st.esd or scope == "all") else 1.0
         return base.add_(dw, alpha=coef) if coef != 0 else base
     coef = alpha if scope == "all" else 1.0
@@ -431,7 +432,7 @@ def regmean(ctx: TensorContext, *, reduce_non_diagonal_ratio: float) -> torch.Te
         rho = reduce_non_diagonal_ratio
         g_sum, gw_sum = None, None
         for s, w in zip(stats, tensors):
-            g = s.gram.double() / max(s.count, 1)
+            g = s.gram.to(w0.device, torch.float64) / max(s.count, 1)
             g = rho * g + (1 - rho) * torch.diag(torch.diagonal(g))
             gw = g @ s.weight_as_out_in(w).double().T  # [d_in, d_out]
             g_sum = g if g_sum is None else g_sum + g

@@ -46,7 +46,8 @@ class ExpertSidecar(Sidecar):
 
         module = name.rsplit(".", 1)[0]
         if name.endswith(".bias"):
-            self.biases[module] = torch.stack([f.double() - merged.double() for f in finetuned]).to(merged.dtype)
+            self.biases[module] = torch.stack([f.to("cpu", torch.float64) - merged.double()
+                                               for f in finetuned]).to(merged.dtype)
             return
         if merged.dim() != 2 or stats is None or any(s is None for s in stats):
             self.skipped.append(name)

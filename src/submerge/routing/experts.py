@@ -169,7 +169,8 @@ def layer_experts(merged: torch.Tensor, finetuned: Sequence[torch.Tensor], stats
 
     dtype = dtype or merged.dtype
     layout = stats[0].layout
-    m = stats[0].weight_as_out_in(merged).double()
+    dev = finetuned[0].device  # the math runs where the weights are; experts come back on the CPU
+    m = stats[0].weight_as_out_in(merged).to(dev, torch.float64)
     d_out, d_in = m.shape
     r = min(rank, d_out)
     Bs, As, protos = [], [], []
@@ -181,8 +182,8 @@ def layer_experts(merged: torch.Tensor, finetuned: Sequence[torch.Tensor], stats
         Bs.append(e)
         As.append(e.T @ delta)
         protos.append(st.mean.double())
-    return LayerExperts(torch.stack(Bs).to(dtype), torch.stack(As).to(dtype), torch.stack(protos).float(),
-                        None, layout)
+    return LayerExperts(torch.stack(Bs).to("cpu", dtype), torch.stack(As).to("cpu", dtype),
+                        torch.stack(protos).float(), None, layout)
 
 
 def build_experts(
