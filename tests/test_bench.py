@@ -101,13 +101,17 @@ def test_user_task_and_user_backbone(tmp_path):
 def test_tiny_end_to_end_data_based_methods(tmp_path):
     """ESM / RegMean / TSV-M rows: calibration statistics from the experts, scales chosen on val."""
     _need_data()
-    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["esm", "esm_pp", "regmean", "tsv"],
-                      n_train=32, n_val=16, n_test=32, calib_n=8, cache_dir=str(tmp_path / "cache"), quiet=True,
-                      esmpp_ranks=[2, 384])
+    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"],
+                      methods=["esm", "esm_pp", "fisher", "posterior", "regmean", "tsv"],
+                      n_train=32, n_val=16, n_test=32, calib_n=8, fisher_n=4, cache_dir=str(tmp_path / "cache"),
+                      quiet=True, esmpp_ranks=[2, 384])
     res = run_bench(tmp_path / "out", cfg)
     labels = [r["label"] for r in res["rows"]]
     assert labels == ["esm (default)", "esm (val-tuned)", "esm_pp r=2 (routed)", "esm_pp r=384 (routed)",
-                      "esm_pp r=384 (oracle task id)", "regmean", "tsv (default)", "tsv (val-tuned)"]
+                      "esm_pp r=384 (oracle task id)", "fisher", "posterior", "regmean", "tsv (default)",
+                      "tsv (val-tuned)"]
+    assert res["rows"][7]["method"] == "regmean"
+    res["rows"] = [r for r in res["rows"] if r["method"] not in ("fisher", "posterior")]
     esm_tuned = res["rows"][1]
     assert 0.0 <= esm_tuned["alpha"] <= 5.0 and len(esm_tuned["val_curve"]) >= 5
     assert res["rows"][7]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
