@@ -1,6 +1,7 @@
 """ESM++ on the text suite: residual experts on the val-tuned ESM merge, routed by prototypes.
 
     python benchmarks/esm_pp.py --seed 0 --out benchmarks/results/esm_pp/text8/seed0
+    python benchmarks/esm_pp.py --table benchmarks/results/esm_pp/text8   # table.md over the seeds
 
 The static model is submerge's default ``esm`` at the scale chosen on validation by the ESM
 ablation run of the same seed (``benchmarks/results/esm_ablation/text8/seed<N>/esm.json``; the
@@ -36,14 +37,63 @@ VARIANTS = {
 }
 
 
+def table(folder: Path) -> str:
+    """Markdown over the seeds: normalised test accuracy, paired difference vs the static ESM (pooled
+    over tasks x seeds), routing accuracy, overhead and inference time."""
+    seeds = sorted(int(p.name[4:]) for p in folder.glob("seed*") if (p / "summary.json").exists())
+    if not seeds:
+        raise SystemExit(f"no results under {folder}")
+    summaries = {s: json.loads((folder / f"seed{s}" / "summary.json").read_text()) for s in seeds}
+    lines = [f"Seeds {', '.join(map(str, seeds))}. Normalised test accuracy (%) of submerge's default `esm` at its "
+             f"val-chosen alpha (static) and of ESM++ on it; difference vs static: paired bootstrap pooled over "
+             f"tasks x seeds, 95% interval.", "",
+             "| variant | " + " | ".join(f"test s{s}" for s in seeds) + " | mean | − static (pooled) | routing acc. "
+             "(layer decisions) | extra params % | ms / example (static) |", "|" + "---|" * (6 + len(seeds))]
+    lines.append("| static esm | " + " | ".join(f"{100 * summaries[s]['static_test_norm']:.1f}" for s in seeds)
+                 + f" | {np.mean([100 * summaries[s]['static_test_norm'] for s in seeds]):.1f} | – | – | 0 | "
+                 + " / ".join(f"{summaries[s]['static_ms_per_example']:.1f}" for s in seeds) + " |")
+    names = [n for n in VARIANTS if all((folder / f"seed{s}" / f"{n}.json").exists() for s in seeds)]
+    for n in names:
+        recs = [json.loads((folder / f"seed{s}" / f"{n}.json").read_text()) for s in seeds]
+        a, b, norm = [], [], []
+        for s, r in zip(seeds, recs):
+            st = json.loads((folder / f"seed{s}" / "static.json").read_text()) if (folder / f"seed{s}" / "static.json").exists() else None
+            if st is None:
+                break
+            for k in r["test_correct"]:
+                a.append(np.array(r["test_correct"][k], float))
+                b.append(np.array(st["test_correct"][k], float))
+                norm.append(r["ft_test"][k])
+        diff = "–"
+        if len(a) == sum(len(r["test_correct"]) for r in recs):
+            d, lo, hi = paired_diff_ci(a, b, norm)
+            diff = f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        acc = " / ".join(f"{100 * r['routing']['accuracy']:.1f}" for r in recs) if recs[0]["routing"] else "oracle"
+        lines.append(f"| {n} (r={recs[0]['rank']}, {recs[0]['routed']}{', global' if recs[0]['options'] else ''}"
+                     f"{', ' + recs[0]['mode'] if recs[0]['mode'] != 'route' else ''}) | "
+                     + " | ".join(f"{100 * r['test_norm']:.1f}" for r in recs)
+                     + f" | {np.mean([100 * r['test_norm'] for r in recs]):.1f} | {diff} | {acc} | "
+                     f"{recs[0]['overhead']['params_pct_of_base']:.1f} | "
+                     + " / ".join(f"{r['ms_per_example']:.1f}" for r in recs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", default=None, help="write table.md for the seeds under this folder and stop")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablation", default="benchmarks/results/esm_ablation/text8")
     args = ap.parse_args()
+    if args.table:
+        text = table(Path(args.table))
+        (Path(args.table) / "table.md").write_text(text)
+        print(text)
+        return
+    if not args.out:
+        ap.error("--out is required")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +111,8 @@ def main() -> None:
     assert abs(static_norm - esm_rec["test_norm"]) < 1e-9, "static ESM differs from the ablation's esm row"
     summary = {"seed": args.seed, "alpha": alpha, "static_test_norm": static_norm,
                "static_ms_per_example": 1000 * static_s / n_test, "variants": {}}
+    (out / "static.json").write_text(json.dumps({"alpha": alpha, "test_norm": static_norm,
+                                                 "test_correct": {k: v.astype(int).tolist() for k, v in static_res.items()}}))
     print(f"static esm alpha={alpha:.3f} test_norm={static_norm:.4f} ({1000 * static_s / n_test:.2f} ms/ex)", flush=True)
     for name in args.variants.split(","):
         rank, routed, opts, mode = VARIANTS[name]
