@@ -33,8 +33,23 @@ VARIANTS = {
     "r32_all": (32, "all", {}, "route"),
     "r32_global": (32, "qkv,mlp_in", {"global_routing": True}, "route"),
     "r32_oracle": (32, "qkv,mlp_in", {}, "oracle"),
+    "r32_proto_merged": (32, "qkv,mlp_in", {"prototypes": "merged"}, "route"),
     "r32_all_oracle": (32, "all", {}, "oracle"),
 }
+
+
+def merged_stats(S: BenchSession, state: dict) -> list:
+    """Per task, statistics of the same calibration inputs (32 train texts) run through ``state``."""
+    from submerge.calibrate import collect_stats
+
+    out = []
+    S.bb.load(state)
+    for t in S.tasks:
+        texts = list(S.splits[t.name].train[0])
+        idx = np.random.default_rng(0).permutation(len(texts))[:S.cfg.calib_n]
+        out.append(collect_stats(S.bb.model, [dict(S.bb.tokenize([texts[i] for i in idx]))], progress=False))
+    S.bb.reset()
+    return out
 
 
 def table(folder: Path) -> str:
@@ -69,7 +84,7 @@ def table(folder: Path) -> str:
             d, lo, hi = paired_diff_ci(a, b, norm)
             diff = f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         acc = " / ".join(f"{100 * r['routing']['accuracy']:.1f}" for r in recs) if recs[0]["routing"] else "oracle"
-        lines.append(f"| {n} (r={recs[0]['rank']}, {recs[0]['routed']}{', global' if recs[0]['options'] else ''}"
+        lines.append(f"| {n} (r={recs[0]['rank']}, {recs[0]['routed']}{''.join(f', {k}={v}' for k, v in recs[0]['options'].items())}"
                      f"{', ' + recs[0]['mode'] if recs[0]['mode'] != 'route' else ''}) | "
                      + " | ".join(f"{100 * r['test_norm']:.1f}" for r in recs)
                      + f" | {np.mean([100 * r['test_norm'] for r in recs]):.1f} | {diff} | {acc} | "
@@ -117,13 +132,18 @@ def main() -> None:
     for name in args.variants.split(","):
         rank, routed, opts, mode = VARIANTS[name]
         t0 = time.perf_counter()
-        experts = build_experts(static, S.experts, stats, rank=rank, routed=routed, tasks=S.names)
+        opts = dict(opts)
+        proto = None
+        if opts.pop("prototypes", None) == "merged":  # prototypes = mean inputs in the static merge itself
+            proto = merged_stats(S, static)
+        experts = build_experts(static, S.experts, stats, rank=rank, routed=routed, tasks=S.names,
+                                prototype_stats=proto)
         build_s = time.perf_counter() - t0
         res, report, secs = S.evaluate_routed(static, experts, "test", mode, **opts)
         test_norm = float(np.mean([res[k].mean() / S.ft_test[k].mean() for k in S.names]))
         d, lo, hi = paired_diff_ci([res[k] for k in S.names], [static_res[k] for k in S.names], norm)
         rec = {
-            "name": name, "rank": rank, "routed": routed, "options": opts, "mode": mode, "seed": args.seed,
+            "name": name, "rank": rank, "routed": routed, "options": VARIANTS[name][2], "mode": mode, "seed": args.seed,
             "alpha": alpha, "tasks": S.names, "test_norm": test_norm,
             "test_acc": {k: float(v.mean()) for k, v in res.items()},
             "test_correct": {k: v.astype(int).tolist() for k, v in res.items()},

@@ -117,6 +117,11 @@ def test_low_rank_expert_is_the_essential_projection_of_the_residual(bert):
         cov = delta @ st.gram @ delta.T
         kept = torch.trace(B.T @ cov @ B)
         assert torch.isclose(kept, torch.linalg.eigvalsh(cov)[-4:].sum(), rtol=1e-6)
+    # prototypes from other statistics (e.g. collected in the merged model): only the prototypes change
+    other = build_experts(merged, [_sd(m) for m in fts], stats, rank=4, routed="mlp_in", bias=False,
+                          prototype_stats=stats[::-1])
+    assert torch.equal(other.layers[name].A, e.A)
+    assert torch.allclose(other.layers[name].prototypes[0], stats[2].lookup(name + ".weight").mean.float())
 
 
 def _toy_layer(prototypes: torch.Tensor, d_out: int = 3, rank: int = 2):

@@ -197,12 +197,15 @@ def build_experts(
     bias: bool = True,
     tasks: Optional[Sequence[str]] = None,
     dtype: Optional[torch.dtype] = None,
+    prototype_stats: Optional[Sequence[Any]] = None,
 ) -> ExpertSet:
     """ESM++ experts from in-memory state dicts (the Python-API twin of merging with ``esm_pp``).
 
     ``merged`` is the static model the experts correct (ESM at its chosen alpha), ``models`` the
     fine-tuned experts, ``stats`` one calibration source per model (CalibrationStats or a folder).
-    Layers whose role is routed but which lack statistics in some task are left unrouted (logged)."""
+    Layers whose role is routed but which lack statistics in some task are left unrouted (logged).
+    ``prototype_stats``: per task, statistics whose mean inputs become the prototypes instead (e.g.
+    collected in the merged model itself, which is what the router sees at inference)."""
     from submerge.calibrate import load_stats
     from submerge.methods.esm import parse_role_patterns
 
@@ -211,6 +214,10 @@ def build_experts(
     if rank < 1:
         raise ConfigError(f"rank must be >= 1, got {rank}")
     stats = [load_stats(s) for s in stats]
+    if prototype_stats is not None:
+        if len(prototype_stats) != len(models):
+            raise ConfigError(f"build_experts: {len(models)} models but {len(prototype_stats)} prototype sources")
+        prototype_stats = [load_stats(s) for s in prototype_stats]
     roles, rules = routed_roles(routed), parse_role_patterns(role_patterns)
     tasks = list(tasks) if tasks is not None else [str(s.info.get("task", i)) if hasattr(s, "info") else str(i)
                                                    for i, s in enumerate(stats)]
@@ -227,6 +234,11 @@ def build_experts(
             skipped.append(name)
             continue
         e = layer_experts(w, [sd[name] for sd in models], layer_stats, rank, dtype or w.dtype)
+        if prototype_stats is not None:
+            ps = [s.lookup(name) for s in prototype_stats]
+            if any(p is None for p in ps):
+                raise ConfigError(f"prototype_stats lack layer {name}")
+            e.prototypes = torch.stack([p.mean.float() for p in ps])
         bname = name[: -len(".weight")] + ".bias"
         if bias and bname in merged:
             e.bias = torch.stack([sd[bname].double() - merged[bname].double() for sd in models]).to(e.B.dtype)
