@@ -175,8 +175,9 @@ def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
     fronts: dict[str, list[dict]] = {r: [] for r in cfg.rules}
     sweep_t0 = time.perf_counter()
     for rule in cfg.rules:
-        r0 = time.perf_counter()
+        merge_s = eval_s = 0.0
         for w in points:
+            m0 = time.perf_counter()
             if rule == "mixture":
                 models, stats = components, comp_fisher
                 mp = [{"weight": w[S.names.index(tn)], "task": tn} for tn in comp_task]
@@ -186,8 +187,12 @@ def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
                 mp = [{"weight": x} for x in w]
                 params = {"family": rule, "prior_precision": cfg.prior_precision if rule == "diagonal" else 1.0}
             state = merge_state_dicts("posterior", S.base, models, params, mp, stats=stats)
+            e0 = time.perf_counter()
             fronts[rule].append({"weights": list(w), "acc": _scores(S, state, cfg.split)})
-        timing[f"{rule}_seconds"] = time.perf_counter() - r0
+            merge_s += e0 - m0
+            eval_s += time.perf_counter() - e0
+        timing[f"{rule}_merge_seconds"] = merge_s
+        timing[f"{rule}_eval_seconds"] = eval_s
     timing["sweep_seconds"] = time.perf_counter() - sweep_t0
     truth = []
     if T == 2 and cfg.multitask:
