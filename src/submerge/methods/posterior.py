@@ -140,7 +140,7 @@ def _fishers(ctx: TensorContext) -> list[Optional[torch.Tensor]]:
     paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022",
     url="https://arxiv.org/abs/2111.09832",
     variant="Diagonal Fisher-weighted average theta = sum_t w_t (F_t + eps) theta_t / sum_t w_t (F_t + eps); "
-            "F_t from `submerge fisher` (true or empirical diagonal Fisher), eps = epsilon x the tensor's mean "
+            "F_t from `submerge fisher` (true, sampled or empirical diagonal Fisher), eps = epsilon x the tensor's mean "
             "Fisher (default 1e-6; entries without Fisher anywhere become the weighted average). No base needed. "
             "Tensors without a Fisher: weighted average. Defaults: weight 1 per model.",
     params=[Param("weight", float, 1.0, per_model=True, low=0.0, help="task weight alpha_t"),
