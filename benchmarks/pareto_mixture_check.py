@@ -34,7 +34,7 @@ def main() -> None:
         st = _mixture_prepare(mp, {"prior_precision": 1e-3, "em_steps": 3, "family": "mixture"})
         out[f"weight_{w}"] = {"objective_history": st.history, "responsibilities": st.resp.tolist()}
     out["half_logdet_per_component"] = [
-        0.5 * sum(float(torch.log(f.lookup(n).float() + _prior(1e-3, [g.lookup(n) for g in F], [1] * 4)).sum())
+        0.5 * sum(float(torch.log(f.lookup(n).float() + _prior(1e-3, [g.lookup(n) for g in F])).sum())
                   for n in names) for f in F]
     path = Path(__file__).resolve().parent / "results" / "pareto" / "mixture_check.json"
     path.write_text(json.dumps(out, indent=2))

@@ -24,9 +24,7 @@ import logging
 import os
 import random
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -108,32 +106,22 @@ class CalibrationStats:
         """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically)."""
         from safetensors.torch import save_file
 
-        out = Path(path)
-        if out.exists() and not overwrite:
-            raise ConfigError(f"calibration folder {out} already exists (pass overwrite=True / --overwrite)")
-        tmp = out.parent / f".{out.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            tensors = {}
-            for name, st in self.layers.items():
-                tensors[f"{name}.gram"] = st.gram.contiguous()
-                tensors[f"{name}.mean"] = st.mean.contiguous()
+        from submerge.io import atomic_folder
+
+        tensors = {}
+        for name, st in self.layers.items():
+            tensors[f"{name}.gram"] = st.gram.contiguous()
+            tensors[f"{name}.mean"] = st.mean.contiguous()
+        manifest = {
+            "format": FORMAT,
+            **self.info,
+            "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout} for n, st in self.layers.items()},
+            "aliases": self.aliases,
+        }
+        with atomic_folder(path, overwrite, "calibration folder") as tmp:
             save_file(tensors, str(tmp / STATS_FILE))
-            manifest = {
-                "format": FORMAT,
-                **self.info,
-                "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout}
-                           for n, st in self.layers.items()},
-                "aliases": self.aliases,
-            }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        return Path(path)
 
 
 class StatsReader(CalibrationStats):

@@ -96,6 +96,7 @@ class Executor:
         self.seed = options.random_seed
         self._read_pool: Optional[ThreadPoolExecutor] = None
         self._scratch: Optional[Path] = None  # spill folder of two-pass methods, inside the temp output
+        self._uses_stats = plan.method.uses_stats(plan.global_params)
         if plan.method.randomized and self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little")
             plan.notes.append(f"no --random-seed given; drew seed {self.seed} (recorded for reproducibility)")
@@ -164,28 +165,31 @@ class Executor:
             lambda name: self.load(by_name[name]),
             lambda name: by_name[name].params,
             [k for k, _ in float_jobs[0].inputs] if float_jobs else [],
-            stats=(lambda name: self._stats(by_name[name])) if m.uses_stats(self.plan.global_params) else None,
+            stats=(lambda name: self._stats(by_name[name])) if self._uses_stats else None,
             scratch_dir=self._scratch,
         )
         log.info("%s: whole-model statistics pass", m.name)
         return m.prepare(mp, self.plan.global_params)
 
-    def _stats(self, job: TensorJob) -> list:
-        """Per input model, the calibration statistics of this tensor's layer (None where absent)."""
+    def _stats(self, job: TensorJob) -> Optional[list]:
+        """Per input model, the statistics of this tensor (read lazily; None where absent), or None
+        when the method reads no statistics."""
         from submerge.calibrate import LazyStats
 
+        if not self._uses_stats:
+            return None
         readers = [self.plan.stats.get(key) for key, _ in job.inputs]
         return LazyStats([(r, name) for r, (_, name) in zip(readers, job.inputs)])
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
-                     state) -> torch.Tensor:
+                     state, stats: Optional[list] = None) -> torch.Tensor:
         gen_device = self.device if self.device.type != "mps" else torch.device("cpu")
         generator = torch.Generator(device=gen_device)
         if self.seed is not None:
             generator.manual_seed(tensor_seed(self.seed, job.out_name))
         ctx = TensorContext(job.out_name, tensors, base, generator, state,
                             [k for k, _ in job.inputs],
-                            stats=self._stats(job) if self.plan.method.uses_stats(self.plan.global_params) else None)
+                            stats=stats)
         out = self.plan.method(ctx, **job.params)
         if out.shape != job.shape:
             raise SubmergeError(
@@ -211,7 +215,6 @@ class Executor:
             state = self._prepare()
             side = (plan.method.sidecar(plan.global_params, [k for k, _ in plan.jobs[0].inputs])
                     if plan.method.sidecar is not None and plan.jobs else None)
-            n_params = 0
             total = plan.input_bytes()
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
                       desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
@@ -223,19 +226,20 @@ class Executor:
                         tensors, base = data
                         size = job.nbytes * (len(job.inputs) + (job.base is not None))
                         keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
-                        out = self.merge_tensor(job, tensors, base, state)
+                        stats = self._stats(job)
+                        out = self.merge_tensor(job, tensors, base, state, stats)
                         del tensors, base
                         out = out.to(device="cpu", dtype=self._out_dtype(job))
                         if keep is not None:
-                            side.add(job.out_name, out, keep, self._stats(job) if plan.method.uses_stats(plan.global_params) else None)
+                            side.add(job.out_name, out, keep, stats)
                             del keep
-                    n_params += math.prod(job.shape)
                     writer.add(job.out_name, out)
                     del out, data
                     bytes_read += size
                     bar.update(size)
             files = writer.finish()
             if side is not None:
+                n_params = sum(math.prod(j.shape) for j in plan.jobs)
                 plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
             state = side = None
             shutil.rmtree(self._scratch, ignore_errors=True)

@@ -17,8 +17,6 @@ config's ``calibration:`` entry (or ``stats=`` in the Python API), one tensor at
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -48,36 +46,37 @@ class FisherStats:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def _get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def _shape(self, key: str) -> list[int]:
+        return list(self.tensors[key].shape)
+
     def _key(self, name: str) -> Optional[str]:
-        if name in self.tensors:
+        """The stored name of tensor ``name``: itself, or the unique one that is a dotted suffix of it
+        (or it of them) — Fishers of a bare encoder match a checkpoint with a task head's prefix."""
+        names = self.names()
+        if name in names:
             return name
-        hits = [k for k in self.names() if k.endswith("." + name) or name.endswith("." + k)]
+        hits = [k for k in names if k.endswith("." + name) or name.endswith("." + k)]
         return hits[0] if len(hits) == 1 else None
 
     def lookup(self, name: str) -> Optional[torch.Tensor]:
         key = self._key(name)
-        return self.tensors[key] if key is not None else None
+        return self._get(key) if key is not None else None
 
     def meta_for(self, name: str) -> Optional[dict]:
         key = self._key(name)
-        return {"shape": list(self.tensors[key].shape)} if key is not None else None
+        return {"shape": self._shape(key)} if key is not None else None
 
     def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
-        out = Path(path)
-        if out.exists() and not overwrite:
-            raise ConfigError(f"Fisher folder {out} already exists (pass overwrite=True / --overwrite)")
-        tmp = out.parent / f".{out.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        """Write ``fisher.safetensors`` + ``fisher.json`` into folder ``path`` (atomically)."""
+        from submerge.io import atomic_folder
+
+        with atomic_folder(path, overwrite, "Fisher folder") as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / FISHER_FILE))
             (tmp / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **self.info}, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        return Path(path)
 
 
 class FisherReader(FisherStats):
@@ -99,19 +98,11 @@ class FisherReader(FisherStats):
     def names(self) -> list[str]:
         return list(self._shapes)
 
-    def _key(self, name: str) -> Optional[str]:
-        if name in self._shapes:
-            return name
-        hits = [k for k in self._shapes if k.endswith("." + name) or name.endswith("." + k)]
-        return hits[0] if len(hits) == 1 else None
+    def _get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
 
-    def lookup(self, name: str) -> Optional[torch.Tensor]:
-        key = self._key(name)
-        return self._file.get_tensor(key) if key is not None else None
-
-    def meta_for(self, name: str) -> Optional[dict]:
-        key = self._key(name)
-        return {"shape": self._shapes[key]} if key is not None else None
+    def _shape(self, key: str) -> list[int]:
+        return self._shapes[key]
 
 
 def is_fisher_folder(path: Union[str, Path]) -> bool:

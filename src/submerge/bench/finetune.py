@@ -37,14 +37,25 @@ def cache_key(backbone: Backbone, task_fingerprint: str, n_train: int, recipe: R
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torch.Tensor, recipe: Recipe,
-             seed: int, cache_dir: Optional[Path] = None, key: Optional[str] = None,
-             desc: str = "fine-tune", quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Returns the fine-tuned encoder tensors (trainable ones) and a log; cached by ``key``."""
-    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir and key else None
-    if path is not None and path.exists():
-        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-        return load_file(path), {**meta, "cached": True}
+def load_cached(path: Optional[Path]) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+    """A cached fine-tune (tensors + its log, marked ``cached``), or None."""
+    if path is None or not path.exists():
+        return None
+    meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+    return load_file(path), {**meta, "cached": True}
+
+
+def save_cached(path: Path, state: dict[str, torch.Tensor], log: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+    path.with_suffix(".json").write_text(json.dumps(log, indent=2))
+
+
+def start_training(backbone: Backbone, recipe: Recipe, steps: int):
+    """Reset the encoder, unfreeze its trainable tensors; AdamW with linear warm-up then decay.
+    Returns (trainable names, optimizer, scheduler)."""
     backbone.reset()
     model = backbone.model
     names = set(backbone.trainable_names())
@@ -52,13 +63,43 @@ def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torc
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps = recipe.epochs * math.ceil(len(texts) / recipe.batch_size)
     warm = max(1, int(recipe.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    model.train()
+    return names, opt, sched
+
+
+def task_loss(backbone: Backbone, recipe: Recipe, texts: list[str], labels: list[int], idx: list[int],
+              head: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the frozen head (logit scale x cosine) on the examples ``idx``."""
+    emb = backbone.forward_embed(backbone.tokenize([texts[i] for i in idx]))
+    logits = recipe.logit_scale * emb @ head.T
+    return torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+
+
+def stop_training(backbone: Backbone, names: set[str]) -> dict[str, torch.Tensor]:
+    """Freeze the encoder again and return a copy of the trained tensors."""
+    model = backbone.model
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sd = model.state_dict()
+    return {n: sd[n].detach().clone() for n in sorted(names)}
+
+
+def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torch.Tensor, recipe: Recipe,
+             seed: int, cache_dir: Optional[Path] = None, key: Optional[str] = None,
+             desc: str = "fine-tune", quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Returns the fine-tuned encoder tensors (trainable ones) and a log; cached by ``key``."""
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir and key else None
+    cached = load_cached(path)
+    if cached is not None:
+        return cached
+    steps = recipe.epochs * math.ceil(len(texts) / recipe.batch_size)
+    names, opt, sched = start_training(backbone, recipe, steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    model.train()
     losses = []
     t0 = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, disable=quiet, leave=False)
@@ -66,11 +107,7 @@ def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torc
         order = list(range(len(texts)))
         rng.shuffle(order)
         for s in range(0, len(order), recipe.batch_size):
-            idx = order[s:s + recipe.batch_size]
-            batch = backbone.tokenize([texts[i] for i in idx])
-            emb = backbone.forward_embed(batch)
-            logits = recipe.logit_scale * emb @ head.T
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+            loss = task_loss(backbone, recipe, texts, labels, order[s:s + recipe.batch_size], head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -78,19 +115,12 @@ def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torc
             losses.append(float(loss.detach()))
             bar.update(1)
     bar.close()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    state = {n: model.state_dict()[n].detach().clone() for n in sorted(names)}
+    state = stop_training(backbone, names)
     k = max(1, len(losses) // 10)
     log = {"seconds": time.perf_counter() - t0, "steps": steps, "loss_first": sum(losses[:k]) / k,
            "loss_last": sum(losses[-k:]) / k,
            "task_vector_norm": float(torch.sqrt(sum(((state[n] - backbone.pretrained[n]) ** 2).sum() for n in state)))}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.rename(path)
-        path.with_suffix(".json").write_text(json.dumps(log, indent=2))
+        save_cached(path, state, log)
     backbone.reset()
     return state, {**log, "cached": False}

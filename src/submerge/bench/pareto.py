@@ -26,11 +26,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from submerge.api import merge_state_dicts
-from submerge.bench.evaluate import correct
-from submerge.bench.finetune import cache_key, finetune
+from submerge.bench.finetune import cache_key, load_cached, save_cached, start_training, stop_training, task_loss
 from submerge.bench.runner import BenchConfig, BenchSession
 from submerge.errors import ConfigError
 
@@ -73,28 +71,18 @@ def multitask_finetune(S: BenchSession, weights: Sequence[float], seed: int) -> 
     """Fine-tune the encoder on ``Σ α_t ℓ_t`` (each step one batch of each task, the experts' recipe and
     number of steps); cached beside the experts."""
     bb, recipe = S.bb, S.cfg.recipe
-    cache = Path(S.cfg.cache_dir) if S.cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
     keys = [cache_key(bb, t.fingerprint(), len(S.splits[t.name].train[0]), recipe, seed) for t in S.tasks]
     key = hashlib.sha256(json.dumps({"mt": keys, "w": list(map(float, weights))}).encode()).hexdigest()[:20]
-    path = cache / f"multitask-{key}.safetensors"
-    if path.exists():
-        return load_file(path), {**json.loads(path.with_suffix(".json").read_text()), "cached": True}
-    bb.reset()
-    model = bb.model
-    names = set(bb.trainable_names())
-    params = [p for n, p in model.named_parameters() if n in names]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    path = S.cache / f"multitask-{key}.safetensors"
+    cached = load_cached(path)
+    if cached is not None:
+        return cached
     n_max = max(len(S.splits[t.name].train[0]) for t in S.tasks)
     steps = recipe.epochs * math.ceil(n_max / recipe.batch_size)
-    warm = max(1, int(recipe.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    names, opt, sched = start_training(bb, recipe, steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    orders = {t.name: [] for t in S.tasks}
-    model.train()
+    orders: dict[str, list[int]] = {t.name: [] for t in S.tasks}
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = 0.0
@@ -107,43 +95,24 @@ def multitask_finetune(S: BenchSession, weights: Sequence[float], seed: int) -> 
                 rng.shuffle(more)
                 orders[t.name] += more
             idx, orders[t.name] = orders[t.name][:recipe.batch_size], orders[t.name][recipe.batch_size:]
-            emb = bb.forward_embed(bb.tokenize([texts[i] for i in idx]))
-            logits = recipe.logit_scale * emb @ S.heads[t.name].T
-            loss = loss + w * torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+            loss = loss + w * task_loss(bb, recipe, texts, labels, idx, S.heads[t.name])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    state = {n: model.state_dict()[n].detach().clone() for n in sorted(names)}
+    state = stop_training(bb, names)
     info = {"weights": list(weights), "steps": steps, "seconds": time.perf_counter() - t0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path.with_suffix(".tmp")))
-    path.with_suffix(".tmp").rename(path)
-    path.with_suffix(".json").write_text(json.dumps(info))
+    save_cached(path, state, info)
     bb.reset()
     return state, {**info, "cached": False}
 
 
 def _scores(S: BenchSession, state: dict, split: str) -> dict[str, float]:
-    S.bb.load(state)
-    out = {t.name: float(correct(S.bb, *getattr(S.splits[t.name], split), S.heads[t.name]).mean()) for t in S.tasks}
-    S.bb.reset()
-    return out
+    return {k: float(v.mean()) for k, v in S.evaluate(state, split).items()}
 
 
 def _extra_seed_experts(S: BenchSession, seed: int) -> list[dict]:
-    cache = Path(S.cfg.cache_dir) if S.cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
-    out = []
-    for t in S.tasks:
-        tr_x, tr_y = S.splits[t.name].train
-        key = cache_key(S.bb, t.fingerprint(), len(tr_x), S.cfg.recipe, seed)
-        state, _ = finetune(S.bb, tr_x, tr_y, S.heads[t.name], S.cfg.recipe, seed, cache, key,
-                            desc=f"fine-tune {t.name} seed {seed}", quiet=S.cfg.quiet)
-        out.append(state)
-    return out
+    return [S.train_expert(t, seed)[0] for t in S.tasks]
 
 
 def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:

@@ -107,7 +107,7 @@ class BenchSession:
     def __init__(self, cfg: Optional[BenchConfig] = None):
         cfg = self.cfg = cfg or BenchConfig()
         self.t_start = time.perf_counter()
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
+        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
         names = self.names = cfg.tasks or SUITES.get(cfg.suite)
         if not names:
             raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
@@ -124,10 +124,7 @@ class BenchSession:
         say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_test.items()))
         self.experts, self.ft_logs, self.ft_val, self.ft_test = [], {}, {}, {}
         for t in self.tasks:
-            tr_x, tr_y = self.splits[t.name].train
-            key = cache_key(bb, t.fingerprint(), len(tr_x), cfg.recipe, cfg.seed)
-            state, info = finetune(bb, tr_x, tr_y, self.heads[t.name], cfg.recipe, cfg.seed, cache, key,
-                                   desc=f"fine-tune {t.name}", quiet=cfg.quiet)
+            state, info = self.train_expert(t, cfg.seed)
             bb.load(state)
             self.ft_val[t.name] = correct(bb, *self.splits[t.name].val, self.heads[t.name])
             self.ft_test[t.name] = correct(bb, *self.splits[t.name].test, self.heads[t.name])
@@ -140,6 +137,14 @@ class BenchSession:
         self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}
         self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
         self._stats: dict = {}
+
+    def train_expert(self, task, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """The expert of ``task`` fine-tuned with ``seed`` on its train split (cached by recipe and data)."""
+        tr_x, tr_y = self.splits[task.name].train
+        key = cache_key(self.bb, task.fingerprint(), len(tr_x), self.cfg.recipe, seed)
+        desc = f"fine-tune {task.name}" + (f" seed {seed}" if seed != self.cfg.seed else "")
+        return finetune(self.bb, tr_x, tr_y, self.heads[task.name], self.cfg.recipe, seed, self.cache, key,
+                        desc=desc, quiet=self.cfg.quiet)
 
     def score(self, split: str) -> dict[str, np.ndarray]:
         return {t.name: correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
@@ -168,30 +173,13 @@ class BenchSession:
             res = {}
             for i, t in enumerate(self.tasks):
                 texts, labels = getattr(self.splits[t.name], split)
-                if mode == "oracle":
-                    res[t.name] = self._oracle_correct(router, i, texts, labels, self.heads[t.name])
-                else:
-                    with rec.batch(i):
-                        res[t.name] = correct(self.bb, texts, labels, self.heads[t.name])
+                with router.oracle(i) if mode == "oracle" else rec.batch(i):
+                    res[t.name] = correct(self.bb, texts, labels, self.heads[t.name])
         finally:
             seconds = time.perf_counter() - t0
             router.detach()
             self.bb.reset()
         return res, (rec.report() if mode != "oracle" else None), seconds
-
-    def _oracle_correct(self, router, task: int, texts, labels, head) -> np.ndarray:
-        """Like :func:`correct`, every sample routed to expert ``task`` (batches of the embedder)."""
-        n = len(texts)
-        with router.oracle(torch.full((min(n, 128),), task)):
-            out = []
-            for s in range(0, n, 128):
-                chunk = texts[s:s + 128]
-                router.state.task_ids = torch.full((len(chunk),), task)
-                with torch.no_grad():
-                    emb = self.bb.forward_embed(self.bb.tokenize(chunk))
-                out.append((emb @ head.T).argmax(-1))
-        pred = torch.cat(out).numpy()
-        return (pred == np.asarray(labels)).astype(np.float64)
 
     def val_norm(self, res: dict[str, np.ndarray]) -> float:
         return float(np.mean([res[k].mean() / self.ft_val_mean[k] for k in res]))

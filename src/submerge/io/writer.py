@@ -8,11 +8,15 @@ soon as it exists.  No output shard is ever held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Union
 
 import torch
 
@@ -139,3 +143,22 @@ class ShardWriter:
         self._fds.clear()
 
     abort = close
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Union[str, Path], overwrite: bool = False, what: str = "output folder") -> Iterator[Path]:
+    """Write a folder atomically: yields a temporary sibling to fill, renamed to ``out`` when the block
+    ends without error (replacing ``out`` when ``overwrite``), removed otherwise."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{what} {out} already exists (pass overwrite=True / --overwrite)")
+    tmp = out.parent / f".{out.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

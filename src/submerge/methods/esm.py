@@ -372,6 +372,17 @@ _ESM_PARAMS = [
 ]
 
 
+# How the executor drives ESM (shared by esm_pp, whose merged tensors are ESM's).
+ESM_MACHINERY: dict[str, Any] = dict(
+    needs_base=True,
+    min_models=1,
+    prepare=_esm_prepare,
+    scale_param="alpha",
+    needs_stats=True,
+    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", DEFAULT_RECIPE), (0.0, 2.0))},
+)
+
+
 @register_method(
     name="esm",
     pretty_name="ESM (Essential Subspace Merging)",
@@ -388,12 +399,7 @@ _ESM_PARAMS = [
             "task's fine-tuned model (submerge calibrate). Non-matrices: mean of task vectors; layers without "
             "statistics: TSV-M (logged). Default alpha=1.",
     params=_ESM_PARAMS,
-    needs_base=True,
-    min_models=1,
-    prepare=_esm_prepare,
-    scale_param="alpha",
-    needs_stats=True,
-    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", DEFAULT_RECIPE), (0.0, 2.0))},
+    **ESM_MACHINERY,
 )
 def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     st: ESMState = ctx.state

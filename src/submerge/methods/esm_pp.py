@@ -12,16 +12,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from submerge.methods.esm import _ESM_PARAMS, DEFAULT_RECIPE, RECIPE_BOUNDS, _esm_prepare, esm, parse_role_patterns
+from submerge.errors import ConfigError
+from submerge.methods.esm import _ESM_PARAMS, ESM_MACHINERY, esm, parse_role_patterns
 from submerge.methods.registry import Param, Sidecar, register_method
+from submerge.routing.experts import ExpertSet, bias_residuals, is_routed, layer_experts, routed_roles
 
 
 class ExpertSidecar(Sidecar):
     """Builds the experts of the routed layers as the executor streams the merge."""
 
     def __init__(self, params: dict, model_names: Sequence[str]):
-        from submerge.routing.experts import ExpertSet, routed_roles
-
         self.rank, self.bias = int(params["rank"]), bool(params["expert_bias"])
         self.roles = routed_roles(params["routed"])
         self.rules = parse_role_patterns(params.get("role_patterns") or "")
@@ -32,8 +32,6 @@ class ExpertSidecar(Sidecar):
         self.skipped: list[str] = []
 
     def _routed_weight(self, name: str) -> bool:
-        from submerge.routing.experts import is_routed
-
         return name.endswith(".weight") and is_routed(name, self.roles, self.rules)
 
     def wants(self, name: str) -> bool:
@@ -42,12 +40,9 @@ class ExpertSidecar(Sidecar):
 
     def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor],
             stats: Optional[Sequence[Any]]) -> None:
-        from submerge.routing.experts import layer_experts
-
         module = name.rsplit(".", 1)[0]
         if name.endswith(".bias"):
-            self.biases[module] = torch.stack([f.to("cpu", torch.float64) - merged.double()
-                                               for f in finetuned]).to(merged.dtype)
+            self.biases[module] = bias_residuals(merged, finetuned)
             return
         if merged.dim() != 2 or stats is None or any(s is None for s in stats):
             self.skipped.append(name)
@@ -55,8 +50,6 @@ class ExpertSidecar(Sidecar):
         self.experts.layers[module] = layer_experts(merged, finetuned, list(stats), self.rank, merged.dtype)
 
     def finish(self, folder: Any, model_params: int, model_bytes: int) -> list[str]:
-        from submerge.errors import ConfigError
-
         if not self.experts.layers:
             raise ConfigError("esm_pp: no routed layer had calibration statistics in every model; "
                               "check `routed`, `role_patterns` and each model's `calibration:`")
@@ -95,12 +88,7 @@ class ExpertSidecar(Sidecar):
         Param("routed", str, "qkv,mlp_in", help="roles routed: comma list of q,k,v,qkv,attn_out,mlp_in,mlp_out or all"),
         Param("expert_bias", bool, True, help="store each task's bias residual with its expert"),
     ],
-    needs_base=True,
-    min_models=1,
-    prepare=_esm_prepare,
-    scale_param="alpha",
-    needs_stats=True,
-    search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", DEFAULT_RECIPE), (0.0, 2.0))},
+    **ESM_MACHINERY,
     sidecar=ExpertSidecar,
 )
 def esm_pp(ctx, **p: Any) -> torch.Tensor:

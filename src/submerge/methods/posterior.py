@@ -113,7 +113,7 @@ def _task_alphas(weights: Sequence[float], groups: Sequence[int]) -> list[float]
     return [alphas[g] for g in range(len(alphas))]
 
 
-def _prior(p0_rel: float, H: Sequence[Optional[torch.Tensor]], weights: Sequence[float]) -> float:
+def _prior(p0_rel: float, H: Sequence[Optional[torch.Tensor]]) -> float:
     """Prior precision: ``prior_precision`` × the mean Fisher of this tensor over the models (1 if none)."""
     hs = [h for h in H if h is not None]
     if not hs:
@@ -153,7 +153,7 @@ def fisher(ctx: TensorContext, *, weight: list[float], epsilon: float) -> torch.
     ref = ctx.tensors[0]
     if sum(weight) <= 0:
         raise ConfigError(f"fisher: the weights sum to {sum(weight)}; give at least one positive weight")
-    floor = _prior(epsilon, H, weight) if any(h is not None for h in H) else 1.0
+    floor = _prior(epsilon, H) if any(h is not None for h in H) else 1.0
     num = torch.zeros_like(ref, dtype=torch.float64)
     den = torch.zeros_like(ref, dtype=torch.float64)
     for t, h, w in zip(ctx.tensors, H, weight):
@@ -174,58 +174,58 @@ def _mixture_prepare(mp: ModelPass, g: dict) -> Optional[_MixtureState]:
     current estimate (E-step) and one for the new estimate (M-step).  Keeps one model copy in RAM."""
     if g["prior_precision"] <= 0:
         raise ConfigError("posterior (mixture): prior_precision must be > 0 (the component densities need it)")
-    setup: dict[str, Any] = {}
+    if not mp.names:
+        return _MixtureState({}, torch.zeros(0, dtype=torch.float64), [])
+    first = mp.params_of(mp.names[0])
+    groups = _groups(first["task"])
+    alphas = _task_alphas(first["weight"], groups)
+    n = len(groups)
+    pi = torch.tensor([1.0 / groups.count(gr) for gr in groups], dtype=torch.float64)
     priors: dict[str, float] = {}
 
     def prior(name: str, H) -> float:
         if name not in priors:
-            priors[name] = _prior(g["prior_precision"], H, setup["weights"])
+            priors[name] = _prior(g["prior_precision"], H)
         return priors[name]
 
-    def fishers(name: str, n: int) -> list[Optional[torch.Tensor]]:
+    def fishers(name: str) -> list[Optional[torch.Tensor]]:
         st = mp.stats(name)
         return [None if st is None else st[i] for i in range(n)]
 
-    def m_step(resp: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def m_step(resp: torch.Tensor) -> dict[str, torch.Tensor]:
+        comp_w = [alphas[gr] * float(resp[i]) for i, gr in enumerate(groups)]
         out = {}
-        for name, tensors, base, params in mp:
-            if not setup:
-                groups = _groups(params["task"])
-                setup.update(groups=groups, alphas=_task_alphas(params["weight"], groups), weights=params["weight"],
-                             pi=torch.tensor([1.0 / groups.count(gr) for gr in groups], dtype=torch.float64))
-            r = setup["pi"] if resp is None else resp
-            H = fishers(name, len(tensors))
-            comp_w = [setup["alphas"][gr] * float(r[i]) for i, gr in enumerate(setup["groups"])]
+        for name, tensors, base, _ in mp:
+            H = fishers(name)
             out[name] = gaussian_posterior_merge(base, tensors, H, comp_w, prior(name, H))
         return out
 
     def e_step(theta: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        n = len(setup["groups"])
         logdens = torch.zeros(n, dtype=torch.float64)
         log_prior = 0.0
         for name, tensors, base, _ in mp:
-            H = fishers(name, n)
+            H = fishers(name)
             p0 = prior(name, H)
             cur = theta[name]
             for i in range(n):
                 prec = (H[i].float() + p0) if H[i] is not None else p0
                 logdens[i] += gaussian_log_density(cur, tensors[i], prec)
             log_prior += gaussian_log_density(cur, base, p0)
-        return logdens, mixture_objective(logdens, setup["groups"], setup["alphas"], log_prior)
+        return logdens, mixture_objective(logdens, groups, alphas, log_prior)
 
-    theta = m_step(None)
+    resp = pi
+    theta = m_step(resp)
     history = []
-    resp = None
     for _ in range(g["em_steps"]):
         logdens, obj = e_step(theta)
         history.append(obj)
-        resp = responsibilities(logdens, setup["groups"])
+        resp = responsibilities(logdens, groups)
         theta = m_step(resp)
     if g["em_steps"]:
         history.append(e_step(theta)[1])
     log.info("posterior (mixture): %d EM steps, objective %s, responsibilities %s", g["em_steps"],
-             [round(h, 3) for h in history], None if resp is None else [round(float(x), 3) for x in resp])
-    return _MixtureState(theta, resp if resp is not None else setup.get("pi"), history)
+             [round(h, 3) for h in history], [round(float(x), 3) for x in resp])
+    return _MixtureState(theta, resp, history)
 
 
 @register_method(
@@ -271,4 +271,4 @@ def posterior(ctx: TensorContext, *, weight: list[float], family: str, prior_pre
     if family == "mixture":
         return ctx.state.theta[ctx.name].to(base.dtype)
     H = _fishers(ctx)
-    return gaussian_posterior_merge(base, ctx.tensors, H, weight, _prior(prior_precision, H, weight))
+    return gaussian_posterior_merge(base, ctx.tensors, H, weight, _prior(prior_precision, H))

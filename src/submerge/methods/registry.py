@@ -22,6 +22,7 @@ passes whatever it returns to every per-tensor call as ``ctx.state``.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -142,6 +143,10 @@ class ModelPass:
         self._stats = stats
         self.scratch_dir = scratch_dir  # a folder for spilling results, removed after the merge; None = RAM
 
+    def params_of(self, name: str) -> dict:
+        """The bound parameters of tensor ``name`` (per-model ones as lists), without reading it."""
+        return self._params(name)
+
     def stats(self, name: str) -> Optional[Sequence[Any]]:
         """Per model, the calibration statistics of the layer owning tensor ``name`` (None where absent)."""
         return self._stats(name) if self._stats is not None else None
@@ -153,21 +158,25 @@ class ModelPass:
             yield name, tensors, base, self._params(name)
 
 
-class Sidecar:
+class Sidecar(abc.ABC):
     """Extra output a method writes beside the merged model (ESM++ experts), built while streaming.
 
     The executor asks :meth:`wants` per output tensor, keeps a copy of the inputs for those, and after
     merging calls :meth:`add` with the merged tensor as it will be saved; :meth:`finish` writes the
     files into the (temporary) output folder and returns lines for the model card."""
 
+    @abc.abstractmethod
     def wants(self, name: str) -> bool:
-        return False
+        """Whether :meth:`add` needs output tensor ``name`` (its inputs are then copied before merging)."""
 
-    def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor], stats: Optional[Sequence[Any]]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor],
+            stats: Optional[Sequence[Any]]) -> None:
+        """Take one merged tensor (as saved), the fine-tuned inputs and their per-model statistics."""
 
+    @abc.abstractmethod
     def finish(self, folder: Any, model_params: int, model_bytes: int) -> list[str]:
-        return []
+        """Write the side files into ``folder``; return notes for the model card."""
 
 
 @dataclass(frozen=True)

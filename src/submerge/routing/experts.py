@@ -186,6 +186,12 @@ def layer_experts(merged: torch.Tensor, finetuned: Sequence[torch.Tensor], stats
                         torch.stack(protos).float(), None, layout)
 
 
+def bias_residuals(merged: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[T, d_out]`` bias residuals ``b_t − b_merged`` (on the CPU, in the merged bias's dtype)."""
+    m = merged.to("cpu", torch.float64)
+    return torch.stack([f.to("cpu", torch.float64) - m for f in finetuned]).to(merged.dtype)
+
+
 def build_experts(
     merged: Mapping[str, torch.Tensor],
     models: Sequence[Mapping[str, torch.Tensor]],
@@ -241,7 +247,7 @@ def build_experts(
             e.prototypes = torch.stack([p.mean.float() for p in ps])
         bname = name[: -len(".weight")] + ".bias"
         if bias and bname in merged:
-            e.bias = torch.stack([sd[bname].double() - merged[bname].double() for sd in models]).to(e.B.dtype)
+            e.bias = bias_residuals(merged[bname], [sd[bname] for sd in models]).to(e.B.dtype)
         out.layers[name[: -len(".weight")]] = e
     if skipped:
         log.info("esm_pp: %d routed layer(s) without calibration statistics stay static: %s", len(skipped),

@@ -9,7 +9,7 @@
   prototypes, and the top-1 expert is added (the authors' rule; every layer decides on its own).
   ``top_k > 1``: the k most similar experts, weighted by a softmax of their similarities / ``temperature``.
   ``global_routing=True``: the first routed layer of a forward pass decides for all later ones.
-* ``oracle``: the task ids given with :meth:`Router.oracle` (one per sample).
+* ``oracle``: the task ids given with :meth:`Router.oracle` (one per sample, or one for all).
 * ``base``: no expert (the static merge).
 
 Everything is batched over samples (gathered expert factors, one einsum); inputs are batch-first
@@ -96,6 +96,8 @@ class RoutedLinear(nn.Module):
             if st.task_ids is None:
                 raise ConfigError("oracle routing needs task ids: use `with router.oracle(ids): model(...)`")
             ids = st.task_ids.to(x.device).long().view(-1)
+            if ids.numel() == 1:  # one task for every sample, whatever the batch size
+                ids = ids.expand(n)
             if ids.numel() != n:
                 raise ConfigError(f"oracle routing: {ids.numel()} task ids for a batch of {n}")
             return ids[:, None], torch.ones(n, 1, dtype=x.dtype, device=x.device)
@@ -171,7 +173,8 @@ class Router:
 
     @contextlib.contextmanager
     def oracle(self, task_ids: Union[torch.Tensor, Sequence[int], int]) -> Iterator[None]:
-        """Route every sample of the forward passes inside to its given task's expert."""
+        """Route every sample of the forward passes inside to its given task's expert (one id per
+        sample, or a single id for all samples of any batch)."""
         ids = torch.as_tensor(task_ids).long().view(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.state.n_tasks):
             raise ConfigError(f"task ids must be in [0, {self.state.n_tasks}), got {ids.tolist()[:8]}")

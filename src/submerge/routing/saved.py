@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import nn
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io import atomic_folder
 from submerge.routing.experts import ExpertSet
 from submerge.routing.runtime import Router, attach
 
@@ -35,19 +33,12 @@ def save(folder: Union[str, Path], model: Any, experts: ExpertSet, *, overwrite:
         settings = dict(mode=router.state.mode, top_k=router.state.top_k, temperature=router.state.temperature,
                         global_routing=router.state.global_routing)
         router.detach()
-    tmp = folder.parent / f".{folder.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        experts.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(folder, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            experts.save(tmp)
     finally:
         if settings is not None:
             attach(model, experts, **settings)
