@@ -45,9 +45,8 @@ def merged_stats(S: BenchSession, state: dict) -> list:
     out = []
     S.bb.load(state)
     for t in S.tasks:
-        texts = list(S.splits[t.name].train[0])
-        idx = np.random.default_rng(0).permutation(len(texts))[:S.cfg.calib_n]
-        out.append(collect_stats(S.bb.model, [dict(S.bb.tokenize([texts[i] for i in idx]))], progress=False))
+        texts, _ = S.sample(t.name, "train", S.cfg.calib_n)
+        out.append(collect_stats(S.bb.model, [dict(S.bb.tokenize(texts))], progress=False))
     S.bb.reset()
     return out
 

@@ -146,6 +146,12 @@ class BenchSession:
         return finetune(self.bb, tr_x, tr_y, self.heads[task.name], self.cfg.recipe, seed, self.cache, key,
                         desc=desc, quiet=self.cfg.quiet)
 
+    def sample(self, task: str, split: str, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+        """``n`` examples of ``task``'s ``split`` (a seeded permutation; the same for every method)."""
+        texts, labels = getattr(self.splits[task], split)
+        idx = np.random.default_rng(seed).permutation(len(texts))[:n]
+        return [texts[i] for i in idx], [labels[i] for i in idx]
+
     def score(self, split: str) -> dict[str, np.ndarray]:
         return {t.name: correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
                 for t in self.tasks}
@@ -200,13 +206,12 @@ class BenchSession:
         if key not in self._stats:
             out = []
             for t, expert in zip(self.tasks, self.experts):
-                texts = list(getattr(self.splits[t.name], split)[0])
-                idx = np.random.default_rng(seed).permutation(len(texts))[:n]
-                batch = dict(self.bb.tokenize([texts[i] for i in idx]))
+                texts, _ = self.sample(t.name, split, n, seed)
+                batch = dict(self.bb.tokenize(texts))
                 if source == "finetuned":
                     self.bb.load(expert)
                 out.append(collect_stats(self.bb.model, [batch], progress=False,
-                                         info={"task": t.name, "n_inputs": len(idx), "split": split,
+                                         info={"task": t.name, "n_inputs": len(texts), "split": split,
                                                "source": source}))
                 self.bb.reset()
             self._stats[key] = out
@@ -227,15 +232,14 @@ class BenchSession:
             names = self.bb.trainable_names()
             scale = self.cfg.recipe.logit_scale
             for t, expert in zip(self.tasks, experts if experts is not None else self.experts):
-                texts, labels = getattr(self.splits[t.name], split)
-                idx = np.random.default_rng(seed).permutation(len(texts))[:n]
+                texts, labels = self.sample(t.name, split, n, seed)
                 head = self.heads[t.name]
                 self.bb.load(expert)
-                examples = [self.bb.tokenize([texts[i]]) for i in idx]
+                examples = [self.bb.tokenize([x]) for x in texts]
                 out.append(fisher_diagonal(
                     self.bb.model, examples,
                     lambda m, ex: torch.log_softmax(scale * self.bb.forward_embed(ex) @ head.T, -1),
-                    kind=kind, labels=[labels[i] for i in idx], params=names, progress=False,
+                    kind=kind, labels=labels, params=names, progress=False,
                     info={"task": t.name, "split": split}))
                 self.bb.reset()
             if experts is not None:
