@@ -12,7 +12,9 @@ from submerge.config import MergeConfig, load_config, parse_config
 from submerge.errors import CheckpointError, ConfigError
 from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
 from submerge.methods import ModelPass, TensorContext, get_method
-from submerge.plan import MergePlan, plan_merge
+from submerge.device import parse_device
+from submerge.io import check_output_target, parse_size
+from submerge.plan import MergePlan, plan_merge, resolve_model_path
 
 ConfigLike = Union[str, Path, dict, MergeConfig]
 
@@ -53,16 +55,30 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
             raise ConfigError(f"unknown merge option(s) {sorted(unknown)}; known: {sorted(names)}")
         opts = dataclasses.replace(opts, **kwargs)
     out = Path(out_dir)
+    cfg, config_dir = _load(config)
+    # refuse a dangerous OUT before any checkpoint is opened (the executor checks again, locked)
+    inputs = config_inputs(cfg, config_dir) + ([Path(config)] if isinstance(config, (str, Path)) else [])
+    check_output_target(out, inputs)
     if out.exists() and not opts.overwrite:
         raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    cfg, config_dir = _load(config)
+    parse_size(opts.out_shard_size)
+    parse_device(opts.device)
     plan = plan_merge(cfg, config_dir)
     try:
         executor = Executor(plan, opts)
     except BaseException:
         plan.close()
         raise
-    return executor.run(out)
+    return executor.run(out, inputs)
+
+
+def config_inputs(cfg: MergeConfig, config_dir: Optional[Path]) -> list[Path]:
+    """Every local path a config names: models, base, tokenizer source, calibration folders."""
+    refs = list(cfg.referenced_models())
+    if cfg.tokenizer_source not in (None, "base", "union"):
+        refs.append(cfg.tokenizer_source)
+    refs += [m.calibration for m in cfg.models or [] if m.calibration]
+    return [resolve_model_path(r, config_dir) for r in refs]
 
 
 def merge_state_dicts(

@@ -102,8 +102,9 @@ class CalibrationStats:
         key = match_layer(tensor_name, self.names())
         return self.get(key) if key is not None else None
 
-    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
-        """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically)."""
+    def save(self, path: Union[str, Path], overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
+        """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically; ``inputs``:
+        paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
         from safetensors.torch import save_file
 
         from submerge.io import atomic_folder
@@ -118,7 +119,7 @@ class CalibrationStats:
             "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout} for n, st in self.layers.items()},
             "aliases": self.aliases,
         }
-        with atomic_folder(path, overwrite, "calibration folder") as tmp:
+        with atomic_folder(path, overwrite, "calibration folder", inputs=inputs) as tmp:
             save_file(tensors, str(tmp / STATS_FILE))
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(path)
@@ -128,20 +129,29 @@ class StatsReader(CalibrationStats):
     """Saved statistics, opened lazily: each layer is read from disk when asked for."""
 
     def __init__(self, path: Union[str, Path]):
-        from safetensors import safe_open
-
         self.path = Path(path)
         mpath = self.path / MANIFEST_FILE
         if not mpath.exists() or not (self.path / STATS_FILE).exists():
             raise CheckpointError(f"{self.path} is not a calibration folder (needs {MANIFEST_FILE} and "
                                   f"{STATS_FILE}; create one with `submerge calibrate`)")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{mpath}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
-        self._meta = manifest["layers"]
-        self._file = safe_open(str(self.path / STATS_FILE), framework="pt")
+        manifest = read_manifest(mpath, FORMAT, self.path)
+        layers, aliases = manifest.get("layers"), manifest.get("aliases", {})
+        if not (isinstance(layers, dict) and all(
+                isinstance(m, dict) and _is_pos_int(m.get("d_in")) and _is_pos_int(m.get("count"))
+                and m.get("layout", "out_in") in ("out_in", "in_out") for m in layers.values())):
+            raise CheckpointError(f"{mpath}: corrupt manifest ('layers' must map each layer to d_in, count "
+                                  f"and layout); recreate it with `submerge calibrate`")
+        if not (isinstance(aliases, dict) and all(isinstance(v, str) and v in layers for v in aliases.values())):
+            raise CheckpointError(f"{mpath}: corrupt manifest ('aliases' must name recorded layers)")
+        self._meta = layers
+        self._file = open_safetensors(self.path / STATS_FILE, self.path)
+        keys = set(self._file.keys())
+        lost = [n for n in layers if f"{n}.gram" not in keys or f"{n}.mean" not in keys]
+        if lost:
+            raise CheckpointError(f"{self.path / STATS_FILE} lacks the statistics of {len(lost)} layer(s) its "
+                                  f"manifest lists, e.g. {lost[0]}; recreate it with `submerge calibrate`")
         info = {k: v for k, v in manifest.items() if k not in ("layers", "aliases", "format")}
-        super().__init__({}, manifest.get("aliases", {}), info)
+        super().__init__({}, aliases, info)
 
     def names(self) -> list[str]:
         return list(self._meta) + list(self.aliases)
@@ -158,8 +168,46 @@ class StatsReader(CalibrationStats):
         meta = self._meta.get(layer)
         if meta is None:
             return None
-        return LayerStats(self._file.get_tensor(f"{layer}.gram"), self._file.get_tensor(f"{layer}.mean"),
-                          int(meta["count"]), meta.get("layout", "out_in"))
+        gram, mean = self._file.get_tensor(f"{layer}.gram"), self._file.get_tensor(f"{layer}.mean")
+        d = int(meta["d_in"])
+        if tuple(gram.shape) != (d, d) or tuple(mean.shape) != (d,) or not gram.is_floating_point():
+            raise CheckpointError(f"{self.path / STATS_FILE}: layer {layer} has a {list(gram.shape)} Gram and a "
+                                  f"{list(mean.shape)} mean, but its manifest says d_in = {d} (corrupt folder)")
+        return LayerStats(gram, mean, int(meta["count"]), meta.get("layout", "out_in"))
+
+
+def _is_pos_int(v: Any) -> bool:
+    return type(v) is int and v > 0
+
+
+def read_manifest(path: Path, fmt: str, folder: Path) -> dict:
+    """A statistics folder's JSON manifest, checked to be an object of the expected format (one-line errors)."""
+    from submerge.io.files import read_small_text
+
+    try:
+        manifest = json.loads(read_small_text(path, folder, "statistics folder"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: corrupt manifest (a JSON object expected, got {type(manifest).__name__})")
+    if manifest.get("format") != fmt:
+        raise CheckpointError(f"{path}: unknown format {str(manifest.get('format'))[:80]!r}, expected {fmt}")
+    return manifest
+
+
+def open_safetensors(path: Path, folder: Path):
+    """``safe_open`` on a checked regular file of ``folder``, with a one-line error for a corrupt file."""
+    from safetensors import safe_open
+
+    from submerge.io import parse_safetensors_header
+    from submerge.io.files import checked_file
+
+    checked_file(path, folder, "statistics folder")
+    parse_safetensors_header(path)  # our header checks: offsets inside the file, shapes, dtypes
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
 class LazyStats(Sequence):
@@ -344,25 +392,22 @@ def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Uni
     """Calibration inputs from a file: ``.txt`` (one text per line), ``.jsonl`` (a ``text`` field, or
     ``field_name``), ``.json`` (a list of strings) or ``.pt``/``.safetensors`` (ready model inputs:
     ``input_ids`` [+ ``attention_mask``])."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"calibration input file {p} does not exist")
-    suffix = p.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        data = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(data, torch.Tensor):
-            data = {"input_ids": data}
-        if not isinstance(data, dict) or "input_ids" not in data:
-            raise ConfigError(f"{p}: expected a tensor or a dict with 'input_ids'")
-        return data
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from submerge.io.files import checked_file
 
-        data = load_file(str(p))
-        if "input_ids" not in data:
-            raise ConfigError(f"{p}: expected a tensor named 'input_ids'")
-        return data
-    text = p.read_text(encoding="utf-8")
+    p = Path(path)
+    if not os.path.lexists(p):
+        raise ConfigError(f"input file {p} does not exist")
+    try:
+        checked_file(p, None, "input file")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    suffix = p.suffix.lower()
+    if suffix in (".pt", ".pth", ".safetensors"):
+        return _tensor_inputs(p, suffix)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
     if suffix == ".jsonl":
         key = field_name or "text"
         out = []
@@ -371,8 +416,8 @@ def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Uni
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ConfigError(f"{p}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
             if isinstance(rec, str):
                 out.append(rec)
             elif isinstance(rec, dict) and isinstance(rec.get(key), str):
@@ -381,11 +426,41 @@ def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Uni
                 raise ConfigError(f"{p}:{i + 1}: no string field {key!r} (choose one with --field)")
         return out
     if suffix == ".json":
-        rec = json.loads(text)
+        try:
+            rec = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
         if not isinstance(rec, list) or not all(isinstance(r, str) for r in rec):
             raise ConfigError(f"{p}: expected a JSON list of strings")
         return rec
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _tensor_inputs(p: Path, suffix: str) -> dict:
+    """Ready model inputs: ``input_ids`` [+ ``attention_mask``], 2-D integer tensors of one length."""
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(p))
+        else:
+            data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many error types
+        raise ConfigError(f"{p}: cannot load tensors ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    if isinstance(data, torch.Tensor):
+        data = {"input_ids": data}
+    if not isinstance(data, dict) or not isinstance(data.get("input_ids"), torch.Tensor):
+        raise ConfigError(f"{p}: expected a tensor or a dict with an 'input_ids' tensor")
+    ids = data["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ConfigError(f"{p}: input_ids must be a non-empty 2-D integer tensor [examples, tokens], "
+                          f"got {ids.dtype} {list(ids.shape)}")
+    if bool((ids < 0).any()):
+        raise ConfigError(f"{p}: input_ids holds negative token ids")
+    mask = data.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+        raise ConfigError(f"{p}: attention_mask must be a tensor of input_ids' shape {list(ids.shape)}")
+    return {k: v for k, v in data.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def text_batches(texts: Sequence[str], tokenizer: Any, batch_size: int = 8,
@@ -440,13 +515,20 @@ def calibrate_model_dir(
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
     if source not in ("finetuned", "base"):
         raise ConfigError(f"source must be 'finetuned' or 'base', got {source!r}")
-    data = read_inputs(inputs, field_name) if isinstance(inputs, (str, Path)) else list(inputs)
-    model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
+    in_paths = [inputs] if isinstance(inputs, (str, Path)) else []
+    check_model_run(model_dir, out_dir, in_paths, overwrite, device, "calibration folder",
+                    n=n, batch_size=batch_size, max_length=max_length)
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as e:
+            raise ConfigError(f"--layers: bad regex {layers!r} ({e})") from None
+    data = read_inputs(inputs, field_name) if in_paths else list(inputs)
+    model = load_pretrained(AutoModel, model_dir).to(device).eval()
     if isinstance(data, dict):
+        check_token_ids(data["input_ids"], model, inputs)
         total = int(data["input_ids"].shape[0])
         count = min(n, total)
         batches = tensor_batches(data, count, batch_size)
@@ -457,7 +539,7 @@ def calibrate_model_dir(
         random.Random(seed).shuffle(order)
         chosen = [data[i] for i in order[:n]]
         count = len(chosen)
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = load_pretrained(AutoTokenizer, model_dir)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         batches = text_batches(chosen, tok, batch_size, max_length)
@@ -468,5 +550,45 @@ def calibrate_model_dir(
             "inputs": str(inputs) if isinstance(inputs, (str, Path)) else "<python>"}
     stats = collect_stats(model, batches, layers=layers, device=device, progress=progress,
                           total=(count + batch_size - 1) // batch_size, info=info)
-    stats.save(out_dir, overwrite=overwrite)
+    stats.save(out_dir, overwrite=overwrite, inputs=[model_dir, *in_paths])
     return stats
+
+
+def check_model_run(model_dir: Path, out_dir: Union[str, Path], inputs: Sequence[Any], overwrite: bool,
+                    device: str, what: str, **counts: int) -> torch.device:
+    """The checks ``submerge calibrate`` / ``fisher`` make before loading anything: the model folder,
+    positive counts, the device, and an OUT that is safe to write (and absent unless ``overwrite``)."""
+    from submerge.device import parse_device
+    from submerge.io import check_output_target
+
+    from submerge.io import Checkpoint
+
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    Checkpoint(model_dir, label=str(model_dir)).close()  # containment and header checks, before transformers
+    for name, value in counts.items():
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    dev = parse_device(device)
+    out = check_output_target(out_dir, [model_dir, *inputs], what)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{what} {out_dir} already exists (pass --overwrite to replace it)")
+    return dev
+
+
+def load_pretrained(cls: Any, model_dir: Path, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model_dir)`` (a transformers Auto class) with a one-line error for a broken
+    folder.  Weights are read in float32."""
+    if cls.__name__.startswith("AutoModel"):
+        kwargs.setdefault("torch_dtype", torch.float32)
+    try:
+        return cls.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, json.JSONDecodeError) as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {model_dir} with transformers {cls.__name__}: {msg}") from None
+
+
+def check_token_ids(ids: torch.Tensor, model: Any, source: Any) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
+        raise ConfigError(f"{source}: token id {int(ids.max())} is outside the model's vocabulary ({vocab})")

@@ -19,6 +19,50 @@ def _fail(e: SubmergeError) -> None:
     sys.exit(2)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Group(click.Group):
+    """Every failure a user can act on ends as one line on stderr, never a traceback: submerge's own
+    errors and OS errors (exit 2), SIGTERM/SIGHUP (128 + signal) and Ctrl-C (130), after the
+    command has removed its temporary output."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else "submerge"
+            click.echo(f"error: {_one_line(e.format_message())} (see '{cmd} --help')", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context):
+        from submerge.io.outdir import Terminated
+
+        try:
+            return super().invoke(ctx)
+        except SubmergeError as e:
+            _fail(e)
+        except Terminated as e:
+            click.echo(f"error: stopped by signal {e.signum}; nothing was written", err=True)
+            sys.exit(e.code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except OSError as e:
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            click.echo(f"error: {_one_line(e.strerror or e)}{where}", err=True)
+            sys.exit(2)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING
     if verbose == 1:
@@ -30,7 +74,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(package_name="submerge")
 def main() -> None:
     """Merge fine-tuned models of one pre-trained base into one model."""
@@ -43,7 +87,7 @@ def main() -> None:
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB; mergekit's 5B = 5e9 bytes).")
 @click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64", "bfloat16", "float16"]))
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--random-seed", type=int, default=None, help="Seed for randomized methods (DARE, DELLA).")
 @click.option("--no-copy-tokenizer", is_flag=True, help="Do not copy tokenizer files.")
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")
@@ -76,9 +120,9 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("-n", "--n", "n", type=int, default=32, show_default=True, help="Inputs used (a seeded random subset).")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per input (truncation).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=32, show_default=True, help="Inputs used (a seeded random subset).")
+@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per input (truncation).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input subset.")
 @click.option("--task", default=None, help="Task name recorded in the manifest.")
 @click.option("--layers", default=None, help="Regex on module names: only matching linear layers.")
@@ -111,13 +155,13 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("-n", "--n", "n", type=int, default=256, show_default=True, help="Inputs used (a seeded random subset).")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=256, show_default=True, help="Inputs used (a seeded random subset).")
 @click.option("--kind", type=click.Choice(["true", "sampled", "empirical"]), default="true", show_default=True,
               help="true: exact expectation over the predicted classes (no labels; a backward pass per class); "
                    "sampled: one class drawn per input; empirical: the given labels.")
 @click.option("--label-field", default=None, help="JSONL field with the label (needed for --kind empirical).")
 @click.option("--field", "field_name", default=None, help="JSONL field holding the text (default 'text').")
-@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", default=None, help="Task name recorded in the manifest.")
 @click.option("--device", default="cpu", show_default=True)

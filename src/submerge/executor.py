@@ -15,18 +15,19 @@ import math
 import os
 import shutil
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from submerge.card import write_model_card
+from submerge.device import parse_device
 from submerge.errors import ConfigError, NonFiniteError, SubmergeError
-from submerge.io import ShardWriter, parse_size
+from submerge.io import ShardWriter, atomic_folder, parse_size
+from submerge.io.files import copy_regular_file
 from submerge.methods import ModelPass, TensorContext
 from submerge.plan import MergePlan, TensorJob
 
@@ -38,11 +39,6 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-)
 
 
 @dataclass
@@ -87,9 +83,9 @@ class Executor:
         if options.compute_dtype not in TORCH_DTYPES:
             raise ConfigError(f"unknown compute dtype {options.compute_dtype!r}; use one of {list(TORCH_DTYPES)}")
         self.compute_dtype = TORCH_DTYPES[options.compute_dtype]
-        if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-        self.device = torch.device(options.device)
+        self.device = parse_device(options.device)
+        if options.threads is not None and options.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {options.threads}")
         cfg = plan.config
         out = cfg.out_dtype or cfg.dtype
         self.out_dtype = TORCH_DTYPES[out] if out else None
@@ -198,66 +194,87 @@ class Executor:
             )
         return out
 
-    def run(self, out_dir: Path) -> MergeResult:
+    def run(self, out_dir: Path, inputs: Sequence[Path] = ()) -> MergeResult:
+        """Merge into ``out_dir`` through :func:`~submerge.io.atomic_folder` (checked against ``inputs``
+        and the plan's own inputs, locked, free space checked, swapped in only when complete)."""
         t0 = time.perf_counter()
         plan, opt = self.plan, self.opt
         if opt.threads:
             torch.set_num_threads(opt.threads)
-        out_dir = Path(out_dir)
-        tmp = out_dir.parent / f".{out_dir.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
         bytes_read = 0
         writer = None
         try:
             specs = [(j.out_name, self._out_dtype(j), tuple(j.shape)) for j in plan.jobs]
-            writer = ShardWriter(tmp, specs, parse_size(opt.out_shard_size))
-            self._scratch = tmp / ".scratch"
-            state = self._prepare()
-            side = (plan.method.sidecar(plan.global_params, [k for k, _ in plan.jobs[0].inputs])
-                    if plan.method.sidecar is not None and plan.jobs else None)
-            total = plan.input_bytes()
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
-                      desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
-                for job, data in self._iter_loaded(plan.jobs):
-                    if job.copy_from is not None:
-                        out = data
-                        size = job.nbytes
-                    else:
-                        tensors, base = data
-                        size = job.nbytes * (len(job.inputs) + (job.base is not None))
-                        keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
-                        stats = self._stats(job)
-                        out = self.merge_tensor(job, tensors, base, state, stats)
-                        del tensors, base
-                        out = out.to(device="cpu", dtype=self._out_dtype(job))
-                        if keep is not None:
-                            side.add(job.out_name, out, keep, stats)
-                            del keep
-                    writer.add(job.out_name, out)
-                    del out, data
-                    bytes_read += size
-                    bar.update(size)
-            files = writer.finish()
-            if side is not None:
-                n_params = sum(math.prod(j.shape) for j in plan.jobs)
-                plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
-            state = side = None
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._write_metadata(tmp, files)
-            if out_dir.exists():
-                if not opt.overwrite:
-                    raise ConfigError(f"output folder {out_dir} appeared during the merge; not replacing it")
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            shard_size = parse_size(opt.out_shard_size)
+            planned = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, dt, shape in specs)
+            with atomic_folder(out_dir, opt.overwrite, "output folder", inputs=[*inputs, *plan.inputs],
+                               planned_bytes=planned) as tmp:
+                writer = ShardWriter(tmp, specs, shard_size)
+                try:
+                    bytes_read, files = self._merge_into(tmp, writer)
+                finally:
+                    writer.close()
         finally:
             plan.close()
-        return MergeResult(out_dir, time.perf_counter() - t0, bytes_read, writer.total_bytes,
+        return MergeResult(Path(out_dir), time.perf_counter() - t0, bytes_read, writer.total_bytes,
                            len(plan.jobs), files, self.seed, list(plan.notes))
+
+    def _merge_into(self, tmp: Path, writer: ShardWriter) -> tuple[int, list[str]]:
+        plan, opt = self.plan, self.opt
+        bytes_read = 0
+        self._scratch = tmp / ".scratch"
+        state = self._prepare()
+        side = (plan.method.sidecar(plan.global_params, [k for k, _ in plan.jobs[0].inputs])
+                if plan.method.sidecar is not None and plan.jobs else None)
+        total = plan.input_bytes()
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
+                  desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
+            for job, data in self._iter_loaded(plan.jobs):
+                if job.copy_from is not None:
+                    out = data
+                    size = job.nbytes
+                else:
+                    tensors, base = data
+                    size = job.nbytes * (len(job.inputs) + (job.base is not None))
+                    keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
+                    stats = self._stats(job)
+                    merged = self.merge_tensor(job, tensors, base, state, stats)
+                    del tensors, base
+                    out = merged.to(device="cpu", dtype=self._out_dtype(job))
+                    self._check_finite(job, merged, out)
+                    del merged
+                    if keep is not None:
+                        side.add(job.out_name, out, keep, stats)
+                        del keep
+                writer.add(job.out_name, out)
+                del out, data
+                bytes_read += size
+                bar.update(size)
+        files = writer.finish()
+        if side is not None:
+            n_params = sum(math.prod(j.shape) for j in plan.jobs)
+            plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._write_metadata(tmp, files)
+        return bytes_read, files
+
+    def _check_finite(self, job: TensorJob, merged: torch.Tensor, out: torch.Tensor) -> None:
+        """Never write a broken model: every merged tensor must be finite in the output dtype."""
+        if bool(torch.isfinite(out.sum(dtype=torch.float64))):
+            return
+        bad = int((~torch.isfinite(out)).sum())
+        if not bad:
+            return
+        params = {k: v for k, v in job.params.items() if not isinstance(v, str)}
+        if bool(torch.isfinite(merged).all()):
+            peak = float(merged.abs().max())
+            cause = (f"its values (largest |x| = {peak:.3g}) exceed the range of the output dtype "
+                     f"{str(out.dtype).replace('torch.', '')}; use a wider dtype or smaller weights/scales")
+        else:
+            cause = (f"the {self.plan.method.name} arithmetic overflowed or divided by ~0 in the compute dtype "
+                     f"{str(merged.dtype).replace('torch.', '')} (inputs are finite); check the weights and scales "
+                     f"({params}) or use --compute-dtype float64")
+        raise NonFiniteError(f"merged tensor {job.out_name} has {bad} NaN/Inf value(s): {cause}; nothing was written")
 
     def _out_dtype(self, job: TensorJob) -> torch.dtype:
         if job.copy_from is not None or self.out_dtype is None:
@@ -267,7 +284,6 @@ class Executor:
     # ---------------------------------------------------------------- metadata
     def _write_metadata(self, tmp: Path, files: list[str]) -> None:
         plan = self.plan
-        ref = plan.models[plan.reference]
         if plan.out_config is not None:
             cfg = dict(plan.out_config)
             if self.out_dtype is not None:
@@ -276,14 +292,10 @@ class Executor:
                 for k in keys:
                     cfg[k] = name
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if ref.path.is_dir() and (ref.path / "generation_config.json").exists():
-            shutil.copy2(ref.path / "generation_config.json", tmp / "generation_config.json")
-        if self.opt.copy_tokenizer and plan.tokenizer_model is not None:
-            tok = plan.models[plan.tokenizer_model].path
-            if tok.is_dir():
-                for fname in _TOKENIZER_FILES:
-                    if (tok / fname).exists():
-                        shutil.copy2(tok / fname, tmp / fname)
+        for src, fname, tokenizer in plan.extra_files:
+            if tokenizer and not self.opt.copy_tokenizer:
+                continue
+            copy_regular_file(src, tmp / fname)
         (tmp / "submerge_config.yaml").write_text(plan.config.to_yaml())
         if self.opt.write_card:
             write_model_card(tmp / "README.md", plan, self.opt, self.seed, files)

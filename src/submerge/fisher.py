@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -69,11 +68,12 @@ class FisherStats:
         key = self._key(name)
         return {"shape": self._shape(key)} if key is not None else None
 
-    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
-        """Write ``fisher.safetensors`` + ``fisher.json`` into folder ``path`` (atomically)."""
+    def save(self, path: Union[str, Path], overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
+        """Write ``fisher.safetensors`` + ``fisher.json`` into folder ``path`` (atomically; ``inputs``:
+        paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
         from submerge.io import atomic_folder
 
-        with atomic_folder(path, overwrite, "Fisher folder") as tmp:
+        with atomic_folder(path, overwrite, "Fisher folder", inputs=inputs) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / FISHER_FILE))
             (tmp / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **self.info}, indent=2) + "\n")
         return Path(path)
@@ -88,10 +88,10 @@ class FisherReader(FisherStats):
         if not mpath.exists() or not (self.path / FISHER_FILE).exists():
             raise CheckpointError(f"{self.path} is not a Fisher folder (needs {MANIFEST_FILE} and {FISHER_FILE}; "
                                   f"create one with `submerge fisher`)")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{mpath}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
-        self._file = safe_open(str(self.path / FISHER_FILE), framework="pt")
+        from submerge.calibrate import open_safetensors, read_manifest
+
+        manifest = read_manifest(mpath, FORMAT, self.path)
+        self._file = open_safetensors(self.path / FISHER_FILE, self.path)
         self._shapes = {k: list(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
         super().__init__({}, {k: v for k, v in manifest.items() if k != "format"})
 
@@ -152,7 +152,7 @@ def fisher_diagonal(
         for i, ex in enumerate(tqdm(examples, total=total, disable=not progress, desc="fisher")):
             lp = log_probs(model, ex).reshape(-1)
             if kind == "empirical":
-                outs, weights = [lp[int(labels[i])]], [1.0]
+                outs, weights = [lp[_label_at(labels, i, lp.numel())]], [1.0]
             elif kind == "sampled":
                 y = int(torch.multinomial(lp.detach().float().exp().cpu(), 1, generator=gen))
                 outs, weights = [lp[y]], [1.0]
@@ -178,6 +178,23 @@ def fisher_diagonal(
                                  **(info or {})})
 
 
+def _label_at(labels: Sequence[Any], i: int, n_classes: int) -> int:
+    """Example ``i``'s label as a class index in [0, n_classes): never a negative (wrapping) index or a
+    truncated float."""
+    import operator
+
+    if i >= len(labels):
+        raise ConfigError(f"the empirical Fisher got {len(labels)} labels for more examples")
+    y = labels[i]
+    try:
+        y = operator.index(y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y)
+    except TypeError:
+        raise ConfigError(f"label {y!r} of example {i} is not an integer class index") from None
+    if isinstance(labels[i], bool) or not 0 <= y < n_classes:
+        raise ConfigError(f"label {labels[i]!r} of example {i} is not a class index in 0..{n_classes - 1}")
+    return y
+
+
 def _read_labelled(path: Path, field_name: Optional[str], label_field: Optional[str]) -> tuple[list[str], Optional[list]]:
     from submerge.calibrate import read_inputs
 
@@ -188,17 +205,41 @@ def _read_labelled(path: Path, field_name: Optional[str], label_field: Optional[
         return list(data), None
     if path.suffix.lower() != ".jsonl":
         raise ConfigError(f"--label-field needs a .jsonl file with a text and a label per line, got {path}")
+    from submerge.io.files import checked_file
+
+    try:
+        checked_file(path, None, "input file")
+        text = path.read_bytes().decode("utf-8")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
     texts, labels = [], []
-    for i, line in enumerate(path.read_text().splitlines()):
+    key = field_name or "text"
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
-        row = json.loads(line)
-        key = field_name or "text"
-        if key not in row or label_field not in row:
-            raise ConfigError(f"{path} line {i + 1}: needs fields {key!r} and {label_field!r}")
-        texts.append(str(row[key]))
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(key), str) or label_field not in row:
+            raise ConfigError(f"{path}:{i + 1}: needs a string field {key!r} and a field {label_field!r}")
+        texts.append(row[key])
         labels.append(row[label_field])
     return texts, labels
+
+
+def _class_index(label: Any, config: Any, source: Path, i: int) -> int:
+    """A label as a class index: an integer in [0, num_labels) or a name in the model's label2id."""
+    n = int(getattr(config, "num_labels", 0) or 0)
+    l2i = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if isinstance(label, str) and label in l2i:
+        return int(l2i[label])
+    if type(label) is int and 0 <= label < n:
+        return label
+    raise ConfigError(f"{source}: label {label!r} of input {i + 1} is not a class of the model: use an integer "
+                      f"in 0..{n - 1} or one of its label names {sorted(l2i)[:8]}")
 
 
 def fisher_model_dir(
@@ -231,14 +272,15 @@ def fisher_model_dir(
 
     from submerge.calibrate import model_fingerprint
 
+    from submerge.calibrate import check_model_run, load_pretrained
+
     model_dir, inputs = Path(model_dir), Path(inputs)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    if not inputs.exists():
-        raise ConfigError(f"input file {inputs} does not exist")
+    if kind not in KINDS:
+        raise ConfigError(f"Fisher kind {kind!r}: use one of {list(KINDS)}")
     if kind == "empirical" and label_field is None:
         raise ConfigError("--kind empirical needs --label-field (the true Fisher needs no labels)")
-    cfg = AutoConfig.from_pretrained(model_dir)
+    check_model_run(model_dir, out_dir, [inputs], overwrite, device, "Fisher folder", n=n, max_length=max_length)
+    cfg = load_pretrained(AutoConfig, model_dir)
     archs = getattr(cfg, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"{model_dir} is a {archs or 'model without architectures'}; `submerge fisher` handles "
@@ -249,17 +291,12 @@ def fisher_model_dir(
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     order = order[:n]
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).to(device)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_pretrained(AutoModelForSequenceClassification, model_dir).to(device)
+    tok = load_pretrained(AutoTokenizer, model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if labels is not None:
-        l2i = {str(k): v for k, v in (getattr(model.config, "label2id", None) or {}).items()}
-        try:
-            labels = [int(labels[i]) if not (isinstance(labels[i], str) and labels[i] in l2i) else l2i[labels[i]]
-                      for i in order]
-        except (TypeError, ValueError):
-            raise ConfigError(f"labels in {inputs} must be class indices or names in the model's label2id") from None
+        labels = [_class_index(labels[i], model.config, inputs, i) for i in order]
     examples = [{k: v.to(device) for k, v in tok(texts[i], truncation=True, max_length=max_length,
                                                    return_tensors="pt").items()} for i in order]
     t0 = time.perf_counter()
@@ -269,5 +306,5 @@ def fisher_model_dir(
                             info={"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
                                   "task": task, "inputs": str(inputs), "seed": seed, "max_length": max_length})
     stats.info["seconds"] = round(time.perf_counter() - t0, 2)
-    stats.save(out_dir, overwrite=overwrite)
+    stats.save(out_dir, overwrite=overwrite, inputs=[model_dir, inputs])
     return stats

@@ -7,6 +7,7 @@ shapes, dtypes, the method's input contract and every parameter of every tensor.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,10 +19,18 @@ import torch
 from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setting
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
+from submerge.io.files import checked_file
 from submerge.methods import MergeMethod, get_method
 
 _LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Files copied from the reference model (generation) and the tokenizer source into the output.
+GENERATION_FILES = ("generation_config.json",)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+)
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
 
 
@@ -52,6 +61,15 @@ class MergePlan:
     tokenizer_model: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # model key -> calibration StatsReader
+    # (source file, name in the output, is a tokenizer file): checked to be regular files in their folder
+    extra_files: list[tuple[Path, str, bool]] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every path this merge reads: the models (tokenizer source included) and statistics folders."""
+        paths = [ckpt.path for ckpt in self.models.values()]
+        paths += [Path(r.path) for r in self.stats.values() if getattr(r, "path", None) is not None]
+        return paths
 
     def input_bytes(self) -> int:
         return sum(
@@ -324,9 +342,11 @@ class Planner:
             if tok not in models:
                 models[tok] = Checkpoint(resolve_model_path(tok, self.config_dir), label=tok)
         self._check_linear_weights(jobs)
+        extra = self._extra_files(models[reference], GENERATION_FILES, False)
+        extra += self._extra_files(models[tok], TOKENIZER_FILES, True)
         first = next((j for j in jobs if j.copy_from is None), None)
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
-        plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok)
+        plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok, extra_files=extra)
         self._open_stats(plan)
         return plan
 
@@ -384,6 +404,19 @@ class Planner:
         if missing:
             plan.notes.append(f"{len(missing)} 2-D weight(s) have no calibration statistics "
                               f"(merged without data), e.g. {missing[:3]}")
+
+    @staticmethod
+    def _extra_files(ckpt: Checkpoint, names: tuple[str, ...], tokenizer: bool) -> list[tuple[Path, str, bool]]:
+        """The metadata files of a model folder to copy into the output, each checked to be a regular
+        file inside the folder (symlinks only within it) before anything is merged."""
+        if not ckpt.path.is_dir():
+            return []
+        out = []
+        for name in names:
+            src = ckpt.path / name
+            if os.path.lexists(src):
+                out.append((checked_file(src, ckpt.path, f"model '{ckpt.label}'"), name, tokenizer))
+        return out
 
     def _check_linear_weights(self, jobs: list[TensorJob]) -> None:
         if self.method.name == "linear":

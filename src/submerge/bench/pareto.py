@@ -31,6 +31,7 @@ from submerge.api import merge_state_dicts
 from submerge.bench.finetune import cache_key, load_cached, save_cached, start_training, stop_training, task_loss
 from submerge.bench.runner import BenchConfig, BenchSession
 from submerge.errors import ConfigError
+from submerge.io import check_output_target
 
 RULES = ("isotropic", "diagonal", "mixture")
 
@@ -119,6 +120,7 @@ def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
     """Sweep the weights, merge with each rule, score; multitask ground truth; JSON + Markdown + PNG."""
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_target(out_dir, what="results folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     bad = set(cfg.rules) - set(RULES)
     if bad:

@@ -26,6 +26,7 @@ from submerge.bench.finetune import Recipe, cache_key, finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
+from submerge.io import check_output_target
 
 log = logging.getLogger("submerge.bench")
 
@@ -312,6 +313,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
 
     cfg = cfg or BenchConfig()
     out_dir = Path(out_dir)
+    check_output_target(out_dir, what="results folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     S = BenchSession(cfg)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from submerge.errors import CheckpointError
+from submerge.io.files import checked_file, is_plain_name, read_small_text
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,6 +61,7 @@ class TensorInfo:
 
 def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Index a safetensors file from its header, checking it is well formed."""
+    path = checked_file(path, None, "safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -84,10 +86,15 @@ def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_count(s) for s in shape) and isinstance(offsets, list)
+                    and len(offsets) == 2 and all(_is_count(v) for v in offsets)):
+                raise ValueError
+            shape = tuple(shape)
+            begin, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {entry!r}") from None
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {str(entry)[:200]} "
+                                  f"(shape and data_offsets must be non-negative integers)") from None
         numel = 1
         for s in shape:
             numel *= s
@@ -99,6 +106,10 @@ def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         out[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
     return out
+
+
+def _is_count(v: object) -> bool:
+    return type(v) is int and v >= 0
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path: Path, name: str) -> None:
@@ -134,27 +145,33 @@ class Checkpoint:
         if self.path.is_dir():
             self._index_folder()
         else:
-            self._index_file(self.path)
+            self._index_file(checked_file(self.path, None, f"model '{self.label}'"))
         if not self.tensors:
             raise CheckpointError(f"model '{self.label}': {self.path} holds no tensors")
 
     # ---------------------------------------------------------------- indexing
     def _index_folder(self) -> None:
         d = self.path
+        what = f"model '{self.label}'"
         cfg = d / "config.json"
-        if cfg.exists():
+        if os.path.lexists(cfg):
             try:
-                self.config = json.loads(cfg.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"model '{self.label}': unreadable {cfg} ({e})") from None
+                config = json.loads(read_small_text(cfg, d, what))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{what}: {cfg} is not valid JSON ({e})") from None
+            except RecursionError:
+                raise CheckpointError(f"{what}: {cfg} is nested too deeply") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{what}: {cfg} must hold a JSON object, got {type(config).__name__}")
+            self.config = config
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = d / index_name
-            if index.exists():
+            if os.path.lexists(index):
                 self._index_sharded(index)
                 return
         for single in ("model.safetensors", "pytorch_model.bin"):
-            if (d / single).exists():
-                self._index_file(d / single)
+            if os.path.lexists(d / single):
+                self._index_file(checked_file(d / single, d, what))
                 return
         raise CheckpointError(
             f"model '{self.label}': no weights in {d} (looked for model.safetensors, "
@@ -162,16 +179,24 @@ class Checkpoint:
         )
 
     def _index_sharded(self, index: Path) -> None:
+        what = f"model '{self.label}'"
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"model '{self.label}': unreadable index {index} ({e})") from None
+            raw = json.loads(read_small_text(index, self.path, what))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{what}: unreadable index {index} ({e})") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{what}: index {index} needs a 'weight_map' object (tensor name -> file name)")
+        for name, file in weight_map.items():
+            if not is_plain_name(file):
+                raise CheckpointError(f"{what}: {index.name} maps tensor {name} to {file!r}; index entries must "
+                                      f"be plain file names inside the model folder")
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             p = index.parent / shard
-            if not p.exists():
-                raise CheckpointError(f"model '{self.label}': shard {p} named in {index.name} is missing")
-            infos = self._file_infos(p)
+            if not os.path.lexists(p):
+                raise CheckpointError(f"{what}: shard {p} named in {index.name} is missing")
+            infos = self._file_infos(checked_file(p, self.path, what))
             for name, file in weight_map.items():
                 if file == shard:
                     if name not in infos:

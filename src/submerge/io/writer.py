@@ -8,15 +8,11 @@ soon as it exists.  No output shard is ever held in memory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
 
 import torch
 
@@ -26,6 +22,7 @@ _UNITS = {
     "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
     "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+_MAX_SIZE = 10**15
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -35,9 +32,13 @@ _ST_DTYPES = {
 
 def parse_size(text: str | int) -> int:
     """Parse a shard size: ``5GB``, ``500M``, ``2GiB``, ``1e9``, or mergekit's ``5B`` (= 5e9 bytes)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 1 <= text <= _MAX_SIZE:
+            raise ConfigError(f"size must be between 1 byte and 1 PB, got {text!r}")
         return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if isinstance(text, bool):
+        raise ConfigError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]{1,3})?)\s*([a-zA-Z]*)\s*", str(text))
     if not m:
         raise ConfigError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
     number, unit = float(m.group(1)), m.group(2).lower()
@@ -47,9 +48,10 @@ def parse_size(text: str | int) -> int:
         mult = _UNITS[unit]
     else:
         raise ConfigError(f"unknown size unit {m.group(2)!r} in {text!r}")
-    size = int(number * mult)
-    if size <= 0:
-        raise ConfigError(f"size must be positive, got {text!r}")
+    value = number * mult
+    if not value >= 1 or value > _MAX_SIZE:
+        raise ConfigError(f"size must be between 1 byte and 1 PB, got {text!r}")
+    size = int(value)
     return size
 
 
@@ -143,22 +145,3 @@ class ShardWriter:
         self._fds.clear()
 
     abort = close
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Union[str, Path], overwrite: bool = False, what: str = "output folder") -> Iterator[Path]:
-    """Write a folder atomically: yields a temporary sibling to fill, renamed to ``out`` when the block
-    ends without error (replacing ``out`` when ``overwrite``), removed otherwise."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{what} {out} already exists (pass overwrite=True / --overwrite)")
-    tmp = out.parent / f".{out.name}.submerge-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

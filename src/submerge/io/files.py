@@ -1,0 +1,94 @@
+"""Containment: which files of a model folder submerge may read or copy.
+
+A model folder is read only through its own regular files.  A symlink is followed only when
+its target is a regular file inside the same folder or, for the Hugging Face cache layout
+(``models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>``), inside that repository's cache
+folder.  FIFOs, devices and sockets are refused (they hang or never end), as are index entries
+that name anything but a plain file name in the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Optional
+
+from submerge.errors import CheckpointError
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config / index / manifest files larger than this are not metadata
+
+
+def bounds_of(folder: Path) -> Path:
+    """The folder that symlinks inside ``folder`` may point into (see module doc)."""
+    root = Path(os.path.realpath(folder))
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--")):
+        return root.parent.parent
+    return root
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def checked_file(path: Path, folder: Optional[Path], what: str) -> Path:
+    """``path`` if it may be read: a regular file, or a symlink to one inside ``folder``'s bounds.
+
+    ``folder=None``: a file the user named directly (any regular file, symlinks followed).
+    Returns ``path`` itself (its name keeps the suffix a format is told by; a HF cache blob has none);
+    raises :class:`CheckpointError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        lst = os.lstat(path)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read {path} ({e.strerror})") from None
+    target = path
+    if stat.S_ISLNK(lst.st_mode):
+        target = Path(os.path.realpath(path))
+        if folder is not None:
+            bound = bounds_of(folder)
+            if target != bound and bound not in target.parents:
+                raise CheckpointError(f"{what}: {path} is a symlink to {target}, outside the model folder "
+                                      f"{folder}; submerge follows symlinks only within the folder (or its "
+                                      f"Hugging Face cache repository)")
+    try:
+        st = os.stat(target)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read {path} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what}: {path} is {_kind(st.st_mode)}, not a regular file")
+    return path
+
+
+def read_small_text(path: Path, folder: Optional[Path], what: str, limit: int = MAX_JSON_BYTES) -> str:
+    """A checked metadata file's text (UTF-8), refusing binary or oversized files with one line."""
+    p = checked_file(path, folder, what)
+    size = p.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{what}: {path} is {size / 1e6:.0f} MB, too large for a metadata file")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what}: {path} is not UTF-8 text (binary?)") from None
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read {path} ({e.strerror})") from None
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name with no folder part: what an index may name."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name))
+
+
+def copy_regular_file(src: Path, dst: Path) -> None:
+    """Copy a file already passed through :func:`checked_file`: its content, never the link itself."""
+    shutil.copyfile(src, dst)
