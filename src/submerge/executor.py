@@ -186,7 +186,16 @@ class Executor:
         ctx = TensorContext(job.out_name, tensors, base, generator, state,
                             [k for k, _ in job.inputs],
                             stats=stats)
-        out = self.plan.method(ctx, **job.params)
+        try:
+            out = self.plan.method(ctx, **job.params)
+        except RuntimeError as e:
+            if "overflow" not in str(e):
+                raise
+            params = {k: v for k, v in job.params.items() if not isinstance(v, str)}
+            raise NonFiniteError(
+                f"merged tensor {job.out_name} has NaN/Inf value(s): the {self.plan.method.name} merge "
+                f"overflowed the compute dtype {str(self.compute_dtype).replace('torch.', '')} ({e}); check the "
+                f"weights and scales ({params}) or use --compute-dtype float64; nothing was written") from None
         if out.shape != job.shape:
             raise SubmergeError(
                 f"{self.plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
@@ -271,7 +280,7 @@ class Executor:
             cause = (f"its values (largest |x| = {peak:.3g}) exceed the range of the output dtype "
                      f"{str(out.dtype).replace('torch.', '')}; use a wider dtype or smaller weights/scales")
         else:
-            cause = (f"the {self.plan.method.name} arithmetic overflowed or divided by ~0 in the compute dtype "
+            cause = (f"the {self.plan.method.name} merge overflowed or divided by ~0 in the compute dtype "
                      f"{str(merged.dtype).replace('torch.', '')} (inputs are finite); check the weights and scales "
                      f"({params}) or use --compute-dtype float64")
         raise NonFiniteError(f"merged tensor {job.out_name} has {bad} NaN/Inf value(s): {cause}; nothing was written")

@@ -81,7 +81,7 @@ class Param:
                 out = int(value)
             else:
                 out = t(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(
                 f"parameter '{self.name}' at {where}: expected {t.__name__}, got {value!r}"
             ) from None
