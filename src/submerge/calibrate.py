@@ -526,7 +526,9 @@ def calibrate_model_dir(
         except re.error as e:
             raise ConfigError(f"--layers: bad regex {layers!r} ({e})") from None
     data = read_inputs(inputs, field_name) if in_paths else list(inputs)
-    model = load_pretrained(AutoModel, model_dir).to(device).eval()
+    if not isinstance(data, dict) and not data:
+        raise ConfigError(f"no calibration inputs in {inputs}")
+    model = load_pretrained(AutoModel, model_dir, quiet=not progress).to(device).eval()
     if isinstance(data, dict):
         check_token_ids(data["input_ids"], model, inputs)
         total = int(data["input_ids"].shape[0])
@@ -539,10 +541,10 @@ def calibrate_model_dir(
         random.Random(seed).shuffle(order)
         chosen = [data[i] for i in order[:n]]
         count = len(chosen)
-        tok = load_pretrained(AutoTokenizer, model_dir)
+        tok = load_pretrained(AutoTokenizer, model_dir, quiet=not progress)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        batches = text_batches(chosen, tok, batch_size, max_length)
+        batches = text_batches(chosen, tok, batch_size, effective_max_length(max_length, model.config))
     if count < n:
         log.warning("only %d calibration inputs available (asked for %d)", count, n)
     info = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir), "task": task,
@@ -576,19 +578,54 @@ def check_model_run(model_dir: Path, out_dir: Union[str, Path], inputs: Sequence
     return dev
 
 
-def load_pretrained(cls: Any, model_dir: Path, **kwargs: Any) -> Any:
+def load_pretrained(cls: Any, model_dir: Path, quiet: bool = False, **kwargs: Any) -> Any:
     """``cls.from_pretrained(model_dir)`` (a transformers Auto class) with a one-line error for a broken
-    folder.  Weights are read in float32."""
+    folder; ``quiet`` silences transformers' progress bars and warnings.  Weights are read in float32."""
+    from transformers.utils import logging as hf_logging
+
     if cls.__name__.startswith("AutoModel"):
         kwargs.setdefault("torch_dtype", torch.float32)
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         return cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, json.JSONDecodeError) as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load {model_dir} with transformers {cls.__name__}: {msg}") from None
+    finally:
+        if quiet:
+            hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
 
 
 def check_token_ids(ids: torch.Tensor, model: Any, source: Any) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
     if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
         raise ConfigError(f"{source}: token id {int(ids.max())} is outside the model's vocabulary ({vocab})")
+    positions = max_positions(cfg)
+    if positions is not None and ids.shape[1] > positions:
+        raise ConfigError(f"{source}: inputs of {ids.shape[1]} tokens are longer than the model's "
+                          f"{positions} positions")
+
+
+def max_positions(cfg: Any) -> Optional[int]:
+    """How many tokens the model's position embeddings cover (None when it does not say)."""
+    n = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(cfg, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):  # padding_idx + 1 offset
+        n -= 2
+    return n
+
+
+def effective_max_length(max_length: int, cfg: Any) -> int:
+    """``max_length`` capped at the model's positions (longer inputs would fail inside the model)."""
+    positions = max_positions(cfg)
+    if positions is not None and max_length > positions:
+        log.info("max_length %d exceeds the model's %d positions; truncating to %d", max_length, positions, positions)
+        return positions
+    return max_length

@@ -14,13 +14,16 @@ import click
 from submerge.errors import SubmergeError
 
 
-def _fail(e: SubmergeError) -> None:
-    click.echo(f"error: {e}", err=True)
+def _one_line(text: object) -> str:
+    """A message as one printable line: whitespace (newlines included) collapsed, control characters escaped
+    (a file name may hold any of them)."""
+    chars = (" " if ch.isspace() else ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+    return " ".join("".join(chars).split())
+
+
+def _fail(e: BaseException) -> None:
+    click.echo(f"error: {_one_line(e)}", err=True)
     sys.exit(2)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 class _Group(click.Group):
@@ -59,8 +62,7 @@ class _Group(click.Group):
             sys.exit(130)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            click.echo(f"error: {_one_line(e.strerror or e)}{where}", err=True)
-            sys.exit(2)
+            _fail(f"{e.strerror or e}{where}")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

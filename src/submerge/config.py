@@ -203,7 +203,7 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msgs.append(f"{loc}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(msgs[:8])) from None
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(msgs[:8])) from None
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -272,7 +272,7 @@ def fisher_model_dir(
 
     from submerge.calibrate import model_fingerprint
 
-    from submerge.calibrate import check_model_run, load_pretrained
+    from submerge.calibrate import check_model_run, effective_max_length, load_pretrained
 
     model_dir, inputs = Path(model_dir), Path(inputs)
     if kind not in KINDS:
@@ -280,7 +280,7 @@ def fisher_model_dir(
     if kind == "empirical" and label_field is None:
         raise ConfigError("--kind empirical needs --label-field (the true Fisher needs no labels)")
     check_model_run(model_dir, out_dir, [inputs], overwrite, device, "Fisher folder", n=n, max_length=max_length)
-    cfg = load_pretrained(AutoConfig, model_dir)
+    cfg = load_pretrained(AutoConfig, model_dir, quiet=not progress)
     archs = getattr(cfg, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"{model_dir} is a {archs or 'model without architectures'}; `submerge fisher` handles "
@@ -291,12 +291,13 @@ def fisher_model_dir(
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     order = order[:n]
-    model = load_pretrained(AutoModelForSequenceClassification, model_dir).to(device)
-    tok = load_pretrained(AutoTokenizer, model_dir)
+    if labels is not None:  # checked against the config before any weight is loaded
+        labels = [_class_index(labels[i], cfg, inputs, i) for i in order]
+    model = load_pretrained(AutoModelForSequenceClassification, model_dir, quiet=not progress).to(device)
+    tok = load_pretrained(AutoTokenizer, model_dir, quiet=not progress)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if labels is not None:
-        labels = [_class_index(labels[i], model.config, inputs, i) for i in order]
+    max_length = effective_max_length(max_length, cfg)
     examples = [{k: v.to(device) for k, v in tok(texts[i], truncation=True, max_length=max_length,
                                                    return_tensors="pt").items()} for i in order]
     t0 = time.perf_counter()
