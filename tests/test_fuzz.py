@@ -292,7 +292,12 @@ def mutated_configs(draw, world):
     cfg = ta(world)
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(["root", "model", "params"]))
-        target = {"root": cfg, "model": cfg["models"][0], "params": cfg["models"][0]["parameters"]}[where]
+        models = cfg.get("models")
+        first = models[0] if isinstance(models, list) and models and isinstance(models[0], dict) else None
+        params = first.get("parameters") if first is not None else None
+        target = {"root": cfg, "model": first, "params": params if isinstance(params, dict) else None}[where]
+        if target is None:
+            target, where = cfg, "root"
         key = draw(st.sampled_from(CONFIG_KEYS) | st.text(max_size=6))
         choice = draw(st.integers(0, 3))
         if choice == 0:

@@ -14,6 +14,10 @@ import click
 from submerge.errors import SubmergeError
 
 
+MAX_THREADS = 1024
+SEED = click.IntRange(min=0, max=2**63 - 1)
+
+
 def _one_line(text: object) -> str:
     """A message as one printable line: whitespace (newlines included) collapsed, control characters escaped
     (a file name may hold any of them)."""
@@ -89,8 +93,8 @@ def main() -> None:
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB; mergekit's 5B = 5e9 bytes).")
 @click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64", "bfloat16", "float16"]))
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--random-seed", type=int, default=None, help="Seed for randomized methods (DARE, DELLA).")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch CPU threads.")
+@click.option("--random-seed", type=SEED, default=None, help="Seed for randomized methods (DARE, DELLA).")
 @click.option("--no-copy-tokenizer", is_flag=True, help="Do not copy tokenizer files.")
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -125,7 +129,7 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
 @click.option("-n", "--n", "n", type=click.IntRange(min=1), default=32, show_default=True, help="Inputs used (a seeded random subset).")
 @click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per input (truncation).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input subset.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the input subset.")
 @click.option("--task", default=None, help="Task name recorded in the manifest.")
 @click.option("--layers", default=None, help="Regex on module names: only matching linear layers.")
 @click.option("--source", type=click.Choice(["finetuned", "base"]), default="finetuned", show_default=True,
@@ -164,7 +168,7 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
 @click.option("--label-field", default=None, help="JSONL field with the label (needed for --kind empirical).")
 @click.option("--field", "field_name", default=None, help="JSONL field holding the text (default 'text').")
 @click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--task", default=None, help="Task name recorded in the manifest.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
@@ -288,9 +292,9 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/<suite>-seed<seed>).")
 @click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
 @click.option("--backbone", default=None, help="A local BERT-style model folder instead of all-MiniLM-L6-v2.")
-@click.option("--n-train", type=int, default=None)
-@click.option("--n-val", type=int, default=None)
-@click.option("--n-test", type=int, default=None)
+@click.option("--n-train", type=click.IntRange(min=1), default=None)
+@click.option("--n-val", type=click.IntRange(min=1), default=None)
+@click.option("--n-test", type=click.IntRange(min=1), default=None)
 @click.option("--quiet", "-q", is_flag=True)
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
@@ -313,8 +317,8 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
 @main.command()
 @click.option("--tasks", default="rt_sentiment,rt_subjectivity", show_default=True,
               help="Comma-separated benchmark tasks (2 or 3 for a grid; more are sampled).")
-@click.option("--grid", type=int, default=21, show_default=True, help="Points per edge of the weight simplex.")
-@click.option("--samples", type=int, default=30, show_default=True, help="Weightings sampled for > 3 tasks.")
+@click.option("--grid", type=click.IntRange(min=2, max=1001), default=21, show_default=True, help="Points per edge of the weight simplex.")
+@click.option("--samples", type=click.IntRange(min=1), default=30, show_default=True, help="Weightings sampled for > 3 tasks.")
 @click.option("--rules", default="isotropic,diagonal,mixture", show_default=True,
               help="Posterior families: isotropic (= task arithmetic), diagonal (Fisher), mixture (EM over seeds).")
 @click.option("--mixture-seeds", default="0,1", show_default=True, help="Fine-tuning seeds = mixture components.")
@@ -323,9 +327,9 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="1000 training / 100 val / 300 test examples per task.")
-@click.option("--n-train", type=int, default=None)
-@click.option("--n-test", type=int, default=None)
-@click.option("--fisher-n", type=int, default=None, help="Inputs per task for each expert's Fisher (default 64).")
+@click.option("--n-train", type=click.IntRange(min=1), default=None)
+@click.option("--n-test", type=click.IntRange(min=1), default=None)
+@click.option("--fisher-n", type=click.IntRange(min=1), default=None, help="Inputs per task for each expert's Fisher (default 64).")
 @click.option("--cache-dir", default=None)
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/pareto-<tasks>).")
 @click.option("--quiet", "-q", is_flag=True)

@@ -168,18 +168,22 @@ def _check_rules(params: Any, where: str) -> None:
                 _check_keys(rule, "rule", f"{where}.{name}[{j}]")
 
 
+def _list(x: Any) -> list:
+    return x if isinstance(x, list) else []  # other types are reported by pydantic, with their location
+
+
 def _precheck(raw: dict) -> None:
     _check_keys(raw, "root", "config")
     _check_rules(raw.get("parameters"), "parameters")
-    for i, m in enumerate(raw.get("models") or []):
+    for i, m in enumerate(_list(raw.get("models"))):
         _check_keys(m, "model", f"models[{i}]")
         if isinstance(m, dict):
             _check_rules(m.get("parameters"), f"models[{i}].parameters")
-    for i, s in enumerate(raw.get("slices") or []):
+    for i, s in enumerate(_list(raw.get("slices"))):
         _check_keys(s, "slice", f"slices[{i}]")
         if isinstance(s, dict):
             _check_rules(s.get("parameters"), f"slices[{i}].parameters")
-            for j, src in enumerate(s.get("sources") or []):
+            for j, src in enumerate(_list(s.get("sources"))):
                 _check_keys(src, "source", f"slices[{i}].sources[{j}]")
                 if isinstance(src, dict):
                     _check_rules(src.get("parameters"), f"slices[{i}].sources[{j}].parameters")

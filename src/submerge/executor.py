@@ -84,8 +84,11 @@ class Executor:
             raise ConfigError(f"unknown compute dtype {options.compute_dtype!r}; use one of {list(TORCH_DTYPES)}")
         self.compute_dtype = TORCH_DTYPES[options.compute_dtype]
         self.device = parse_device(options.device)
-        if options.threads is not None and options.threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {options.threads}")
+        if options.threads is not None and not (type(options.threads) is int and 1 <= options.threads <= 1024):
+            raise ConfigError(f"threads must be an integer in 1..1024, got {options.threads!r}")
+        if options.random_seed is not None and not (type(options.random_seed) is int
+                                                    and 0 <= options.random_seed < 2**63):
+            raise ConfigError(f"random_seed must be an integer in 0..2**63-1, got {options.random_seed!r}")
         cfg = plan.config
         out = cfg.out_dtype or cfg.dtype
         self.out_dtype = TORCH_DTYPES[out] if out else None
