@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
                           "control: the default with identity Gram matrices (SVD truncation, no data)"),
     # beyond one factor at a time: the ESD truncation inside TSV-M's fusion (spectrum kept, no scalings)
     "esd_tsv": ("esm", {"recipe": "glue", "fusion": "tsv", "layer_power": 0.0, "eig_power": 0.0, "factor": 1.0,
-                        "alpha_scope": "all"}, {},
+                        "alpha_scope": "all", "other_fusion": "tsv", "keep_base": "", "embeddings": "mean"}, {},
                 "ESD truncation + TSV-M fusion (spectrum kept), no scalings, alpha on all"),
 }
 

@@ -37,7 +37,7 @@ import torch
 
 from submerge.errors import ConfigError
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
-from submerge.methods.subspace import is_matrix, mean_of, polar, task_vectors, tsv_merge
+from submerge.methods.subspace import is_embedding, is_matrix, mean_of, polar, task_vectors, tsv_merge
 
 log = logging.getLogger("submerge")
 
@@ -59,17 +59,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     # ESM-ViT code (esm_utils.esm_merge): ESD on stacked QKV + both MLP linears, attention-out by TSV-M.
     "vit": dict(esd_roles="qkv,mlp_in,mlp_out", stack_qkv=True, eig_power=0.15, task_power=2.0,
                 column_power=2.0, layer_power=2.0, factor=2.0, fusion="polar", alpha_scope="esd",
-                rank_scale=1.0),
-    # ESM-RoBERTa code (merge.py::esm): ESD on all six linears, q/k/v separate, layer polarisation only.
+                rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean"),
+    # ESM-RoBERTa code (merge.py::esm + run_merge.py): ESD on all six linears, q/k/v separate, layer
+    # polarisation only; every other 2-D tensor (embeddings included) by its TSV path, whose polar factors
+    # are multiplied by their mean singular values; biases and the classifier excluded (kept from the base,
+    # --exclude-param ".*classifier.*" ".*bias.*"); alpha scales every merged tensor (its scaling search
+    # rescales the whole merged task vector).
     "glue": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.15, task_power=0.0,
-                 column_power=0.0, layer_power=2.0, factor=1.0, fusion="polar", alpha_scope="esd",
-                 rank_scale=1.0),
+                 column_power=0.0, layer_power=2.0, factor=1.0, fusion="polar", alpha_scope="all",
+                 rank_scale=1.0, other_fusion="tsv_scaled", keep_base="classifier|bias", embeddings="svd"),
     # submerge's default, chosen on validation data by the ablation in benchmarks/results/esm_ablation/:
     # the essential-subspace truncation on all six linears, fused as TSV-M fuses (each task's spectrum
     # kept instead of the polar factors' mean), layer polarisation, alpha on every tensor.
     "essential_tsv": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.0,
                           task_power=0.0, column_power=0.0, layer_power=2.0, factor=1.0, fusion="tsv",
-                          alpha_scope="all", rank_scale=1.0),
+                          alpha_scope="all", rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean"),
 }
 DEFAULT_RECIPE = "essential_tsv"
 RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 5.0)}  # alpha search ranges
@@ -209,6 +213,43 @@ def esm_merge_matrix(
     raise ConfigError(f"unknown ESM fusion {fusion!r}; use 'polar' or 'tsv'")
 
 
+def tsv_scaled_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The ESM-RoBERTa code's TSV path (``merge.py::_tsv_process_2d_param``) for matrices outside the
+    essential-subspace path: per task the top k = max(1, ⌊min(m, n)/T⌋) SVD triplets, stacked; the
+    stacked U and V replaced by their polar factors *times their mean singular value* (its
+    ``_procrustes_orthogonalize``); ΔW = U_o diag(S_cat) V_o.  Unlike TSV-M (no rescaling, rank 0 when
+    min(m, n) < T) — kept as a separate kernel so the ``glue`` recipe is exactly the authors'."""
+    m, n = deltas[0].shape
+    T = len(deltas)
+    k = max(1, min(m, n) // T)
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, sv, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(sv[:k])
+        vs.append(vh[:k])
+    u_o, su = polar(torch.cat(us, 1))
+    v_o, sv_ = polar(torch.cat(vs, 0))
+    return ((u_o * su.mean()) * torch.cat(ss)) @ (v_o * sv_.mean())
+
+
+OTHER_FUSIONS = {"tsv": tsv_merge, "tsv_scaled": tsv_scaled_merge}
+
+
+def _is_other_matrix(name: str, x: torch.Tensor, cfg: dict) -> bool:
+    """Whether a tensor outside the essential-subspace path gets the recipe's matrix rule: TSV-M's
+    rule (2-D, both sides > 1, embeddings by name only with embeddings=svd), or for the authors'
+    RoBERTa path every 2-D tensor (their code sends every 2-D parameter through it)."""
+    if cfg["other_fusion"] == "tsv_scaled":
+        return x.dim() == 2 and (cfg["embeddings"] == "svd" or not is_embedding(name))
+    return is_matrix(name, x, cfg["embeddings"])
+
+
+def _kept_from_base(name: str, cfg: dict) -> bool:
+    rx = cfg.get("_keep_rx")
+    return rx is not None and rx.search(name) is not None
+
+
 # ------------------------------------------------------------------------------ the method
 class Spill:
     """Unscaled per-tensor results between the whole-model pass and the per-tensor pass:
@@ -265,6 +306,10 @@ def resolve_recipe(params: dict) -> dict:
     if bad:
         raise ConfigError(f"esd_roles: unknown role(s) {bad}; use a comma list of {list(ROLES)} or 'all'")
     roles = set(roles)
+    try:
+        out["_keep_rx"] = re.compile(out["keep_base"]) if out["keep_base"] else None
+    except re.error as e:
+        raise ConfigError(f"keep_base: bad regex {out['keep_base']!r} ({e})") from None
     if "qkv" in roles:  # "qkv" means the attention input projections, fused (ViT in_proj) or separate (BERT)
         roles |= {"q", "k", "v"}
     if {"q", "k", "v"} & roles:
@@ -296,7 +341,7 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
             merged = esm_merge_matrix(
                 stacked, grams, counts, rank_scale=cfg["rank_scale"], eig_power=cfg["eig_power"],
                 task_power=cfg["task_power"], column_power=cfg["column_power"], factor=cfg["factor"],
-                fusion=cfg["fusion"]).float()
+                fusion=cfg["fusion"]).to(stacked[0].dtype)  # the compute dtype: float64 stays float64
             parts = merged.split([stats_list[0][0].weight_as_out_in(d[0]).shape[0] for d in deltas_list], 0)
             key = family + "@" + names[0]
             for name, part in zip(names, parts):
@@ -306,13 +351,13 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
             norms[key] = float(torch.linalg.norm(merged))
         else:
             for name, deltas in zip(names, deltas_list):
-                merged = tsv_merge(deltas)
-                state.results.put(name, merged.float().contiguous())
+                merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas).to(deltas[0].dtype)
+                state.results.put(name, merged.contiguous())
                 norm_key[name] = family + "@" + name
                 norms[norm_key[name]] = float(torch.linalg.norm(merged))
 
     for name, tensors, base, _params in mp:
-        if base is None or not is_matrix(name, tensors[0], g.get("embeddings", "mean")):
+        if base is None or _kept_from_base(name, cfg) or not _is_other_matrix(name, tensors[0], cfg):
             continue
         hit = layer_role(name, rules)
         if hit is None:
@@ -368,7 +413,10 @@ _ESM_PARAMS = [
     Param("alpha_scope", str, None, choices=("esd", "all"), help="which tensors alpha scales"),
     Param("rank_scale", float, None, low=0.0, help="rank per task = floor(rank_scale * d_out / T)"),
     Param("role_patterns", str, "", help="role overrides 'role=regex;...' (roles q,k,v,qkv,attn_out,mlp_in,mlp_out)"),
-    Param("embeddings", str, "mean", choices=("mean", "svd"), help="embedding tables: mean or TSV-M"),
+    Param("embeddings", str, None, choices=("mean", "svd"), help="embedding tables: mean or the matrix rule"),
+    Param("other_fusion", str, None, choices=tuple(OTHER_FUSIONS),
+          help="matrices outside the ESD path: tsv (TSV-M) or tsv_scaled (the authors' RoBERTa TSV path)"),
+    Param("keep_base", str, None, help="regex on tensor names kept from the base, unmerged (glue: classifier|bias)"),
 ]
 
 
@@ -394,8 +442,11 @@ ESM_MACHINERY: dict[str, Any] = dict(
             "on every tensor (searched on [0,5]). The authors' two code paths are presets: recipe=vit (ESM-ViT/esm_utils.esm_merge): ESD on stacked "
             "QKV and both MLP linears at rank floor(d_out/T), eigenvalue weights ^0.15, task/column/layer "
             "polarisation ^2, polar fusion x mean singular value, x2; attention-out by TSV-M; alpha on ESD "
-            "layers only (searched on [0,2]). recipe=glue (ESM-RoBERTa merge.py::esm): ESD on all six linears, "
-            "q/k/v separate, layer polarisation only, no x2 (alpha searched on [0,5]). Statistics from each "
+            "layers only (searched on [0,2]). recipe=glue (ESM-RoBERTa merge.py::esm + run_merge.py): ESD on all six "
+            "linears, q/k/v separate, layer polarisation only, no x2; every other 2-D tensor (embeddings "
+            "included) by the authors' TSV path (polar factors x their mean singular values, rank max(1, "
+            "floor(min/T))); biases and classifier kept from the base; alpha on every merged tensor (searched "
+            "on [0,5]). Statistics from each "
             "task's fine-tuned model (submerge calibrate). Non-matrices: mean of task vectors; layers without "
             "statistics: TSV-M (logged). Default alpha=1.",
     params=_ESM_PARAMS,
@@ -404,8 +455,11 @@ ESM_MACHINERY: dict[str, Any] = dict(
 def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     st: ESMState = ctx.state
     alpha = p["alpha"]
-    scope = st.settings["alpha_scope"]
+    cfg = st.settings
+    scope = cfg["alpha_scope"]
     base = ctx.base
+    if _kept_from_base(ctx.name, cfg):
+        return base
     if ctx.name in st.results:
         dw = st.results.get(ctx.name).to(base.device, base.dtype) * st.beta.get(ctx.name, 1.0)
         coef = alpha if (ctx.name in st.esd or scope == "all") else 1.0
@@ -414,7 +468,10 @@ def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     if coef == 0:
         return base
     deltas = task_vectors(ctx)
-    merged = tsv_merge(deltas) if is_matrix(ctx.name, deltas[0], p["embeddings"]) else mean_of(deltas)
+    if _is_other_matrix(ctx.name, deltas[0], cfg):
+        merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas).to(base.dtype)
+    else:
+        merged = mean_of(deltas)
     return base.add_(merged, alpha=coef)
 
 

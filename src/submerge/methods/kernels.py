@@ -303,53 +303,78 @@ def disjoint_merge(
 
 
 class StreamingKth:
-    """Exact k-th smallest |x| (1-based rank) over a stream of tensors, in two passes.
+    """Exact k-th smallest |x| (1-based rank) over a stream of tensors, by radix select.
 
-    Non-negative float32 bit patterns are ordered like their values, so a 2-level
-    radix select (high 16 bits in pass 1, low 16 bits of the chosen bucket in
-    pass 2) finds the exact value with O(65536) memory however large the model::
+    Non-negative IEEE bit patterns are ordered like their values, so the k-th value is found
+    16 bits at a time: each pass over the stream histograms the next 16 bits of the entries whose
+    higher bits match the prefix chosen so far, with O(65536) memory however large the model.
+    ``wide=False`` selects on float32 patterns (2 passes); ``wide=True`` on float64 patterns
+    (4 passes), exact for float64 data — float32 rounding would merge values that differ below
+    float32's precision (issue: 2,847 entries kept instead of 3,001 on deltas 1 + 1e-10·i)::
 
-        sel = StreamingKth(rank)
-        for x in stream(): sel.add_pass1(x)
-        for x in stream(): sel.add_pass2(x)
+        sel = StreamingKth(rank, wide=True)
+        while not sel.done:
+            for x in stream(): sel.add(x)
+            sel.next_pass()
         value = sel.value()
     """
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, wide: bool = False):
         self.rank = rank
+        self.wide = wide
+        self.bits = 64 if wide else 32
         self.total = 0
-        self._high = torch.zeros(1 << 15, dtype=torch.int64)
-        self._low = torch.zeros(1 << 16, dtype=torch.int64)
-        self._bucket: Optional[int] = None
-        self._before = 0
+        self._prefix = 0  # the chosen high bits so far
+        self._level = 0  # passes completed
+        self._before = 0  # entries strictly below the current prefix
+        self._hist = torch.zeros(1 << 16, dtype=torch.int64)
 
-    @staticmethod
-    def _bits(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().abs().to(torch.float32).reshape(-1).cpu().view(torch.int32)
+    @property
+    def done(self) -> bool:
+        return self._level * 16 >= self.bits
 
-    def add_pass1(self, x: torch.Tensor) -> None:
-        bits = self._bits(x)
-        self.total += bits.numel()
-        self._high += torch.bincount(bits >> 16, minlength=1 << 15)
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().abs().reshape(-1).cpu()
+        if self.wide:
+            return a.to(torch.float64).view(torch.int64)
+        return a.to(torch.float32).view(torch.int32).to(torch.int64)
 
-    def _choose_bucket(self) -> None:
-        if not 1 <= self.rank <= self.total:
+    def add(self, x: torch.Tensor) -> None:
+        """Count one tensor of the stream in the current pass."""
+        keys = self._keys(x)
+        if self._level == 0:
+            self.total += keys.numel()
+        else:
+            keys = keys[(keys >> (self.bits - 16 * self._level)) == self._prefix]
+        shift = self.bits - 16 * (self._level + 1)
+        self._hist += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16)
+
+    def next_pass(self) -> None:
+        """Choose the next 16 bits from this pass's histogram."""
+        if self._level == 0 and not 1 <= self.rank <= self.total:
             raise ValueError(f"rank {self.rank} outside 1..{self.total}")
-        cum = self._high.cumsum(0)
-        self._bucket = int(torch.searchsorted(cum, torch.tensor(self.rank)).item())
-        self._before = int(cum[self._bucket - 1]) if self._bucket > 0 else 0
+        cum = self._hist.cumsum(0)
+        want = self.rank - self._before
+        digit = int(torch.searchsorted(cum, torch.tensor(want)).item())
+        self._before += int(cum[digit - 1]) if digit > 0 else 0
+        self._prefix = (self._prefix << 16) | digit
+        self._level += 1
+        self._hist.zero_()
+
+    # the two-pass float32 interface (kept for callers that stream exactly twice)
+    def add_pass1(self, x: torch.Tensor) -> None:
+        self.add(x)
 
     def add_pass2(self, x: torch.Tensor) -> None:
-        if self._bucket is None:
-            self._choose_bucket()
-        bits = self._bits(x)
-        sel = bits[(bits >> 16) == self._bucket]
-        self._low += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+        if self._level == 0:
+            self.next_pass()
+        self.add(x)
 
     def value(self) -> float:
-        if self._bucket is None:
-            self._choose_bucket()
-        cum = self._low.cumsum(0)
-        low = int(torch.searchsorted(cum, torch.tensor(self.rank - self._before)).item())
-        pattern = torch.tensor([(self._bucket << 16) | low], dtype=torch.int32)
-        return float(pattern.view(torch.float32).item())
+        if not self.done:
+            self.next_pass()
+        if not self.done:
+            raise ValueError("StreamingKth.value() before every pass was streamed")
+        dtype, idtype = (torch.float64, torch.int64) if self.wide else (torch.float32, torch.int32)
+        pattern = torch.tensor([self._prefix], dtype=torch.int64).to(idtype)
+        return float(pattern.view(dtype).item())

@@ -181,8 +181,8 @@ def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
     flattened model, i.e. ``int(n * density) + 1`` entries when there are no ties.
     """
     densities: list[Optional[float]] = []
-    selectors: list[Optional[kernels.StreamingKth]] = []
     totals: list[int] = []
+    wide = False  # float64 deltas need float64 keys (exact); float32 keys for everything else
     first = True
     for name, tensors, base, params in mp:
         if first:
@@ -196,15 +196,19 @@ def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
             )
         for i in range(len(tensors)):
             totals[i] += tensors[i].numel()
+            wide = wide or tensors[i].dtype == torch.float64
     selectors = [
-        kernels.StreamingKth(max(1, n - int(n * d))) if d < 1 else None
+        kernels.StreamingKth(max(1, n - int(n * d)), wide=wide) if d < 1 else None
         for n, d in zip(totals, densities)
     ]
-    for add in ("add_pass1", "add_pass2"):
+    active = [s for s in selectors if s is not None]
+    while active and not active[0].done:
         for name, tensors, base, params in mp:
             for i, x in enumerate(tensors):
                 if selectors[i] is not None:
-                    getattr(selectors[i], add)(x - base)
+                    selectors[i].add(x - base)
+        for s in active:
+            s.next_pass()
     return [s.value() if s is not None else float("-inf") for s in selectors]
 
 
