@@ -119,7 +119,8 @@ class CalibrationStats:
             "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout} for n, st in self.layers.items()},
             "aliases": self.aliases,
         }
-        with atomic_folder(path, overwrite, "calibration folder", inputs=inputs) as tmp:
+        planned = sum(t.numel() * t.element_size() for t in tensors.values())
+        with atomic_folder(path, overwrite, "calibration folder", inputs=inputs, planned_bytes=planned) as tmp:
             save_file(tensors, str(tmp / STATS_FILE))
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(path)

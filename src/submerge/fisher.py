@@ -73,7 +73,8 @@ class FisherStats:
         paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
         from submerge.io import atomic_folder
 
-        with atomic_folder(path, overwrite, "Fisher folder", inputs=inputs) as tmp:
+        planned = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        with atomic_folder(path, overwrite, "Fisher folder", inputs=inputs, planned_bytes=planned) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / FISHER_FILE))
             (tmp / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **self.info}, indent=2) + "\n")
         return Path(path)
