@@ -70,6 +70,15 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _numeric_params(job: TensorJob) -> dict:
+    """A job's parameters without the string-valued ones, for error messages."""
+    return {k: v for k, v in job.params.items() if not isinstance(v, str)}
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed: reproducible whatever order tensors are merged in."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -194,11 +203,10 @@ class Executor:
         except RuntimeError as e:
             if "overflow" not in str(e):
                 raise
-            params = {k: v for k, v in job.params.items() if not isinstance(v, str)}
             raise NonFiniteError(
                 f"merged tensor {job.out_name} has NaN/Inf value(s): the {self.plan.method.name} merge "
-                f"overflowed the compute dtype {str(self.compute_dtype).replace('torch.', '')} ({e}); check the "
-                f"weights and scales ({params}) or use --compute-dtype float64; nothing was written") from None
+                f"overflowed the compute dtype {_dtype_name(self.compute_dtype)} ({e}); check the weights and "
+                f"scales ({_numeric_params(job)}) or use --compute-dtype float64; nothing was written") from None
         if out.shape != job.shape:
             raise SubmergeError(
                 f"{self.plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
@@ -277,15 +285,14 @@ class Executor:
         bad = int((~torch.isfinite(out)).sum())
         if not bad:
             return
-        params = {k: v for k, v in job.params.items() if not isinstance(v, str)}
         if bool(torch.isfinite(merged).all()):
             peak = float(merged.abs().max())
             cause = (f"its values (largest |x| = {peak:.3g}) exceed the range of the output dtype "
-                     f"{str(out.dtype).replace('torch.', '')}; use a wider dtype or smaller weights/scales")
+                     f"{_dtype_name(out.dtype)}; use a wider dtype or smaller weights/scales")
         else:
             cause = (f"the {self.plan.method.name} merge overflowed or divided by ~0 in the compute dtype "
-                     f"{str(merged.dtype).replace('torch.', '')} (inputs are finite); check the weights and scales "
-                     f"({params}) or use --compute-dtype float64")
+                     f"{_dtype_name(merged.dtype)} (inputs are finite); check the weights and scales "
+                     f"({_numeric_params(job)}) or use --compute-dtype float64")
         raise NonFiniteError(f"merged tensor {job.out_name} has {bad} NaN/Inf value(s): {cause}; nothing was written")
 
     def _out_dtype(self, job: TensorJob) -> torch.dtype:
