@@ -14,6 +14,10 @@ the page cache is warm after the first run of the first tool (all runs measured 
 Writes benchmarks/results/merge_speed.md and .json.
 
     python benchmarks/merge_speed.py [--work DIR] [--repeats 3] [--layers 10]
+
+``--baseline-src DIR`` adds "submerge (baseline)": the ``src`` folder of another checkout (e.g. a git worktree
+of an earlier commit), timed in the same interleaved loop, for a paired before/after comparison;
+``--skip-mergekit`` leaves mergekit out (its rows are then absent from the report).
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--baseline-src", type=Path, default=None)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--report", type=Path, default=None, help="write the report here instead of results/merge_speed")
     args = ap.parse_args()
     import torch
     import yaml
@@ -116,7 +123,7 @@ def main() -> None:
     }
     mk_bin = shutil.which("mergekit-yaml")
     sm_bin = shutil.which("submerge")
-    if not mk_bin or not sm_bin:
+    if (not mk_bin and not args.skip_mergekit) or not sm_bin:
         sys.exit("needs mergekit-yaml (pip install mergekit==0.1.5) and submerge on PATH")
     rows = []
     for method, params in methods.items():
@@ -132,6 +139,12 @@ def main() -> None:
             "submerge": lambda out: [sm_bin, "merge", str(cfg_path), str(out), "-q", "--overwrite",
                                      "--random-seed", "0"],
         }
+        if args.skip_mergekit:
+            del tools["mergekit 0.1.5"]
+        if args.baseline_src is not None:
+            runner = f"import sys; sys.path.insert(0, {str(args.baseline_src)!r}); from submerge.cli import main; main()"
+            tools["submerge (baseline)"] = lambda out: [sys.executable, "-c", runner, "merge", str(cfg_path), str(out),
+                                                        "-q", "--overwrite", "--random-seed", "0"]
         if method == "task_arithmetic":
             tools["read-once floor"] = lambda out: [sys.executable, "-c", _FLOOR, str(base), str(out),
                                                     *map(str, fts)]
@@ -155,27 +168,29 @@ def main() -> None:
 def write_report(rows: list[dict], n_params: int, args) -> None:
     import torch
 
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    report = args.report or HERE / "results" / "merge_speed"
+    report.parent.mkdir(parents=True, exist_ok=True)
     meta = {"params_per_model": n_params, "models": "base + 3 fine-tunes, bf16, 200MB shards",
             "layers": args.layers, "repeats": args.repeats, "python": platform.python_version(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
-    (out_dir / "merge_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    report.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     by = {(r["method"], r["tool"]): r for r in rows}
     floor = by.get(("task_arithmetic", "read-once floor"))
     lines = [
-        "# Merge speed: submerge vs mergekit 0.1.5",
+        "# Merge speed: submerge" + (" vs mergekit 0.1.5" if not args.skip_mergekit else "")
+        + (" vs an earlier submerge (baseline)" if args.baseline_src else ""),
         "",
         f"Synthetic Llama family, {n_params / 1e6:.0f}M parameters per model, base + 3 fine-tunes, bf16, "
         f"sharded safetensors; same YAML (`dtype: bfloat16`) for both tools; {meta['machine']}, "
         f"torch {meta['torch']}. Median of {args.repeats} warm-cache runs; peak RSS of the whole process.",
         "Produced by `python benchmarks/merge_speed.py`.",
         "",
-        "| method | tool | wall s | peak RSS MB | speed-up vs mergekit | x read-once floor |",
+        "| method | tool | wall s | peak RSS MB | speed-up vs " + ("mergekit" if not args.skip_mergekit else "submerge")
+        + " | x read-once floor |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
-        mk = by[(method, "mergekit 0.1.5")]
+        mk = by.get((method, "mergekit 0.1.5")) or by[(method, "submerge")]
         for r in rows:
             if r["method"] != method:
                 continue
@@ -183,7 +198,7 @@ def write_report(rows: list[dict], n_params: int, args) -> None:
             vs_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor else "–"
             lines.append(f"| {method} | {r['tool']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                          f"{speed:.2f}x | {vs_floor} |")
-    (out_dir / "merge_speed.md").write_text("\n".join(lines) + "\n")
+    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,7 @@ def family_sharded(tmp_path_factory) -> tuple[Path, list[Path]]:
     """Same architecture, saved as sharded safetensors (several shards per model)."""
     root = tmp_path_factory.mktemp("famshard")
     return make_family(root, config=llama_config(layers=4), n_finetunes=2, seed=2, max_shard_size="40KB")
+
+
+# Tests never reach the Hub: Hub ids resolve from caches the tests lay out themselves.
+os.environ["HF_HUB_OFFLINE"] = "1"

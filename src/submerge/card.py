@@ -48,7 +48,8 @@ def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", see
     lines += ["", "## Inputs", ""]
     for key in models:
         role = " (base)" if key == base else ""
-        lines.append(f"- `{key}`{role}")
+        rev = f" — Hub revision `{plan.revisions[key]}`" if key in plan.revisions else ""
+        lines.append(f"- `{key}`{role}{rev}")
     lines += ["", f"{len(plan.jobs)} tensors, in {len(files)} file(s): " + ", ".join(f"`{f}`" for f in files)]
     if plan.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]

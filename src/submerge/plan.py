@@ -63,6 +63,7 @@ class MergePlan:
     stats: dict[str, Any] = field(default_factory=dict)  # model key -> calibration StatsReader
     # (source file, name in the output, is a tokenizer file): checked to be regular files in their folder
     extra_files: list[tuple[Path, str, bool]] = field(default_factory=list)
+    revisions: dict[str, str] = field(default_factory=dict)  # Hub id as written -> "repo@commit" it resolved to
 
     @property
     def inputs(self) -> list[Path]:
@@ -84,12 +85,37 @@ class MergePlan:
 
 
 def resolve_model_path(ref: str, config_dir: Optional[Path]) -> Path:
-    """A model reference is a local path, relative to the working directory or else the config file."""
+    """A local path named by a reference: relative to the working directory, else to the config file
+    (the path itself when neither exists; nothing is downloaded)."""
     p = Path(ref).expanduser()
     if p.exists() or p.is_absolute() or config_dir is None:
         return p
     alt = config_dir / p
     return alt if alt.exists() else p
+
+
+def resolve_model_refs(refs: list[str], config_dir: Optional[Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every model reference as a local path: local paths first, then Hub ids (``org/name[@rev]``),
+    all of which are checked (no download) before any is downloaded.  Returns the paths and, for Hub
+    ids, the resolved ``repo@commit``."""
+    from submerge.io import hub
+
+    paths: dict[str, Path] = {}
+    remote: dict[str, "hub.HubRef"] = {}
+    for ref in dict.fromkeys(refs):
+        local = resolve_model_path(ref, config_dir)
+        ident = None if os.path.lexists(local) else hub.parse_hub_id(ref)
+        if ident is None:
+            paths[ref] = local
+        else:
+            remote[ref] = ident
+    for ident in remote.values():
+        hub.preflight(ident)
+    revisions = {}
+    for ref, ident in remote.items():
+        paths[ref] = hub.resolve(ident)
+        revisions[ref] = f"{ident.repo_id}@{hub.commit_of(paths[ref])}"
+    return paths, revisions
 
 
 def layer_structure(names: list[str]) -> tuple[Optional[str], dict[str, tuple[int, str]]]:
@@ -175,10 +201,13 @@ class Planner:
             raise ConfigError("tokenizer_source: union is not supported yet; use 'base' or a model path")
 
         keys = c.referenced_models()
+        tok_ref = c.tokenizer_source if c.tokenizer_source not in (None, "base") else None
+        paths, self.revisions = resolve_model_refs(keys + ([tok_ref] if tok_ref else []), self.config_dir)
+        self.paths = paths
         models: dict[str, Checkpoint] = {}
         try:
             for key in keys:
-                models[key] = Checkpoint(resolve_model_path(key, self.config_dir), label=key)
+                models[key] = Checkpoint(paths[key], label=key)
             return self._plan(models)
         except Exception:
             for ckpt in models.values():
@@ -340,13 +369,14 @@ class Planner:
         else:
             tok = c.tokenizer_source
             if tok not in models:
-                models[tok] = Checkpoint(resolve_model_path(tok, self.config_dir), label=tok)
+                models[tok] = Checkpoint(self.paths[tok], label=tok)
         self._check_linear_weights(jobs)
         extra = self._extra_files(models[reference], GENERATION_FILES, False)
         extra += self._extra_files(models[tok], TOKENIZER_FILES, True)
         first = next((j for j in jobs if j.copy_from is None), None)
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
-        plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok, extra_files=extra)
+        plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok, extra_files=extra,
+                         revisions=dict(self.revisions))
         self._open_stats(plan)
         return plan
 

@@ -136,7 +136,7 @@ class Checkpoint:
         if not self.path.exists():
             raise CheckpointError(
                 f"model '{self.label}': path {self.path} does not exist (submerge reads local "
-                f"folders and files; download hub models first)"
+                f"folders and files, and Hub ids org/name[@revision])"
             )
         self.config: Optional[dict[str, Any]] = None
         self.tensors: dict[str, TensorInfo] = {}
