@@ -260,8 +260,8 @@ class Executor:
                     stats = self._stats(job)
                     merged = self.merge_tensor(job, tensors, base, state, stats)
                     del tensors, base
+                    self._check_finite(job, merged, self._out_dtype(job))
                     out = merged.to(device="cpu", dtype=self._out_dtype(job))
-                    self._check_finite(job, merged, out)
                     del merged
                     if keep is not None:
                         side.add(job.out_name, out, keep, stats)
@@ -278,22 +278,30 @@ class Executor:
         self._write_metadata(tmp, files)
         return bytes_read, files
 
-    def _check_finite(self, job: TensorJob, merged: torch.Tensor, out: torch.Tensor) -> None:
-        """Never write a broken model: every merged tensor must be finite in the output dtype."""
-        if bool(torch.isfinite(out.sum(dtype=torch.float64))):
+    def _check_finite(self, job: TensorJob, merged: torch.Tensor, out_dtype: torch.dtype) -> None:
+        """Never write a broken model: every merged tensor must be finite in the output dtype.
+
+        One min/max pass over the merged tensor (before the cast, in the compute dtype): a NaN/Inf there,
+        or a magnitude beyond the output dtype's largest finite value (which the cast would turn into
+        Inf), fails with the tensor's name and the likely cause."""
+        if merged.numel() == 0:
             return
-        bad = int((~torch.isfinite(out)).sum())
-        if not bad:
+        lo, hi = torch.aminmax(merged)
+        peak = max(-float(lo), float(hi))
+        limit = torch.finfo(out_dtype).max
+        if math.isfinite(peak) and peak <= limit:
             return
-        if bool(torch.isfinite(merged).all()):
-            peak = float(merged.abs().max())
+        if math.isfinite(peak):
+            bad = int((merged.abs() > limit).sum())
             cause = (f"its values (largest |x| = {peak:.3g}) exceed the range of the output dtype "
-                     f"{_dtype_name(out.dtype)}; use a wider dtype or smaller weights/scales")
+                     f"{_dtype_name(out_dtype)} (max {limit:.3g}); use a wider dtype or smaller weights/scales")
         else:
+            bad = int((~torch.isfinite(merged)).sum())
             cause = (f"the {self.plan.method.name} merge overflowed or divided by ~0 in the compute dtype "
                      f"{_dtype_name(merged.dtype)} (inputs are finite); check the weights and scales "
                      f"({_numeric_params(job)}) or use --compute-dtype float64")
-        raise NonFiniteError(f"merged tensor {job.out_name} has {bad} NaN/Inf value(s): {cause}; nothing was written")
+        what = "value(s) that would be Inf" if math.isfinite(peak) else "NaN/Inf value(s)"
+        raise NonFiniteError(f"merged tensor {job.out_name} has {bad} {what}: {cause}; nothing was written")
 
     def _out_dtype(self, job: TensorJob) -> torch.dtype:
         if job.copy_from is not None or self.out_dtype is None:
