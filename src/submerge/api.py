@@ -14,6 +14,7 @@ from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
 from submerge.methods import ModelPass, TensorContext, get_method
 from submerge.device import parse_device
 from submerge.io import check_output_target, parse_size
+from submerge.io.lora import split_adapter_ref
 from submerge.plan import MergePlan, plan_merge, resolve_model_path
 
 ConfigLike = Union[str, Path, dict, MergeConfig]
@@ -78,6 +79,7 @@ def config_inputs(cfg: MergeConfig, config_dir: Optional[Path]) -> list[Path]:
     if cfg.tokenizer_source not in (None, "base", "union"):
         refs.append(cfg.tokenizer_source)
     refs += [m.calibration for m in cfg.models or [] if m.calibration]
+    refs = [part for r in refs for part in (split_adapter_ref(r) or (r,))]  # base+adapter: both are inputs
     return [resolve_model_path(r, config_dir) for r in refs]
 
 

@@ -20,6 +20,7 @@ from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setti
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.io.files import checked_file
+from submerge.io.lora import open_checkpoint
 from submerge.methods import MergeMethod, get_method
 
 _LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
@@ -68,7 +69,7 @@ class MergePlan:
     @property
     def inputs(self) -> list[Path]:
         """Every path this merge reads: the models (tokenizer source included) and statistics folders."""
-        paths = [ckpt.path for ckpt in self.models.values()]
+        paths = [p for ckpt in self.models.values() for p in [ckpt.path, *getattr(ckpt, "extra_paths", [])]]
         paths += [Path(r.path) for r in self.stats.values() if getattr(r, "path", None) is not None]
         return paths
 
@@ -94,28 +95,40 @@ def resolve_model_path(ref: str, config_dir: Optional[Path]) -> Path:
     return alt if alt.exists() else p
 
 
-def resolve_model_refs(refs: list[str], config_dir: Optional[Path]) -> tuple[dict[str, Path], dict[str, str]]:
+def resolve_model_refs(refs: list[str], config_dir: Optional[Path]) -> tuple[dict[str, Any], dict[str, str]]:
     """Every model reference as a local path: local paths first, then Hub ids (``org/name[@rev]``),
-    all of which are checked (no download) before any is downloaded.  Returns the paths and, for Hub
-    ids, the resolved ``repo@commit``."""
+    all of which are checked (no download) before any is downloaded.  ``base+adapter`` (mergekit's LoRA
+    syntax) resolves to a ``(base path, adapter path)`` pair.  Returns the paths and, for Hub ids, the
+    resolved ``repo@commit``."""
     from submerge.io import hub
+    from submerge.io.lora import split_adapter_ref
 
-    paths: dict[str, Path] = {}
-    remote: dict[str, "hub.HubRef"] = {}
-    for ref in dict.fromkeys(refs):
+    def plain(ref: str):
         local = resolve_model_path(ref, config_dir)
-        ident = None if os.path.lexists(local) else hub.parse_hub_id(ref)
-        if ident is None:
-            paths[ref] = local
-        else:
-            remote[ref] = ident
+        return None if os.path.lexists(local) else hub.parse_hub_id(ref), local
+
+    parts: dict[str, list[str]] = {}
+    for ref in dict.fromkeys(refs):
+        pair = None if os.path.lexists(resolve_model_path(ref, config_dir)) else split_adapter_ref(ref)
+        parts[ref] = list(pair) if pair else [ref]
+    remote = {p: ident for ps in parts.values() for p in ps if (ident := plain(p)[0]) is not None}
     for ident in remote.values():
         hub.preflight(ident)
-    revisions = {}
-    for ref, ident in remote.items():
-        paths[ref] = hub.resolve(ident)
-        revisions[ref] = f"{ident.repo_id}@{hub.commit_of(paths[ref])}"
-    return paths, revisions
+    resolved: dict[str, Path] = {}
+    revisions: dict[str, str] = {}
+    for p in dict.fromkeys(p for ps in parts.values() for p in ps):
+        if p in remote:
+            resolved[p] = hub.resolve(remote[p])
+            revisions[p] = f"{remote[p].repo_id}@{hub.commit_of(resolved[p])}"
+        else:
+            resolved[p] = plain(p)[1]
+    paths: dict[str, Any] = {}
+    for ref, ps in parts.items():
+        paths[ref] = tuple(resolved[p] for p in ps) if len(ps) == 2 else resolved[ps[0]]
+        found = [revisions[p] for p in ps if p in revisions]
+        if found:
+            revisions[ref] = " + ".join(found)
+    return paths, {r: v for r, v in revisions.items() if r in parts}
 
 
 def layer_structure(names: list[str]) -> tuple[Optional[str], dict[str, tuple[int, str]]]:
@@ -207,7 +220,7 @@ class Planner:
         models: dict[str, Checkpoint] = {}
         try:
             for key in keys:
-                models[key] = Checkpoint(paths[key], label=key)
+                models[key] = open_checkpoint(paths[key], key)
             return self._plan(models)
         except Exception:
             for ckpt in models.values():
@@ -369,7 +382,7 @@ class Planner:
         else:
             tok = c.tokenizer_source
             if tok not in models:
-                models[tok] = Checkpoint(self.paths[tok], label=tok)
+                models[tok] = open_checkpoint(self.paths[tok], tok)
         self._check_linear_weights(jobs)
         extra = self._extra_files(models[reference], GENERATION_FILES, False)
         extra += self._extra_files(models[tok], TOKENIZER_FILES, True)

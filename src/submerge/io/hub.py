@@ -21,11 +21,11 @@ from typing import Optional
 from submerge.errors import CheckpointError
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?:@(?P<rev>[A-Za-z0-9_.\-/]+))?$")
-METADATA = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+METADATA = ["config.json", "adapter_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
             "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"]
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
-TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ def resolve(ref: HubRef) -> Path:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+            or (folder / "adapter_model.bin").exists())
 
 
 def commit_of(snapshot: Path) -> str:
