@@ -41,7 +41,8 @@ r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PI
 dt = time.perf_counter() - t
 if r.returncode:
     sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)
-print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(dt, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)
 """
 
 _FLOOR = r"""
@@ -95,8 +96,8 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     r = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    dt, kb = r.stdout.split()
-    return float(dt), int(kb) / 1024
+    dt, kb, cpu = r.stdout.split()
+    return float(dt), int(kb) / 1024, float(cpu)
 
 
 def main() -> None:
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
     ap.add_argument("--report", type=Path, default=None, help="write the report here instead of results/merge_speed")
     args = ap.parse_args()
     import torch
@@ -125,6 +127,7 @@ def main() -> None:
     sm_bin = shutil.which("submerge")
     if (not mk_bin and not args.skip_mergekit) or not sm_bin:
         sys.exit("needs mergekit-yaml (pip install mergekit==0.1.5) and submerge on PATH")
+    methods = {m: methods[m] for m in args.methods.split(",")}
     rows = []
     for method, params in methods.items():
         cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
@@ -153,14 +156,16 @@ def main() -> None:
             for name, make in tools.items():
                 out = args.work / f"out-{method}-{name.split()[0]}"
                 shutil.rmtree(out, ignore_errors=True)
-                dt, rss = measure(make(out))
-                results[name].append((dt, rss))
-                print(f"{method:16s} {name:16s} run {rep}: {dt:7.1f}s  peak RSS {rss:7.0f} MB", flush=True)
+                dt, rss, cpu = measure(make(out))
+                results[name].append((dt, rss, cpu))
+                print(f"{method:16s} {name:16s} run {rep}: {dt:7.1f}s  cpu {cpu:7.1f}s  peak RSS {rss:7.0f} MB",
+                      flush=True)
                 shutil.rmtree(out, ignore_errors=True)
         for name, vals in results.items():
             rows.append({"method": method, "tool": name,
                          "seconds": statistics.median(v[0] for v in vals),
                          "peak_rss_mb": statistics.median(v[1] for v in vals),
+                         "cpu_seconds": statistics.median(v[2] for v in vals),
                          "runs": vals})
     write_report(rows, n_params, args)
 
@@ -185,9 +190,9 @@ def write_report(rows: list[dict], n_params: int, args) -> None:
         f"torch {meta['torch']}. Median of {args.repeats} warm-cache runs; peak RSS of the whole process.",
         "Produced by `python benchmarks/merge_speed.py`.",
         "",
-        "| method | tool | wall s | peak RSS MB | speed-up vs " + ("mergekit" if not args.skip_mergekit else "submerge")
-        + " | x read-once floor |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | tool | wall s | CPU s (user+sys) | peak RSS MB | speed-up vs "
+        + ("mergekit" if not args.skip_mergekit else "submerge") + " | x read-once floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         mk = by.get((method, "mergekit 0.1.5")) or by[(method, "submerge")]
@@ -196,8 +201,8 @@ def write_report(rows: list[dict], n_params: int, args) -> None:
                 continue
             speed = mk["seconds"] / r["seconds"]
             vs_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor else "–"
-            lines.append(f"| {method} | {r['tool']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-                         f"{speed:.2f}x | {vs_floor} |")
+            lines.append(f"| {method} | {r['tool']} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | "
+                         f"{r['peak_rss_mb']:.0f} | {speed:.2f}x | {vs_floor} |")
     report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
