@@ -192,6 +192,38 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
                    f"in {st.info['seconds']}s")
 
 
+@main.command("extract-lora")
+@click.argument("base")
+@click.argument("finetuned")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--rank", default="16", show_default=True, help="LoRA rank per layer, or 'auto' (see --energy).")
+@click.option("--energy", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
+              help="With --rank auto: per layer the smallest rank keeping this share of ||dW||^2.")
+@click.option("--embeddings", is_flag=True, help="Also extract embedding tables (lora_embedding_A/B).")
+@click.option("--modules", default=None, help="Regex on module names: only matching layers.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def extract_lora_cmd(base: str, finetuned: str, out_dir: str, rank: str, energy: float, embeddings: bool,
+                     modules: Optional[str], overwrite: bool, quiet: bool) -> None:
+    """Write FINETUNED - BASE as a PEFT LoRA adapter in OUT_DIR (per layer, the truncated SVD of the task vector);
+    peft.PeftModel.from_pretrained(base, OUT_DIR) loads it, and `model: BASE+OUT_DIR` merges it."""
+    from submerge.extract import extract_lora
+
+    if rank != "auto":
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise click.BadParameter(f"{rank!r} is neither an integer nor 'auto'", param_hint="--rank") from None
+    res = extract_lora(base, finetuned, out_dir, rank=rank, energy=energy, embeddings=embeddings, modules=modules,
+                       overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        mean = sum(res.kept_energy.values()) / len(res.kept_energy)
+        click.echo(f"wrote {out_dir}: {len(res.ranks)} layers, ranks {min(res.ranks.values())}-"
+                   f"{max(res.ranks.values())}, mean kept energy {mean:.4f}, {res.adapter_bytes / 1e6:.2f} MB "
+                   f"({100 * res.adapter_bytes / max(res.finetune_bytes, 1):.2f}% of the fine-tune)"
+                   + (f"; {len(res.left_out)} changed tensor(s) not LoRA-able (see README.md)" if res.left_out else ""))
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 def validate(config: str) -> None:
