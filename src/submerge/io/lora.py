@@ -109,8 +109,10 @@ class LoraAdapter:
             raise CheckpointError(f"adapter '{self.label}': module {module} has lora_A {list(a.shape)} and lora_B "
                                   f"{list(b.shape)}, which do not multiply")
         d = (b @ a) * self.scaling(module, a.shape[0])
-        if slot["embedding"] or self.fan_in_fan_out:
+        if slot["embedding"] or (self.fan_in_fan_out and tuple(d.T.shape) == tuple(shape)):
             d = d.T
+        elif tuple(d.shape) != tuple(shape) and tuple(d.T.shape) == tuple(shape):
+            d = d.T  # fan_in_fan_out set per layer type, as PEFT corrects it when it loads (Conv1D vs Linear)
         if tuple(d.shape) != tuple(shape):
             raise CheckpointError(f"adapter '{self.label}': its update of {module} is {list(d.shape)}, but the base "
                                   f"model's {module}.weight is {list(shape)} (an adapter for another model?)")
