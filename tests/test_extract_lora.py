@@ -108,3 +108,23 @@ def test_cli_and_errors(pair, tmp_path):
     r = CliRunner().invoke(main, ["extract-lora", str(base), str(ft), str(ft), "--overwrite"])
     assert r.exit_code == 2 and "input of this run" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_written_as_a_lora_on_the_base(family, tmp_path):
+    base, fts = family
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base),
+           "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in fts]}
+    full = submerge.merge(cfg, tmp_path / "full", quiet=True)
+    res = submerge.merge(cfg, tmp_path / "lora", quiet=True, lora_rank=64)  # full rank of every 64-wide layer
+    assert (tmp_path / "lora" / "adapter_config.json").exists() and not (tmp_path / "lora" / "model.safetensors").exists()
+    assert any("LoRA adapter" in n for n in res.notes)
+    assert not [p for p in tmp_path.iterdir() if ".submerge-" in p.name]
+    back = submerge.merge({"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'lora'}",
+                                                                 "parameters": {"weight": 1.0}}]},
+                          tmp_path / "back", quiet=True)
+    a, b = load_dir(full.out_dir), load_dir(back.out_dir)
+    for name in a:
+        if a[name].dim() == 2 and "embed" not in name and "lm_head" not in name:
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "c.yaml"), str(tmp_path / "x"), "--lora-rank", "many"])
+    assert r.exit_code == 2 and "neither an integer nor 'auto'" in r.output

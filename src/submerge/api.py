@@ -64,6 +64,8 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
         raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
     parse_size(opts.out_shard_size)
     parse_device(opts.device)
+    if opts.lora_rank is not None:
+        return _merge_as_lora(cfg, config_dir, out, opts, inputs)
     plan = plan_merge(cfg, config_dir)
     try:
         executor = Executor(plan, opts)
@@ -71,6 +73,64 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
         plan.close()
         raise
     return executor.run(out, inputs)
+
+
+def _merge_as_lora(cfg: MergeConfig, config_dir: Optional[Path], out: Path, opts: MergeOptions,
+                   inputs: list[Path]) -> MergeResult:
+    """The merge written as a LoRA adapter on the base: merged into a hidden sibling folder (named like a
+    temporary output, so a killed run's copy is cleaned by the next run into OUT), extracted, removed."""
+    import os
+    import shutil
+    import uuid
+
+    from submerge.extract import extract_lora
+
+    if cfg.base_model is None:
+        raise ConfigError("--lora-rank writes the merge as an adapter on the base_model; the config names none")
+    full = out.parent / f".{out.name}.submerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        res = merge(cfg if config_dir is None else _with_abs_paths(cfg, config_dir), full,
+                    dataclasses.replace(opts, lora_rank=None, overwrite=False, write_card=True))
+        base = next(iter(plan_inputs_of(cfg, config_dir)))
+        ext = extract_lora(base, full, out, rank=opts.lora_rank, energy=opts.lora_energy, overwrite=opts.overwrite,
+                           progress=not opts.quiet,
+                           finetuned_label=f"the {cfg.merge_method} merge of {len(cfg.models or cfg.slices or [])} "
+                                           f"model(s) (config below)")
+        (out / "submerge_config.yaml").write_text(cfg.to_yaml())
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    mean = sum(ext.kept_energy.values()) / len(ext.kept_energy)
+    res.notes.append(f"written as a LoRA adapter on {cfg.base_model}: {len(ext.ranks)} layers, ranks "
+                     f"{min(ext.ranks.values())}-{max(ext.ranks.values())}, mean kept energy {mean:.4f}"
+                     + (f"; {len(ext.left_out)} changed tensor(s) a LoRA cannot hold" if ext.left_out else ""))
+    return dataclasses.replace(res, out_dir=out, bytes_written=ext.adapter_bytes,
+                               files=["adapter_model.safetensors", "adapter_config.json", "README.md"])
+
+
+def _with_abs_paths(cfg: MergeConfig, config_dir: Path) -> MergeConfig:
+    """Relative model paths of a config file, made absolute (the merge runs from a dict)."""
+    raw = cfg.model_dump(exclude_none=True)
+
+    def fix(ref: str) -> str:
+        p = resolve_model_path(ref, config_dir)
+        return str(p.resolve()) if p.exists() else ref
+
+    if raw.get("base_model"):
+        raw["base_model"] = fix(raw["base_model"])
+    for m in raw.get("models") or []:
+        m["model"] = fix(m["model"])
+        if m.get("calibration"):
+            m["calibration"] = fix(m["calibration"])
+    for sl in raw.get("slices") or []:
+        for src in sl["sources"]:
+            src["model"] = fix(src["model"])
+    return parse_config(raw)
+
+
+def plan_inputs_of(cfg: MergeConfig, config_dir: Optional[Path]) -> list[str]:
+    """The base model reference, resolved like the merge resolves it (local path first)."""
+    p = resolve_model_path(cfg.base_model, config_dir)
+    return [str(p) if p.exists() else cfg.base_model]
 
 
 def config_inputs(cfg: MergeConfig, config_dir: Optional[Path]) -> list[Path]:

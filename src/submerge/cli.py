@@ -97,19 +97,28 @@ def main() -> None:
 @click.option("--random-seed", type=SEED, default=None, help="Seed for randomized methods (DARE, DELLA).")
 @click.option("--no-copy-tokenizer", is_flag=True, help="Do not copy tokenizer files.")
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")
+@click.option("--lora-rank", default=None, help="Write the merge as a LoRA adapter on base_model at this rank "
+              "(or 'auto': per layer the smallest rank keeping --lora-energy of the update).")
+@click.option("--lora-energy", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compute_dtype: str,
           device: str, threads: Optional[int], random_seed: Optional[int], no_copy_tokenizer: bool,
-          no_prefetch: bool, quiet: bool, verbose: int) -> None:
+          no_prefetch: bool, lora_rank: Optional[str], lora_energy: float, quiet: bool, verbose: int) -> None:
     """Merge the models described by CONFIG (mergekit-compatible YAML) into OUT_DIR."""
     from submerge.api import merge as run_merge
     from submerge.executor import MergeOptions
 
     _setup_logging(verbose, quiet)
+    if lora_rank is not None and lora_rank != "auto":
+        try:
+            lora_rank = int(lora_rank)
+        except ValueError:
+            raise click.BadParameter(f"{lora_rank!r} is neither an integer nor 'auto'", param_hint="--lora-rank") from None
     opts = MergeOptions(out_shard_size=out_shard_size, compute_dtype=compute_dtype, device=device,
                         threads=threads, random_seed=random_seed, overwrite=overwrite, quiet=quiet,
-                        copy_tokenizer=not no_copy_tokenizer, prefetch=not no_prefetch)
+                        copy_tokenizer=not no_copy_tokenizer, prefetch=not no_prefetch, lora_rank=lora_rank,
+                        lora_energy=lora_energy)
     try:
         res = run_merge(config, out_dir, opts)
     except SubmergeError as e:

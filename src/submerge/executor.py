@@ -56,6 +56,8 @@ class MergeOptions:
     copy_tokenizer: bool = True
     write_card: bool = True
     scale_note: str = ""  # how the scale (lambda / alpha) was chosen, for the model card
+    lora_rank: Optional[int | str] = None  # write the merge as a LoRA adapter on the base (int rank or "auto")
+    lora_energy: float = 0.9  # with lora_rank="auto": the share of each layer's ||dW||^2 kept
 
 
 @dataclass

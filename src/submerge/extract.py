@@ -79,7 +79,8 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
 
 def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: Union[str, Path], *,
                  rank: Union[int, str] = 16, energy: float = 0.9, embeddings: bool = False,
-                 modules: Optional[str] = None, overwrite: bool = False, progress: bool = False) -> ExtractResult:
+                 modules: Optional[str] = None, overwrite: bool = False, progress: bool = False,
+                 finetuned_label: Optional[str] = None) -> ExtractResult:
     """Write the task vector ``finetuned − base`` as a PEFT LoRA adapter folder (see the module docstring)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -163,7 +164,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
                            planned_bytes=adapter_bytes) as tmp:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-            _card(tmp / "README.md", base, finetuned, rank, energy, ranks, kept, left_out, adapter_bytes, ft_bytes,
+            _card(tmp / "README.md", base, finetuned_label or finetuned, rank, energy, ranks, kept, left_out, adapter_bytes, ft_bytes,
                   revisions)
     finally:
         b_ck.close()
