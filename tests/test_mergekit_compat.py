@@ -35,6 +35,9 @@ def _cases(base, fts):
                                  models=[{"model": p, "parameters": {"weight": 0.7, "density": 0.6, "gamma": 0.02}} for p in f]),
         "slerp": dict(base_model=b, models=[{"model": b}, {"model": f[0]}], parameters={"t": gradient_t}),
         "model_stock": dict(base_model=b, models=[{"model": p} for p in f]),
+        "nearswap": dict(base_model=b, models=[{"model": b}, {"model": f[0]}], parameters={"t": 0.004}),
+        "sce": dict(base_model=b, models=[{"model": p} for p in f]),
+        "sce_topk": dict(merge_method="sce", base_model=b, parameters={"select_topk": 0.4}, models=[{"model": p} for p in f]),
         "model_stock_filter_wise": dict(merge_method="model_stock", base_model=b, parameters={"filter_wise": True},
                                         models=[{"model": p} for p in f]),
         "task_arithmetic_slices": dict(
@@ -57,7 +60,7 @@ def _run_both(cfg, tmp_path, **opts):
 
 @pytest.mark.parametrize("case", ["linear", "linear_unnormalized", "task_arithmetic", "ties", "breadcrumbs",
                                   "breadcrumbs_ties", "slerp", "model_stock", "model_stock_filter_wise",
-                                  "task_arithmetic_slices"])
+                                  "task_arithmetic_slices", "nearswap", "sce", "sce_topk"])
 def test_fp32_same_tensors_as_mergekit(case, family, tmp_path):
     base, fts = family
     cfg = dict(_cases(base, fts)[case])

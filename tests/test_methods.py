@@ -216,3 +216,25 @@ def test_ties_fused_path_equals_mask_path_with_heavy_ties():
     large = kernels.consensus_merge_chunked([f.clone() for f in fts], rules, weights, True,
                                             torch.empty(50, 40))
     assert torch.equal(small, expect) and torch.equal(large, expect)
+
+
+def test_nearswap_by_hand():
+    base = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    other = torch.tensor([0.001, 1.5, 2.0, 13.0])
+    out = run("nearswap", [other], base, t=0.1)
+    # |diff| = 0.001 (w = 1: other), 0.5 (w = 0.2), 0 (w = 1), 10 (w = 0.01)
+    assert torch.allclose(out, torch.tensor([0.001, 1.1, 2.0, 3.1]))
+    assert torch.equal(run("nearswap", [other], base, t=0.0), base)
+
+
+def test_sce_by_hand_and_identities():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, -2.0, 0.0, 4.0]), torch.tensor([3.0, 2.0, 1.0, -1.0])
+    # weights ∝ mean square: a 21/4, b 15/4 -> 21/36, 15/36; summed signs +, +, +, + (3, 0 -> +, 1, 3)
+    wa, wb = 21 / 36, 15 / 36
+    want = torch.tensor([(wa * 1 + wb * 3) / (wa + wb), 2.0, 1.0, 4.0])
+    assert torch.allclose(run("sce", [a, b], base, select_topk=1.0), want)
+    # one model: the model itself; select_topk keeps the highest-variance entries only
+    assert torch.allclose(run("sce", [a], base, select_topk=1.0), a)
+    kept = run("sce", [a, b], base, select_topk=0.5)  # variances 1, 4, 0.25, 6.25 -> keep entries 1 and 3
+    assert torch.count_nonzero(kept[[0, 2]]) == 0 and torch.count_nonzero(kept[[1, 3]]) == 2

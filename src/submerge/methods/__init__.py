@@ -1,6 +1,8 @@
 """Merge methods: one module per family, each method registered once under its public name."""
 
-from submerge.methods import esm, esm_pp, linear, model_stock, posterior, slerp, subspace, task_arithmetic  # noqa: F401  (register)
+from submerge.methods import (  # noqa: F401  (register)
+    esm, esm_pp, linear, model_stock, posterior, sce, slerp, subspace, task_arithmetic,
+)
 from submerge.methods.registry import (
     MergeMethod,
     ModelPass,

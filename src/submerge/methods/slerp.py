@@ -50,3 +50,22 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
 def slerp_method(ctx: TensorContext, *, t: float) -> torch.Tensor:
     assert ctx.base is not None
     return slerp(t, ctx.base, ctx.tensors[0])
+
+
+@register_method(
+    name="nearswap",
+    pretty_name="NearSwap",
+    paper="alchemonaut, NearSwap (QuartetAnemoi-70B model card), as implemented by mergekit",
+    url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    variant="as mergekit 0.1.5 (merge_methods/nearswap.py): per entry, w = clamp(t / max(|base - other|, 1e-6), "
+            "0, 1), result = w*other + (1 - w)*base: entries where the two models nearly agree (|difference| <= t) "
+            "take the other model's value, larger differences keep mostly the base. t has no default (required).",
+    params=[Param("t", float, low=0.0, help="distance scale: |base - other| <= t takes the other model's value")],
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+)
+def nearswap(ctx: TensorContext, *, t: float) -> torch.Tensor:
+    a, b = ctx.base, ctx.tensors[0]
+    w = (b - a).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+    return torch.lerp(a, b, w)

@@ -1,0 +1,50 @@
+"""SCE: select (by variance across tasks), calculate (norm weights), erase (sign conflicts)."""
+
+from __future__ import annotations
+
+import torch
+
+from submerge.methods import kernels
+from submerge.methods.registry import Param, TensorContext, register_method
+
+
+def sce_merge(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """The SCE task-vector fusion of stacked deltas ``[T, ...]`` (modified in place)."""
+    T = deltas.shape[0]
+    if select_topk < 1:
+        var = deltas.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        keep = kernels.rank_window_mask(var.abs(), var.numel() - k, var.numel())  # the k largest variances
+        deltas.mul_(keep)
+    sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    agree = deltas.sign() == sign
+    w = deltas.square().reshape(T, -1).mean(1)
+    total = float(w.sum())
+    w = torch.full_like(w, 1.0 / T) if abs(total) < 1e-6 else w / total
+    weights = agree.to(deltas.dtype).mul_(w.reshape((T,) + (1,) * (deltas.dim() - 1)))
+    merged = (deltas * weights).sum(0)
+    return merged.div_(weights.sum(0).clamp_(min=1e-6))
+
+
+@register_method(
+    name="sce",
+    pretty_name="SCE (select, calculate, erase)",
+    paper="Wan et al., FuseChat: Knowledge Fusion of Chat Models (SCE merging), 2024",
+    url="https://arxiv.org/abs/2408.07990",
+    variant="as mergekit 0.1.5 (merge_methods/sce.py): task vectors; if select_topk < 1 keep, per tensor, the "
+            "int(select_topk * #nonzero-variance) entries with the largest variance across tasks (ties broken by "
+            "position; mergekit's torch.topk leaves their order to the backend); weights = mean squared task vector "
+            "per model, normalised (uniform when they sum to < 1e-6); entries whose sign disagrees with the sign of "
+            "the summed task vectors (zero sum counts as +) are erased; result = base + weighted mean over the "
+            "agreeing models. Defaults select_topk=1.0 (no selection).",
+    params=[Param("select_topk", float, 1.0, low=0.0, high=1.0,
+                  help="share of entries kept by variance across tasks"),
+            Param("int8_mask", bool, False, help="accepted for mergekit configs; masks are booleans here")],
+    needs_base=True,
+    min_models=1,
+)
+def sce(ctx: TensorContext, *, select_topk: float, int8_mask: bool) -> torch.Tensor:
+    base = ctx.base
+    deltas = torch.stack([t - base for t in ctx.tensors])
+    ctx.tensors[:] = [None] * len(ctx.tensors)
+    return sce_merge(deltas, select_topk).add_(base)
