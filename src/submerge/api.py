@@ -91,11 +91,10 @@ def _merge_as_lora(cfg: MergeConfig, config_dir: Optional[Path], out: Path, opts
     try:
         res = merge(cfg if config_dir is None else _with_abs_paths(cfg, config_dir), full,
                     dataclasses.replace(opts, lora_rank=None, overwrite=False, write_card=True))
-        base = next(iter(plan_inputs_of(cfg, config_dir)))
-        ext = extract_lora(base, full, out, rank=opts.lora_rank, energy=opts.lora_energy, overwrite=opts.overwrite,
-                           progress=not opts.quiet,
+        ext = extract_lora(_base_ref(cfg, config_dir), full, out, rank=opts.lora_rank, energy=opts.lora_energy,
+                           overwrite=opts.overwrite, progress=not opts.quiet,
                            finetuned_label=f"the {cfg.merge_method} merge of {len(cfg.models or cfg.slices or [])} "
-                                           f"model(s) (config below)")
+                                           f"model(s) (see submerge_config.yaml)")
         (out / "submerge_config.yaml").write_text(cfg.to_yaml())
     finally:
         shutil.rmtree(full, ignore_errors=True)
@@ -127,10 +126,10 @@ def _with_abs_paths(cfg: MergeConfig, config_dir: Path) -> MergeConfig:
     return parse_config(raw)
 
 
-def plan_inputs_of(cfg: MergeConfig, config_dir: Optional[Path]) -> list[str]:
-    """The base model reference, resolved like the merge resolves it (local path first)."""
+def _base_ref(cfg: MergeConfig, config_dir: Optional[Path]) -> str:
+    """The base model reference, resolved like the merge resolves it (a local path first, else as written)."""
     p = resolve_model_path(cfg.base_model, config_dir)
-    return [str(p) if p.exists() else cfg.base_model]
+    return str(p) if p.exists() else cfg.base_model
 
 
 def config_inputs(cfg: MergeConfig, config_dir: Optional[Path]) -> list[Path]:
