@@ -19,19 +19,12 @@ import torch
 from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setting
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
-from submerge.io.files import checked_file
+from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
 from submerge.io.lora import open_checkpoint
 from submerge.methods import MergeMethod, get_method
 
 _LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-# Files copied from the reference model (generation) and the tokenizer source into the output.
-GENERATION_FILES = ("generation_config.json",)
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-)
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
 
 
@@ -103,32 +96,26 @@ def resolve_model_refs(refs: list[str], config_dir: Optional[Path]) -> tuple[dic
     from submerge.io import hub
     from submerge.io.lora import split_adapter_ref
 
-    def plain(ref: str):
-        local = resolve_model_path(ref, config_dir)
-        return None if os.path.lexists(local) else hub.parse_hub_id(ref), local
-
     parts: dict[str, list[str]] = {}
     for ref in dict.fromkeys(refs):
         pair = None if os.path.lexists(resolve_model_path(ref, config_dir)) else split_adapter_ref(ref)
         parts[ref] = list(pair) if pair else [ref]
-    remote = {p: ident for ps in parts.values() for p in ps if (ident := plain(p)[0]) is not None}
+    local = {p: resolve_model_path(p, config_dir) for ps in parts.values() for p in ps}
+    remote = {p: ident for p, path in local.items()
+              if not os.path.lexists(path) and (ident := hub.parse_hub_id(p)) is not None}
     for ident in remote.values():
         hub.preflight(ident)
-    resolved: dict[str, Path] = {}
-    revisions: dict[str, str] = {}
-    for p in dict.fromkeys(p for ps in parts.values() for p in ps):
-        if p in remote:
-            resolved[p] = hub.resolve(remote[p])
-            revisions[p] = f"{remote[p].repo_id}@{hub.commit_of(resolved[p])}"
-        else:
-            resolved[p] = plain(p)[1]
+    resolved, revisions = dict(local), {}
+    for p, ident in remote.items():
+        resolved[p] = hub.resolve(ident)
+        revisions[p] = f"{ident.repo_id}@{hub.commit_of(resolved[p])}"
     paths: dict[str, Any] = {}
+    ref_revisions: dict[str, str] = {}
     for ref, ps in parts.items():
         paths[ref] = tuple(resolved[p] for p in ps) if len(ps) == 2 else resolved[ps[0]]
-        found = [revisions[p] for p in ps if p in revisions]
-        if found:
-            revisions[ref] = " + ".join(found)
-    return paths, {r: v for r, v in revisions.items() if r in parts}
+        if any(p in revisions for p in ps):
+            ref_revisions[ref] = " + ".join(revisions[p] for p in ps if p in revisions)
+    return paths, ref_revisions
 
 
 def layer_structure(names: list[str]) -> tuple[Optional[str], dict[str, tuple[int, str]]]:

@@ -19,6 +19,14 @@ from submerge.errors import CheckpointError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config / index / manifest files larger than this are not metadata
 
+# Metadata a merged model carries over: generation settings (from the reference model) and tokenizer files.
+GENERATION_FILES = ("generation_config.json",)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+)
+
 
 def bounds_of(folder: Path) -> Path:
     """The folder that symlinks inside ``folder`` may point into (see module doc)."""

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from submerge.errors import CheckpointError
+from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?:@(?P<rev>[A-Za-z0-9_.\-/]+))?$")
-METADATA = ["config.json", "adapter_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-            "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"]
+METADATA = ["config.json", "adapter_config.json", *GENERATION_FILES, *TOKENIZER_FILES]
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
 
