@@ -38,6 +38,33 @@ def _cases(base, fts):
         "nearswap": dict(base_model=b, models=[{"model": b}, {"model": f[0]}], parameters={"t": 0.004}),
         "sce": dict(base_model=b, models=[{"model": p} for p in f]),
         "sce_topk": dict(merge_method="sce", base_model=b, parameters={"select_topk": 0.4}, models=[{"model": p} for p in f]),
+        "nuslerp": dict(models=[{"model": f[0], "parameters": {"weight": 0.3}},
+                                {"model": f[1], "parameters": {"weight": 0.9}}]),
+        "nuslerp_base_rows": dict(merge_method="nuslerp", base_model=b,
+                                  parameters={"nuslerp_flatten": False},
+                                  models=[{"model": f[0], "parameters": {"weight": [0.2, 1.0]}},
+                                          {"model": f[2], "parameters": {"weight": 0.5}}]),
+        "nuslerp_row_wise": dict(merge_method="nuslerp", base_model=b,
+                                 parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                                 models=[{"model": f[1], "parameters": {"weight": 0.4}},
+                                         {"model": f[2], "parameters": {"weight": 0.6}}]),
+        "multislerp": dict(models=[{"model": p, "parameters": {"weight": w}} for p, w in zip(f, [0.2, 0.5, 0.3])]),
+        "multislerp_base": dict(merge_method="multislerp", base_model=b,
+                                parameters={"normalize_weights": False},
+                                models=[{"model": p, "parameters": {"weight": w}} for p, w in zip(f, [0.6, 0.3, 0.4])]),
+        "karcher": dict(models=[{"model": p} for p in f]),
+        "karcher_base": dict(merge_method="karcher", base_model=b, parameters={"max_iter": 25, "tol": 1e-6},
+                             models=[{"model": p} for p in f[:2]]),
+        "arcee_fusion": dict(base_model=b, models=[{"model": b}, {"model": f[1]}]),
+        "ram": dict(base_model=b, parameters={"epsilon": 2e-3}, models=[{"model": p} for p in f]),
+        "ramplus_tl": dict(base_model=b, parameters={"epsilon": 2e-3, "r": 0.5, "alpha": 0.7},
+                           models=[{"model": p} for p in f]),
+        "passthrough": dict(slices=[{"sources": [{"model": f[0], "layer_range": [0, 3]}]},
+                                    {"sources": [{"model": f[1], "layer_range": [1, 4],
+                                                  "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                                           {"filter": "down_proj", "value": [0.5, 1]},
+                                                                           {"value": 1.0}]}}]},
+                                    {"sources": [{"model": b, "layer_range": [3, 4]}]}]),
         "model_stock_filter_wise": dict(merge_method="model_stock", base_model=b, parameters={"filter_wise": True},
                                         models=[{"model": p} for p in f]),
         "task_arithmetic_slices": dict(
@@ -60,7 +87,9 @@ def _run_both(cfg, tmp_path, **opts):
 
 @pytest.mark.parametrize("case", ["linear", "linear_unnormalized", "task_arithmetic", "ties", "breadcrumbs",
                                   "breadcrumbs_ties", "slerp", "model_stock", "model_stock_filter_wise",
-                                  "task_arithmetic_slices", "nearswap", "sce", "sce_topk"])
+                                  "task_arithmetic_slices", "nearswap", "sce", "sce_topk", "nuslerp",
+                                  "nuslerp_base_rows", "nuslerp_row_wise", "multislerp", "multislerp_base", "karcher",
+                                  "karcher_base", "arcee_fusion", "ram", "ramplus_tl", "passthrough"])
 def test_fp32_same_tensors_as_mergekit(case, family, tmp_path):
     base, fts = family
     cfg = dict(_cases(base, fts)[case])
@@ -117,3 +146,22 @@ def test_default_fp32_math_is_correctly_rounded(family_bf16, tmp_path):
     for k in out:
         exact = b0[k].double() + 0.8 * sum((0.5 + 0.1 * i) * (ft[i][k].double() - b0[k].double()) for i in range(3))
         assert _ulps(out[k], exact) <= 0.5 + 1e-9, k
+
+
+def test_passthrough_bf16_copies_bytes_and_casts_on_request(family_bf16, tmp_path):
+    """An unscaled passthrough tensor is the input's bytes; with out_dtype it is cast (and scale still applies)."""
+    base, fts = family_bf16
+    cfg = dict(merge_method="passthrough",
+               slices=[{"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(fts[1]), "layer_range": [2, 4],
+                                     "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}]}}]}])
+    submerge.merge(cfg, tmp_path / "same", quiet=True)
+    out, a, b = load_dir(tmp_path / "same"), load_dir(fts[0]), load_dir(fts[1])
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.3.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.2.self_attn.o_proj.weight"],
+                       (b["model.layers.2.self_attn.o_proj.weight"].float() * 0.5).bfloat16())
+    submerge.merge(dict(cfg, out_dtype="float32"), tmp_path / "f32", quiet=True)
+    out32 = load_dir(tmp_path / "f32")
+    assert all(v.dtype == torch.float32 for v in out32.values())
+    assert torch.equal(out32["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"].float())

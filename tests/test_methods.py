@@ -238,3 +238,103 @@ def test_sce_by_hand_and_identities():
     assert torch.allclose(run("sce", [a], base, select_topk=1.0), a)
     kept = run("sce", [a, b], base, select_topk=0.5)  # variances 1, 4, 0.25, 6.25 -> keep entries 1 and 3
     assert torch.count_nonzero(kept[[0, 2]]) == 0 and torch.count_nonzero(kept[[1, 3]]) == 2
+
+
+def test_nuslerp_endpoints_great_circle_and_rows():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    # t = w2 / (w1 + w2); endpoints give the inputs
+    assert torch.allclose(run("nuslerp", [a, b], weight=[1.0, 0.0]), a, atol=1e-6)
+    assert torch.allclose(run("nuslerp", [a, b], weight=[0.0, 1.0]), b, atol=1e-6)
+    # per row (no flattening): rows are orthogonal pairs of equal norm -> the midpoint keeps the norm
+    mid = run("nuslerp", [a, b], weight=[1.0, 1.0], nuslerp_flatten=False)
+    s = math.sqrt(0.5)
+    assert torch.allclose(mid, torch.tensor([[s, s], [2 * s, 2 * s]]), atol=1e-6)
+    # row_wise slerps along the first dimension: the same as slerping the transposes per row
+    rw = run("nuslerp", [a, b], weight=[1.0, 3.0], nuslerp_flatten=False, nuslerp_row_wise=True)
+    ref = run("nuslerp", [a.T.contiguous(), b.T.contiguous()], weight=[1.0, 3.0], nuslerp_flatten=False).T
+    assert torch.allclose(rw, ref)
+    # with a base: base + slerp of the task vectors; colinear task vectors interpolate linearly
+    base = torch.full((2, 2), 5.0)
+    out = run("nuslerp", [base + a, base + 2 * a], base, weight=[1.0, 1.0])
+    assert torch.allclose(out, base + 1.5 * a)
+    # weights summing to ~0: t = 0.5
+    assert torch.allclose(run("nuslerp", [a, b], weight=[1.0, -1.0]), run("nuslerp", [a, b], weight=[1.0, 1.0]))
+
+
+def test_multislerp_properties():
+    torch.manual_seed(1)
+    x = torch.randn(3, 5)
+    # one model: returned as it is; two orthonormal unit vectors at equal weight: the normalised midpoint
+    assert torch.equal(run("multislerp", [x[0]], weight=1.0), x[0])
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(run("multislerp", [e0, e1], weight=[1.0, 1.0]), torch.tensor([1.0, 1.0]) / math.sqrt(2),
+                          atol=1e-6)
+    # identical inputs give the input back (any weights); scaling the weights changes nothing when normalised
+    assert torch.allclose(run("multislerp", [x[0], x[0], x[0]], weight=[0.2, 0.3, 0.5]), x[0], atol=1e-5)
+    assert torch.allclose(run("multislerp", list(x), weight=[1.0, 2.0, 3.0]),
+                          run("multislerp", list(x), weight=[2.0, 4.0, 6.0]), atol=1e-6)
+    # the result's norm is the weighted mean norm
+    w = torch.tensor([0.2, 0.3, 0.5])
+    out = run("multislerp", list(x), weight=w.tolist())
+    assert math.isclose(out.norm().item(), (x.norm(dim=1) * w).sum().item(), rel_tol=1e-5)
+    # with a base: translation invariant
+    base = torch.randn(5)
+    shifted = run("multislerp", [base + v for v in x], base, weight=w.tolist())
+    assert torch.allclose(shifted, base + out, atol=1e-5)
+    # antipodal pair at equal weight: linear fallback (zero); three cancelling inputs: a clear error
+    assert torch.allclose(run("multislerp", [e0, -e0], weight=[1.0, 1.0]), torch.zeros(2))
+    from submerge.errors import ConfigError
+    with pytest.raises(ConfigError, match="mean direction"):
+        run("multislerp", [e0, -e0, e0, -e0], weight=[1.0, 1.0, 1.0, 1.0])
+
+
+def test_karcher_mean_on_the_circle():
+    # unit vectors at angles 0 and 90 degrees, norms 1 and 3: the Karcher mean direction is at 45 degrees
+    # (the geodesic midpoint), scaled by the mean norm 2
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    out = run("karcher", [a, b], max_iter=50, tol=1e-9)
+    assert torch.allclose(out, torch.tensor([math.sqrt(2), math.sqrt(2)]), atol=1e-5)
+    # three directions at 0, 30, 90 degrees: the Karcher mean minimises the summed squared angles,
+    # i.e. it lies at the mean angle 40 degrees (on a circle the intrinsic mean is the mean angle)
+    ang = torch.tensor([0.0, 30.0, 90.0]) * math.pi / 180
+    vs = [torch.stack([torch.cos(t), torch.sin(t)]) for t in ang]
+    out = run("karcher", vs, max_iter=100, tol=1e-9)
+    assert math.isclose(math.atan2(out[1].item(), out[0].item()) * 180 / math.pi, 40.0, abs_tol=1e-3)
+    # zero inputs take no part in the direction but count in the norm average; all zero gives zero
+    z = torch.zeros(2)
+    assert torch.allclose(run("karcher", [a, z]), 0.5 * a)
+    assert torch.equal(run("karcher", [z, z]), z)
+
+
+def test_arcee_fusion_keeps_only_outlier_changes():
+    base = torch.zeros(1, 101)
+    model = base.clone()
+    model[0, :100] = 0.01 * torch.arange(1, 101) / 100  # small, graded changes
+    model[0, 100] = 5.0  # one outlier
+    out = run("arcee_fusion", [model], base)
+    # the importance is |change| * (one KL per row): the threshold median + 1.5 IQR of |change| keeps the
+    # outlier and nothing else
+    assert out[0, 100] == 5.0 and torch.count_nonzero(out[0, :100]) == 0
+    # identical models: the base back
+    assert torch.equal(run("arcee_fusion", [base.clone()], base), base)
+
+
+def test_ram_and_ramplus_by_hand():
+    base = torch.zeros(5)
+    a = torch.tensor([1.0, 2.0, 0.0, 0.0, 1e-6])
+    b = torch.tensor([3.0, 0.0, 4.0, 0.0, 0.0])
+    # entry 0 changed by both: mean 2; 1 only by a; 2 only by b; 3 by none; 4 below epsilon
+    want = torch.tensor([2.0, 2.0, 4.0, 0.0, 0.0])
+    assert torch.equal(run("ram", [a, b], base, epsilon=1e-5), want)
+    # RAM+: each model shares 1 entry and owns 1 -> rho = 1, lambda = 1 + r * min(rho, alpha)
+    out = run("ramplus_tl", [a, b], base, epsilon=1e-5, r=0.5, alpha=0.4)
+    assert torch.allclose(out, torch.tensor([2.0, 2.0 * 1.2, 4.0 * 1.2, 0.0, 0.0]))
+    assert torch.equal(run("ramplus_tl", [a, b], base, r=0.0), want)
+    # one model: its task vector unchanged
+    assert torch.equal(run("ram", [a], base), torch.where(a.abs() > 1e-5, a, base))
+
+
+def test_passthrough_copies_or_scales():
+    x = torch.randn(3, 4)
+    assert torch.equal(run("passthrough", [x], scale=[None]), x)
+    assert torch.equal(run("passthrough", [x], scale=[0.5]), x * 0.5)

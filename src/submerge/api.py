@@ -185,6 +185,9 @@ def merge_state_dicts_many(
     m = get_method(method)
     if m.needs_base and base is None:
         raise ConfigError(f"{m.name} needs a base model")
+    if m.base_role == "input" and base is not None:
+        models, base = [*models, base], None
+        model_parameters = None if model_parameters is None else [*model_parameters, None]
     n = len(models)
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         raise ConfigError(f"{m.name} cannot merge {n} model(s)")

@@ -263,7 +263,9 @@ def methods(name: Optional[str]) -> None:
         click.echo(f"{m.name}  —  {m.pretty_name}")
         click.echo(f"  paper:   {m.paper} ({m.url})")
         click.echo(f"  variant: {m.variant}")
-        needs = "needs base_model" if m.needs_base else "base_model optional"
+        needs = {"required": "needs base_model", "optional": "base_model optional (the origin when given)",
+                 "input": "base_model optional (merged as one more input)",
+                 "ignored": "no base_model"}[m.base_role]
         n = f"{m.min_models}" + (f"..{m.max_models}" if m.max_models != m.min_models else "") if m.max_models else f">= {m.min_models}"
         click.echo(f"  inputs:  {needs}; models besides the base: {n}" + ("; randomized (--random-seed)" if m.randomized else ""))
         for p in m.params:

@@ -253,7 +253,7 @@ class Executor:
                   desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
             for job, data in self._iter_loaded(plan.jobs):
                 if job.copy_from is not None:
-                    out = data
+                    out = self._copied(job, data)
                     size = job.nbytes
                 else:
                     tensors, base = data
@@ -306,9 +306,24 @@ class Executor:
         raise NonFiniteError(f"merged tensor {job.out_name} has {bad} {what}: {cause}; nothing was written")
 
     def _out_dtype(self, job: TensorJob) -> torch.dtype:
-        if job.copy_from is not None or self.out_dtype is None:
+        if self.out_dtype is None or not job.in_dtype.is_floating_point:
             return job.in_dtype
         return self.out_dtype
+
+    def _copied(self, job: TensorJob, data: torch.Tensor) -> torch.Tensor:
+        """A tensor copied from one input (buffers; passthrough): float ones checked finite, then cast."""
+        if not data.is_floating_point():
+            return data
+        if not bool(torch.isfinite(data.sum(dtype=torch.float32))):
+            bad = int((~torch.isfinite(data)).sum())
+            if bad:
+                raise NonFiniteError(f"model '{job.copy_from[0]}' tensor {job.copy_from[1]} holds {bad} "
+                                     f"NaN/Inf value(s)")
+        out_dtype = self._out_dtype(job)
+        if out_dtype == data.dtype:
+            return data
+        self._check_finite(job, data, out_dtype)
+        return data.to(out_dtype)
 
     # ---------------------------------------------------------------- metadata
     def _write_metadata(self, tmp: Path, files: list[str]) -> None:

@@ -243,22 +243,30 @@ class Planner:
 
         # which models are merged, per slice, and which is the base
         slice_inputs: list[tuple[list[InputSlice], Optional[str]]] = []
+        role = m.base_role
         for i, s in enumerate(slices):
             base = s.base_model or c.base_model
-            if m.needs_base and base is None:
+            if role == "required" and base is None:
                 raise ConfigError(f"{m.name} needs a base_model (the model the others were fine-tuned from)")
-            srcs = [src for src in s.sources if not (m.needs_base and src.model == base)]
-            if m.needs_base and base not in {src.model for src in s.sources} and c.slices is not None:
+            uses_base = base is not None and role in ("required", "optional")
+            srcs = [src for src in s.sources if not (uses_base and src.model == base)]
+            if uses_base and base not in {src.model for src in s.sources} and c.slices is not None:
                 raise ConfigError(f"slices[{i}]: the base model {base} must be one of the slice's sources")
+            if (role == "input" and base is not None and c.slices is None
+                    and base not in {src.model for src in s.sources}):
+                # mergekit adds a base_model that is not among the models as one more input
+                ckpt = models[base]
+                n_layers = max(_num_layers(ckpt, layer_structure(list(ckpt.tensors))[1]), 1)
+                srcs = srcs + [InputSlice(model=base, layer_range=(0, n_layers))]
             n = len(srcs)
             if n < m.min_models or (m.max_models is not None and n > m.max_models):
                 want = (f"exactly {m.min_models}" if m.max_models == m.min_models
                         else f"at least {m.min_models}" + (f" and at most {m.max_models}" if m.max_models else ""))
                 raise ConfigError(
-                    f"{m.name} merges {want} model(s){' besides the base' if m.needs_base else ''}; "
+                    f"{m.name} merges {want} model(s){' besides the base' if uses_base else ''}; "
                     f"got {n}: {[s.model for s in srcs]}"
                 )
-            slice_inputs.append((srcs, base if m.needs_base else None))
+            slice_inputs.append((srcs, base if uses_base else None))
 
         base_range = {}
         for s in slices:
@@ -311,6 +319,10 @@ class Planner:
                                   f"model '{src.model}' tensor {in_name}")
                     for src, (_, in_name) in zip(srcs, inputs)
                 ]
+            if m.copy_when is not None and m.copy_when(params):
+                jobs.append(TensorJob(out_name, [], None, {}, t, copy_from=inputs[0], shape=ti.shape,
+                                      in_dtype=ti.dtype, nbytes=ti.nbytes))
+                return
             jobs.append(TensorJob(out_name, inputs, base_in, params, t, shape=ti.shape,
                                   in_dtype=ti.dtype, nbytes=ti.nbytes))
 

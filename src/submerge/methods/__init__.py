@@ -1,7 +1,8 @@
 """Merge methods: one module per family, each method registered once under its public name."""
 
 from submerge.methods import (  # noqa: F401  (register)
-    esm, esm_pp, linear, model_stock, posterior, sce, slerp, subspace, task_arithmetic,
+    arcee_fusion, esm, esm_pp, linear, model_stock, passthrough, posterior, ram, sce, slerp, subspace,
+    task_arithmetic,
 )
 from submerge.methods.registry import (
     MergeMethod,

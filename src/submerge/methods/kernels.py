@@ -7,6 +7,7 @@ position so that exactly the requested number of entries is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +28,13 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
         value = np.partition(flat.numpy(), k - 1)[k - 1]
         return torch.tensor(value, dtype=flat.dtype)
     return torch.kthvalue(flat, k).values
+
+
+def lower_quantiles(flat: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """The ``q``-quantiles of a 1-D tensor with "lower" interpolation: the value at index
+    floor(q * (n - 1)) of the sorted tensor, by selection (never a full sort)."""
+    n = flat.numel()
+    return [_kth_smallest(flat, int(math.floor(q * (n - 1))) + 1) for q in qs]
 
 
 def _take_tie_group(

@@ -194,6 +194,9 @@ class MergeMethod:
     randomized: bool = False
     prepare: Optional[Callable[[ModelPass, dict], Any]] = None
     prepare_when: Optional[Callable[[dict], bool]] = None
+    optional_base: bool = False  # a base_model, when given, is ctx.base (nuslerp, multislerp); else ctx.base is None
+    base_as_input: bool = False  # a base_model, when given, is merged as one more input (mergekit's karcher)
+    copy_when: Optional[Callable[[dict], bool]] = None  # per tensor (bound params): the output is input 0 unchanged
     aliases: dict = field(default_factory=dict)
     scale_param: Optional[str] = None  # a global parameter the output is affine in (searched by search_alpha)
     needs_stats: bool = False  # needs per-model calibration statistics (``calibration:`` in the config)
@@ -201,6 +204,13 @@ class MergeMethod:
     stats_when: Optional[Callable[[dict], bool]] = None  # needs_stats only for these global parameters
     search: Optional[dict] = None  # how search_alpha explores scale_param: {"grid": [...]} or {"bounds": (a, b)}
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None  # (global params, model names) -> Sidecar
+
+    @property
+    def base_role(self) -> str:
+        """What a configured base_model is to this method: 'required', 'optional' (the origin of the
+        interpolation when given), 'input' (one more model merged) or 'ignored'."""
+        return ("required" if self.needs_base else "optional" if self.optional_base
+                else "input" if self.base_as_input else "ignored")
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -278,6 +288,9 @@ def register_method(
     randomized: bool = False,
     prepare: Optional[Callable[[ModelPass, dict], Any]] = None,
     prepare_when: Optional[Callable[[dict], bool]] = None,
+    optional_base: bool = False,
+    base_as_input: bool = False,
+    copy_when: Optional[Callable[[dict], bool]] = None,
     scale_param: Optional[str] = None,
     needs_stats: bool = False,
     stats_kind: str = "calibration",
@@ -307,6 +320,9 @@ def register_method(
             randomized=randomized,
             prepare=prepare,
             prepare_when=prepare_when,
+            optional_base=optional_base,
+            base_as_input=base_as_input,
+            copy_when=copy_when,
             scale_param=scale_param,
             needs_stats=needs_stats,
             stats_kind=stats_kind,
