@@ -141,7 +141,8 @@ def test_nan_input_leaves_nothing_behind(family, tmp_path):
     (lambda c: c.update(parameters={"topk_scope": "globl"}), "(did you mean global?)"),
     (lambda c: c.update(dtype="bf32"), "unknown dtype"),
     (lambda c: c["models"][0].update(modle="x"), "models[0]: unknown key 'modle' (did you mean model?)"),
-    (lambda c: c.update(tokenizer={"source": "union"}), "not supported yet"),
+    (lambda c: c.update(tokenizer={"source": "nope"}), "tokenizer.source 'nope' is not one of the merged models"),
+    (lambda c: c.update(chat_template="chatmll"), "neither a known name"),
 ])
 def test_bad_config(family, tmp_path, mutate, fragment):
     base, fts = family

@@ -67,6 +67,57 @@ class OutputSlice(_Strict):
     parameters: Parameters = None
 
 
+class TokenSource(_Strict):
+    """Where one token's embedding row comes from: ``{kind: zero}`` or
+    ``{kind: model_token, model: M, token: "x"}`` / ``{..., token_id: N}`` (a row of model M)."""
+
+    kind: str
+    model: Optional[str] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.kind == "zero":
+            if self.model is not None or self.token is not None or self.token_id is not None:
+                raise ConfigError("tokenizer.tokens: a {kind: zero} source takes no model, token or token_id")
+        elif self.kind == "model_token":
+            if self.model is None:
+                raise ConfigError("tokenizer.tokens: a {kind: model_token} source needs 'model'")
+            if (self.token is None) == (self.token_id is None):
+                raise ConfigError("tokenizer.tokens: a {kind: model_token} source needs exactly one of "
+                                  "'token' or 'token_id'")
+            if self.token_id is not None and self.token_id < 0:
+                raise ConfigError(f"tokenizer.tokens: token_id must be >= 0, got {self.token_id}")
+        else:
+            raise ConfigError(f"tokenizer.tokens: unknown source kind {self.kind!r}"
+                              f"{suggest(self.kind, ['zero', 'model_token'])}; use 'zero' or 'model_token'")
+
+
+class TokenSetting(_Strict):
+    """A token of the output vocabulary: its row's source (a model, or a TokenSource) and ``force``
+    (use that source in every model, even those that have the token)."""
+
+    source: Union[str, TokenSource, None] = None
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and how rows of tokens missing from
+    some inputs are filled."""
+
+    source: str = "union"  # "union", "base" or a model
+    tokens: Optional[dict[str, TokenSetting]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and not 1 <= v <= 1 << 20:
+            raise ValueError(f"pad_to_multiple_of must be in 1..{1 << 20}, got {v}")
+        return v
+
+
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral", "alpaca")  # templates in submerge.vocab.CHAT_TEMPLATES
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", "fp64": "float64", "double": "float64"}
@@ -83,6 +134,8 @@ class MergeConfig(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    chat_template: Optional[str] = None  # a template name (chatml, llama3, mistral, alpaca), "auto" or a template
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -95,6 +148,12 @@ class MergeConfig(_Strict):
         return v
 
     def model_post_init(self, __context: Any) -> None:
+        t = self.chat_template
+        if t is not None and t != "auto" and t not in CHAT_TEMPLATE_NAMES and (len(t) < 20 or "{" not in t):
+            raise ConfigError(f"chat_template: {t!r} is neither a known name ({', '.join(CHAT_TEMPLATE_NAMES)}, "
+                              f"auto){suggest(t, CHAT_TEMPLATE_NAMES)} nor a Jinja template")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ConfigError("give either 'tokenizer_source' or a 'tokenizer:' block, not both")
         if (self.models is None) == (self.slices is None):
             raise ConfigError("the config needs exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
@@ -113,6 +172,21 @@ class MergeConfig(_Strict):
                     )
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def vocab_source(self) -> Optional[str]:
+        """The output vocabulary's source ("union", "base" or a model), or None: no vocabulary merge."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    def token_models(self) -> list[str]:
+        """Models named only by the tokenizer block (token sources), besides the merged ones."""
+        out = []
+        for setting in ((self.tokenizer.tokens or {}).values() if self.tokenizer else []):
+            src = setting.source
+            name = src if isinstance(src, str) else (src.model if src is not None else None)
+            if name is not None:
+                out.append(name)
+        return out
+
     def referenced_models(self) -> list[str]:
         """Every model named in the config, in first-mention order (deterministic)."""
         seen: dict[str, None] = {}
@@ -141,8 +215,6 @@ _KEYS = {
 }
 _UNSUPPORTED = {
     "modules": "multi-module ('modules:') configs are not supported yet; use 'models' or 'slices'",
-    "tokenizer": "the 'tokenizer:' block (vocabulary union) is not supported yet; use tokenizer_source",
-    "chat_template": "'chat_template' is not supported yet; copy the tokenizer of the model you want",
     "residual_weight": "'residual_weight' is not supported",
 }
 

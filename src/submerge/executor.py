@@ -132,6 +132,9 @@ class Executor:
             cache = dict(zip(refs, self._read_pool.map(lambda r: self._read_compute(*r), refs)))
         else:
             cache = {r: self._read_compute(*r) for r in refs}
+        if job.vocab and self.plan.vocab is not None:
+            permuted = self.plan.vocab.permute({k: cache[(k, n)] for k, n in refs}, job.out_name)
+            cache = {(k, n): permuted[k] for k, n in refs}
         used: set[tuple[str, str]] = set()
 
         def take(ref: tuple[str, str]) -> torch.Tensor:
@@ -336,6 +339,8 @@ class Executor:
                 for k in keys:
                     cfg[k] = name
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if plan.tokenizer is not None:  # a merged vocabulary or a chat template: the tokenizer object is saved
+            plan.tokenizer.save_pretrained(str(tmp))
         for src, fname, tokenizer in plan.extra_files:
             if tokenizer and not self.opt.copy_tokenizer:
                 continue

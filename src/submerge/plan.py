@@ -41,6 +41,7 @@ class TensorJob:
     shape: tuple[int, ...] = ()
     in_dtype: Optional[torch.dtype] = None
     nbytes: int = 0
+    vocab: bool = False  # token-indexed: the inputs are re-indexed to the output vocabulary before merging
 
 
 @dataclass
@@ -58,6 +59,8 @@ class MergePlan:
     # (source file, name in the output, is a tokenizer file): checked to be regular files in their folder
     extra_files: list[tuple[Path, str, bool]] = field(default_factory=list)
     revisions: dict[str, str] = field(default_factory=dict)  # Hub id as written -> "repo@commit" it resolved to
+    vocab: Optional[Any] = None  # a submerge.vocab.VocabPlan when the vocabularies are merged
+    tokenizer: Optional[Any] = None  # a tokenizer object to save (built vocabulary or chat template), else files
 
     @property
     def inputs(self) -> list[Path]:
@@ -149,6 +152,7 @@ class Planner:
         self.config = config
         self.config_dir = config_dir
         self.method = get_method(config.merge_method)
+        self.notes: list[str] = []
 
     # ----------------------------------------------------------------- params
     def _check_parameter_names(self) -> None:
@@ -197,11 +201,16 @@ class Planner:
         c = self.config
         m = self.method
         self._check_parameter_names()
-        if c.tokenizer_source == "union":
-            raise ConfigError("tokenizer_source: union is not supported yet; use 'base' or a model path")
-
         keys = c.referenced_models()
-        tok_ref = c.tokenizer_source if c.tokenizer_source not in (None, "base") else None
+        if c.tokenizer is not None:
+            if c.tokenizer.source not in ("union", "base", *keys):
+                raise ConfigError(f"tokenizer.source {c.tokenizer.source!r} is not one of the merged models "
+                                  f"{keys}{suggest(c.tokenizer.source, keys)} (nor 'union' or 'base')")
+            for name in c.token_models():
+                if name not in keys:
+                    raise ConfigError(f"tokenizer.tokens: model {name!r} is not one of the merged models "
+                                      f"{keys}{suggest(name, keys)}")
+        tok_ref = c.tokenizer_source if c.tokenizer_source not in (None, "base", "union") else None
         paths, self.revisions = resolve_model_refs(keys + ([tok_ref] if tok_ref else []), self.config_dir)
         self.paths = paths
         models: dict[str, Checkpoint] = {}
@@ -240,6 +249,7 @@ class Planner:
         reference = c.base_model or slices[0].sources[0].model
         ref = models[reference]
         prefix, ref_layers = layer_structure(list(ref.tensors))
+        vocab = self._vocab_plan(models, ref)
 
         # which models are merged, per slice, and which is the base
         slice_inputs: list[tuple[list[InputSlice], Optional[str]]] = []
@@ -282,6 +292,7 @@ class Planner:
             inputs = [(src.model, in_name_for(src.model, src)) for src in srcs]
             base_in = (base, in_name_for(base, src_by_model.get(base))) if base else None
             all_in = inputs + ([base_in] if base_in else [])
+            is_vocab = vocab is not None and all(n in vocab.tensors for _, n in all_in)
             first_info = None
             for key, name in all_in:
                 ckpt = models[key]
@@ -292,7 +303,12 @@ class Planner:
                     )
                 if first_info is None:
                     first_info = (key, ti)
-                elif ti.shape != first_info[1].shape:
+                elif is_vocab and ti.shape[1:] != first_info[1].shape[1:]:
+                    raise CheckpointError(
+                        f"shape mismatch for tensor {name}: model '{first_info[0]}' has "
+                        f"{list(first_info[1].shape)}, model '{key}' has {list(ti.shape)} "
+                        f"(token rows may differ, the other dimensions may not)")
+                elif not is_vocab and ti.shape != first_info[1].shape:
                     raise CheckpointError(
                         f"shape mismatch for tensor {name}: model '{first_info[0]}' has "
                         f"{list(first_info[1].shape)}, model '{key}' has {list(ti.shape)}"
@@ -304,6 +320,12 @@ class Planner:
                     )
             assert first_info is not None
             ti = first_info[1]
+            if is_vocab and ti.dtype.is_floating_point:
+                missing = vocab.needs_models() - {k for k, _ in all_in}
+                if missing and vocab.settings:
+                    raise ConfigError(f"tokenizer.tokens: model(s) {sorted(missing)} are not inputs of tensor "
+                                      f"{out_name}; a token's row can only come from a merged model")
+            out_shape = (vocab.size, *ti.shape[1:]) if is_vocab else ti.shape
             if not ti.dtype.is_floating_point:
                 jobs.append(TensorJob(out_name, [], None, {}, t, copy_from=all_in[-1] if base_in else all_in[0],
                                       shape=ti.shape, in_dtype=ti.dtype, nbytes=ti.nbytes))
@@ -319,12 +341,12 @@ class Planner:
                                   f"model '{src.model}' tensor {in_name}")
                     for src, (_, in_name) in zip(srcs, inputs)
                 ]
-            if m.copy_when is not None and m.copy_when(params):
+            if m.copy_when is not None and m.copy_when(params) and not is_vocab:
                 jobs.append(TensorJob(out_name, [], None, {}, t, copy_from=inputs[0], shape=ti.shape,
                                       in_dtype=ti.dtype, nbytes=ti.nbytes))
                 return
-            jobs.append(TensorJob(out_name, inputs, base_in, params, t, shape=ti.shape,
-                                  in_dtype=ti.dtype, nbytes=ti.nbytes))
+            jobs.append(TensorJob(out_name, inputs, base_in, params, t, shape=out_shape,
+                                  in_dtype=ti.dtype, nbytes=ti.nbytes, vocab=is_vocab))
 
         # tensors outside the layer stack (embeddings first, the rest after the layers)
         non_layer = [n for n in ref.tensors if n not in ref_layers]
@@ -376,21 +398,79 @@ class Planner:
             for k in _LAYER_COUNT_KEYS:
                 if isinstance(out_config.get(k), int) and out_config[k] != total_layers:
                     out_config[k] = total_layers
-        if c.tokenizer_source in (None, "base"):
+        if c.vocab_source in (None, "base", "union"):
             tok = reference
         else:
-            tok = c.tokenizer_source
+            tok = c.vocab_source
             if tok not in models:
                 models[tok] = open_checkpoint(self.paths[tok], tok)
+        tokenizer = self._output_tokenizer(models, tok, vocab)
+        if vocab is not None and out_config is not None:
+            out_config["vocab_size"] = vocab.size
         self._check_linear_weights(jobs)
         extra = self._extra_files(models[reference], GENERATION_FILES, False)
-        extra += self._extra_files(models[tok], TOKENIZER_FILES, True)
+        if tokenizer is None:
+            extra += self._extra_files(models[tok], TOKENIZER_FILES, True)
         first = next((j for j in jobs if j.copy_from is None), None)
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
         plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok, extra_files=extra,
-                         revisions=dict(self.revisions))
+                         revisions=dict(self.revisions), vocab=vocab, tokenizer=tokenizer,
+                         notes=list(self.notes))
         self._open_stats(plan)
         return plan
+
+    def _vocab_plan(self, models: dict[str, Checkpoint], ref: Checkpoint):
+        """The merged vocabulary (``tokenizer:`` block or ``tokenizer_source``), or None where none is asked
+        for or where re-indexing would change nothing (every input already has the output vocabulary)."""
+        from submerge.vocab import build_vocab_plan, vocabulary_tensors
+
+        c = self.config
+        source = c.vocab_source
+        if source is None:
+            return None
+        names = vocabulary_tensors(ref.config, list(ref.tensors))
+        block = c.tokenizer
+        required = block is not None or source == "union"
+        if not names:
+            if required:
+                raise CheckpointError(f"cannot find the token embeddings of '{ref.label}' to merge vocabularies")
+            return None
+        keys = c.referenced_models()
+        ckpts = dict(models)
+        if source not in ("union", "base") and source not in ckpts:
+            ckpts[source] = open_checkpoint(self.paths[source], source)
+            models[source] = ckpts[source]
+        plan = build_vocab_plan(source, dict(block.tokens or {}) if block else {},
+                                block.pad_to_multiple_of if block else None, keys, c.base_model, ckpts, names,
+                                required)
+        if plan is None:
+            self.notes.append(f"tokenizer_source {source}: no loadable tokenizer; tokenizer files copied as they are")
+            return None
+        rows = {k: min((ckpts[k].tensors[n].shape[0] for n in names if n in ckpts[k].tensors), default=-1)
+                for k in keys}
+        if all(plan.identity_for(k, rows[k]) for k in keys):
+            return None
+        self.notes.extend(plan.notes)
+        return plan
+
+    def _output_tokenizer(self, models: dict[str, Checkpoint], tok: str, vocab):
+        """The tokenizer object to save (a merged vocabulary and/or a chat template), or None: copy files."""
+        from submerge.vocab import load_tokenizer, resolve_chat_template
+
+        c = self.config
+        tokenizer = vocab.tokenizer if vocab is not None else None
+        if not c.chat_template:
+            return tokenizer
+        if tokenizer is None:
+            tokenizer = load_tokenizer(models[tok].path, tok, required=True)
+        others = {}
+        if c.chat_template == "auto":
+            others = {k: load_tokenizer(models[k].path, k, required=False) for k in c.referenced_models()
+                      if models[k].path.is_dir()}
+        template = resolve_chat_template(c.chat_template, others)
+        if template is not None:
+            tokenizer.chat_template = template
+        return tokenizer
 
     def _open_stats(self, plan: MergePlan) -> None:
         """Data-based methods: open each model's calibration folder and check it against the headers."""
