@@ -76,7 +76,15 @@ save_file(result, str(out / "model.safetensors"), metadata={"format": "pt"})
 """
 
 
-def build_family(root: Path, layers: int) -> tuple[Path, list[Path]]:
+# The model families: "201m" (16k vocabulary, embeddings + LM head 16% of the parameters) and "llm32k", shaped
+# like real LLMs (32k vocabulary: embeddings + LM head a third of the parameters; 12 layers).
+FAMILIES = {
+    "201m": dict(hidden=1024, heads=16, inter=4096, vocab=16000),
+    "llm32k": dict(hidden=640, heads=10, inter=2560, vocab=32000, layers=12),
+}
+
+
+def build_family(root: Path, layers: int, family: str = "201m") -> tuple[Path, list[Path]]:
     import torch
 
     sys.path.insert(0, str(HERE.parent / "src"))
@@ -84,7 +92,8 @@ def build_family(root: Path, layers: int) -> tuple[Path, list[Path]]:
 
     if (root / "ft2" / "config.json").exists():
         return root / "base", [root / f"ft{i}" for i in range(3)]
-    cfg = llama_config(hidden=1024, layers=layers, heads=16, inter=4096, vocab=16000)
+    shape = dict(FAMILIES[family])
+    cfg = llama_config(layers=shape.pop("layers", layers), **shape)
     t = time.perf_counter()
     out = make_family(root, config=cfg, n_finetunes=3, rank=16, update_scale=0.05, noise=2e-4,
                       dtype=torch.bfloat16, seed=0, max_shard_size="200MB")
@@ -107,22 +116,51 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
+    ap.add_argument("--methods", default="task_arithmetic,ties,dare_ties,passthrough,nuslerp,sce")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="201m")
     ap.add_argument("--report", type=Path, default=None, help="write the report here instead of results/merge_speed")
     args = ap.parse_args()
     import torch
     import yaml
 
-    base, fts = build_family(args.work / "family", args.layers)
+    fam_dir = args.work / ("family" if args.family == "201m" else f"family-{args.family}")
+    base, fts = build_family(fam_dir, args.layers, args.family)
     from submerge.io import Checkpoint
 
     with Checkpoint(base) as ck:
         n_params = sum(info.numel for info in ck.tensors.values())
+        n_layers = int(ck.config["num_hidden_layers"])
+        args.layers = n_layers
+        vocab_share = sum(i.numel for n, i in ck.tensors.items() if "embed" in n or "lm_head" in n) / n_params
+    args.vocab_share = vocab_share
     methods = {
         "task_arithmetic": {"weight": 0.5},
         "ties": {"weight": 1.0, "density": 0.3},
         "dare_ties": {"weight": 1.0, "density": 0.3},
+        "passthrough": None,
+        "nuslerp": None,
+        "sce": None,
     }
+
+    def config_for(method: str, params) -> dict:
+        if method == "passthrough":  # a frankenmerge: layers [0, h) of ft0 then [h/2, n) of ft1
+            h = n_layers // 2
+            return {"merge_method": method, "dtype": "bfloat16",
+                    "slices": [{"sources": [{"model": str(fts[0]), "layer_range": [0, h]}]},
+                               {"sources": [{"model": str(fts[1]), "layer_range": [h // 2, n_layers]}]}]}
+        if method == "nuslerp":
+            return {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+                    "models": [{"model": str(fts[0]), "parameters": {"weight": 0.6}},
+                               {"model": str(fts[1]), "parameters": {"weight": 0.4}}]}
+        if method == "sce":
+            return {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+                    "parameters": {"select_topk": 0.3}, "models": [{"model": str(p)} for p in fts]}
+        cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+               "models": [{"model": str(p), "parameters": dict(params)} for p in fts]}
+        if method == "ties":
+            cfg["parameters"] = {"normalize": True}
+        return cfg
+
     mk_bin = shutil.which("mergekit-yaml")
     sm_bin = shutil.which("submerge")
     if (not mk_bin and not args.skip_mergekit) or not sm_bin:
@@ -130,11 +168,8 @@ def main() -> None:
     methods = {m: methods[m] for m in args.methods.split(",")}
     rows = []
     for method, params in methods.items():
-        cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
-               "models": [{"model": str(p), "parameters": dict(params)} for p in fts]}
-        if method == "ties":
-            cfg["parameters"] = {"normalize": True}
-        cfg_path = args.work / f"{method}.yaml"
+        cfg = config_for(method, params)
+        cfg_path = args.work / f"{method}-{args.family}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         tools = {
             "mergekit 0.1.5": lambda out: [mk_bin, str(cfg_path), str(out), "--no-copy-tokenizer",
@@ -176,7 +211,7 @@ def write_report(rows: list[dict], n_params: int, args) -> None:
     report = args.report or HERE / "results" / "merge_speed"
     report.parent.mkdir(parents=True, exist_ok=True)
     meta = {"params_per_model": n_params, "models": "base + 3 fine-tunes, bf16, 200MB shards",
-            "layers": args.layers, "repeats": args.repeats, "python": platform.python_version(),
+            "family": args.family, "vocab_share": args.vocab_share, "layers": args.layers, "repeats": args.repeats, "python": platform.python_version(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
     report.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     by = {(r["method"], r["tool"]): r for r in rows}
@@ -185,7 +220,8 @@ def write_report(rows: list[dict], n_params: int, args) -> None:
         "# Merge speed: submerge" + (" vs mergekit 0.1.5" if not args.skip_mergekit else "")
         + (" vs an earlier submerge (baseline)" if args.baseline_src else ""),
         "",
-        f"Synthetic Llama family, {n_params / 1e6:.0f}M parameters per model, base + 3 fine-tunes, bf16, "
+        f"Synthetic Llama family `{args.family}`, {n_params / 1e6:.0f}M parameters per model ({args.layers} layers, "
+        f"embeddings + LM head {100 * args.vocab_share:.0f}% of them), base + 3 fine-tunes, bf16, "
         f"sharded safetensors; same YAML (`dtype: bfloat16`) for both tools; {meta['machine']}, "
         f"torch {meta['torch']}. Median of {args.repeats} warm-cache runs; peak RSS of the whole process.",
         "Produced by `python benchmarks/merge_speed.py`.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -405,3 +406,27 @@ def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def run() -> None:
+    """The ``submerge`` console script: :func:`main`, then a fast exit.
+
+    Tearing down an interpreter that imported torch takes about a second (module and allocator
+    finalisers), after every output is written, renamed and closed; the script flushes its streams
+    and ends the process at once instead.  ``SUBMERGE_CLEAN_EXIT=1`` keeps the normal interpreter exit
+    (profilers, coverage).  In-process callers (``main``, click's test runner) are unaffected."""
+    import logging
+
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            click.echo(str(e.code), err=True)
+    if os.environ.get("SUBMERGE_CLEAN_EXIT") == "1":
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -131,7 +131,7 @@ def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[
     the disjoint merge run chunk by chunk in cache.
     """
     base = ctx.base
-    deltas, rules = [], []
+    deltas, rules, pending = [], [], []
     for i in range(len(ctx.tensors)):
         d = ctx.tensors[i].sub_(base)
         ctx.tensors[i] = None
@@ -143,7 +143,13 @@ def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[
         elif density[i] <= 0:
             rules.append(kernels.TopK(float("inf")))
         else:
-            rules.append(kernels.magnitude_threshold(d, density[i]))
+            rules.append(None)
+            pending.append(i)
+    # each model's threshold is an independent selection: run them side by side (numpy's introselect
+    # releases the GIL), one per core
+    for i, rule in zip(pending, kernels.parallel_map(lambda i: kernels.magnitude_threshold(deltas[i], density[i]),
+                                                     pending, sizes=[deltas[i].numel() for i in pending])):
+        rules[i] = rule
     out = torch.empty_like(base)
     kernels.consensus_merge_chunked(deltas, rules, weight, normalize, out)
     del deltas
