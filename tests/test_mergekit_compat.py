@@ -165,3 +165,14 @@ def test_passthrough_bf16_copies_bytes_and_casts_on_request(family_bf16, tmp_pat
     out32 = load_dir(tmp_path / "f32")
     assert all(v.dtype == torch.float32 for v in out32.values())
     assert torch.equal(out32["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"].float())
+
+
+def test_every_mergekit_method_is_registered_under_its_name():
+    from mergekit.merge_methods import registered_methods
+
+    from submerge.methods import list_methods
+
+    listed = registered_methods()
+    theirs = {m.spec.name for m in (listed.values() if isinstance(listed, dict) else listed)}
+    assert len(theirs) == 20
+    assert theirs <= {m.name for m in list_methods()}

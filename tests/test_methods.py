@@ -338,3 +338,13 @@ def test_passthrough_copies_or_scales():
     x = torch.randn(3, 4)
     assert torch.equal(run("passthrough", [x], scale=[None]), x)
     assert torch.equal(run("passthrough", [x], scale=[0.5]), x * 0.5)
+
+
+def test_sce_variance_is_bitwise_torch_var():
+    from submerge.methods.sce import variance_across
+
+    torch.manual_seed(3)
+    for shape in [(3, 5, 7), (2, 70000), (5, 3), (1, 4)]:
+        for dt in (torch.float32, torch.float64):
+            x = torch.randn(*shape, dtype=dt) * 0.01
+            assert torch.equal(variance_across(x, chunk=1000), x.var(dim=0, unbiased=False))

@@ -8,6 +8,7 @@ position so that exactly the requested number of entries is kept.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -125,6 +126,23 @@ class TopK:
     cutoff: Optional[int] = None
 
 
+_LOCAL = threading.local()
+_SCRATCH_MAX = 1 << 25  # elements kept per thread between calls (128 MB in float32)
+
+
+def _scratch(n: int, dtype):
+    """A per-thread scratch array of ``n`` elements, reused between calls (a fresh multi-MB array costs
+    more in page faults than the selection run on it); larger requests get a one-off array."""
+    import numpy as np
+
+    if n > _SCRATCH_MAX:
+        return np.empty(n, dtype=dtype)
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = _LOCAL.buf = np.empty(max(n, 1 << 20), dtype=dtype)
+    return buf[:n]
+
+
 def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     """:func:`magnitude_mask` as a :class:`TopK` rule, applicable chunk by chunk (CPU float32/64).
 
@@ -134,7 +152,8 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
 
     n = delta.numel()
     k = max(1, int(density * n))
-    a = np.abs(delta.reshape(-1).numpy())  # our own scratch copy: partition it in place
+    flat = delta.reshape(-1).numpy()
+    a = np.abs(flat, out=_scratch(n, flat.dtype))  # a scratch copy, partitioned in place
     a.partition(n - k)
     v = a[n - k]
     if n - k == 0 or a[: n - k].max() < v:
@@ -144,7 +163,6 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     if budget == 0:
         return TopK(float(v), 0, 0)
     # the position of the budget-th tie (ties are kept in position order): scan blocks until it is reached
-    flat = delta.reshape(-1).numpy()
     block, seen = 1 << 16, 0
     for start in range(0, n, block):
         hits = np.flatnonzero(np.abs(flat[start:start + block]) == v)
@@ -158,8 +176,8 @@ _POOL: Optional[ThreadPoolExecutor] = None
 
 
 def parallel_map(fn: Callable, items: Sequence, sizes: Sequence[int] = (), min_size: int = 1 << 20) -> list:
-    """``[fn(x) for x in items]``, run on a small shared thread pool (one worker per torch thread) when
-    there are several items of at least ``min_size`` elements; for kernels that release the GIL
+    """``[fn(x) for x in items]``, run on a small shared thread pool when there are several items of at
+    least ``min_size`` elements and torch may use several threads; for kernels that release the GIL
     (numpy selection, torch ops).  Results in input order."""
     global _POOL
     if len(items) < 2 or torch.get_num_threads() < 2 or (sizes and min(sizes) < min_size):

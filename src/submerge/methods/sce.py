@@ -8,11 +8,30 @@ from submerge.methods import kernels
 from submerge.methods.registry import Param, TensorContext, register_method
 
 
+def variance_across(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Population variance over dim 0 of ``[T, ...]``, bitwise ``x.var(dim=0, unbiased=False)`` on CPU: the
+    same Welford recurrence in float64, run in cache-sized column blocks (torch's own reduction over the
+    outer dimension is 10-20x slower)."""
+    T = x.shape[0]
+    flat = x.reshape(T, -1)
+    out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
+    for s in range(0, flat.shape[1], chunk):
+        block = flat[:, s:s + chunk].double()
+        mean = block[0].clone()
+        m2 = torch.zeros_like(mean)
+        for i in range(1, T):
+            delta = block[i] - mean
+            mean.add_(delta / (i + 1))
+            m2.add_(delta.mul_(block[i] - mean))
+        out[s:s + chunk] = m2.div_(T)
+    return out.reshape(x.shape[1:])
+
+
 def sce_merge(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     """The SCE task-vector fusion of stacked deltas ``[T, ...]`` (modified in place)."""
     T = deltas.shape[0]
     if select_topk < 1:
-        var = deltas.var(dim=0, unbiased=False)
+        var = variance_across(deltas)
         k = int(int(torch.count_nonzero(var)) * select_topk)
         keep = kernels.rank_window_mask(var.abs(), var.numel() - k, var.numel())  # the k largest variances
         deltas.mul_(keep)
