@@ -173,6 +173,7 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
 
 
 def parallel_map(fn: Callable, items: Sequence, sizes: Sequence[int] = (), min_size: int = 1 << 20) -> list:
@@ -185,9 +186,11 @@ def parallel_map(fn: Callable, items: Sequence, sizes: Sequence[int] = (), min_s
     # all items at once (up to 8) when each is small enough that the copies a worker makes do not matter:
     # 3 selections on 2 cores finish in 1.5 rounds instead of 2; huge tensors: one worker per core
     workers = min(len(items), 8) if max(sizes, default=0) <= 1 << 26 else min(len(items), torch.get_num_threads())
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="submerge-kernel")
-    return list(_POOL.map(fn, items))
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="submerge-kernel")
+        pool = _POOL
+    return list(pool.map(fn, items))
 
 
 def consensus_merge_chunked(
