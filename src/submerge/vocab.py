@@ -58,6 +58,13 @@ def load_tokenizer(path: Path, label: str, required: bool):
     """The fast tokenizer of a model folder (None when it has none and ``required`` is false)."""
     import transformers
 
+    from submerge.io.files import TOKENIZER_FILES
+
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        if required:
+            raise CheckpointError(f"model '{label}' ({path}) has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                                  f"...): the merged vocabulary starts from this model's tokenizer")
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:  # transformers raises many kinds for a missing/broken tokenizer
