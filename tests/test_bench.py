@@ -144,3 +144,36 @@ def test_pareto_tiny_end_to_end(tmp_path):
     assert iso[2]["acc"] == e["rt_sentiment"] and iso[0]["acc"] == e["wordnet_noun"]
     assert len(res["multitask"]) == 1 and set(res["gaps"]) == {"isotropic", "diagonal", "mixture"}
     assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000 and "ground truth" in (tmp_path / "p" / "pareto.md").read_text()
+
+
+def test_task_labels_are_checked_and_numpy_indices_accepted():
+    import numpy as np
+
+    from submerge.bench.tasks import register_task
+    from submerge.errors import ConfigError
+
+    texts = ["a", "b", "c", "d"]
+    ok = Task("t_labels_ok", ["x", "y", "z"], texts=texts, labels=np.array([0, 2, 1, 2], dtype=np.int64))
+    assert ok.examples() == (texts, [0, 2, 1, 2])
+    mixed = Task("t_labels_mixed", ["x", "y"], texts=texts, labels=["y", np.int32(0), None, 1])
+    assert mixed.examples() == (["a", "b", "d"], [1, 0, 1])  # None: outside the task
+    bad = [
+        ([True, 0, 1, 0], "boolean label"),
+        ([0, 1, 3, 0], "label 3, outside 0..2"),
+        ([0, -1, 1, 0], "label -1, outside 0..2"),
+        (["x", "yy", "z", "x"], "label 'yy', which is not a class (did you mean y?)"),
+        ([0.0, 1, 2, 0], "type float"),
+        ([0, 1, 2], "4 texts but 3 labels"),
+        ([None] * 4, "no labelled example"),
+    ]
+    for labels, msg in bad:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            Task("t_bad", ["x", "y", "z"], texts=texts, labels=labels).examples()
+    with pytest.raises(ConfigError, match="example 1 has a int as its text"):
+        Task("t_bad", ["x", "y"], texts=["a", 3], labels=[0, 1]).examples()
+    # re-registering a name (a notebook cell run twice) needs replace=True
+    register_task(Task("t_notebook", ["x", "y"], texts=texts, labels=[0, 1, 0, 1]))
+    with pytest.raises(ConfigError, match="replace=True"):
+        register_task(Task("t_notebook", ["x", "y"], texts=texts, labels=[0, 1, 0, 1]))
+    again = register_task(Task("t_notebook", ["x", "y"], texts=texts, labels=[1, 1, 0, 0]), replace=True)
+    assert get_task("t_notebook") is again

@@ -11,9 +11,12 @@ tasks read shipped data lazily (see :mod:`submerge.bench.data`); users register 
 from __future__ import annotations
 
 import hashlib
+import numbers
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from submerge.bench import data
 from submerge.errors import ConfigError, suggest
@@ -47,21 +50,49 @@ class Task:
     _cache: Optional[tuple[list[str], list[int]]] = field(default=None, repr=False)
 
     def examples(self) -> tuple[list[str], list[int]]:
+        """The labelled examples as (texts, class indices).  A label is a class name or an integer class
+        index (Python or NumPy); ``None`` marks an example outside the task (skipped).  Anything else —
+        a boolean, an index out of range, a name that is not a class, a text that is not a string, or
+        texts and labels of different lengths — is an error naming the first offending example."""
         if self._cache is None:
             texts, labels = self.loader() if self.loader else (self.texts, self.labels)
             if texts is None or labels is None:
                 raise ConfigError(f"task {self.name}: give texts and labels, or a loader")
+            texts, labels = list(texts), list(labels)
+            if len(texts) != len(labels):
+                raise ConfigError(f"task {self.name}: {len(texts)} texts but {len(labels)} labels")
             index = {c: i for i, c in enumerate(self.class_names)}
             keep_t, keep_y = [], []
-            for t, y in zip(texts, labels):
-                y = index.get(y, y) if not isinstance(y, int) else y
-                if isinstance(y, int) and 0 <= y < len(self.class_names):
-                    keep_t.append(t)
-                    keep_y.append(y)
+            for i, (t, y) in enumerate(zip(texts, labels)):
+                if y is None:
+                    continue
+                keep_y.append(self._label_index(y, i, index))
+                if not isinstance(t, str):
+                    raise ConfigError(f"task {self.name}: example {i} has a {type(t).__name__} as its text, "
+                                      f"not a string")
+                keep_t.append(t)
             if not keep_t:
-                raise ConfigError(f"task {self.name}: no example has a label among {list(self.class_names)}")
+                raise ConfigError(f"task {self.name}: no labelled example (every label is None)")
             self._cache = (keep_t, keep_y)
         return self._cache
+
+    def _label_index(self, y, i: int, index: dict) -> int:
+        n = len(self.class_names)
+        if isinstance(y, (bool, np.bool_)):
+            raise ConfigError(f"task {self.name}: example {i} has the boolean label {y!r}; use a class name "
+                              f"or an integer class index (0..{n - 1})")
+        if isinstance(y, numbers.Integral):
+            if not 0 <= int(y) < n:
+                raise ConfigError(f"task {self.name}: example {i} has label {int(y)}, outside 0..{n - 1} "
+                                  f"({n} classes: {list(self.class_names)})")
+            return int(y)
+        if isinstance(y, str):
+            if y not in index:
+                raise ConfigError(f"task {self.name}: example {i} has label {y!r}, which is not a class"
+                                  f"{suggest(y, index)}; classes: {list(self.class_names)}")
+            return index[y]
+        raise ConfigError(f"task {self.name}: example {i} has a label of type {type(y).__name__} ({y!r}); "
+                          f"use a class name or an integer class index")
 
     def class_prompts(self) -> list[list[str]]:
         if self.prompts is None:
@@ -95,9 +126,12 @@ class Task:
 _TASKS: dict[str, Task] = {}
 
 
-def register_task(task: Task) -> Task:
-    if task.name in _TASKS:
-        raise ConfigError(f"task {task.name} is already registered")
+def register_task(task: Task, replace: bool = False) -> Task:
+    """Add ``task`` to the registry; ``replace=True`` replaces a task of the same name (re-running a
+    notebook cell), otherwise a second registration of a name is an error."""
+    if task.name in _TASKS and not replace:
+        raise ConfigError(f"task {task.name} is already registered (register_task(task, replace=True) "
+                          f"replaces it)")
     _TASKS[task.name] = task
     return task
 
