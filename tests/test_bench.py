@@ -88,11 +88,16 @@ def test_user_task_and_user_backbone(tmp_path):
     registry._TASKS["my_copy"] = Task("my_copy", ["good", "bad"], texts=texts, labels=labels,
                                       prompts={"good": ["wonderful"], "bad": ["awful"]})
     try:
-        cfg = BenchConfig(tasks=["my_sentiment", "my_copy"], methods=["linear"], n_train=40, n_val=10,
+        cfg = BenchConfig(tasks=["my_sentiment", "my_copy"], methods=["linear"], n_train=60, n_val=10,
                           n_test=20, backbone=str(folder), cache_dir=str(tmp_path / "c"), quiet=True)
         res = run_bench(tmp_path / "o", cfg)
         assert res["backbone"]["path"] == str(folder)
         assert [r["method"] for r in res["rows"]] == ["linear"]
+        assert res["suite"] == res["config"]["suite"] == "custom"
+        # 80 examples cannot give 60/10/20: the shrunken splits are reported, not silent
+        assert any("my_sentiment has 80 examples: splits train/val/test = 50/10/20 instead of 60/10/20" in w
+                   for w in res["warnings"]), res["warnings"]
+        assert "Warnings" in (tmp_path / "o" / "results.md").read_text()
     finally:
         registry._TASKS.pop("my_sentiment")
         registry._TASKS.pop("my_copy")
@@ -177,3 +182,15 @@ def test_task_labels_are_checked_and_numpy_indices_accepted():
         register_task(Task("t_notebook", ["x", "y"], texts=texts, labels=[0, 1, 0, 1]))
     again = register_task(Task("t_notebook", ["x", "y"], texts=texts, labels=[1, 1, 0, 0]), replace=True)
     assert get_task("t_notebook") is again
+
+
+def test_zero_shot_below_majority_is_flagged():
+    import numpy as np
+
+    from submerge.bench.runner import zero_shot_warnings
+
+    labels = {"a": [0, 0, 0, 1], "b": [0, 1, 0, 1]}  # majority 0.75 and 0.5
+    correct = {"a": np.array([1, 1, 0, 0]), "b": np.array([1, 1, 0, 0])}  # 0.5 and 0.5
+    w = zero_shot_warnings(correct, labels)
+    assert len(w) == 1 and w[0].startswith("task a: the zero-shot head scores 0.500 on val, below the majority "
+                                           "class (0.750)")

@@ -22,6 +22,7 @@ def markdown(results: dict) -> str:
         f"Accuracy in %, normalised = merged / fine-tuned per task, averaged. Best merged value per column in bold. "
         f"Run time {results['seconds_total'] / 60:.1f} min.",
         "",
+        *([f"**Warnings:** " + " ".join(f"{w}." for w in results["warnings"]), ""] if results.get("warnings") else []),
         "## Absolute test accuracy",
         "",
         "| method | setting | λ | " + " | ".join(tasks) + " | avg | norm |",

@@ -98,6 +98,19 @@ def _params(method: str) -> dict:
     return p
 
 
+def zero_shot_warnings(correct: dict, labels: dict) -> list[str]:
+    """One line per task whose zero-shot head (per-example correctness on val) scores below the majority
+    class of its val labels: its class prompts likely do not describe the classes."""
+    out = []
+    for name, y in labels.items():
+        majority = float(np.bincount(np.asarray(y)).max() / len(y))
+        acc = float(np.asarray(correct[name], dtype=float).mean())
+        if acc < majority:
+            out.append(f"task {name}: the zero-shot head scores {acc:.3f} on val, below the majority class "
+                       f"({majority:.3f}): its class prompts may not describe the classes")
+    return out
+
+
 class BenchSession:
     """Everything a benchmark run shares: backbone, tasks, splits, heads, experts, scorers.
 
@@ -119,10 +132,21 @@ class BenchSession:
             f"tasks: {', '.join(names)}")
         self.splits = {t.name: t.split(seed=0, n_test=cfg.n_test, n_val=cfg.n_val, n_train=cfg.n_train)
                        for t in self.tasks}
+        self.warnings: list[str] = []
+        for t in self.tasks:
+            sp = self.splits[t.name]
+            got = (len(sp.train[0]), len(sp.val[0]), len(sp.test[0]))
+            if any(g < w for g, w in zip(got, (cfg.n_train, cfg.n_val, cfg.n_test))):
+                self.warnings.append(
+                    f"task {t.name} has {len(t.examples()[0])} examples: splits train/val/test = "
+                    f"{got[0]}/{got[1]}/{got[2]} instead of {cfg.n_train}/{cfg.n_val}/{cfg.n_test}")
         self.heads = {t.name: bb.head(t.class_prompts()) for t in self.tasks}
         bb.reset()
         self.zs_val, self.zs_test = self.score("val"), self.score("test")
         say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_test.items()))
+        self.warnings += zero_shot_warnings(self.zs_val, {t.name: self.splits[t.name].val[1] for t in self.tasks})
+        for w in self.warnings:
+            say(f"warning: {w}")
         self.experts, self.ft_logs, self.ft_val, self.ft_test = [], {}, {}, {}
         for t in self.tasks:
             state, info = self.train_expert(t, cfg.seed)
@@ -369,8 +393,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
                 comparisons[f"{label} - {ref}"] = {"norm_diff": d, "ci95": [lo, hi]}
     d, lo, hi = paired_diff_ci([ft_test[k] for k in ft], [zs_test[k] for k in ft])
     comparisons["finetuned - zeroshot (abs)"] = {"abs_diff": d, "ci95": [lo, hi]}
+    suite = cfg.suite if not cfg.tasks else "custom"
     results = {
-        "suite": cfg.suite if not cfg.tasks else "custom",
+        "suite": suite,
         "backbone": {"path": str(bb.path), "sha256": bb.fingerprint,
                      "params": int(sum(v.numel() for v in bb.pretrained.values()))},
         "tasks": names,
@@ -384,7 +409,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
         "rows": rows,
         "comparisons": comparisons,
         "seed": cfg.seed,
-        "config": {**asdict(cfg), "recipe": asdict(cfg.recipe)},
+        "config": {**asdict(cfg), "suite": suite, "recipe": asdict(cfg.recipe)},
+        "warnings": list(S.warnings),
         "seconds_total": time.perf_counter() - S.t_start,
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
