@@ -55,6 +55,19 @@ def test_tiny_end_to_end(tmp_path):
         for k in ("method", "params", "alpha", "avg_abs", "avg_norm", "seconds"):
             assert k in r
     assert saved["rows"][1]["alpha"] in (0.5, 1.0, 1.25, 1.5)
+    # per-example correctness is saved: every accuracy and every paired comparison can be recomputed
+    from submerge.bench.evaluate import paired_diff_ci, unpack_correct
+
+    n = {t: saved["task_info"][t]["n_test"] for t in saved["tasks"]}
+    pe = saved["per_example"]
+    for r in saved["rows"]:
+        for t, acc in r["per_task"].items():
+            assert unpack_correct(pe["rows"][r["label"]][t], n[t]).mean() == pytest.approx(acc)
+    ft = [saved["finetuned"][t] for t in saved["tasks"]]
+    a = [unpack_correct(pe["rows"]["ties (val-tuned)"][t], n[t]) for t in saved["tasks"]]
+    b = [unpack_correct(pe["rows"]["task_arithmetic (val-tuned)"][t], n[t]) for t in saved["tasks"]]
+    d, lo, hi = paired_diff_ci(a, b, ft)
+    assert saved["comparisons"]["ties (val-tuned) - task_arithmetic (val-tuned)"] == {"norm_diff": d, "ci95": [lo, hi]}
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| ties | val-tuned |" in md and "zero-shot" in md
     for png in ("normalized_accuracy.png", "heatmap.png"):
@@ -129,6 +142,9 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     # fine-tuned experts on q/k/v and the MLP input; the rest of the model is merged, so not exactly 100 %
     assert pp["esm_pp r=384 (oracle task id)"]["avg_norm"] >= routed["avg_norm"] - 0.1
     assert "## ESM++" in (tmp_path / "out" / "results.md").read_text()
+    # every row is compared with TSV-M (the strongest static baseline), not only with task arithmetic
+    assert "esm (val-tuned) - tsv (val-tuned)" in res["comparisons"]
+    assert "regmean - tsv (val-tuned)" in res["comparisons"]
 
 
 def test_pareto_tiny_end_to_end(tmp_path):

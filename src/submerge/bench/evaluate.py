@@ -39,3 +39,13 @@ def paired_diff_ci(per_task_a: list[np.ndarray], per_task_b: list[np.ndarray],
         draws += d[idx].mean(1)
     k = len(per_task_a)
     return point / k, float(np.percentile(draws / k, 2.5)), float(np.percentile(draws / k, 97.5))
+
+
+def pack_correct(correct) -> str:
+    """Per-example correctness (0/1 per test example, in split order) as a hex string of packed bits."""
+    return np.packbits(np.asarray(correct).astype(bool)).tobytes().hex()
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_correct` for a split of ``n`` examples (float 0/1, as the scorers return)."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:n].astype(float)

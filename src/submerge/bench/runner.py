@@ -21,7 +21,7 @@ import torch
 
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
-from submerge.bench.evaluate import bootstrap_ci, correct, paired_diff_ci
+from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci
 from submerge.bench.finetune import Recipe, cache_key, finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
@@ -383,10 +383,12 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     zs = {k: float(v.mean()) for k, v in zs_test.items()}
     ft = {k: float(v.mean()) for k, v in ft_test.items()}
     ft_norm = [ft[k] for k in ft]
-    ref = "task_arithmetic (val-tuned)"
     comparisons = {}
-    if ref in test_correct:
-        order = list(ft)
+    order = list(ft)
+    # every row against the strongest static baseline (TSV-M) and against task arithmetic, both val-tuned
+    for ref in ("tsv (val-tuned)", "task_arithmetic (val-tuned)"):
+        if ref not in test_correct:
+            continue
         for label, res in test_correct.items():
             if label != ref:
                 d, lo, hi = paired_diff_ci([res[k] for k in order], [test_correct[ref][k] for k in order], ft_norm)
@@ -411,6 +413,11 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
         "seed": cfg.seed,
         "config": {**asdict(cfg), "suite": suite, "recipe": asdict(cfg.recipe)},
         "warnings": list(S.warnings),
+        # per test example, 1 = correct, packed (submerge.bench.evaluate.unpack_correct(hex, n_test)): any
+        # paired comparison can be recomputed from results.json alone
+        "per_example": {"rows": {label: {k: pack_correct(v) for k, v in res.items()} for label, res in test_correct.items()},
+                        "finetuned": {k: pack_correct(v) for k, v in ft_test.items()},
+                        "zeroshot": {k: pack_correct(v) for k, v in zs_test.items()}},
         "seconds_total": time.perf_counter() - S.t_start,
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
