@@ -210,3 +210,16 @@ def test_zero_shot_below_majority_is_flagged():
     w = zero_shot_warnings(correct, labels)
     assert len(w) == 1 and w[0].startswith("task a: the zero-shot head scores 0.500 on val, below the majority "
                                            "class (0.750)")
+
+
+def test_expert_suites_are_a_bench_option():
+    from click.testing import CliRunner
+
+    from submerge.bench.runner import EXPERT_SUITES
+    from submerge.cli import bench, main
+
+    choices = next(p.type.choices for p in bench.params if p.name == "experts")
+    assert list(choices) == list(EXPERT_SUITES)
+    assert (EXPERT_SUITES["default"].lr, EXPERT_SUITES["lr3e-4"].lr) == (1e-4, 3e-4)
+    out = CliRunner().invoke(main, ["bench", "--experts", "lr1"])
+    assert out.exit_code == 2 and "is not one of 'default', 'lr3e-4'" in out.output

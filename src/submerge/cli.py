@@ -339,19 +339,23 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--n-train", type=click.IntRange(min=1), default=None)
 @click.option("--n-val", type=click.IntRange(min=1), default=None)
 @click.option("--n-test", type=click.IntRange(min=1), default=None)
+@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default="default", show_default=True,
+              help="Expert suite: the default fine-tuning recipe (lr 1e-4) or the ESM ablation's second suite "
+                   "(lr 3e-4).")
 @click.option("--quiet", "-q", is_flag=True)
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
-          n_test: Optional[int], quiet: bool) -> None:
+          n_test: Optional[int], experts: str, quiet: bool) -> None:
     """Fine-tune experts on real tasks, merge them with every method, write tables and plots."""
-    from submerge.bench.runner import BenchConfig, run_bench
+    from submerge.bench.runner import EXPERT_SUITES, BenchConfig, run_bench
 
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
                                 methods=methods.split(",") if methods else None, seed=seed,
                                 cache_dir=cache_dir, backbone=backbone, n_train=n_train, n_val=n_val,
-                                n_test=n_test, quiet=quiet).items() if v is not None}
+                                n_test=n_test, quiet=quiet, recipe=EXPERT_SUITES[experts]).items() if v is not None}
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(suite=suite, **kw)
-    out_dir = Path(out) if out else Path("bench-results") / f"{'quick' if quick else suite}-seed{seed}"
+    name = f"{'quick' if quick else suite}{'' if experts == 'default' else '-' + experts}-seed{seed}"
+    out_dir = Path(out) if out else Path("bench-results") / name
     try:
         run_bench(out_dir, cfg)
     except SubmergeError as e:

@@ -43,6 +43,9 @@ PRESETS: dict[str, dict] = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
 LAMBDA_GRID = [round(0.1 * i, 2) for i in range(1, 11)]
+# Named expert suites (fine-tuning recipes): "default" (lr 1e-4) and the second suite of the ESM ablation,
+# experts fine-tuned at 3x the learning rate (benchmarks/results/esm_ablation/README.md).
+EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
 
 
 @dataclass
