@@ -101,6 +101,12 @@ class TokenSetting(_Strict):
     force: bool = False
 
 
+def token_source_model(setting: TokenSetting) -> Optional[str]:
+    """The model a token's row comes from (None: zero or the default rule)."""
+    src = setting.source
+    return src if isinstance(src, str) else (src.model if src is not None else None)
+
+
 class TokenizerConfig(_Strict):
     """mergekit's ``tokenizer:`` block: the output vocabulary and how rows of tokens missing from
     some inputs are filled."""
@@ -179,13 +185,8 @@ class MergeConfig(_Strict):
 
     def token_models(self) -> list[str]:
         """Models named only by the tokenizer block (token sources), besides the merged ones."""
-        out = []
-        for setting in ((self.tokenizer.tokens or {}).values() if self.tokenizer else []):
-            src = setting.source
-            name = src if isinstance(src, str) else (src.model if src is not None else None)
-            if name is not None:
-                out.append(name)
-        return out
+        settings = (self.tokenizer.tokens or {}).values() if self.tokenizer else []
+        return [m for m in map(token_source_model, settings) if m is not None]
 
     def referenced_models(self) -> list[str]:
         """Every model named in the config, in first-mention order (deterministic)."""

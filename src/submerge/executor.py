@@ -87,6 +87,15 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _check_input_finite(x: torch.Tensor, key: str, name: str) -> None:
+    """NaN/Inf in an input tensor is an error naming it.  NaN/Inf propagate through a sum; a non-finite
+    sum (or an overflow) gets the exact count."""
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise NonFiniteError(f"model '{key}' tensor {name} holds {bad} NaN/Inf value(s)")
+
+
 class Executor:
     def __init__(self, plan: MergePlan, options: MergeOptions):
         self.plan = plan
@@ -118,11 +127,7 @@ class Executor:
         dtype = torch.float64 if raw.dtype == torch.float64 else self.compute_dtype
         x = raw.to(device=self.device, dtype=dtype)
         del raw
-        # NaN/Inf propagate through a sum; a non-finite sum (or an overflow) gets the exact check
-        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
-            bad = int((~torch.isfinite(x)).sum())
-            if bad:
-                raise NonFiniteError(f"model '{key}' tensor {name} holds {bad} NaN/Inf value(s)")
+        _check_input_finite(x, key, name)
         return x
 
     def load(self, job: TensorJob) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -317,11 +322,7 @@ class Executor:
         """A tensor copied from one input (buffers; passthrough): float ones checked finite, then cast."""
         if not data.is_floating_point():
             return data
-        if not bool(torch.isfinite(data.sum(dtype=torch.float32))):
-            bad = int((~torch.isfinite(data)).sum())
-            if bad:
-                raise NonFiniteError(f"model '{job.copy_from[0]}' tensor {job.copy_from[1]} holds {bad} "
-                                     f"NaN/Inf value(s)")
+        _check_input_finite(data, *job.copy_from)
         out_dtype = self._out_dtype(job)
         if out_dtype == data.dtype:
             return data

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from submerge.config import TokenSetting, TokenSource
+from submerge.config import TokenSetting, TokenSource, token_source_model
 from submerge.errors import CheckpointError, ConfigError, suggest
 
 log = logging.getLogger(__name__)
@@ -149,14 +149,7 @@ class VocabPlan:
                 and bool(torch.equal(idx, torch.arange(len(idx)))))
 
     def needs_models(self) -> set[str]:
-        out = set()
-        for s in self.settings.values():
-            src = s.source
-            if isinstance(src, str):
-                out.add(src)
-            elif isinstance(src, TokenSource) and src.model is not None:
-                out.add(src.model)
-        return out
+        return {m for m in map(token_source_model, self.settings.values()) if m is not None}
 
     # ------------------------------------------------------------------ re-indexing
     def _configured_row(self, tok: str, setting: TokenSetting, tensors: dict[str, torch.Tensor],

@@ -32,6 +32,13 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k).values
 
 
+def task_vectors(ctx) -> torch.Tensor:
+    """The inputs' task vectors stacked ``[T, ...]`` (model - base); the inputs are released."""
+    deltas = torch.stack([t - ctx.base for t in ctx.tensors])
+    ctx.tensors[:] = [None] * len(ctx.tensors)
+    return deltas
+
+
 def lower_quantiles(flat: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
     """The ``q``-quantiles of a 1-D tensor with "lower" interpolation: the value at index
     floor(q * (n - 1)) of the sorted tensor, by selection (never a full sort)."""
@@ -116,10 +123,9 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 @dataclass
 class TopK:
-    """A top-k magnitude rule in threshold form: keep ``|x| > v``, plus the first
-    ``budget`` entries (by position) with ``|x| == v``; ``budget=None`` keeps every
-    ``|x| >= v`` (no tie straddles the threshold).  ``cutoff``, when known, is the flat position
-    just after the last tie kept (ties at positions < cutoff are kept)."""
+    """A top-k magnitude rule in threshold form: keep ``|x| > v``, plus the first ``budget`` entries
+    (by position) with ``|x| == v``, i.e. those before the flat position ``cutoff``; ``budget=None``
+    (and ``cutoff=None``) keeps every ``|x| >= v`` (no tie straddles the threshold)."""
 
     v: float
     budget: Optional[int] = None
@@ -203,14 +209,13 @@ def consensus_merge_chunked(
 ) -> torch.Tensor:
     """Trim (by threshold or mask), weight, elect signs and disjoint-merge, one cache-sized chunk at a time.
 
-    ``rules[i]`` trims model i (None: no trim); budgets of tied entries are spent in
-    position order, so the result equals :func:`magnitude_mask`.  Numerically the
+    ``rules[i]`` trims model i (None: no trim); tied entries at a threshold are kept up to the
+    rule's cutoff position, so the result equals :func:`magnitude_mask`.  Numerically the
     same steps as masking whole tensors then calling :func:`elect_sign`
     and :func:`disjoint_merge` (the sum over models is taken on a stacked chunk, in model
     order), but every intermediate stays in cache.  Writes the merged delta into ``out``.
     """
     flat = [d.reshape(-1) for d in deltas]
-    budgets = [r.budget if r is not None else None for r in rules]
     res = out.reshape(-1)
     n = res.numel()
     w = torch.tensor(weights, dtype=out.dtype)
@@ -224,26 +229,16 @@ def consensus_merge_chunked(
             rule = rules[i]
             if rule is None:
                 st[i].copy_(dc)
-            elif rule.cutoff is not None:  # ties kept before the cutoff position, strict after it
+            else:  # |x| > v, plus the ties at v before the cutoff position (all of them when cutoff is None)
                 mag = dc.abs()
-                cut = min(max(rule.cutoff - start, 0), stop - start)
-                keep = mag.ge_(rule.v) if cut == stop - start else mag.gt_(rule.v) if cut == 0 else None
-                if keep is None:
+                cut = stop - start if rule.cutoff is None else min(max(rule.cutoff - start, 0), stop - start)
+                if cut == stop - start:
+                    keep = mag.ge_(rule.v)
+                elif cut == 0:
+                    keep = mag.gt_(rule.v)
+                else:
                     keep = mag.clone().gt_(rule.v)
                     keep[:cut] = mag[:cut].ge_(rule.v)
-                torch.mul(dc, keep, out=st[i])
-            else:
-                mag = dc.abs()
-                keep = mag.clone().gt_(rule.v) if budgets[i] is not None else mag.ge_(rule.v)
-                if budgets[i]:  # ties at the threshold: spend the budget in position order
-                    tie = mag.eq_(rule.v)
-                    count = int(tie.sum())
-                    if count <= budgets[i]:
-                        keep.add_(tie)
-                        budgets[i] -= count
-                    else:
-                        keep[tie.nonzero().squeeze(1)[: budgets[i]]] = 1
-                        budgets[i] = 0
                 torch.mul(dc, keep, out=st[i])
             if scale:
                 st[i].mul_(weights[i])

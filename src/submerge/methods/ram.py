@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from submerge.methods import kernels
 from submerge.methods.registry import Param, TensorContext, register_method
 
 _PAPER = "Reinforced Agent Merging (RAM), arXiv:2601.13572, as implemented by mergekit 0.1.5"
@@ -19,13 +20,13 @@ def ram_merge(deltas: torch.Tensor, epsilon: float, r: float = 0.0, alpha: float
     flat = deltas.reshape(T, -1)
     changed = flat.abs() > epsilon
     count = changed.sum(0)
-    unique = count == 1
-    shared_sum = torch.where(changed & (count > 1), flat, torch.zeros((), dtype=flat.dtype)).sum(0)
-    merged = shared_sum / count.clamp(min=1).to(flat.dtype)
-    only = torch.where(changed & unique, flat, torch.zeros((), dtype=flat.dtype))
+    shared, unique = changed & (count > 1), changed & (count == 1)
+    zero = torch.zeros((), dtype=flat.dtype)
+    merged = torch.where(shared, flat, zero).sum(0) / count.clamp(min=1).to(flat.dtype)
+    only = torch.where(unique, flat, zero)
     if r != 0.0:
-        n_shared = (changed & ~unique & (count > 1)).sum(1).to(flat.dtype)
-        n_unique = (changed & unique).sum(1).to(flat.dtype)
+        n_shared = shared.sum(1).to(flat.dtype)
+        n_unique = unique.sum(1).to(flat.dtype)
         rho = n_shared / n_unique.clamp(min=epsilon)
         lam = 1 + r * rho.clamp(min=0, max=alpha)
         only = only * lam[:, None]
@@ -48,10 +49,7 @@ _VARIANT = ("per tensor, task vectors tau_t = model_t - base; an entry counts as
     min_models=1,
 )
 def ram(ctx: TensorContext, *, epsilon: float) -> torch.Tensor:
-    base = ctx.base
-    deltas = torch.stack([t - base for t in ctx.tensors])
-    ctx.tensors[:] = [None] * len(ctx.tensors)
-    return ram_merge(deltas, epsilon).add_(base)
+    return ram_merge(kernels.task_vectors(ctx), epsilon).add_(ctx.base)
 
 
 @register_method(
@@ -69,7 +67,4 @@ def ram(ctx: TensorContext, *, epsilon: float) -> torch.Tensor:
     min_models=1,
 )
 def ramplus_tl(ctx: TensorContext, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
-    base = ctx.base
-    deltas = torch.stack([t - base for t in ctx.tensors])
-    ctx.tensors[:] = [None] * len(ctx.tensors)
-    return ram_merge(deltas, epsilon, r, alpha).add_(base)
+    return ram_merge(kernels.task_vectors(ctx), epsilon, r, alpha).add_(ctx.base)

@@ -63,7 +63,4 @@ def sce_merge(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     min_models=1,
 )
 def sce(ctx: TensorContext, *, select_topk: float, int8_mask: bool) -> torch.Tensor:
-    base = ctx.base
-    deltas = torch.stack([t - base for t in ctx.tensors])
-    ctx.tensors[:] = [None] * len(ctx.tensors)
-    return sce_merge(deltas, select_topk).add_(base)
+    return sce_merge(kernels.task_vectors(ctx), select_topk).add_(ctx.base)
