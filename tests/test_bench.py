@@ -43,12 +43,28 @@ def test_tiny_end_to_end(tmp_path):
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties"],
                       n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0],
                       cache_dir=str(tmp_path / "cache"), quiet=True)
-    res = run_bench(tmp_path / "out", cfg)
+    from submerge.bench import runner
+
+    first = []
+    real = runner.correct
+    runner.correct = lambda *a, **k: first.append(1) or real(*a, **k)
+    try:
+        res = run_bench(tmp_path / "out", cfg)
+    finally:
+        runner.correct = real
+    n_first = len(first)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     for key in ("suite", "backbone", "tasks", "zeroshot", "finetuned", "rows", "seed", "versions"):
         assert key in saved
     assert [r["label"] for r in saved["rows"]] == [
-        "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)"]
+        "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)",
+        "multitask (joint fine-tuning)"]
+    mt = saved["rows"][-1]
+    assert mt["reference"] == "multitask" and "reference" not in saved["rows"][0]
+    assert saved["backbone"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    for r in saved["rows"]:
+        lo, hi = r["avg_norm_ci"]
+        assert lo <= r["avg_norm"] <= hi
     for r in saved["rows"]:
         assert set(r["per_task"]) == {"rt_sentiment", "wordnet_noun"}
         assert all(0 <= v <= 1 for v in r["per_task"].values())
@@ -70,12 +86,23 @@ def test_tiny_end_to_end(tmp_path):
     assert saved["comparisons"]["ties (val-tuned) - task_arithmetic (val-tuned)"] == {"norm_diff": d, "ci95": [lo, hi]}
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| ties | val-tuned |" in md and "zero-shot" in md
+    assert "| multitask † | joint fine-tuning |" in md and "sentence-transformers/all-MiniLM-L6-v2" in md
+    # the reference scores (zero-shot, experts) are cached beside the experts: one file per task and split
+    assert len(list((tmp_path / "cache" / "scores").glob("*.json"))) == 2 * 2 * 2
     for png in ("normalized_accuracy.png", "heatmap.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     # experts are cached: a second run fine-tunes nothing
-    again = run_bench(tmp_path / "out2", cfg)
+    calls = []
+    real = runner.correct
+    runner.correct = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        again = run_bench(tmp_path / "out2", cfg)
+    finally:
+        runner.correct = real
     assert all(v["cached"] for v in again["finetune_log"].values())
-    assert again["finetuned"] == res["finetuned"]
+    assert again["finetuned"] == res["finetuned"] and again["zeroshot"] == res["zeroshot"]
+    # the references (2 models x 2 tasks x 2 splits) were not scored again: 8 scorings fewer than the first run
+    assert n_first - len(calls) == 8
 
 
 def test_user_task_and_user_backbone(tmp_path):
@@ -122,7 +149,7 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"],
                       methods=["esm", "esm_pp", "fisher", "posterior", "regmean", "tsv"],
                       n_train=32, n_val=16, n_test=32, calib_n=8, fisher_n=4, cache_dir=str(tmp_path / "cache"),
-                      quiet=True, esmpp_ranks=[2, 384])
+                      quiet=True, esmpp_ranks=[2, 384], multitask=False)
     res = run_bench(tmp_path / "out", cfg)
     labels = [r["label"] for r in res["rows"]]
     assert labels == ["esm (default)", "esm (val-tuned)", "esm_pp r=2 (routed)", "esm_pp r=384 (routed)",
@@ -141,7 +168,12 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     # full-rank experts (384 = hidden size >= every d_out of the routed q/k/v) with oracle routing are the
     # fine-tuned experts on q/k/v and the MLP input; the rest of the model is merged, so not exactly 100 %
     assert pp["esm_pp r=384 (oracle task id)"]["avg_norm"] >= routed["avg_norm"] - 0.1
-    assert "## ESM++" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## ESM++" in md
+    # the oracle row is a reference: marked, never the bold "best merged" value
+    oracle_lines = [line for line in md.splitlines() if line.startswith("| esm_pp † | r=384, oracle |")]
+    assert len(oracle_lines) == 1 and "**" not in oracle_lines[0]
+    assert pp["esm_pp r=384 (oracle task id)"]["reference"] == "oracle"
     # every row is compared with TSV-M (the strongest static baseline), not only with task arithmetic
     assert "esm (val-tuned) - tsv (val-tuned)" in res["comparisons"]
     assert "regmean - tsv (val-tuned)" in res["comparisons"]

@@ -334,6 +334,20 @@ def test_subspace_methods_on_module_and_search_alpha():
     res = search_alpha("tsv", sd0, sds, lambda sd: -float(sum(((sd[k] - far[k]) ** 2).sum() for k in far)),
                        strategy="golden", bounds=(0.0, 2.0))
     assert abs(res.alpha - 2.6) < 0.05
+    # coarse: 0.5-steps up to the grid's top (3.0), one point past the best, one bisection on each side
+    calls = []
+
+    def counted(sd):
+        calls.append(1)
+        return score(sd)
+
+    res = search_alpha("tsv", sd0, sds, counted, strategy="coarse")
+    assert res.strategy == "coarse" and sorted(res.curve) == [0.5, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert res.alpha == 1.25 and len(calls) == 6   # 1.25 is 0.05 from the optimum 1.3, 1.5 is 0.2
+    # the best coarse point at the top: the grid continues past the edge before bisecting
+    res = search_alpha("tsv", sd0, sds, lambda sd: -float(sum(((sd[k] - far[k]) ** 2).sum() for k in far)),
+                       strategy="coarse", grid=[1.0, 2.0])
+    assert max(res.curve) > 2.0 and abs(res.alpha - 2.6) < 0.1
 
 
 def test_affine_path_reuses_buffers():

@@ -1,27 +1,51 @@
-"""submerge: merge fine-tuned models of one pre-trained base into one multi-task model."""
+"""submerge: merge fine-tuned models of one pre-trained base into one multi-task model.
+
+The public names below are imported on first use (PEP 562), so ``import submerge`` — and every
+``submerge --help`` — does not pay for importing torch until a command needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from submerge.api import merge, merge_state_dicts, validate  # noqa: E402
-from submerge.config import MergeConfig, load_config, parse_config  # noqa: E402
-from submerge.errors import CheckpointError, ConfigError, NonFiniteError, SubmergeError  # noqa: E402
-from submerge.executor import MergeOptions, MergeResult  # noqa: E402
-from submerge.methods import get_method, list_methods, register_method  # noqa: E402
+_EXPORTS = {
+    "merge": "submerge.api",
+    "merge_state_dicts": "submerge.api",
+    "validate": "submerge.api",
+    "MergeConfig": "submerge.config",
+    "load_config": "submerge.config",
+    "parse_config": "submerge.config",
+    "CheckpointError": "submerge.errors",
+    "ConfigError": "submerge.errors",
+    "NonFiniteError": "submerge.errors",
+    "SubmergeError": "submerge.errors",
+    "MergeOptions": "submerge.executor",
+    "MergeResult": "submerge.executor",
+    "get_method": "submerge.methods",
+    "list_methods": "submerge.methods",
+    "register_method": "submerge.methods",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "merge",
-    "merge_state_dicts",
-    "validate",
-    "MergeConfig",
-    "MergeOptions",
-    "MergeResult",
-    "load_config",
-    "parse_config",
-    "get_method",
-    "list_methods",
-    "register_method",
-    "SubmergeError",
-    "ConfigError",
-    "CheckpointError",
-    "NonFiniteError",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'submerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from submerge.api import merge, merge_state_dicts, validate  # noqa: F401
+    from submerge.config import MergeConfig, load_config, parse_config  # noqa: F401
+    from submerge.errors import CheckpointError, ConfigError, NonFiniteError, SubmergeError  # noqa: F401
+    from submerge.executor import MergeOptions, MergeResult  # noqa: F401
+    from submerge.methods import get_method, list_methods, register_method  # noqa: F401

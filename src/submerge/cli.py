@@ -78,7 +78,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         level = logging.DEBUG
     if quiet:
         level = logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
 
 
 @click.group(cls=_Group)
@@ -331,7 +332,8 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = 4 tasks).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
-@click.option("--quick", is_flag=True, help="4 tasks, 1000 training / 100 val / 300 test examples, coarse lambda grid.")
+@click.option("--quick", is_flag=True, help="The README's main job: the quick suite (4 tasks chosen to interfere, "
+              "small splits, one method per family, coarse scale search); about 6 min on 2 cores.")
 @click.option("--seed", default=0, show_default=True, help="Fine-tuning seed (splits are fixed).")
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/<suite>-seed<seed>).")
 @click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
@@ -339,22 +341,32 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--n-train", type=click.IntRange(min=1), default=None)
 @click.option("--n-val", type=click.IntRange(min=1), default=None)
 @click.option("--n-test", type=click.IntRange(min=1), default=None)
-@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default="default", show_default=True,
+@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default=None,
               help="Expert suite: the default fine-tuning recipe (lr 1e-4) or the ESM ablation's second suite "
-                   "(lr 3e-4).")
+                   "(lr 3e-4). Default: the suite's own (text8: default; quick: lr3e-4).")
+@click.option("--multitask/--no-multitask", default=None,
+              help="Add the reference row of one model fine-tuned on all tasks jointly (default: on, off with --quick).")
+@click.option("--search", type=click.Choice(["full", "coarse"]), default=None,
+              help="Scale search of the alpha methods: the papers' grids / golden section (full), or about 6 points "
+                   "(coarse, the --quick default).")
 @click.option("--quiet", "-q", is_flag=True)
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
-          n_test: Optional[int], experts: str, quiet: bool) -> None:
-    """Fine-tune experts on real tasks, merge them with every method, write tables and plots."""
+          n_test: Optional[int], experts: Optional[str], multitask: Optional[bool], search: Optional[str],
+          quiet: bool) -> None:
+    """Fine-tune experts on real tasks, merge them with every method, write tables and plots.
+
+    Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
+    a rerun only merges and scores."""
     from submerge.bench.runner import EXPERT_SUITES, BenchConfig, run_bench
 
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
                                 methods=methods.split(",") if methods else None, seed=seed,
                                 cache_dir=cache_dir, backbone=backbone, n_train=n_train, n_val=n_val,
-                                n_test=n_test, quiet=quiet, recipe=EXPERT_SUITES[experts]).items() if v is not None}
+                                n_test=n_test, quiet=quiet, multitask=multitask, search=search,
+                                recipe=EXPERT_SUITES[experts] if experts else None).items() if v is not None}
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(suite=suite, **kw)
-    name = f"{'quick' if quick else suite}{'' if experts == 'default' else '-' + experts}-seed{seed}"
+    name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     try:
         run_bench(out_dir, cfg)
@@ -391,7 +403,7 @@ def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     kw = {k: v for k, v in dict(n_train=n_train, n_test=n_test, fisher_n=fisher_n, cache_dir=cache_dir,
                                 quiet=quiet).items() if v is not None}
-    bench = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    bench = BenchConfig(**{"n_train": 1000, "n_val": 100, "n_test": 300, **kw}) if quick else BenchConfig(**kw)
     cfg = ParetoConfig(tasks=names, grid=grid, samples=samples, rules=[r.strip() for r in rules.split(",") if r.strip()],
                        mixture_seeds=[int(x) for x in mixture_seeds.split(",") if x.strip()],
                        multitask=[float(x) for x in multitask.split(",") if x.strip()], split=split, seed=seed,

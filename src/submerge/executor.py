@@ -233,6 +233,7 @@ class Executor:
             torch.set_num_threads(opt.threads)
         bytes_read = 0
         writer = None
+        self._log_plan()
         try:
             specs = [(j.out_name, self._out_dtype(j), tuple(j.shape)) for j in plan.jobs]
             shard_size = parse_size(opt.out_shard_size)
@@ -246,8 +247,32 @@ class Executor:
                     writer.close()
         finally:
             plan.close()
-        return MergeResult(Path(out_dir), time.perf_counter() - t0, bytes_read, writer.total_bytes,
+        seconds = time.perf_counter() - t0
+        log.info("wrote %s: %d file(s), %.1f MB, in %.1f s (%.0f MB read)", out_dir, len(files),
+                 writer.total_bytes / 1e6, seconds, bytes_read / 1e6)
+        return MergeResult(Path(out_dir), seconds, bytes_read, writer.total_bytes,
                            len(plan.jobs), files, self.seed, list(plan.notes))
+
+    def _log_plan(self) -> None:
+        """What ``-v`` shows before any tensor is read: the inputs as resolved, the work, the settings."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        plan, opt = self.plan, self.opt
+        for key, ckpt in plan.models.items():
+            role = " (base)" if key == plan.config.base_model else ""
+            rev = plan.revisions.get(key)
+            log.info("input %s%s: %s%s, %d tensors", key, role, ckpt.path, f" = {rev}" if rev else "",
+                     len(ckpt.tensors))
+        for key, reader in plan.stats.items():
+            log.info("statistics of %s: %s", key, getattr(reader, "path", reader))
+        copied = sum(j.copy_from is not None for j in plan.jobs)
+        log.info("%s: %d output tensors (%d merged, %d copied), %.1f MB to read; compute %s on %s, %d thread(s); "
+                 "output dtype %s, shards up to %s; global parameters %s", plan.method.name, len(plan.jobs),
+                 len(plan.jobs) - copied, copied, plan.input_bytes() / 1e6, _dtype_name(self.compute_dtype),
+                 self.device, torch.get_num_threads(), _dtype_name(self.out_dtype) if self.out_dtype else "as input",
+                 opt.out_shard_size, plan.global_params or "none")
+        for note in plan.notes:
+            log.info("note: %s", note)
 
     def _merge_into(self, tmp: Path, writer: ShardWriter) -> tuple[int, list[str]]:
         plan, opt = self.plan, self.opt
@@ -264,6 +289,7 @@ class Executor:
                     out = self._copied(job, data)
                     size = job.nbytes
                 else:
+                    t_job = time.perf_counter()
                     tensors, base = data
                     size = job.nbytes * (len(job.inputs) + (job.base is not None))
                     keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
@@ -276,6 +302,9 @@ class Executor:
                     if keep is not None:
                         side.add(job.out_name, out, keep, stats)
                         del keep
+                    log.debug("%s %s from %d input(s)%s, %s: %.3f s", job.out_name, list(job.shape),
+                              len(job.inputs), " + base" if job.base is not None else "",
+                              _numeric_params(job) or "no parameters", time.perf_counter() - t_job)
                 writer.add(job.out_name, out)
                 del out, data
                 bytes_read += size

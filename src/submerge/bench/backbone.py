@@ -51,6 +51,8 @@ class Backbone:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path) if path else minilm_path()
+        # what a reader recognises: the published name of the default backbone, else the folder's name
+        self.name = "sentence-transformers/all-MiniLM-L6-v2" if path is None else self.path.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).float().eval()
         self.max_len = max_len

@@ -124,3 +124,42 @@ def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torc
         save_cached(path, state, log)
     backbone.reset()
     return state, {**log, "cached": False}
+
+
+def multitask_finetune(backbone: Backbone, tasks: list[tuple[list[str], list[int], torch.Tensor]],
+                       weights: list[float], recipe: Recipe, seed: int, cache_path: Optional[Path] = None,
+                       desc: str = "multitask fine-tune", quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """One encoder fine-tuned on ``Σ_t w_t ℓ_t`` over ``tasks`` (texts, labels, frozen head): each step one batch
+    of every task with a nonzero weight, as many steps as an expert of the largest task (the experts' recipe);
+    cached at ``cache_path``.  Returns the trainable tensors and a log."""
+    cached = load_cached(cache_path)
+    if cached is not None:
+        return cached
+    n_max = max(len(texts) for texts, _, _ in tasks)
+    steps = recipe.epochs * math.ceil(n_max / recipe.batch_size)
+    names, opt, sched = start_training(backbone, recipe, steps)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    orders: list[list[int]] = [[] for _ in tasks]
+    t0 = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, disable=quiet, leave=False):
+        loss = 0.0
+        for i, ((texts, labels, head), w) in enumerate(zip(tasks, weights)):
+            if w == 0:
+                continue
+            if len(orders[i]) < recipe.batch_size:
+                more = list(range(len(texts)))
+                rng.shuffle(more)
+                orders[i] += more
+            idx, orders[i] = orders[i][:recipe.batch_size], orders[i][recipe.batch_size:]
+            loss = loss + w * task_loss(backbone, recipe, texts, labels, idx, head)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    state = stop_training(backbone, names)
+    info = {"weights": list(weights), "steps": steps, "seconds": time.perf_counter() - t0}
+    if cache_path is not None:
+        save_cached(cache_path, state, info)
+    backbone.reset()
+    return state, {**info, "cached": False}

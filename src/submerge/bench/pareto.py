@@ -14,21 +14,16 @@ experts' recipe, each step one batch of every task): the expensive ground truth 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from submerge.api import merge_state_dicts
-from submerge.bench.finetune import cache_key, load_cached, save_cached, start_training, stop_training, task_loss
 from submerge.bench.runner import BenchConfig, BenchSession
 from submerge.errors import ConfigError
 from submerge.io import check_output_target
@@ -66,46 +61,6 @@ def simplex_grid(n_tasks: int, grid: int, samples: int = 30, seed: int = 0) -> l
     corners = [tuple(float(i == j) for j in range(n_tasks)) for i in range(n_tasks)]
     centre = [tuple([1.0 / n_tasks] * n_tasks)]
     return corners + centre + [tuple(map(float, v)) for v in rng.dirichlet(np.ones(n_tasks), samples)]
-
-
-def multitask_finetune(S: BenchSession, weights: Sequence[float], seed: int) -> tuple[dict, dict]:
-    """Fine-tune the encoder on ``Σ α_t ℓ_t`` (each step one batch of each task, the experts' recipe and
-    number of steps); cached beside the experts."""
-    bb, recipe = S.bb, S.cfg.recipe
-    keys = [cache_key(bb, t.fingerprint(), len(S.splits[t.name].train[0]), recipe, seed) for t in S.tasks]
-    key = hashlib.sha256(json.dumps({"mt": keys, "w": list(map(float, weights))}).encode()).hexdigest()[:20]
-    path = S.cache / f"multitask-{key}.safetensors"
-    cached = load_cached(path)
-    if cached is not None:
-        return cached
-    n_max = max(len(S.splits[t.name].train[0]) for t in S.tasks)
-    steps = recipe.epochs * math.ceil(n_max / recipe.batch_size)
-    names, opt, sched = start_training(bb, recipe, steps)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    orders: dict[str, list[int]] = {t.name: [] for t in S.tasks}
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = 0.0
-        for t, w in zip(S.tasks, weights):
-            if w == 0:
-                continue
-            texts, labels = S.splits[t.name].train
-            if len(orders[t.name]) < recipe.batch_size:
-                more = list(range(len(texts)))
-                rng.shuffle(more)
-                orders[t.name] += more
-            idx, orders[t.name] = orders[t.name][:recipe.batch_size], orders[t.name][recipe.batch_size:]
-            loss = loss + w * task_loss(bb, recipe, texts, labels, idx, S.heads[t.name])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    state = stop_training(bb, names)
-    info = {"weights": list(weights), "steps": steps, "seconds": time.perf_counter() - t0}
-    save_cached(path, state, info)
-    bb.reset()
-    return state, {**info, "cached": False}
 
 
 def _scores(S: BenchSession, state: dict, split: str) -> dict[str, float]:
@@ -168,7 +123,7 @@ def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
     truth = []
     if T == 2 and cfg.multitask:
         for a in cfg.multitask:
-            state, info = multitask_finetune(S, (a, 1 - a), cfg.seed)
+            state, info = S.train_multitask((a, 1 - a), cfg.seed)
             truth.append({"weights": [a, 1 - a], "acc": _scores(S, state, cfg.split), "seconds": info["seconds"],
                           "cached": info.get("cached", False)})
     experts = [{"task": t.name, "acc": _scores(S, sd, cfg.split)} for t, sd in zip(S.tasks, S.experts)]

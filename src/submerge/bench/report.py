@@ -1,56 +1,122 @@
-"""Markdown table and PNG plots from a results.json dict."""
+"""Markdown table and PNG plots from a results.json dict.
+
+Rows marked ``reference`` are not merges and never count as the best merged value: ``oracle`` (ESM++ told
+the true task id — an upper bound a deployed model does not have) and ``multitask`` (one model fine-tuned
+on all tasks jointly — what merging tries to approach without training).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+
+REFERENCE_NOTES = {
+    "oracle": "upper bound: told the true task id of each input, which a deployed merge does not know",
+    "multitask": "not a merge: one model fine-tuned on all tasks jointly (the experts' recipe, one batch of "
+                 "every task per step)",
+}
+# Why two rows can make the same predictions (added to the report when they do)
+SAME_PREDICTIONS = {
+    frozenset({"fisher", "posterior"}): (
+        "`posterior` (diagonal family) is Fisher merging with a prior of precision 1e-3 x the tensor's mean Fisher "
+        "(Daheim et al.): the two differ only where every expert's Fisher is below about 1e-3 of the mean, too "
+        "few entries here to change a prediction"),
+    frozenset({"ram", "ramplus_tl"}): (
+        "RAM+ rescales only entries that a single expert changed by more than epsilon; fine-tuning moves almost "
+        "every entry of every expert, so that branch is (nearly) empty and both reduce to the mean task vector"),
+}
 
 
 def _fmt(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _scale(x) -> str:
+    return "–" if x is None else f"{float(x):.3g}"
+
+
+def backbone_name(results: dict) -> str:
+    b = results["backbone"]
+    return b.get("name") or Path(b["path"]).name
+
+
+def ordered_rows(results: dict) -> list[dict]:
+    """Rows by normalised accuracy, best first (the order of the table, the bars and the heat map)."""
+    return sorted(results["rows"], key=lambda r: -r["avg_norm"])
+
+
+def _same_prediction_notes(results: dict) -> list[str]:
+    per = results.get("per_example", {}).get("rows", {})
+    by_bits: dict[str, list[str]] = {}
+    for label, tasks in per.items():
+        by_bits.setdefault("|".join(tasks[t] for t in sorted(tasks)), []).append(label)
+    notes = []
+    for labels in by_bits.values():
+        if len(labels) < 2:
+            continue
+        methods = {next((r["method"] for r in results["rows"] if r["label"] == lab), lab) for lab in labels}
+        why = SAME_PREDICTIONS.get(frozenset(methods))
+        notes.append(f"{', '.join(f'`{lab}`' for lab in labels)} make identical test predictions"
+                     + (f": {why}." if why else "."))
+    return notes
+
+
 def markdown(results: dict) -> str:
     tasks = results["tasks"]
     zs, ft = results["zeroshot"], results["finetuned"]
-    rows = results["rows"]
+    rows = ordered_rows(results)
+    merged = [r for r in rows if not r.get("reference")]
     lines = [
         f"# submerge bench — suite `{results['suite']}`, seed {results['seed']}",
         "",
-        f"Backbone: `{Path(results['backbone']['path']).name}` (sha256 {results['backbone']['sha256'][:12]}…, "
+        f"Backbone: `{backbone_name(results)}` (sha256 {results['backbone']['sha256'][:12]}…, "
         f"{results['backbone']['params'] / 1e6:.1f}M parameters). Frozen zero-shot heads; encoder-only "
-        f"fine-tuning; lambda chosen on validation (max mean normalised accuracy); test touched once per row. "
-        f"Accuracy in %, normalised = merged / fine-tuned per task, averaged. Best merged value per column in bold. "
-        f"Run time {results['seconds_total'] / 60:.1f} min.",
+        f"fine-tuning; scales (λ, α) chosen on validation (max mean normalised accuracy); test touched once per "
+        f"row. Accuracy in %, normalised = merged / fine-tuned per task, averaged, with its 95% bootstrap "
+        f"interval over test examples. Rows best first; the best merged value per column in bold (reference rows, "
+        f"marked †, excluded). Run time {results['seconds_total'] / 60:.1f} min.",
         "",
-        *([f"**Warnings:** " + " ".join(f"{w}." for w in results["warnings"]), ""] if results.get("warnings") else []),
+        *(["**Warnings:** " + " ".join(f"{w}." for w in results["warnings"]), ""] if results.get("warnings") else []),
         "## Absolute test accuracy",
         "",
-        "| method | setting | λ | " + " | ".join(tasks) + " | avg | norm |",
-        "|---|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
+        "| method | setting | scale | " + " | ".join(tasks) + " | avg | norm [95% CI] |",
+        "|---|---|---:|" + "---:|" * len(tasks) + "---:|---|",
     ]
-    best = {t: max(r["per_task"][t] for r in rows) for t in tasks} if rows else {}
-    best_avg = max((r["avg_abs"] for r in rows), default=None)
-    best_norm = max((r["avg_norm"] for r in rows), default=None)
+    best = {t: max(r["per_task"][t] for r in merged) for t in tasks} if merged else {}
+    best_avg = max((r["avg_abs"] for r in merged), default=None)
+    best_norm = max((r["avg_norm"] for r in merged), default=None)
 
-    def cell(v: float, b) -> str:
-        return f"**{_fmt(v)}**" if b is not None and abs(v - b) < 1e-12 else _fmt(v)
+    def cell(v: float, b, ref: bool) -> str:
+        return f"**{_fmt(v)}**" if not ref and b is not None and abs(v - b) < 1e-12 else _fmt(v)
 
-    lines.append("| zero-shot (pre-trained) | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
+    def norm_cell(r: dict) -> str:
+        c = cell(r["avg_norm"], best_norm, bool(r.get("reference")))
+        ci = r.get("avg_norm_ci")
+        return f"{c} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else c
+
+    lines.append("| zero-shot (pre-trained) † | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
                  f" | {_fmt(sum(zs.values()) / len(zs))} | {_fmt(sum(zs[t] / ft[t] for t in tasks) / len(tasks))} |")
-    lines.append("| fine-tuned experts | – | – | " + " | ".join(_fmt(ft[t]) for t in tasks) +
+    lines.append("| fine-tuned experts † | – | – | " + " | ".join(_fmt(ft[t]) for t in tasks) +
                  f" | {_fmt(sum(ft.values()) / len(ft))} | 100.0 |")
     for r in rows:
-        alpha = "–" if r["alpha"] is None else f"{r['alpha']:g}"
-        lines.append(f"| {r['method']} | {r['setting']} | {alpha} | " +
-                     " | ".join(cell(r["per_task"][t], best.get(t)) for t in tasks) +
-                     f" | {cell(r['avg_abs'], best_avg)} | {cell(r['avg_norm'], best_norm)} |")
+        ref = bool(r.get("reference"))
+        lines.append(f"| {r['method']}{' †' if ref else ''} | {r['setting']} | {_scale(r['alpha'])} | " +
+                     " | ".join(cell(r["per_task"][t], best.get(t), ref) for t in tasks) +
+                     f" | {cell(r['avg_abs'], best_avg, ref)} | {norm_cell(r)} |")
+    kinds = sorted({r["reference"] for r in rows if r.get("reference")})
+    lines += ["", "† reference, not a merge: zero-shot and fine-tuned experts bound the table"
+              + "".join(f"; {k}: {REFERENCE_NOTES.get(k, k)}" for k in kinds) + "."]
+    notes = _same_prediction_notes(results)
+    if notes:
+        lines += [""] + [f"Note: {n}" for n in notes]
     lines += ["", "## Normalised test accuracy (merged / fine-tuned)", "",
               "| method | setting | " + " | ".join(tasks) + " | avg |",
               "|---|---|" + "---:|" * len(tasks) + "---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['setting']} | " +
+        lines.append(f"| {r['method']}{' †' if r.get('reference') else ''} | {r['setting']} | " +
                      " | ".join(_fmt(r["per_task"][t] / ft[t]) for t in tasks) + f" | {_fmt(r['avg_norm'])} |")
-    pp = [r for r in rows if r.get("overhead")]
+    pp = [r for r in results["rows"] if r.get("overhead")]
     if pp:
         lines += ["", "## ESM++ (experts on the val-tuned ESM merge)", "",
                   "| setting | norm | routing acc. | extra params (% of base) | ms / example (static) |",
@@ -77,17 +143,26 @@ def markdown(results: dict) -> str:
         lines.append(f"| {t} | {len(i['classes'])} | {i['n_train']} | {i['n_val']} | {i['n_test']} | "
                      f"{_fmt(i['majority_test'])} | {_fmt(zs[t])} | {_fmt(ft[t])} [{_fmt(lo)}, {_fmt(hi)}] |")
     if results.get("comparisons"):
-        lines += ["", "## Paired differences (bootstrap over test examples, 95% CI, points)", "",
+        lines += ["", "## Paired differences (bootstrap over test examples, 95% CI, normalised points)", "",
                   "| difference | value | 95% CI |", "|---|---:|---|"]
         for k, v in results["comparisons"].items():
             val = v.get("norm_diff", v.get("abs_diff"))
             lines.append(f"| {k} | {100 * val:+.2f} | [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}] |")
     curves = [r for r in rows if r.get("val_curve")]
     if curves:
-        lines += ["", "## Validation curves (mean normalised val accuracy by λ)", ""]
+        lines += ["", "## Validation curves (mean normalised val accuracy, %, by scale)", ""]
         for r in curves:
-            lines.append(f"- {r['method']}: " + ", ".join(f"{k}: {100 * v:.1f}" for k, v in r["val_curve"].items()))
+            lines.append(f"- {r['method']}: " + ", ".join(f"{_scale(k)}: {100 * v:.1f}"
+                                                       for k, v in sorted(r["val_curve"].items(), key=lambda kv: float(kv[0]))))
     return "\n".join(lines) + "\n"
+
+
+def _reference_rows(results: dict) -> list[tuple[str, float, list[float], str]]:
+    """(label, normalised accuracy, per-task normalised, kind) of zero-shot and the fine-tuned experts."""
+    tasks, ft, zs = results["tasks"], results["finetuned"], results["zeroshot"]
+    zs_per = [zs[t] / ft[t] for t in tasks]
+    return [("zero-shot †", float(np.mean(zs_per)), zs_per, "zeroshot"),
+            ("fine-tuned experts †", 1.0, [1.0] * len(tasks), "finetuned")]
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:
@@ -95,40 +170,59 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    tasks, ft, rows = results["tasks"], results["finetuned"], results["rows"]
+    tasks, ft = results["tasks"], results["finetuned"]
+    rows = ordered_rows(results)
+    colours = {"merge": "tab:blue", "oracle": "tab:orange", "multitask": "tab:green", "zeroshot": "tab:gray",
+               "finetuned": "tab:gray"}
+    entries = [(r["label"] + (" †" if r.get("reference") else ""), r["avg_norm"], r.get("avg_norm_ci"),
+                r.get("reference") or "merge") for r in rows]
+    refs = _reference_rows(results)
+    entries += [(label, v, None, kind) for label, v, _, kind in refs]
+    entries.sort(key=lambda e: -e[1])
     paths = []
-    labels = ["zero-shot"] + [r["label"] for r in rows]
-    zs_norm = sum(results["zeroshot"][t] / ft[t] for t in tasks) / len(tasks)
-    values = [zs_norm] + [r["avg_norm"] for r in rows]
-    order = np.argsort(values)
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.2))
-    ax.barh([labels[i] for i in order], [100 * values[i] for i in order], color="tab:blue")
+
+    # bars from 0, with each row's 95% interval: no truncated axis exaggerating gaps
+    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(entries) + 1.4))
+    y = np.arange(len(entries))[::-1]
+    vals = np.array([100 * e[1] for e in entries])
+    err = np.array([[100 * (e[1] - e[2][0]), 100 * (e[2][1] - e[1])] if e[2] else [0.0, 0.0] for e in entries]).T
+    ax.barh(y, vals, xerr=err, color=[colours[e[3]] for e in entries], ecolor="black", capsize=2,
+            error_kw={"lw": 0.8})
+    ax.set_yticks(y, [e[0] for e in entries], fontsize=8)
     ax.axvline(100, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("normalised accuracy (% of fine-tuned), test")
-    ax.set_title(f"{results['suite']}: {len(tasks)} tasks, seed {results['seed']}")
-    ax.set_xlim(min(100 * min(values) - 5, 95), 102)
+    for yi, v in zip(y, vals):
+        ax.text(min(v, 100) - 1, yi, f"{v:.1f}", va="center", ha="right", fontsize=7, color="white")
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("normalised test accuracy (% of the fine-tuned experts), 95% bootstrap interval")
+    ax.set_title(f"{results['suite']}: {len(tasks)} tasks, seed {results['seed']}  († reference, not a merge)",
+                 fontsize=10)
     fig.tight_layout()
     p = out_dir / "normalized_accuracy.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     paths.append(p)
 
-    mat = np.array([[r["per_task"][t] / ft[t] for t in tasks] for r in rows]) * 100 if rows else np.zeros((1, len(tasks)))
-    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 3, 0.35 * max(len(rows), 1) + 1.8))
+    # heat map in the same order as the bars, with the references as rows
+    labels = [e[0] for e in entries]
+    per = {r["label"] + (" †" if r.get("reference") else ""): [r["per_task"][t] / ft[t] for t in tasks] for r in rows}
+    per.update({label: v for label, _, v, _ in refs})
+    mat = np.array([per[label] for label in labels]) * 100
+    fig, ax = plt.subplots(figsize=(1.0 * len(tasks) + 4.5, 0.32 * len(labels) + 2.0))
     im = ax.imshow(mat, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right")
-    ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    mid = (mat.max() + mat.min()) / 2
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
             ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if mat[i, j] < mat.mean() else "black")
-    fig.colorbar(im, ax=ax, label="% of fine-tuned")
-    ax.set_title("normalised test accuracy by method and task")
+                    color="white" if mat[i, j] < mid else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    cb.set_label("% of the fine-tuned expert", rotation=90)
+    ax.set_title("normalised test accuracy by row and task (rows as in the bar chart)", fontsize=10)
     fig.tight_layout()
     p = out_dir / "heatmap.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     paths.append(p)
     return paths

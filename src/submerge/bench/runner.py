@@ -8,6 +8,7 @@ number touches the test split once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -21,8 +22,8 @@ import torch
 
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
-from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci
-from submerge.bench.finetune import Recipe, cache_key, finetune
+from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
+from submerge.bench.finetune import Recipe, cache_key, finetune, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
@@ -68,6 +69,8 @@ class BenchConfig:
     fisher_n: int = 64             # inputs per task for the diagonal Fisher (fisher / posterior rows)
     fisher_kind: str = "sampled"   # one drawn class per input: the true Fisher at one backward pass
     esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
+    search: str = "full"           # α search: "full" (the papers' grids, ESM's golden section) or "coarse"
+    multitask: bool = True         # the reference row: one model fine-tuned on all tasks jointly
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -145,34 +148,92 @@ class BenchSession:
                     f"{got[0]}/{got[1]}/{got[2]} instead of {cfg.n_train}/{cfg.n_val}/{cfg.n_test}")
         self.heads = {t.name: bb.head(t.class_prompts()) for t in self.tasks}
         bb.reset()
-        self.zs_val, self.zs_test = self.score("val"), self.score("test")
-        say("zero-shot test: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_test.items()))
+        self._scores: dict = {}
+        self.zs_val = self.reference_scores("zeroshot", "val")
+        say("zero-shot val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_val.items()))
         self.warnings += zero_shot_warnings(self.zs_val, {t.name: self.splits[t.name].val[1] for t in self.tasks})
         for w in self.warnings:
             say(f"warning: {w}")
-        self.experts, self.ft_logs, self.ft_val, self.ft_test = [], {}, {}, {}
-        for t in self.tasks:
+        self.experts, self.ft_logs, self.expert_keys = [], {}, []
+        for i, t in enumerate(self.tasks):
             state, info = self.train_expert(t, cfg.seed)
-            bb.load(state)
-            self.ft_val[t.name] = correct(bb, *self.splits[t.name].val, self.heads[t.name])
-            self.ft_test[t.name] = correct(bb, *self.splits[t.name].test, self.heads[t.name])
-            bb.reset()
             self.experts.append(state)
+            self.expert_keys.append(self.expert_key(t, cfg.seed))
             self.ft_logs[t.name] = info
-            took = "cached" if info.get("cached") else "{:.0f}s".format(info["seconds"])
-            say(f"expert {t.name}: test {self.ft_test[t.name].mean():.3f} "
-                f"(zero-shot {self.zs_test[t.name].mean():.3f}), {took}")
+            took = "cached" if info.get("cached") else "fine-tuned in {:.0f}s".format(info["seconds"])
+            say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}")
+        self.ft_val = self.reference_scores("finetuned", "val")
+        say("fine-tuned val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
         self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}
         self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
         self._stats: dict = {}
 
+    def clock(self) -> str:
+        """Wall time since the session started, as m:ss."""
+        s = int(time.perf_counter() - self.t_start)
+        return f"{s // 60}:{s % 60:02d}"
+
+    # Test scores of the references are computed when first asked for: a script that chooses something on
+    # validation (benchmarks/quick_suite.py) never touches test.
+    @property
+    def zs_test(self) -> dict[str, np.ndarray]:
+        return self.reference_scores("zeroshot", "test")
+
+    @property
+    def ft_test(self) -> dict[str, np.ndarray]:
+        return self.reference_scores("finetuned", "test")
+
+    def expert_key(self, task, seed: int) -> str:
+        return cache_key(self.bb, task.fingerprint(), len(self.splits[task.name].train[0]), self.cfg.recipe, seed)
+
+    def reference_scores(self, which: str, split: str) -> dict[str, np.ndarray]:
+        """Per-example correctness of the zero-shot model (``which="zeroshot"``) or of each task's expert on
+        its own task (``"finetuned"``) on ``split``; kept on disk beside the experts (keyed by backbone,
+        task data, split sizes, head and expert), so a rerun scores each reference model once."""
+        if (which, split) in self._scores:
+            return self._scores[(which, split)]
+        out = {}
+        for i, t in enumerate(self.tasks):
+            texts, labels = getattr(self.splits[t.name], split)
+            head = self.heads[t.name]
+            model = "zeroshot" if which == "zeroshot" else self.expert_keys[i]
+            blob = json.dumps({"backbone": self.bb.fingerprint, "task": t.fingerprint(), "model": model,
+                               "split": split, "n": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
+                               "max_len": self.bb.max_len,
+                               "head": hashlib.sha256(head.numpy().tobytes()).hexdigest()}, sort_keys=True)
+            path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+            hit = json.loads(path.read_text()) if path.exists() else None
+            if hit is not None and hit.get("n") == len(texts):
+                out[t.name] = unpack_correct(hit["correct"], len(texts))
+                continue
+            if which == "finetuned":
+                self.bb.load(self.experts[i])
+            out[t.name] = correct(self.bb, texts, labels, head)
+            self.bb.reset()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"n": len(texts), "correct": pack_correct(out[t.name]), "task": t.name,
+                                       "model": model, "split": split}))
+            tmp.replace(path)
+        self._scores[(which, split)] = out
+        return out
+
     def train_expert(self, task, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
         """The expert of ``task`` fine-tuned with ``seed`` on its train split (cached by recipe and data)."""
         tr_x, tr_y = self.splits[task.name].train
-        key = cache_key(self.bb, task.fingerprint(), len(tr_x), self.cfg.recipe, seed)
+        key = self.expert_key(task, seed)
         desc = f"fine-tune {task.name}" + (f" seed {seed}" if seed != self.cfg.seed else "")
         return finetune(self.bb, tr_x, tr_y, self.heads[task.name], self.cfg.recipe, seed, self.cache, key,
                         desc=desc, quiet=self.cfg.quiet)
+
+    def train_multitask(self, weights: Sequence[float], seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """One model fine-tuned on all tasks jointly, loss ``Σ w_t ℓ_t`` (see
+        :func:`~submerge.bench.finetune.multitask_finetune`); cached beside the experts."""
+        keys = [self.expert_key(t, seed) for t in self.tasks]
+        key = hashlib.sha256(json.dumps({"mt": keys, "w": list(map(float, weights))}).encode()).hexdigest()[:20]
+        data = [(*self.splits[t.name].train, self.heads[t.name]) for t in self.tasks]
+        return multitask_finetune(self.bb, data, list(map(float, weights)), self.cfg.recipe, seed,
+                                  self.cache / f"multitask-{key}.safetensors", quiet=self.cfg.quiet)
 
     def sample(self, task: str, split: str, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
         """``n`` examples of ``task``'s ``split`` (a seeded permutation; the same for every method)."""
@@ -277,17 +338,22 @@ class BenchSession:
 
     def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
                  curve: Optional[dict] = None, label: Optional[str] = None,
-                 res: Optional[dict] = None) -> tuple[dict, dict]:
+                 res: Optional[dict] = None, reference: Optional[str] = None) -> tuple[dict, dict]:
         res = self.evaluate(state, "test") if res is None else res
         per = {k: float(v.mean()) for k, v in res.items()}
+        ft_mean = [max(self.ft_test[k].mean(), 1e-9) for k in res]
+        _, lo, hi = paired_diff_ci(list(res.values()), [np.zeros_like(v) for v in res.values()], ft_mean)
         row = {
             "method": method, "setting": setting, "label": label or f"{method} ({setting})", "params": params,
             "alpha": alpha, "per_task": per,
             "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
             "avg_abs": float(np.mean(list(per.values()))),
-            "avg_norm": float(np.mean([per[k] / max(self.ft_test[k].mean(), 1e-9) for k in per])),
+            "avg_norm": float(np.mean([per[k] / m for k, m in zip(per, ft_mean)])),
+            "avg_norm_ci": [lo, hi],
             "seconds": seconds,
         }
+        if reference:
+            row["reference"] = reference
         if curve:
             row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
         return row, res
@@ -297,18 +363,22 @@ def _param_text(p: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items() if k != "weight")
 
 
-def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict) -> list[dict]:
+def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) -> list[dict]:
     """ESM++ rows: experts of rank r on the val-tuned ESM merge, routed (and oracle at the largest r),
-    with routing accuracy and the inference time against the static model."""
+    with routing accuracy and the inference time against the static model (``static``: its test scores and
+    seconds when the ESM row already measured them)."""
     from submerge.routing import build_experts
     from submerge.search import search_alpha
 
     if found is None:
         found = search_alpha("esm", S.base, S.experts, S.val_score, {}, stats=stats, random_seed=S.cfg.seed,
-                             patience=3)
-    t0 = time.perf_counter()
-    static_res = S.evaluate(found.state, "test")
-    static_s = time.perf_counter() - t0
+                             **_search_kwargs(S.cfg, get_method("esm")))
+        static = None
+    if static is None:
+        t0 = time.perf_counter()
+        res0 = S.evaluate(found.state, "test")
+        static = (res0, time.perf_counter() - t0)
+    static_res, static_s = static
     n_test = sum(len(v) for v in static_res.values())
     rows = []
     for r in S.cfg.esmpp_ranks:
@@ -321,7 +391,7 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict) -> list[dict]
             res, report, secs = S.evaluate_routed(found.state, experts, "test", mode)
             label = f"esm_pp r={r} ({'routed' if mode == 'route' else 'oracle task id'})"
             row, _ = S.test_row("esm_pp", f"r={r}, {mode}", {"rank": r, "alpha": found.alpha}, found.state, found.alpha,
-                                build_s, label=label, res=res)
+                                build_s, label=label, res=res, reference="oracle" if mode == "oracle" else None)
             row["overhead"] = ov
             row["ms_per_example"] = 1000 * secs / n_test
             row["static_ms_per_example"] = 1000 * static_s / n_test
@@ -329,10 +399,20 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict) -> list[dict]
                 row["routing"] = report.to_dict()
             test_correct[label] = res
             rows.append(row)
-            S.say(f"{label:34s} norm {row['avg_norm']:.4f}"
+            S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}"
                   + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
                   + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
     return rows
+
+
+def _search_kwargs(cfg: BenchConfig, m) -> dict:
+    """How a method's scale is searched: λ methods on ``cfg.lambda_grid``; α methods with their own strategy
+    (``cfg.search == "full"``: the papers' grid with patience 3, ESM's golden section) or ``coarse``."""
+    if m.scale_param == "lambda":
+        return {"grid": cfg.lambda_grid, "patience": None}
+    if cfg.search == "coarse":
+        return {"strategy": "coarse"}
+    return {"patience": 3}
 
 
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
@@ -347,7 +427,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     rows, test_correct = [], {}
     methods = applicable_methods(len(tasks), cfg.methods)
     searched: dict[str, object] = {}
-    for method in methods:
+    t_methods = time.perf_counter()
+    say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}")
+    for i, method in enumerate(methods):
         m = get_method(method)
         params = _params(method)
         stats = None
@@ -356,36 +438,59 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
         t0 = time.perf_counter()
         settings = []
         if method == "esm_pp":
-            rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct)
-            continue
-        try:
-            if m.scale_param is None:
-                merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
-                settings.append(("default", params, merged, None, None))
-            else:
-                grid = cfg.lambda_grid if m.scale_param == "lambda" else None
-                found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
-                                     random_seed=cfg.seed, grid=grid, patience=None if grid else 3)
-                if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
-                    searched[method] = found
-                default = m.param(m.scale_param).default
-                settings.append(("default", params, found.path(default, copy=True), default, None))
-                settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
-                                 found.curve))
-        except ConfigError as e:
-            say(f"skip {method}: {e}")
-            continue
+            rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
+        else:
+            try:
+                if m.scale_param is None:
+                    merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
+                    settings.append(("default", params, merged, None, None))
+                else:
+                    found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
+                                         random_seed=cfg.seed, **_search_kwargs(cfg, m))
+                    if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
+                        searched[method] = found
+                    default = m.param(m.scale_param).default
+                    settings.append(("default", params, found.path(default, copy=True), default, None))
+                    settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
+                                     found.curve))
+            except ConfigError as e:
+                say(f"skip {method}: {e}")
+                continue
         seconds = time.perf_counter() - t0
+        done: dict = {}
         for setting, p, state, alpha, curve in settings:
             label = f"{method} ({setting})" if len(settings) > 1 else method
-            row, res = S.test_row(method, setting, p, state, alpha, seconds, curve, label)
+            # the val-tuned scale can be the default one: the same model is scored once
+            t_eval = time.perf_counter()
+            row, res = S.test_row(method, setting, p, state, alpha, seconds, curve, label, res=done.get(alpha))
+            if method == "esm" and setting == "val-tuned" and alpha not in done:
+                searched["esm_static_test"] = (res, time.perf_counter() - t_eval)  # ESM++'s static reference
+            done[alpha] = res
             test_correct[label] = res
             rows.append(row)
-            say(f"{label:34s} alpha={alpha}  avg abs {row['avg_abs']:.4f}  norm {row['avg_norm']:.4f}")
+            say(f"{label:34s} scale {'-' if alpha is None else format(alpha, '.3g'):>5s}  "
+                f"avg abs {100 * row['avg_abs']:.1f}  norm {100 * row['avg_norm']:.1f}")
         # a search holds three model-sized buffers, a merge one: release them before the next method
         # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
-        del settings
+        del settings, done
         found = merged = None  # noqa: F841
+        spent = time.perf_counter() - t_methods
+        left = spent / (i + 1) * (len(methods) - i - 1)
+        say(f"[{S.clock()}] {i + 1}/{len(methods)} methods done ({method}: {time.perf_counter() - t0:.0f}s)"
+            + (f", about {left / 60:.0f} min left" if left > 0 else ""))
+    if cfg.multitask:
+        t0 = time.perf_counter()
+        weights = [1.0 / len(tasks)] * len(tasks)
+        state, info = S.train_multitask(weights, cfg.seed)
+        S.ft_logs["multitask (all tasks jointly)"] = info
+        label = "multitask (joint fine-tuning)"
+        row, res = S.test_row("multitask", "joint fine-tuning", {"weights": weights}, state, None,
+                              time.perf_counter() - t0, label=label, reference="multitask")
+        test_correct[label] = res
+        rows.append(row)
+        say(f"[{S.clock()}] {label}: norm {100 * row['avg_norm']:.1f} "
+            f"({'cached' if info.get('cached') else 'trained in {:.0f}s'.format(info['seconds'])})")
+        del state
     ft_test, zs_test, splits = S.ft_test, S.zs_test, S.splits
     zs = {k: float(v.mean()) for k, v in zs_test.items()}
     ft = {k: float(v.mean()) for k, v in ft_test.items()}
@@ -405,7 +510,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     suite = cfg.suite if not cfg.tasks else "custom"
     results = {
         "suite": suite,
-        "backbone": {"path": str(bb.path), "sha256": bb.fingerprint,
+        "backbone": {"name": bb.name, "path": str(bb.path), "sha256": bb.fingerprint,
                      "params": int(sum(v.numel() for v in bb.pretrained.values()))},
         "tasks": names,
         "task_info": {t.name: {"classes": list(t.class_names), "n_train": len(splits[t.name].train[0]),
