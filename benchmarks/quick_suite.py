@@ -43,6 +43,20 @@ CANDIDATES += [
     {"tasks": SEVEN, "n_train": 300, "lr": 3e-4, "n_val": 50, "n_test": 150, "round": 2},
     {"tasks": SUITES["text8"], "n_train": 500, "lr": 1e-4, "n_val": 50, "n_test": 150, "round": 2},
 ]
+# Round 3, added when round 2 showed the few-hundred-example experts barely learn (merges score above them on
+# val): fewer steps cannot make strong experts, so more training examples on short-text tasks; same rule.
+SHORT4 = ["debate_party", "wordnet_noun", "wordnet_verb", "wordnet_abstract"]
+CANDIDATES += [
+    {"tasks": SHORT4, "n_train": 2000, "lr": 1e-4, "round": 3},
+    {"tasks": ["rt_subjectivity", *SHORT4, "fortune_langid"], "n_train": 1000, "lr": 1e-4, "n_val": 60,
+     "n_test": 150, "round": 3},
+]
+# Round 4: the same cheap 4-task suite, experts pushed further from the base by a larger learning rate (interference
+# needs task vectors that are large and overlap); same rule.
+CANDIDATES += [
+    {"tasks": SHORT4, "n_train": 500, "lr": 1e-3, "round": 4},
+    {"tasks": SHORT4, "n_train": 500, "lr": 3e-3, "round": 4},
+]
 N_VAL, N_TEST = 100, 250
 GRID = [round(0.1 * i, 2) for i in range(1, 11)]
 
@@ -103,6 +117,14 @@ def main() -> None:
     # cost of a quick run ~ fine-tuning + evaluations (one val evaluation as the unit; ~60 of them)
     # a quick run's cost: fine-tuning + ~30 val evaluations + ~20 test evaluations (n_test / n_val of a val one)
     chosen = min(ok, key=estimated_seconds) if ok else None
+    fallback = None
+    if chosen is None:
+        # no candidate shows the interference within budget: keep the 10-minute budget and take the candidate
+        # with the most interference (lowest val-tuned TA) among those whose experts learn and that fit it
+        # (fine-tuning budget: at most 2,000 training examples in all, ~64 steps, about 2 minutes on 2 quiet cores;
+        # the measured seconds above are too noisy to rank on, several candidates shared the cores with other work)
+        fit = [r for r in rows if r["learns_every_task"] and r["n_train"] * len(r["tasks"]) <= 2000]
+        fallback = chosen = min(fit, key=lambda r: r["ta_val_tuned"]["val_norm"]) if fit else None
     (out / "results.json").write_text(json.dumps({"candidates": rows,
                                                   "chosen": chosen and {k: chosen[k] for k in ("tasks", "n_train", "lr")}},
                                                  indent=2))
@@ -116,8 +138,19 @@ def main() -> None:
                      f"{'yes' if r['learns_every_task'] else 'no'} | {r['ta_val_tuned']['lambda']:g} | "
                      f"{100 * r['ta_val_tuned']['val_norm']:.1f} | {r['finetune_seconds']:.0f}"
                      f"{' (cached)' if r['finetune_cached'] else ''} | {r['val_eval_seconds']:.1f} | {r['mean_tokens_val']:.1f} | {estimated_seconds(r):.0f} |")
-    lines += ["", f"Chosen: {', '.join(chosen['tasks'])}, {chosen['n_train']} training examples, lr {chosen['lr']:g}."
-              if chosen else "No candidate met the rule."]
+    lines += ["", (f"Chosen{' (fallback: no candidate met the rule)' if fallback else ''}: {', '.join(chosen['tasks'])}, "
+                   f"{chosen['n_train']} training examples, lr {chosen['lr']:g}, {chosen['n_val']} val / "
+                   f"{chosen['n_test']} test examples per task.") if chosen else "No candidate met the rule."]
+    if fallback:
+        lines += ["", "No candidate brings val-tuned task arithmetic to 93% on val: on this backbone the interference of "
+                  "text8 (88% normalised on test) needs experts fine-tuned on 2,000 examples of 8 tasks, whose training "
+                  "alone takes longer than the quick run's 10-minute budget on 2 cores; experts trained on a few hundred "
+                  "examples barely move from the base and merge almost without loss (above 100% of the experts on val "
+                  "in round 2), and a larger learning rate (round 4) breaks the experts before it makes them interfere. "
+                  "Fallback, fixed when that was seen: among candidates whose experts learn every task and "
+                  "that fine-tune on at most 2,000 examples in all (about 2 minutes), the one with the most interference "
+                  "(lowest val-tuned TA). The quick run shows the pipeline and every method family; the interference "
+                  "itself is shown by the text8 table."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -132,7 +132,8 @@ def test_user_task_and_user_backbone(tmp_path):
                           n_test=20, backbone=str(folder), cache_dir=str(tmp_path / "c"), quiet=True)
         res = run_bench(tmp_path / "o", cfg)
         assert res["backbone"]["path"] == str(folder)
-        assert [r["method"] for r in res["rows"]] == ["linear"]
+        assert [r["method"] for r in res["rows"]] == ["linear", "multitask"]
+        assert res["backbone"]["name"] == "tiny-bert"
         assert res["suite"] == res["config"]["suite"] == "custom"
         # 80 examples cannot give 60/10/20: the shrunken splits are reported, not silent
         assert any("my_sentiment has 80 examples: splits train/val/test = 50/10/20 instead of 60/10/20" in w
@@ -152,14 +153,13 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
                       quiet=True, esmpp_ranks=[2, 384], multitask=False)
     res = run_bench(tmp_path / "out", cfg)
     labels = [r["label"] for r in res["rows"]]
-    assert labels == ["esm (default)", "esm (val-tuned)", "esm_pp r=2 (routed)", "esm_pp r=384 (routed)",
-                      "esm_pp r=384 (oracle task id)", "fisher", "posterior", "regmean", "tsv (default)",
-                      "tsv (val-tuned)"]
-    assert res["rows"][7]["method"] == "regmean"
-    res["rows"] = [r for r in res["rows"] if r["method"] not in ("fisher", "posterior")]
-    esm_tuned = res["rows"][1]
+    # methods without statistics first, then those reading Fisher, then calibration (each kind held only while used)
+    assert labels == ["tsv (default)", "tsv (val-tuned)", "fisher", "posterior", "esm (default)", "esm (val-tuned)",
+                      "esm_pp r=2 (routed)", "esm_pp r=384 (routed)", "esm_pp r=384 (oracle task id)", "regmean"]
+    by_label = {r["label"]: r for r in res["rows"]}
+    esm_tuned = by_label["esm (val-tuned)"]
     assert 0.0 <= esm_tuned["alpha"] <= 5.0 and len(esm_tuned["val_curve"]) >= 5
-    assert res["rows"][7]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
+    assert by_label["tsv (val-tuned)"]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
     pp = {r["label"]: r for r in res["rows"] if r["method"] == "esm_pp"}
     assert all(r["alpha"] == esm_tuned["alpha"] for r in pp.values())  # experts sit on the val-tuned ESM
     routed = pp["esm_pp r=2 (routed)"]
@@ -172,7 +172,7 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     assert "## ESM++" in md
     # the oracle row is a reference: marked, never the bold "best merged" value
     oracle_lines = [line for line in md.splitlines() if line.startswith("| esm_pp † | r=384, oracle |")]
-    assert len(oracle_lines) == 1 and "**" not in oracle_lines[0]
+    assert len(oracle_lines) == 2 and "**" not in oracle_lines[0]  # absolute and normalised tables
     assert pp["esm_pp r=384 (oracle task id)"]["reference"] == "oracle"
     # every row is compared with TSV-M (the strongest static baseline), not only with task arithmetic
     assert "esm (val-tuned) - tsv (val-tuned)" in res["comparisons"]
@@ -255,3 +255,18 @@ def test_expert_suites_are_a_bench_option():
     assert (EXPERT_SUITES["default"].lr, EXPERT_SUITES["lr3e-4"].lr) == (1e-4, 3e-4)
     out = CliRunner().invoke(main, ["bench", "--experts", "lr1"])
     assert out.exit_code == 2 and "is not one of 'default', 'lr3e-4'" in out.output
+
+
+def test_embed_batches_by_token_count_and_matches_unbatched():
+    """Batches cut by padded tokens give the embeddings of each text on its own (no padding at all)."""
+    _need_data()
+    from submerge.bench.backbone import Backbone
+
+    bb = Backbone()
+    texts, _ = get_task("wordnet_noun").split(seed=0, n_test=40, n_val=10, n_train=10).test
+    texts = texts + ["word " * 200]  # truncated to max_len
+    lengths = bb.token_lengths(texts)
+    assert max(lengths) == bb.max_len and bb.token_lengths(texts) == lengths
+    batched = bb.embed(texts, max_tokens=256)
+    alone = torch.cat([bb.embed([t]) for t in texts])
+    assert torch.allclose(batched, alone, atol=1e-5)

@@ -332,8 +332,8 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = 4 tasks).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
-@click.option("--quick", is_flag=True, help="The README's main job: the quick suite (4 tasks chosen to interfere, "
-              "small splits, one method per family, coarse scale search); about 6 min on 2 cores.")
+@click.option("--quick", is_flag=True, help="The README's main job: the quick suite (4 short-text tasks, small "
+              "splits, one method per family, coarse scale search, no multitask row); minutes on 2 cores.")
 @click.option("--seed", default=0, show_default=True, help="Fine-tuning seed (splits are fixed).")
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/<suite>-seed<seed>).")
 @click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
@@ -343,7 +343,7 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--n-test", type=click.IntRange(min=1), default=None)
 @click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default=None,
               help="Expert suite: the default fine-tuning recipe (lr 1e-4) or the ESM ablation's second suite "
-                   "(lr 3e-4). Default: the suite's own (text8: default; quick: lr3e-4).")
+                   "(lr 3e-4).")
 @click.option("--multitask/--no-multitask", default=None,
               help="Add the reference row of one model fine-tuned on all tasks jointly (default: on, off with --quick).")
 @click.option("--search", type=click.Choice(["full", "coarse"]), default=None,

@@ -81,15 +81,32 @@ class Backbone:
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text after truncation (cached per text: every evaluation scores the same splits)."""
+        cache = self.__dict__.setdefault("_lengths", {})
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            ids = self.tokenizer(new, truncation=True, max_length=self.max_len)["input_ids"]
+            cache.update(zip(new, map(len, ids)))
+        return [cache[t] for t in texts]
+
     @torch.no_grad()
-    def embed(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-        """Embeddings in input order; batches are length-sorted for speed."""
+    def embed(self, texts: Sequence[str], batch_size: int = 128, max_tokens: int = 2048) -> torch.Tensor:
+        """Embeddings in input order.  Texts are sorted by token count and cut into batches of at most
+        ``batch_size`` texts and ``max_tokens`` padded tokens, so padding stays small: one batch of 100 glosses
+        padded to the longest (64 tokens for a mean of 15) cost 4x the work."""
         self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        lengths = self.token_lengths(texts)
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
         out = torch.empty(len(texts), self.model.config.hidden_size)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        s = 0
+        while s < len(order):
+            e = s + 1
+            while e < len(order) and e - s < batch_size and (e - s + 1) * lengths[order[e]] <= max_tokens:
+                e += 1
+            idx = order[s:e]
             out[idx] = self.forward_embed(self.tokenize([texts[i] for i in idx]))
+            s = e
         return out
 
     @torch.no_grad()

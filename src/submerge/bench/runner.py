@@ -8,6 +8,8 @@ number touches the test split once.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -44,6 +46,9 @@ PRESETS: dict[str, dict] = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
 LAMBDA_GRID = [round(0.1 * i, 2) for i in range(1, 11)]
+# One method of every family (module of submerge.methods) that can merge several experts: the quick run's rows
+QUICK_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "model_stock", "multislerp", "sce", "ram", "tsv",
+                 "iso_cts", "fisher", "regmean", "esm", "esm_pp")
 # Named expert suites (fine-tuning recipes): "default" (lr 1e-4) and the second suite of the ESM ablation,
 # experts fine-tuned at 3x the learning rate (benchmarks/results/esm_ablation/README.md).
 EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
@@ -74,7 +79,11 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        base = dict(suite="quick", n_train=1000, n_val=100, n_test=300, lambda_grid=[0.25, 0.5, 0.75, 1.0])
+        """The README's main job: 4 short-text tasks (chosen on validation, benchmarks/results/quick_suite/),
+        500 training / 100 val / 250 test examples each, one method per family, coarse scale searches, no
+        multitask row; about 6 minutes on 2 cores with nothing cached."""
+        base = dict(suite="quick", n_train=500, n_val=100, n_test=250, lambda_grid=[0.25, 0.5, 0.75, 1.0],
+                    methods=list(QUICK_METHODS), search="coarse", multitask=False, esmpp_ranks=[8])
         base.update(kw)
         return cls(**base)
 
@@ -102,6 +111,30 @@ def _params(method: str) -> dict:
     if "weight" in m.param_names:
         p["weight"] = 1.0
     return p
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS.  glibc keeps freed blocks of torch's CPU tensors in its arenas (its mmap
+    threshold grows with the tensors it has freed), so without this the resident size of a run only grows from
+    phase to phase (fine-tuning, each method's search buffers) although nothing is kept."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _rss_text() -> str:
+    """Resident memory of this process now and its peak so far (Linux/macOS; empty elsewhere)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize()
+        return f"RSS {now / 2**30:.1f} GB (peak {peak / 2**30:.1f})"
+    except (OSError, ImportError, ValueError, IndexError):
+        return ""
 
 
 def zero_shot_warnings(correct: dict, labels: dict) -> list[str]:
@@ -160,6 +193,7 @@ class BenchSession:
             self.experts.append(state)
             self.expert_keys.append(self.expert_key(t, cfg.seed))
             self.ft_logs[t.name] = info
+            release_memory()
             took = "cached" if info.get("cached") else "fine-tuned in {:.0f}s".format(info["seconds"])
             say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}")
         self.ft_val = self.reference_scores("finetuned", "val")
@@ -169,9 +203,9 @@ class BenchSession:
         self._stats: dict = {}
 
     def clock(self) -> str:
-        """Wall time since the session started, as m:ss."""
+        """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
         s = int(time.perf_counter() - self.t_start)
-        return f"{s // 60}:{s % 60:02d}"
+        return f"{s // 60}:{s % 60:02d}, {_rss_text()}"
 
     # Test scores of the references are computed when first asked for: a script that chooses something on
     # validation (benchmarks/quick_suite.py) never touches test.
@@ -336,6 +370,11 @@ class BenchSession:
             self._stats[key] = out
         return self._stats[key]
 
+    def drop_stats(self, kind: str) -> None:
+        """Forget the cached statistics of ``kind`` (``fisher`` or calibration): the caller holds what it needs."""
+        for key in [k for k in self._stats if (k[0] == "fisher") == (kind == "fisher")]:
+            del self._stats[key]
+
     def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
                  curve: Optional[dict] = None, label: Optional[str] = None,
                  res: Optional[dict] = None, reference: Optional[str] = None) -> tuple[dict, dict]:
@@ -426,15 +465,27 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
     methods = applicable_methods(len(tasks), cfg.methods)
+    # methods that read the same statistics run one after the other, so each kind is held only while used
+    # (Fisher and calibration statistics alive together made the peak of a quick run)
+    kind = {n: get_method(n).stats_kind if get_method(n).uses_stats(_params(n)) else "" for n in methods}
+    methods.sort(key=lambda n: {"": 0, "fisher": 1}.get(kind[n], 2))
     searched: dict[str, object] = {}
     t_methods = time.perf_counter()
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}")
+    # statistics (Fisher, calibration) are dropped after the last method that reads them
+    last_use = {}
+    for i, method in enumerate(methods):
+        m = get_method(method)
+        if m.uses_stats(_params(method)):
+            last_use[m.stats_kind] = i
     for i, method in enumerate(methods):
         m = get_method(method)
         params = _params(method)
         stats = None
         if m.uses_stats(params):
             stats = S.fisher() if m.stats_kind == "fisher" else S.calibration()
+            if last_use.get(m.stats_kind) == i:
+                S.drop_stats(m.stats_kind)
         t0 = time.perf_counter()
         settings = []
         if method == "esm_pp":
@@ -474,6 +525,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
         # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
         del settings, done
         found = merged = None  # noqa: F841
+        release_memory()
         spent = time.perf_counter() - t_methods
         left = spent / (i + 1) * (len(methods) - i - 1)
         say(f"[{S.clock()}] {i + 1}/{len(methods)} methods done ({method}: {time.perf_counter() - t0:.0f}s)"
