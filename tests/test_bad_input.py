@@ -189,3 +189,30 @@ def test_cli_merge_validate_methods(family, tmp_path):
         assert f"{name}  —" in r.output
     r = CliRunner().invoke(main, ["methods", "ties"])
     assert "arxiv.org/abs/2306.01708" in r.output and "density (float, per model, default 1.0)" in r.output
+
+
+def test_help_does_not_import_torch():
+    """`submerge --help` and `submerge <command> --help` parse arguments before torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from submerge.cli import main\n"
+            "for args in (['--help'], ['merge', '--help'], ['bench', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Usage: " in r.stdout and "--lora-rank" in r.stdout and "--multitask" in r.stdout
+
+
+def test_verbose_merge_logs_inputs_plan_and_tensors(family, tmp_path, caplog):
+    import logging
+
+    base, fts = family
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(ta(base, fts[:2])))
+    with caplog.at_level(logging.DEBUG, logger="submerge"):
+        submerge.merge(str(cfg), tmp_path / "out", quiet=True)
+    text = caplog.text
+    assert f"input {base} (base)" in text and "output tensors" in text and "MB to read" in text
+    assert "wrote " in text and "model.layers.0.mlp.down_proj.weight" in text  # one DEBUG line per tensor
