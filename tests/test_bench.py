@@ -38,21 +38,25 @@ def test_splits_are_seeded_disjoint_and_sized():
     assert set(a.train[1]) <= set(range(len(t.class_names)))
 
 
+def _run_counting_scorings(out, cfg):
+    """run_bench, and how many times it scored a model on a task's split."""
+    from submerge.bench import runner
+
+    calls = []
+    real = runner.correct
+    runner.correct = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        return run_bench(out, cfg), len(calls)
+    finally:
+        runner.correct = real
+
+
 def test_tiny_end_to_end(tmp_path):
     _need_data()
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties"],
                       n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0],
                       cache_dir=str(tmp_path / "cache"), quiet=True)
-    from submerge.bench import runner
-
-    first = []
-    real = runner.correct
-    runner.correct = lambda *a, **k: first.append(1) or real(*a, **k)
-    try:
-        res = run_bench(tmp_path / "out", cfg)
-    finally:
-        runner.correct = real
-    n_first = len(first)
+    res, n_first = _run_counting_scorings(tmp_path / "out", cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     for key in ("suite", "backbone", "tasks", "zeroshot", "finetuned", "rows", "seed", "versions"):
         assert key in saved
@@ -92,17 +96,11 @@ def test_tiny_end_to_end(tmp_path):
     for png in ("normalized_accuracy.png", "heatmap.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     # experts are cached: a second run fine-tunes nothing
-    calls = []
-    real = runner.correct
-    runner.correct = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        again = run_bench(tmp_path / "out2", cfg)
-    finally:
-        runner.correct = real
+    again, n_again = _run_counting_scorings(tmp_path / "out2", cfg)
     assert all(v["cached"] for v in again["finetune_log"].values())
     assert again["finetuned"] == res["finetuned"] and again["zeroshot"] == res["zeroshot"]
     # the references (2 models x 2 tasks x 2 splits) were not scored again: 8 scorings fewer than the first run
-    assert n_first - len(calls) == 8
+    assert n_first - n_again == 8
 
 
 def test_user_task_and_user_backbone(tmp_path):

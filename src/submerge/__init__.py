@@ -6,8 +6,9 @@ The public names below are imported on first use (PEP 562), so ``import submerge
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from submerge._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,16 +32,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'submerge' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

@@ -56,6 +56,7 @@ class Backbone:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).float().eval()
         self.max_len = max_len
+        self._lengths: dict[str, int] = {}  # tokens per text after truncation (see token_lengths)
         self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         weights = self.path / "model.safetensors"
         self.fingerprint = file_sha256(weights) if weights.exists() else str(self.path)
@@ -83,12 +84,11 @@ class Backbone:
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text after truncation (cached per text: every evaluation scores the same splits)."""
-        cache = self.__dict__.setdefault("_lengths", {})
-        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        new = [t for t in dict.fromkeys(texts) if t not in self._lengths]
         if new:
             ids = self.tokenizer(new, truncation=True, max_length=self.max_len)["input_ids"]
-            cache.update(zip(new, map(len, ids)))
-        return [cache[t] for t in texts]
+            self._lengths.update(zip(new, map(len, ids)))
+        return [self._lengths[t] for t in texts]
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 128, max_tokens: int = 2048) -> torch.Tensor:

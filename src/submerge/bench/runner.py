@@ -473,11 +473,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     t_methods = time.perf_counter()
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}")
     # statistics (Fisher, calibration) are dropped after the last method that reads them
-    last_use = {}
-    for i, method in enumerate(methods):
-        m = get_method(method)
-        if m.uses_stats(_params(method)):
-            last_use[m.stats_kind] = i
+    last_use = {kind[n]: i for i, n in enumerate(methods) if kind[n]}
     for i, method in enumerate(methods):
         m = get_method(method)
         params = _params(method)

@@ -6,8 +6,9 @@ command runs, and that must not import torch (``submerge <command> --help`` stay
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from submerge._lazy import lazy_exports
 
 _EXPORTS = {
     "OutputError": "submerge.io.outdir",
@@ -22,12 +23,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'submerge.io' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
