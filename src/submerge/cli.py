@@ -1,4 +1,4 @@
-"""The command line: ``submerge merge|validate|methods|demo``."""
+"""The command line: ``submerge merge|validate|calibrate|fisher|extract-lora|methods|demo|bench|tune|pareto``."""
 
 from __future__ import annotations
 
@@ -372,6 +372,72 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
         run_bench(out_dir, cfg)
     except SubmergeError as e:
         _fail(e)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run the sweep in this process, or on a Ray cluster (statistics as Ray tasks, candidates on "
+                   "actors holding the tensors once).")
+@click.option("--address", default=None, help="Ray: a running cluster's head (host:port, or auto); default: start "
+              "a local one.")
+@click.option("--actors", type=click.IntRange(min=1), default=None, help="Ray: sweep actors (default: one per CPU).")
+@click.option("--cache-dir", default=None, help="Where computed statistics are cached (default "
+              "~/.cache/submerge/calibration).")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch CPU threads (local).")
+@click.option("--random-seed", type=SEED, default=0, show_default=True, help="Seed for randomized methods.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after a successful run).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+def tune(config: str, out_dir: str, backend: str, address: Optional[str], actors: Optional[int],
+         cache_dir: Optional[str], threads: Optional[int], random_seed: int, overwrite: bool, quiet: bool,
+         verbose: int) -> None:
+    """Choose the merge method and its parameters on your validation data; write the best merge.
+
+    CONFIG is a merge config without merge_method, plus search: (methods and the parameters to try: a list,
+    {range: [lo, hi], step: s}, or alpha/lambda: auto), eval: (per task a validation file and a scorer:
+    classification, lm_loss or {python: module:function}) and objective: (mean, worst or {weighted: ...}).
+    OUT_DIR gets the winning merge (as `submerge merge` writes it) with tune.json, tune.md and tune.png.
+    Only validation data is read.  Exit code 1 when some candidates failed (the others are reported)."""
+    from submerge.tune import tune as run_tune
+
+    _setup_logging(verbose, quiet)
+    res = run_tune(config, out_dir, backend=backend, address=address, overwrite=overwrite, quiet=quiet,
+                   cache_dir=cache_dir, threads=threads, actors=actors, random_seed=random_seed)
+    if res.errors:
+        for e in res.errors:
+            click.echo(f"error: {_one_line(e)}", err=True)
+        click.echo(f"error: {len(res.errors)} of {len(res.results)} candidates failed; the others are in "
+                   f"{out_dir}/tune.json", err=True)
+        sys.exit(1)
+
+
+@main.command("bench-export")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--suite", default="quick", show_default=True, help="Task suite (quick, text8).")
+@click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
+@click.option("--seed", default=0, show_default=True, help="Fine-tuning seed of the experts.")
+@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default=None)
+@click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def bench_export(out_dir: str, suite: str, tasks: Optional[str], seed: int, experts: Optional[str],
+                 cache_dir: Optional[str], overwrite: bool, quiet: bool) -> None:
+    """Write the benchmark's base, experts and validation data as ordinary files, with a ready tune.yaml.
+
+    OUT_DIR gets base/ and experts/<task>/ (Hugging Face folders; each expert carries its frozen head),
+    data/<task>.val.jsonl and .calib.jsonl, and tune.yaml: `submerge tune OUT_DIR/tune.yaml TUNED`
+    then reproduces the benchmark's val-tuned rows.  Experts come from the benchmark's cache (fine-tuned first
+    when missing)."""
+    from submerge.bench.export import export_bench
+    from submerge.bench.runner import EXPERT_SUITES, BenchConfig
+
+    kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None, seed=seed, cache_dir=cache_dir,
+                                quiet=quiet, recipe=EXPERT_SUITES[experts] if experts else None).items()
+          if v is not None}
+    cfg = BenchConfig.quick(multitask=False, **kw) if suite == "quick" and not tasks else BenchConfig(suite=suite, **kw)
+    export_bench(out_dir, cfg, overwrite=overwrite)
 
 
 @main.command()

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -224,9 +224,11 @@ class Executor:
             )
         return out
 
-    def run(self, out_dir: Path, inputs: Sequence[Path] = ()) -> MergeResult:
+    def run(self, out_dir: Path, inputs: Sequence[Path] = (),
+            finish: Optional[Callable[[Path], None]] = None) -> MergeResult:
         """Merge into ``out_dir`` through :func:`~submerge.io.atomic_folder` (checked against ``inputs``
-        and the plan's own inputs, locked, free space checked, swapped in only when complete)."""
+        and the plan's own inputs, locked, free space checked, swapped in only when complete).  ``finish``
+        adds files to the temporary folder before it becomes ``out_dir`` (``submerge tune``'s report)."""
         t0 = time.perf_counter()
         plan, opt = self.plan, self.opt
         if opt.threads:
@@ -245,6 +247,8 @@ class Executor:
                     bytes_read, files = self._merge_into(tmp, writer)
                 finally:
                     writer.close()
+                if finish is not None:
+                    finish(tmp)
         finally:
             plan.close()
         seconds = time.perf_counter() - t0

@@ -44,6 +44,7 @@ class SearchResult:
     strategy: str
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     path: Optional["AffinePath"] = field(repr=False, default=None)  # any other scale: path(a, copy=True)
+    eval_order: list[float] = field(repr=False, default_factory=list)  # the scales in the order scored
 
     @property
     def evaluations(self) -> int:
@@ -193,4 +194,19 @@ def search_alpha(
         raise ConfigError(f"unknown search strategy {strategy!r}; use auto, grid, golden or coarse")
     best = max(curve, key=lambda a: (curve[a], -a))
     return SearchResult(method, m.scale_param, best, curve[best], dict(sorted(curve.items())), strategy,
-                        path(best, copy=True), path)
+                        path(best, copy=True), path, list(curve))
+
+
+# The λ grid of task arithmetic and its relatives (Ilharco et al.; Yadav et al.): 0.1 .. 1.0.
+LAMBDA_GRID = [round(0.1 * i, 2) for i in range(1, 11)]
+
+
+def auto_search_kwargs(method: Any, lambda_grid: Optional[Sequence[float]] = None) -> dict:
+    """How ``alpha: auto`` (``submerge tune``) and the benchmark's full search choose a method's scale:
+    a ``lambda`` method on the whole λ grid (0.1..1.0, every point, continued past 1.0 while the best point is
+    the edge); an ``alpha`` method by its own strategy (the papers' grid with patience 3, ESM's golden
+    section)."""
+    m = get_method(method) if isinstance(method, str) else method
+    if m.scale_param == "lambda":
+        return {"grid": list(lambda_grid or LAMBDA_GRID), "patience": None}
+    return {"patience": 3}

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from submerge.bench.data import SETUP_HINT, BenchDataError
+from submerge.tune.scorers import length_sorted_batches, mean_pooled
 
 # sentence-transformers/all-MiniLM-L6-v2 at HF revision 1110a243, as published
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -77,10 +78,7 @@ class Backbone:
 
     def forward_embed(self, batch) -> torch.Tensor:
         """Mean pooling over the attention mask, then L2 normalisation (as sentence-transformers)."""
-        out = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return mean_pooled(self.model, batch)
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text after truncation (cached per text: every evaluation scores the same splits)."""
@@ -96,17 +94,9 @@ class Backbone:
         ``batch_size`` texts and ``max_tokens`` padded tokens, so padding stays small: one batch of 100 glosses
         padded to the longest (64 tokens for a mean of 15) cost 4x the work."""
         self.model.eval()
-        lengths = self.token_lengths(texts)
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
         out = torch.empty(len(texts), self.model.config.hidden_size)
-        s = 0
-        while s < len(order):
-            e = s + 1
-            while e < len(order) and e - s < batch_size and (e - s + 1) * lengths[order[e]] <= max_tokens:
-                e += 1
-            idx = order[s:e]
+        for idx in length_sorted_batches(self.token_lengths(texts), batch_size, max_tokens):
             out[idx] = self.forward_embed(self.tokenize([texts[i] for i in idx]))
-            s = e
         return out
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
 from submerge.io import check_output_target
+from submerge.search import LAMBDA_GRID, auto_search_kwargs
 
 log = logging.getLogger("submerge.bench")
 
@@ -45,7 +46,6 @@ PRESETS: dict[str, dict] = {
     "della": {"density": 0.5, "epsilon": 0.15},
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
-LAMBDA_GRID = [round(0.1 * i, 2) for i in range(1, 11)]
 # One method of every family (module of submerge.methods) that can merge several experts: the quick run's rows
 QUICK_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "model_stock", "multislerp", "sce", "ram", "tsv",
                  "iso_cts", "fisher", "regmean", "esm", "esm_pp")
@@ -445,13 +445,12 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) 
 
 
 def _search_kwargs(cfg: BenchConfig, m) -> dict:
-    """How a method's scale is searched: λ methods on ``cfg.lambda_grid``; α methods with their own strategy
-    (``cfg.search == "full"``: the papers' grid with patience 3, ESM's golden section) or ``coarse``."""
-    if m.scale_param == "lambda":
-        return {"grid": cfg.lambda_grid, "patience": None}
-    if cfg.search == "coarse":
+    """How a method's scale is searched: ``cfg.search == "full"``: as ``submerge tune``'s ``alpha: auto``
+    (λ methods on ``cfg.lambda_grid``, α methods by their own strategy); ``coarse``: about 6 points (λ methods
+    keep the grid)."""
+    if m.scale_param != "lambda" and cfg.search == "coarse":
         return {"strategy": "coarse"}
-    return {"patience": 3}
+    return auto_search_kwargs(m, cfg.lambda_grid)
 
 
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:

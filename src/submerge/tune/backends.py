@@ -1,0 +1,211 @@
+"""Where the sweep runs: in this process (``local``) or on a Ray cluster (``ray``).
+
+Both run the same :class:`~submerge.tune.worker.SweepWorker` over the same candidates and return the same
+results.  On Ray:
+
+* each expert's calibration / Fisher statistics are Ray tasks (one per expert; a GPU each when the cluster
+  has GPUs), written into the calibration cache — the cache, like the model folders, must be on storage every
+  node sees;
+* the base and the experts' tensors are put into the object store once; each actor (a ``SweepWorker``) gets
+  them at start, so no candidate re-reads a checkpoint;
+* candidates are submitted to the actors and gathered as they finish (``ray.wait``); an actor that dies is
+  restarted by Ray and its candidate retried (``max_restarts`` / ``max_task_retries``) — Ray schedules, we do
+  not;
+* a candidate whose scorer raises comes back as an error naming it; the others are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Callable, Optional, Sequence
+
+from submerge.errors import ConfigError
+
+log = logging.getLogger("submerge.tune")
+
+BACKENDS = ("local", "ray")
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Fail in one line, before any work, when ``address`` (host:port of a Ray head's GCS) cannot be reached."""
+    try:
+        import ray  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        raise ConfigError("--backend ray needs the ray package (pip install 'submerge[ray]' or pip install ray)") \
+            from None
+    if address in (None, "", "local"):
+        return
+    if address == "auto":
+        if not os.environ.get("RAY_ADDRESS") and not _latest_session_exists():
+            raise ConfigError("--address auto: no running Ray cluster found on this machine (start one with "
+                              "`ray start --head`, or give its host:port)")
+        return
+    target = address.split("://", 1)[-1]
+    if target.startswith("ray://"):
+        target = target[len("ray://"):]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r}: give the Ray head as host:port (e.g. 10.0.0.1:6379) or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e})") from None
+
+
+def _latest_session_exists() -> bool:
+    return os.path.exists("/tmp/ray/ray_current_cluster")
+
+
+class LocalBackend:
+    """Everything in this process, one candidate after another."""
+
+    name = "local"
+
+    def __init__(self, threads: Optional[int] = None):
+        self.threads = threads
+        self.worker = None
+
+    def compute_stats(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list:
+        return [fn() for _, fn in jobs]
+
+    def start(self, worker_args: dict) -> None:
+        from submerge.tune.worker import SweepWorker
+
+        self.worker = SweepWorker(**worker_args, threads=self.threads)
+
+    def expert_scores(self) -> dict[str, float]:
+        return self.worker.score_experts()
+
+    def run(self, candidates: Sequence, on_result: Callable) -> None:
+        for cand in candidates:
+            on_result(self.worker.run(cand))
+
+    def close(self) -> None:
+        self.worker = None
+
+
+class RayBackend:
+    """Candidates on Ray actors; statistics as Ray tasks."""
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, actors: Optional[int] = None, cpus_per_actor: int = 1,
+                 max_restarts: int = 2):
+        import ray
+
+        self.ray = ray
+        self._own = False
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address not in (None, "", "local"):
+                kw["address"] = address
+            ray.init(**kw)
+            self._own = True
+        res = ray.cluster_resources()
+        self.gpus = int(res.get("GPU", 0))
+        cpus = int(res.get("CPU", 1))
+        self.cpus_per_actor = cpus_per_actor
+        self.n_actors = actors or max(1, cpus // cpus_per_actor)
+        self.max_restarts = max_restarts
+        self.actors: list = []
+        log.info("ray: %d CPU(s), %d GPU(s), %d actor(s)", cpus, self.gpus, self.n_actors)
+
+    def compute_stats(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list:
+        ray = self.ray
+        remote = ray.remote(_call).options(num_gpus=1 if self.gpus else 0, max_retries=2)
+        refs = [remote.remote(fn) for _, fn in jobs]
+        return ray.get(refs)
+
+    def start(self, worker_args: dict) -> None:
+        ray = self.ray
+        args = dict(worker_args)
+        # the tensors go into the object store once; every actor receives them at start
+        args["base"] = ray.put(args["base"])
+        args["experts"] = ray.put(args["experts"])
+        actor_cls = ray.remote(_RayWorker).options(num_cpus=self.cpus_per_actor,
+                                                   num_gpus=0, max_restarts=self.max_restarts,
+                                                   max_task_retries=self.max_restarts)
+        self.actors = [actor_cls.remote(args, self.cpus_per_actor) for _ in range(self.n_actors)]
+
+    def expert_scores(self) -> dict[str, float]:
+        scores = self.ray.get(self.actors[0].score_experts.remote())
+        self.ray.get([a.set_expert_scores.remote(scores) for a in self.actors])
+        return scores
+
+    def run(self, candidates: Sequence, on_result: Callable) -> None:
+        from submerge.tune.worker import CandidateResult
+
+        ray = self.ray
+        queue = list(candidates)
+        busy: dict = {}  # object ref -> (actor, candidate)
+        free = list(self.actors)
+        while queue or busy:
+            while queue and free:
+                actor, cand = free.pop(0), queue.pop(0)
+                busy[actor.run.remote(cand)] = (actor, cand)
+            done, _ = ray.wait(list(busy), num_returns=1)
+            ref = done[0]
+            actor, cand = busy.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the actor died more often than Ray may restart it
+                result = CandidateResult(cand.index, cand.label,
+                                         error=f"candidate {cand.label}: its Ray worker failed "
+                                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            free.append(actor)
+            on_result(result)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        if self._own:
+            self.ray.shutdown()
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+class _RayWorker:
+    """A SweepWorker inside a Ray actor (the object-store refs in ``args`` arrive resolved)."""
+
+    def __init__(self, args: dict, threads: int):
+        import ray
+
+        from submerge.tune.worker import SweepWorker
+
+        args = dict(args)
+        for k in ("base", "experts"):
+            if isinstance(args[k], ray.ObjectRef):
+                args[k] = ray.get(args[k])
+        self.w = SweepWorker(**args, threads=threads)
+
+    def score_experts(self):
+        return self.w.score_experts()
+
+    def set_expert_scores(self, scores):
+        self.w.set_expert_scores(scores)
+
+    def run(self, cand):
+        return self.w.run(cand)
+
+    def pid(self):
+        return os.getpid()
+
+
+def make_backend(name: str, address: Optional[str] = None, threads: Optional[int] = None,
+                 actors: Optional[int] = None):
+    if name == "local":
+        if address:
+            raise ConfigError("--address is for --backend ray")
+        return LocalBackend(threads)
+    if name == "ray":
+        return RayBackend(address, actors=actors)
+    raise ConfigError(f"unknown backend {name!r}; use local or ray")

@@ -1,0 +1,396 @@
+"""The ``submerge tune`` configuration: a merge config (without ``merge_method``) plus what to search,
+how to score each task on validation data, and what to maximise.
+
+.. code-block:: yaml
+
+    base_model: base
+    models:
+      - model: experts/sentiment
+        name: sentiment                  # the task's name (default: the folder's name)
+        calibrate: {inputs: data/sentiment.calib.jsonl}   # only computed if a candidate needs it
+      - model: experts/topic
+        name: topic
+        calibration: stats/topic         # or an existing `submerge calibrate` folder
+    calibrate: {n: 32, max_length: 64}   # defaults of every model's calibrate block
+    search:
+      - method: task_arithmetic          # lambda: auto (the default for a method with a scale)
+      - method: ties
+        density: [0.1, 0.2, 0.4]         # searched (a list)
+        lambda: {range: [0.2, 1.0], step: 0.2}   # searched (a grid)
+      - method: tsv
+        alpha: auto                      # search_alpha's search, continued past the upper edge
+    eval:
+      scorer: classification             # or lm_loss, or {python: module:function}
+      max_length: 64
+      tasks:
+        sentiment: {data: data/sentiment.val.jsonl}
+        topic: {data: data/topic.val.jsonl, label_field: topic}
+    objective: mean                      # mean normalised score; or worst; or {weighted: {sentiment: 2}}
+
+Every check that needs no model (keys, methods, parameters, files, fields, scorer imports) happens when
+the file is read, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from submerge.config import MergeConfig, load_yaml_text, parse_config
+from submerge.errors import ConfigError, suggest
+
+TUNE_KEYS = ("search", "eval", "objective", "calibrate", "fisher")
+MODEL_KEYS = ("name", "calibrate", "fisher")
+CALIBRATE_KEYS = {"inputs": None, "n": 32, "max_length": 128, "batch_size": 8, "seed": 0, "field": None,
+                  "layers": None}
+FISHER_KEYS = {"inputs": None, "n": 256, "kind": "true", "label_field": None, "field": None, "max_length": 128,
+               "seed": 0}
+EVAL_KEYS = ("data", "scorer", "field", "label_field", "max_length", "batch_size", "n", "model_class", "options")
+STRATEGIES = ("auto", "grid", "golden", "coarse")
+
+
+@dataclass
+class StatsJob:
+    """One model's statistics: an existing folder, or how to compute them (``spec``)."""
+
+    kind: str  # "calibration" or "fisher"
+    folder: Optional[Path] = None
+    spec: Optional[dict] = None
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    ref: str
+    parameters: dict
+    stats: dict[str, StatsJob] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    """One unit of the sweep: a method with fixed parameters and how its scale is chosen.
+
+    ``scale``: None (the method has no scale, or it is fixed in ``params``), ``"auto"`` (search_alpha),
+    or a list of values evaluated along the affine path."""
+
+    index: int
+    method: str
+    params: dict
+    scale_param: Optional[str] = None
+    scale: Union[None, str, list] = None
+    strategy: str = "auto"
+
+    @property
+    def label(self) -> str:
+        shown = {k: v for k, v in self.params.items()}
+        if self.scale_param and self.scale is not None:
+            shown[self.scale_param] = self.scale if self.scale == "auto" else "[" + ",".join(
+                format(a, "g") for a in self.scale) + "]"
+        inner = ", ".join(f"{k}={v}" for k, v in shown.items())
+        return f"{self.method}({inner})" if inner else self.method
+
+
+@dataclass
+class TuneSpec:
+    merge: dict  # the merge config without merge_method (raw dict, paths as written)
+    models: list[ModelEntry]
+    candidates: list[Candidate]
+    tasks: list  # TaskData, one per model, in model order
+    objective: dict
+    config_dir: Path
+    raw: dict
+
+    @property
+    def task_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def stats_kinds(self) -> set[str]:
+        from submerge.methods import get_method
+
+        kinds = set()
+        for c in self.candidates:
+            m = get_method(c.method)
+            if m.uses_stats(m.bind(c.params, [dict(e.parameters) for e in self.models])):
+                kinds.add(m.stats_kind)
+        return kinds
+
+    def merge_config(self, method: str, params: dict, stats_folders: Optional[dict[str, Path]] = None,
+                     model_params: bool = True) -> MergeConfig:
+        """The merge config of one candidate (absolute paths), as written beside the tuned model
+        (``model_params=False``: without per-model parameters, to plan reading the checkpoints)."""
+        raw = {k: v for k, v in self.merge.items() if k != "models"}
+        raw["merge_method"] = method
+        if params:
+            raw["parameters"] = {**(raw.get("parameters") or {}), **params}
+        models = []
+        for entry, mdl in zip(self.models, self.merge["models"]):
+            mdl = {k: v for k, v in mdl.items() if k != "calibration" and (model_params or k != "parameters")}
+            if stats_folders and entry.name in stats_folders:
+                mdl["calibration"] = str(stats_folders[entry.name])
+            models.append(mdl)
+        raw["models"] = models
+        return parse_config(raw, "tune winner")
+
+
+def _abs(ref: str, config_dir: Path) -> str:
+    p = Path(ref).expanduser()
+    q = p if p.is_absolute() else config_dir / p
+    return str(q.resolve()) if q.exists() else ref
+
+
+def _values(name: str, v: Any, where: str) -> Union[str, list, Any]:
+    """A search value: a scalar (fixed), a list (searched), {range: [lo, hi], step|steps} (searched) or auto."""
+    if isinstance(v, dict):
+        bad = set(v) - {"range", "step", "steps"}
+        if bad or "range" not in v or ("step" in v) == ("steps" in v):
+            raise ConfigError(f"{where}: {name}: a grid is {{range: [low, high], step: S}} or "
+                              f"{{range: [low, high], steps: N}}, got {v}")
+        lo, hi = v["range"] if isinstance(v["range"], list) and len(v["range"]) == 2 else (None, None)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)) or hi < lo:
+            raise ConfigError(f"{where}: {name}: range must be [low, high] numbers, got {v['range']}")
+        if "steps" in v:
+            n = v["steps"]
+            if type(n) is not int or n < 1:
+                raise ConfigError(f"{where}: {name}: steps must be a positive integer, got {n!r}")
+            return [round(lo + (hi - lo) * i / max(n - 1, 1), 10) for i in range(n)] if n > 1 else [lo]
+        step = v["step"]
+        if not isinstance(step, (int, float)) or step <= 0:
+            raise ConfigError(f"{where}: {name}: step must be a positive number, got {step!r}")
+        k = int(round((hi - lo) / step + 1e-9))
+        return [round(lo + step * i, 10) for i in range(k + 1)]
+    if isinstance(v, list):
+        if not v:
+            raise ConfigError(f"{where}: {name}: an empty list")
+        return list(v)
+    return v
+
+
+def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
+    from submerge.methods import get_method, list_methods
+
+    if not isinstance(search, list) or not search:
+        raise ConfigError("search: give a list of methods, e.g. [{method: ties, density: [0.2, 0.4]}]")
+    n_models = len(model_params)
+    out: list[Candidate] = []
+    for i, entry in enumerate(search):
+        where = f"search[{i}]"
+        if isinstance(entry, str):
+            entry = {"method": entry}
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ConfigError(f"{where}: each entry names a method (method: ties)")
+        name = entry["method"]
+        try:
+            m = get_method(name)
+        except ConfigError:
+            raise ConfigError(f"{where}: unknown method {name!r}"
+                              f"{suggest(str(name), [x.name for x in list_methods()])}") from None
+        if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
+            raise ConfigError(f"{where}: {name} cannot merge {n_models} models")
+        strategy = entry.get("strategy", "auto")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"{where}: strategy {strategy!r}{suggest(str(strategy), STRATEGIES)}; use one of "
+                              f"{list(STRATEGIES)}")
+        params = {k: v for k, v in entry.items() if k not in ("method", "strategy")}
+        for k in params:
+            if k not in m.param_names:
+                raise ConfigError(f"{where}: {name} has no parameter {k!r}{suggest(k, m.param_names)}; "
+                                  f"its parameters: {sorted(m.param_names)}")
+        scale = None
+        if m.scale_param is not None:
+            scale = _values(m.scale_param, params.pop(m.scale_param, "auto"), where)
+            if isinstance(scale, str):
+                if scale != "auto":
+                    raise ConfigError(f"{where}: {m.scale_param}: {scale!r} — give a number, a list, a range or auto")
+            elif not isinstance(scale, list):
+                params[m.scale_param] = scale
+                scale = None
+        for k, v in params.items():
+            if v == "auto":
+                raise ConfigError(f"{where}: {k}: auto is for the method's scale ({m.scale_param or 'none'}) only")
+        grid = {k: _values(k, v, where) for k, v in params.items()}
+        searched = [k for k, v in grid.items() if isinstance(v, list)]
+        for combo in itertools.product(*[grid[k] for k in searched]):
+            p = {**grid, **dict(zip(searched, combo))}
+            try:
+                m.bind({**p, **({m.scale_param: 1.0} if m.scale_param and m.scale_param not in p else {})},
+                       [dict(mp) for mp in model_params])
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            out.append(Candidate(len(out), name, p, m.scale_param, scale, strategy))
+    return out
+
+
+def _objective(obj: Any, names: list[str]) -> dict:
+    if obj is None or obj == "mean":
+        return {"kind": "mean"}
+    if obj in ("worst", "min"):
+        return {"kind": "worst"}
+    if isinstance(obj, dict) and set(obj) == {"weighted"} and isinstance(obj["weighted"], dict):
+        w = obj["weighted"]
+        bad = [k for k in w if k not in names]
+        if bad:
+            raise ConfigError(f"objective: weighted: unknown task(s) {bad}{suggest(str(bad[0]), names)}; "
+                              f"tasks: {names}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in w.values()) \
+                or not sum(w.values()) > 0:
+            raise ConfigError("objective: weighted: weights must be non-negative numbers, not all zero")
+        return {"kind": "weighted", "weights": {k: float(w.get(k, 0.0)) for k in names}}
+    raise ConfigError(f"objective: {obj!r}; use mean, worst or {{weighted: {{task: weight}}}}")
+
+
+def _stats_spec(block: Any, defaults: dict, where: str, config_dir: Path) -> dict:
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: expected a mapping of {sorted(defaults)}")
+    bad = set(block) - set(defaults)
+    if bad:
+        k = sorted(bad)[0]
+        raise ConfigError(f"{where}: unknown key {k!r}{suggest(k, defaults)}; keys: {sorted(defaults)}")
+    spec = {**defaults, **block}
+    if spec.get("inputs") is not None:
+        p = Path(str(spec["inputs"])).expanduser()
+        spec["inputs"] = p if p.is_absolute() else config_dir / p
+    return spec
+
+
+def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneSpec:
+    from submerge.tune.scorers import make_scorer
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping")
+    if "merge_method" in raw:
+        raise ConfigError(f"{source}: a tune config has no merge_method; list the methods to try under 'search:'")
+    for k in ("search", "eval"):
+        if k not in raw:
+            raise ConfigError(f"{source}: missing '{k}:' (see `submerge tune --help`)")
+    merge = {k: v for k, v in raw.items() if k not in TUNE_KEYS}
+    models_raw = merge.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"{source}: 'models:' must list the experts (one per task)")
+    if "slices" in merge:
+        raise ConfigError(f"{source}: tune merges whole models ('models:'), not slices")
+    cal_defaults = _stats_spec(raw.get("calibrate") or {}, CALIBRATE_KEYS, "calibrate", config_dir)
+    fis_defaults = _stats_spec(raw.get("fisher") or {}, FISHER_KEYS, "fisher", config_dir)
+    entries, clean = [], []
+    for i, mdl in enumerate(models_raw):
+        if not isinstance(mdl, dict) or "model" not in mdl:
+            raise ConfigError(f"models[{i}]: expected a mapping with 'model:'")
+        ref = str(mdl["model"])
+        name = str(mdl.get("name") or Path(ref.split("+")[0].split("@")[0]).name)
+        stats: dict[str, StatsJob] = {}
+        if mdl.get("calibration"):
+            folder = Path(_abs(str(mdl["calibration"]), config_dir))
+            from submerge.fisher import is_fisher_folder
+
+            kind = "fisher" if is_fisher_folder(folder) else "calibration"
+            stats[kind] = StatsJob(kind, folder=folder)
+        if "calibrate" in mdl:
+            stats["calibration"] = StatsJob("calibration", spec=_stats_spec(
+                {**{k: v for k, v in cal_defaults.items() if k != "inputs" or v is not None}, **(mdl["calibrate"] or {})},
+                CALIBRATE_KEYS, f"models[{i}].calibrate", config_dir))
+        if "fisher" in mdl:
+            f = mdl["fisher"]
+            if isinstance(f, str):
+                stats["fisher"] = StatsJob("fisher", folder=Path(_abs(f, config_dir)))
+            else:
+                stats["fisher"] = StatsJob("fisher", spec=_stats_spec(
+                    {**{k: v for k, v in fis_defaults.items() if k != "inputs" or v is not None}, **(f or {})},
+                    FISHER_KEYS, f"models[{i}].fisher", config_dir))
+        params = mdl.get("parameters") or {}
+        if not all(isinstance(v, (int, float, str, bool)) for v in params.values()):
+            raise ConfigError(f"models[{i}].parameters: tune takes scalar per-model parameters only "
+                              f"(no gradients or filters)")
+        entries.append(ModelEntry(name, ref, dict(params)))
+        entries[-1].stats = stats
+        c = {k: v for k, v in mdl.items() if k not in MODEL_KEYS}
+        c["model"] = _abs(ref, config_dir) if "+" not in ref else "+".join(_abs(r, config_dir) for r in ref.split("+"))
+        if c.get("calibration"):
+            c["calibration"] = _abs(str(c["calibration"]), config_dir)
+        clean.append(c)
+    names = [e.name for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"models: task name(s) {dup} used twice; give each model a distinct 'name:'")
+    merge["models"] = clean
+    if merge.get("base_model"):
+        b = str(merge["base_model"])
+        merge["base_model"] = _abs(b, config_dir)
+    # the merge part alone must be a valid config (any method): keys, dtypes, tokenizer block
+    parse_config({**merge, "merge_method": "linear"}, source)
+    candidates = _candidates(raw["search"], [e.parameters for e in entries])
+    tasks = _eval_tasks(raw["eval"], entries, config_dir)
+    for t in tasks:
+        make_scorer(t).check()  # data files and fields, scorer imports: before any model is loaded
+    return TuneSpec(merge, entries, candidates, tasks, _objective(raw.get("objective"), names), config_dir, raw)
+
+
+def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list:
+    from submerge.tune.scorers import TaskData
+
+    if not isinstance(block, dict) or "tasks" not in block:
+        raise ConfigError("eval: give 'tasks:' (per task: data, and optionally scorer, field, label_field)")
+    defaults = {k: v for k, v in block.items() if k != "tasks"}
+    bad = (set(defaults) - set(EVAL_KEYS)) | ({"data"} & set(defaults))
+    if bad:
+        k = sorted(bad)[0]
+        raise ConfigError(f"eval: unknown key {k!r}{suggest(k, EVAL_KEYS)}; keys: {sorted(set(EVAL_KEYS) - {'data'})} "
+                          f"and tasks")
+    tasks = block["tasks"]
+    names = [e.name for e in entries]
+    if isinstance(tasks, list):
+        if len(tasks) != len(entries):
+            raise ConfigError(f"eval.tasks lists {len(tasks)} task(s) for {len(entries)} models; give one per "
+                              f"model (in order) or a mapping by task name ({names})")
+        by_name = dict(zip(names, tasks))
+    elif isinstance(tasks, dict):
+        unknown = [k for k in tasks if k not in names]
+        if unknown:
+            raise ConfigError(f"eval.tasks: {unknown[0]!r} is not a task{suggest(str(unknown[0]), names)}; "
+                              f"tasks (the models' names): {names}")
+        missing = [n for n in names if n not in tasks]
+        if missing:
+            raise ConfigError(f"eval.tasks: no eval data for task(s) {missing}: every model is scored on its "
+                              f"own task")
+        by_name = tasks
+    else:
+        raise ConfigError("eval.tasks: a list (one per model, in order) or a mapping by task name")
+    out = []
+    for e in entries:
+        spec = by_name[e.name]
+        if isinstance(spec, str):
+            spec = {"data": spec}
+        if not isinstance(spec, dict) or "data" not in spec:
+            raise ConfigError(f"eval.tasks.{e.name}: give 'data: <file>'")
+        bad = set(spec) - set(EVAL_KEYS)
+        if bad:
+            k = sorted(bad)[0]
+            raise ConfigError(f"eval.tasks.{e.name}: unknown key {k!r}{suggest(k, EVAL_KEYS)}")
+        s = {**defaults, **spec}
+        scorer = s.get("scorer", "classification")
+        if isinstance(scorer, dict) and set(scorer) == {"python"}:
+            scorer = f"python:{scorer['python']}"
+        if not isinstance(scorer, str):
+            raise ConfigError(f"eval.tasks.{e.name}: scorer is classification, lm_loss or {{python: module:function}}")
+        data = Path(str(s["data"])).expanduser()
+        data = data if data.is_absolute() else config_dir / data
+        expert = Path(_abs(e.ref.split("+")[-1], config_dir))
+        for k in ("max_length", "batch_size"):
+            if k in s and (type(s[k]) is not int or s[k] < 1):
+                raise ConfigError(f"eval.tasks.{e.name}: {k} must be a positive integer, got {s[k]!r}")
+        if s.get("n") is not None and (type(s["n"]) is not int or s["n"] < 1):
+            raise ConfigError(f"eval.tasks.{e.name}: n must be a positive integer, got {s['n']!r}")
+        out.append(TaskData(
+            name=e.name, data=data, expert=expert, scorer=scorer, field=s.get("field") or "text",
+            label_field=s.get("label_field") or "label", max_length=s.get("max_length", 128),
+            batch_size=s.get("batch_size", 32), n=s.get("n"), model_class=s.get("model_class", "AutoModel"),
+            options=dict(s.get("options") or {})))
+    return out
+
+
+def load_tune(path: Union[str, Path]) -> TuneSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tune config {p} does not exist")
+    raw = load_yaml_text(p.read_text(encoding="utf-8"), str(p))
+    return parse_tune(raw, p.resolve().parent, str(p))
