@@ -444,6 +444,41 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) 
     return rows
 
 
+class _RowCache:
+    """Each finished method's rows and per-example test correctness, kept beside the experts
+    (``<cache>/bench-rows/<settings>/<method>.json``), so a run that is stopped (a full text8 run is hours on
+    2 cores) resumes at the next method.  Keyed by every setting that changes a number: the config (less
+    what only picks methods or prints), the experts and the submerge version."""
+
+    def __init__(self, S: "BenchSession", cfg: BenchConfig):
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "quiet", "cache_dir")}
+        blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.bb.fingerprint,
+                           "version": __import__("submerge").__version__}, sort_keys=True, default=str)
+        self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
+        self.sizes = {t.name: len(S.splits[t.name].test[0]) for t in S.tasks}
+
+    def get(self, method: str) -> Optional[tuple[list[dict], dict]]:
+        path = self.folder / f"{method}.json"
+        if not path.is_file():
+            return None
+        try:
+            hit = json.loads(path.read_text())
+            correct_ = {label: {k: unpack_correct(v, self.sizes[k]) for k, v in per.items()}
+                        for label, per in hit["correct"].items()}
+        except (ValueError, KeyError, TypeError):  # a damaged file: the method is run again
+            return None
+        return hit["rows"], correct_
+
+    def put(self, method: str, rows: list[dict], test_correct: dict) -> None:
+        labels = [r["label"] for r in rows]
+        blob = {"rows": rows, "correct": {lab: {k: pack_correct(v) for k, v in test_correct[lab].items()}
+                                          for lab in labels}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{method}.json.tmp"
+        tmp.write_text(json.dumps(blob))
+        tmp.replace(self.folder / f"{method}.json")
+
+
 def _search_kwargs(cfg: BenchConfig, m) -> dict:
     """How a method's scale is searched: ``cfg.search == "full"``: as ``submerge tune``'s ``alpha: auto``
     (λ methods on ``cfg.lambda_grid``, α methods by their own strategy); ``coarse``: about 6 points (λ methods
@@ -473,9 +508,18 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}")
     # statistics (Fisher, calibration) are dropped after the last method that reads them
     last_use = {kind[n]: i for i, n in enumerate(methods) if kind[n]}
+    done_rows = _RowCache(S, cfg)
     for i, method in enumerate(methods):
         m = get_method(method)
         params = _params(method)
+        hit = done_rows.get(method)
+        if hit is not None:  # a killed run's finished methods are not redone
+            rows += hit[0]
+            test_correct.update(hit[1])
+            say(f"[{S.clock()}] {i + 1}/{len(methods)} methods done ({method}: rows kept from an earlier run "
+                f"with the same settings)")
+            continue
+        n_rows = len(rows)
         stats = None
         if m.uses_stats(params):
             stats = S.fisher() if m.stats_kind == "fisher" else S.calibration()
@@ -516,6 +560,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
             rows.append(row)
             say(f"{label:34s} scale {'-' if alpha is None else format(alpha, '.3g'):>5s}  "
                 f"avg abs {100 * row['avg_abs']:.1f}  norm {100 * row['avg_norm']:.1f}")
+        done_rows.put(method, rows[n_rows:], test_correct)
         # a search holds three model-sized buffers, a merge one: release them before the next method
         # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
         del settings, done
