@@ -325,3 +325,99 @@ def test_search_values_are_checked():
     for bad in ({"range": [1, 0], "step": 0.1}, {"range": [0, 1]}, {"range": [0, 1], "step": -1}, []):
         with pytest.raises(ConfigError):
             _values("lambda", bad, "x")
+
+
+# ----------------------------------------------------------------------------- Ray
+SCORER = '''
+import json, os
+from pathlib import Path
+import torch
+
+def accuracy(model, task):
+    rows = [json.loads(x) for x in Path(task.data).read_text().splitlines()]
+    marker = task.options.get("crash_once")
+    if marker and "task_arithmetic" in task.candidate and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)  # the worker process dies in the middle of the sweep
+    if task.options.get("raise_on") and task.options["raise_on"] in task.candidate:
+        raise ValueError("boom")
+    with torch.no_grad():
+        b = task.tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+        pred = model(**b).logits.argmax(-1)
+    return float((pred == torch.tensor([r["label"] for r in rows])).double().mean())
+'''
+
+RAY_SEARCH = [{"method": "task_arithmetic", "weight": 1.0, "lambda": [0.3, 1.0]},
+              {"method": "ties", "weight": 1.0, "density": 0.5, "lambda": "auto"},
+              {"method": "esm", "alpha": [1.0]},
+              {"method": "linear", "weight": 1.0}]
+
+
+def _table(report: dict) -> list:
+    return [(c["label"], c["error"], [(p["scale"], p["scores"]) for p in c["points"]]) for c in report["candidates"]]
+
+
+def _python_cfg(root: Path, tmp: Path, **options) -> dict:
+    (tmp / "scorer.py").write_text(SCORER)
+    cfg = _config(root, RAY_SEARCH[:1] + RAY_SEARCH[3:])
+    cfg["eval"] = {"scorer": {"python": f"{tmp / 'scorer.py'}:accuracy"},
+                   "model_class": "AutoModelForSequenceClassification", "options": options,
+                   "tasks": {t: {"data": str(root / f"{t}.val.jsonl")} for t in ("sentiment", "animal")}}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_gives_the_local_table_survives_a_killed_worker_and_names_a_failing_candidate(cls_family, tmp_path,
+                                                                                          ray_session):
+    """One sweep on a local Ray instance: a worker dies mid-sweep (Ray restarts it and retries its candidate) and
+    one candidate's scorer raises; the table equals the local backend's, the failure named, the others kept."""
+    marker = tmp_path / "crashed"
+    remote = tune(_python_cfg(cls_family, tmp_path, crash_once=str(marker), raise_on="linear"), tmp_path / "ray",
+                  quiet=True, backend="ray")
+    assert marker.exists()
+    local = tune(_python_cfg(cls_family, tmp_path, raise_on="linear"), tmp_path / "local", quiet=True)
+    assert remote.report["backend"] == "ray" and local.report["backend"] == "local"
+    assert _table(remote.report) == _table(local.report)
+    assert remote.winner == local.winner and remote.expert_scores == local.expert_scores
+    assert len(remote.errors) == 1 and remote.errors[0].startswith("candidate linear(weight=1.0): the python:")
+    assert remote.errors[0].endswith("raised ValueError: boom")
+    a, b = _load(tmp_path / "local"), _load(tmp_path / "ray")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_candidate_exits_1_with_the_others_written(cls_family, tmp_path):
+    path = _write_cfg(tmp_path / "tune.yaml", _python_cfg(cls_family, tmp_path, raise_on="linear"))
+    res = CliRunner().invoke(main, ["tune", str(path), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 1, res.output
+    assert "candidate linear(weight=1.0): the python:" in res.output and "raised ValueError: boom" in res.output
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert [c["error"] is None for c in report["candidates"]] == [True, False]
+
+
+def test_two_node_ray_cluster(cls_family, tmp_path):
+    """Statistics as Ray tasks and candidates on actors across two nodes: the local backend's table."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cfg = _config(cls_family, [RAY_SEARCH[0], RAY_SEARCH[2]])
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        remote = tune(cfg, tmp_path / "ray", quiet=True, cache_dir=tmp_path / "c", backend="ray")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(list((tmp_path / "c").glob("calibration-*"))) == 2  # computed by Ray tasks
+    local = tune(cfg, tmp_path / "local", quiet=True, cache_dir=tmp_path / "c2")
+    assert _table(remote.report) == _table(local.report) and remote.winner == local.winner

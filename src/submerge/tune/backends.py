@@ -125,6 +125,8 @@ class RayBackend:
         # the tensors go into the object store once; every actor receives them at start
         args["base"] = ray.put(args["base"])
         args["experts"] = ray.put(args["experts"])
+        # held for the whole sweep: an actor that Ray restarts fetches them again
+        self._refs = (args["base"], args["experts"])
         actor_cls = ray.remote(_RayWorker).options(num_cpus=self.cpus_per_actor,
                                                    num_gpus=0, max_restarts=self.max_restarts,
                                                    max_task_retries=self.max_restarts)
@@ -165,6 +167,7 @@ class RayBackend:
             except Exception:  # already gone
                 pass
         self.actors = []
+        self._refs = None
         if self._own:
             self.ray.shutdown()
 

@@ -248,14 +248,20 @@ class ClassificationScorer(Scorer):
         prefix = getattr(model, "base_model_prefix", "") + "."
         return {k: v for k, v in expert_state.items() if not k.startswith(prefix)}
 
+    @cached_property
+    def batches(self) -> list[tuple[list[int], dict]]:
+        """The tokenized batches (every candidate scores the same texts: tokenized once)."""
+        texts, _, lengths = self.data
+        t = self.task
+        return [(idx, dict(t.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=t.max_length, return_tensors="pt")))
+                for idx in length_sorted_batches(lengths, t.batch_size, t.options.get("max_tokens", 2048))]
+
     @torch.no_grad()
     def score(self, model):
-        texts, labels, lengths = self.data
-        t = self.task
+        texts, labels, _ = self.data
         pred = torch.empty(len(texts), dtype=torch.long)
-        for idx in length_sorted_batches(lengths, t.batch_size, t.options.get("max_tokens", 2048)):
-            batch = t.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=t.max_length,
-                                return_tensors="pt")
+        for idx, batch in self.batches:
             if self.embedding_head:
                 logits = mean_pooled(model, batch) @ self.head.T
             else:
