@@ -393,38 +393,29 @@ def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Uni
     """Calibration inputs from a file: ``.txt`` (one text per line), ``.jsonl`` (a ``text`` field, or
     ``field_name``), ``.json`` (a list of strings) or ``.pt``/``.safetensors`` (ready model inputs:
     ``input_ids`` [+ ``attention_mask``])."""
-    from submerge.io.files import checked_file
+    from submerge.io.files import checked_file, jsonl_values, read_user_text
 
     p = Path(path)
     if not os.path.lexists(p):
         raise ConfigError(f"input file {p} does not exist")
-    try:
-        checked_file(p, None, "input file")
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
     suffix = p.suffix.lower()
     if suffix in (".pt", ".pth", ".safetensors"):
+        try:
+            checked_file(p, None, "input file")
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
         return _tensor_inputs(p, suffix)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
+    text = read_user_text(p)
     if suffix == ".jsonl":
         key = field_name or "text"
         out = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ConfigError(f"{p}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        for n, rec in jsonl_values(text, p):
             if isinstance(rec, str):
                 out.append(rec)
             elif isinstance(rec, dict) and isinstance(rec.get(key), str):
                 out.append(rec[key])
             else:
-                raise ConfigError(f"{p}:{i + 1}: no string field {key!r} (choose one with --field)")
+                raise ConfigError(f"{p}:{n}: no string field {key!r} (choose one with --field)")
         return out
     if suffix == ".json":
         try:

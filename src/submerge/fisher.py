@@ -206,26 +206,13 @@ def _read_labelled(path: Path, field_name: Optional[str], label_field: Optional[
         return list(data), None
     if path.suffix.lower() != ".jsonl":
         raise ConfigError(f"--label-field needs a .jsonl file with a text and a label per line, got {path}")
-    from submerge.io.files import checked_file
+    from submerge.io.files import jsonl_values, read_user_text
 
-    try:
-        checked_file(path, None, "input file")
-        text = path.read_bytes().decode("utf-8")
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
     texts, labels = [], []
     key = field_name or "text"
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    for n, row in jsonl_values(read_user_text(path), path):
         if not isinstance(row, dict) or not isinstance(row.get(key), str) or label_field not in row:
-            raise ConfigError(f"{path}:{i + 1}: needs a string field {key!r} and a field {label_field!r}")
+            raise ConfigError(f"{path}:{n}: needs a string field {key!r} and a field {label_field!r}")
         texts.append(row[key])
         labels.append(row[label_field])
     return texts, labels

@@ -3,7 +3,6 @@ sentence embeddings, and frozen zero-shot heads."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from functools import lru_cache
@@ -13,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from submerge.bench.data import SETUP_HINT, BenchDataError
+from submerge.io.files import file_sha256 as sha256_of_file
 from submerge.tune.scorers import length_sorted_batches, mean_pooled
 
 # sentence-transformers/all-MiniLM-L6-v2 at HF revision 1110a243, as published
@@ -36,11 +36,8 @@ def minilm_path() -> Path:
 
 @lru_cache(maxsize=None)
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 of a backbone weight file (read once per process)."""
+    return sha256_of_file(path)
 
 
 class Backbone:

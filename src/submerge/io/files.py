@@ -9,13 +9,15 @@ that name anything but a plain file name in the folder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
-from submerge.errors import CheckpointError
+from submerge.errors import CheckpointError, ConfigError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config / index / manifest files larger than this are not metadata
 
@@ -100,3 +102,34 @@ def is_plain_name(name: object) -> bool:
 def copy_regular_file(src: Path, dst: Path) -> None:
     """Copy a file already passed through :func:`checked_file`: its content, never the link itself."""
     shutil.copyfile(src, dst)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_user_text(path: Path, what: str = "input file") -> str:
+    """A UTF-8 text file the user named (calibration inputs, eval data), or a one-line :class:`ConfigError`."""
+    try:
+        checked_file(path, None, what)
+        return path.read_bytes().decode("utf-8")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
+
+
+def jsonl_values(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-empty line of a JSONL text; a bad line is a one-line error."""
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            yield i + 1, json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None

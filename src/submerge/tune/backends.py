@@ -25,8 +25,6 @@ from submerge.errors import ConfigError
 
 log = logging.getLogger("submerge.tune")
 
-BACKENDS = ("local", "ray")
-
 
 def check_ray_address(address: Optional[str]) -> None:
     """Fail in one line, before any work, when ``address`` (host:port of a Ray head's GCS) cannot be reached."""
@@ -38,14 +36,11 @@ def check_ray_address(address: Optional[str]) -> None:
     if address in (None, "", "local"):
         return
     if address == "auto":
-        if not os.environ.get("RAY_ADDRESS") and not _latest_session_exists():
+        if not os.environ.get("RAY_ADDRESS") and not os.path.exists("/tmp/ray/ray_current_cluster"):
             raise ConfigError("--address auto: no running Ray cluster found on this machine (start one with "
                               "`ray start --head`, or give its host:port)")
         return
-    target = address.split("://", 1)[-1]
-    if target.startswith("ray://"):
-        target = target[len("ray://"):]
-    host, _, port = target.rpartition(":")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--address {address!r}: give the Ray head as host:port (e.g. 10.0.0.1:6379) or auto")
     try:
@@ -53,10 +48,6 @@ def check_ray_address(address: Optional[str]) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e})") from None
-
-
-def _latest_session_exists() -> bool:
-    return os.path.exists("/tmp/ray/ray_current_cluster")
 
 
 class LocalBackend:
@@ -68,8 +59,8 @@ class LocalBackend:
         self.threads = threads
         self.worker = None
 
-    def compute_stats(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list:
-        return [fn() for _, fn in jobs]
+    def compute_stats(self, jobs: Sequence[Callable[[], Any]]) -> list:
+        return [fn() for fn in jobs]
 
     def start(self, worker_args: dict) -> None:
         from submerge.tune.worker import SweepWorker
@@ -113,11 +104,9 @@ class RayBackend:
         self.actors: list = []
         log.info("ray: %d CPU(s), %d GPU(s), %d actor(s)", cpus, self.gpus, self.n_actors)
 
-    def compute_stats(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list:
-        ray = self.ray
-        remote = ray.remote(_call).options(num_gpus=1 if self.gpus else 0, max_retries=2)
-        refs = [remote.remote(fn) for _, fn in jobs]
-        return ray.get(refs)
+    def compute_stats(self, jobs: Sequence[Callable[[], Any]]) -> list:
+        remote = self.ray.remote(_call).options(num_gpus=1 if self.gpus else 0, max_retries=2)
+        return self.ray.get([remote.remote(fn) for fn in jobs])
 
     def start(self, worker_args: dict) -> None:
         ray = self.ray
@@ -199,16 +188,8 @@ class _RayWorker:
     def run(self, cand):
         return self.w.run(cand)
 
-    def pid(self):
-        return os.getpid()
-
 
 def make_backend(name: str, address: Optional[str] = None, threads: Optional[int] = None,
                  actors: Optional[int] = None):
-    if name == "local":
-        if address:
-            raise ConfigError("--address is for --backend ray")
-        return LocalBackend(threads)
-    if name == "ray":
-        return RayBackend(address, actors=actors)
-    raise ConfigError(f"unknown backend {name!r}; use local or ray")
+    """The backend ``name`` (checked by ``tune`` before any work)."""
+    return RayBackend(address, actors=actors) if name == "ray" else LocalBackend(threads)

@@ -17,6 +17,7 @@ Validation data only: nothing here reads test data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -49,20 +50,13 @@ def _cache_root(cache_dir: Optional[Union[str, Path]]) -> Path:
     return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "submerge" / "calibration"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stats_folder(kind: str, model_dir: Path, spec: dict, root: Path) -> Path:
     """Where one model's statistics are cached: keyed by the model's fingerprint, the inputs' content and
     every setting (as ``submerge calibrate`` fingerprints the model it ran on)."""
     from submerge.calibrate import model_fingerprint
+    from submerge.io.files import file_sha256
 
-    blob = json.dumps({"kind": kind, "model": model_fingerprint(model_dir), "inputs": _file_digest(spec["inputs"]),
+    blob = json.dumps({"kind": kind, "model": model_fingerprint(model_dir), "inputs": file_sha256(spec["inputs"]),
                        **{k: (str(v) if isinstance(v, Path) else v) for k, v in spec.items() if k != "inputs"}},
                       sort_keys=True)
     return root / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
@@ -70,20 +64,19 @@ def _stats_folder(kind: str, model_dir: Path, spec: dict, root: Path) -> Path:
 
 def _compute_stats(kind: str, model_dir: str, spec: dict, folder: str, task: str) -> str:
     """Runs where the backend puts it (a Ray task on Ray): writes ``folder`` and returns it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "calibration":
         from submerge.calibrate import calibrate_model_dir
 
         calibrate_model_dir(model_dir, spec["inputs"], folder, n=spec["n"], max_length=spec["max_length"],
                             batch_size=spec["batch_size"], seed=spec["seed"], task=task, layers=spec["layers"],
-                            field_name=spec["field"], overwrite=True, progress=False,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+                            field_name=spec["field"], overwrite=True, progress=False, device=device)
     else:
         from submerge.fisher import fisher_model_dir
 
         fisher_model_dir(model_dir, spec["inputs"], folder, n=spec["n"], kind=spec["kind"],
                          label_field=spec["label_field"], field_name=spec["field"], max_length=spec["max_length"],
-                         seed=spec["seed"], task=task, overwrite=True, progress=False,
-                         device="cuda" if torch.cuda.is_available() else "cpu")
+                         seed=spec["seed"], task=task, overwrite=True, progress=False, device=device)
     return folder
 
 
@@ -144,7 +137,7 @@ def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: 
     """
     from submerge.api import config_inputs
     from submerge.io import check_output_target
-    from submerge.plan import plan_merge, resolve_model_refs
+    from submerge.plan import plan_merge
     from submerge.tune.backends import check_ray_address, make_backend
 
     t_start = time.perf_counter()
@@ -173,10 +166,8 @@ def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: 
     if backend == "ray":
         check_ray_address(address)
     plan = plan_merge(probe, None)  # files, headers, shapes, Hub ids: before anything is read
-    paths, _ = resolve_model_refs([m.model for m in probe.models], None)
     for t, m in zip(spec.tasks, probe.models):
-        p = paths[m.model]
-        t.expert = Path(p[0] if isinstance(p, tuple) else p)
+        t.expert = plan.models[m.model].path  # the local folder (a Hub id's snapshot; an adapter's base)
     say(f"tune: {len(spec.candidates)} candidate(s) on {len(spec.models)} task(s) "
         f"({', '.join(spec.task_names)}), backend {backend}")
     try:
@@ -237,20 +228,14 @@ def _prepare_stats(spec: TuneSpec, runner, cache_dir, say, t_start) -> dict[str,
         if todo:
             root.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            jobs = [(name, _bind(kind, model_dir, s, folder, name)) for _, name, model_dir, s, folder in todo]
-            runner.compute_stats(jobs)
+            runner.compute_stats([functools.partial(_compute_stats, kind, model_dir, s, folder, name)
+                                  for _, name, model_dir, s, folder in todo])
             say(f"[{_clock(t_start)}] {kind} statistics of {len(todo)} expert(s) in {time.perf_counter() - t0:.0f}s "
                 f"(cached in {root})")
         else:
             say(f"[{_clock(t_start)}] {kind} statistics: all given or cached")
         out[kind] = folders
     return out
-
-
-def _bind(kind, model_dir, spec, folder, task):
-    import functools
-
-    return functools.partial(_compute_stats, kind, model_dir, spec, folder, task)
 
 
 def _sweep(runner, candidates: list[Candidate], quiet: bool) -> list[CandidateResult]:

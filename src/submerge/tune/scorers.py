@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from functools import cached_property
@@ -88,31 +89,17 @@ def import_callable(spec: str, what: str = "python scorer") -> Callable:
 
 def read_jsonl(path: Path, fields: Sequence[str]) -> list[dict]:
     """The rows of a JSONL file, each checked to hold ``fields`` (one line naming the first bad row)."""
-    from submerge.io.files import checked_file
-    from submerge.errors import CheckpointError
+    from submerge.io.files import jsonl_values, read_user_text
 
     if not path.is_file():
         raise ConfigError(f"eval data {path} does not exist")
-    try:
-        checked_file(path, None, "eval data")
-        text = path.read_bytes().decode("utf-8")
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    for n, row in jsonl_values(read_user_text(path, "eval data"), path):
         if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{i + 1}: expected a JSON object with field(s) {list(fields)}")
+            raise ConfigError(f"{path}:{n}: expected a JSON object with field(s) {list(fields)}")
         for f in fields:
             if f not in row:
-                raise ConfigError(f"{path}:{i + 1}: no field {f!r} (fields: {sorted(row)[:8]}); "
+                raise ConfigError(f"{path}:{n}: no field {f!r} (fields: {sorted(row)[:8]}); "
                                   f"name the right one in the eval block")
         rows.append(row)
     if not rows:
@@ -165,7 +152,7 @@ class TaskData:
         return out[: self.n] if self.n else out
 
 
-class Scorer:
+class Scorer(ABC):
     """One task's scorer: ``model_class`` to build, ``own_tensors`` (the expert's tensors that replace the
     merged ones for this task, e.g. its classifier), ``score(model) -> (value, details)``."""
 
@@ -180,8 +167,9 @@ class Scorer:
     def own_tensors(self, model: torch.nn.Module, expert_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {}
 
+    @abstractmethod
     def score(self, model: torch.nn.Module) -> tuple[float, dict]:
-        raise NotImplementedError
+        """The task's score of ``model`` (higher is better) and details for the report."""
 
 
 class ClassificationScorer(Scorer):

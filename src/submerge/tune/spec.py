@@ -84,7 +84,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        shown = {k: v for k, v in self.params.items()}
+        shown = dict(self.params)
         if self.scale_param and self.scale is not None:
             shown[self.scale_param] = self.scale if self.scale == "auto" else "[" + ",".join(
                 format(a, "g") for a in self.scale) + "]"
@@ -240,13 +240,16 @@ def _objective(obj: Any, names: list[str]) -> dict:
     raise ConfigError(f"objective: {obj!r}; use mean, worst or {{weighted: {{task: weight}}}}")
 
 
+def _known_keys(block: dict, allowed: Any, where: str) -> None:
+    bad = sorted(set(block) - set(allowed))
+    if bad:
+        raise ConfigError(f"{where}: unknown key {bad[0]!r}{suggest(bad[0], allowed)}; keys: {sorted(allowed)}")
+
+
 def _stats_spec(block: Any, defaults: dict, where: str, config_dir: Path) -> dict:
     if not isinstance(block, dict):
         raise ConfigError(f"{where}: expected a mapping of {sorted(defaults)}")
-    bad = set(block) - set(defaults)
-    if bad:
-        k = sorted(bad)[0]
-        raise ConfigError(f"{where}: unknown key {k!r}{suggest(k, defaults)}; keys: {sorted(defaults)}")
+    _known_keys(block, defaults, where)
     spec = {**defaults, **block}
     if spec.get("inputs") is not None:
         p = Path(str(spec["inputs"])).expanduser()
@@ -331,11 +334,7 @@ def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list
     if not isinstance(block, dict) or "tasks" not in block:
         raise ConfigError("eval: give 'tasks:' (per task: data, and optionally scorer, field, label_field)")
     defaults = {k: v for k, v in block.items() if k != "tasks"}
-    bad = (set(defaults) - set(EVAL_KEYS)) | ({"data"} & set(defaults))
-    if bad:
-        k = sorted(bad)[0]
-        raise ConfigError(f"eval: unknown key {k!r}{suggest(k, EVAL_KEYS)}; keys: {sorted(set(EVAL_KEYS) - {'data'})} "
-                          f"and tasks")
+    _known_keys(defaults, [k for k in EVAL_KEYS if k != "data"] + ["tasks"], "eval")
     tasks = block["tasks"]
     names = [e.name for e in entries]
     if isinstance(tasks, list):
@@ -362,10 +361,7 @@ def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list
             spec = {"data": spec}
         if not isinstance(spec, dict) or "data" not in spec:
             raise ConfigError(f"eval.tasks.{e.name}: give 'data: <file>'")
-        bad = set(spec) - set(EVAL_KEYS)
-        if bad:
-            k = sorted(bad)[0]
-            raise ConfigError(f"eval.tasks.{e.name}: unknown key {k!r}{suggest(k, EVAL_KEYS)}")
+        _known_keys(spec, EVAL_KEYS, f"eval.tasks.{e.name}")
         s = {**defaults, **spec}
         scorer = s.get("scorer", "classification")
         if isinstance(scorer, dict) and set(scorer) == {"python"}:

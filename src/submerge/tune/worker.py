@@ -7,6 +7,7 @@ tensors through the object store.  A worker never writes files.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from submerge.errors import ConfigError
 
 log = logging.getLogger("submerge.tune")
 
@@ -93,8 +96,6 @@ class SweepWorker:
     # ------------------------------------------------------------------ models
     def _model(self, i: int) -> torch.nn.Module:
         """The architecture that scores task ``i`` (one per model class and expert config, shared by tasks)."""
-        import json
-
         from submerge.calibrate import load_pretrained
 
         sc, task = self.scorers[i], self.tasks[i]
@@ -107,15 +108,11 @@ class SweepWorker:
 
             cls = getattr(transformers, sc.model_class, None)
             if cls is None:
-                from submerge.errors import ConfigError
-
                 raise ConfigError(f"task {task.name}: model_class {sc.model_class!r} is not a transformers class")
             model = load_pretrained(cls, Path(task.expert), quiet=True).eval()
             own = set(model.state_dict())
             stray = sorted(self._merged_names - own)
             if stray:
-                from submerge.errors import ConfigError
-
                 raise ConfigError(f"task {task.name}: {len(stray)} merged tensor(s) are not in {sc.model_class} "
                                   f"loaded from {task.expert}, e.g. {stray[:3]} (tensor names of another "
                                   f"architecture?)")
@@ -212,7 +209,7 @@ class SweepWorker:
             opts = auto_search_kwargs(m) if cand.strategy == "auto" else {"strategy": cand.strategy}
             found = search_alpha(cand.method, self.base, self.experts, score_fn, cand.params, mp, **kw, **opts)
             # search_alpha scores its points in order; pair them with the scales it reports
-            for a, p in zip(_eval_order(found), pending):
+            for a, p in zip(found.eval_order, pending):
                 p.scale = a
             res.points.extend(sorted(pending, key=lambda p: p.scale))
             res.strategy = found.strategy
@@ -225,26 +222,3 @@ class SweepWorker:
         for a in cand.scale:
             res.points.append(self._point(path(float(a)), float(a), cand.label))
         res.strategy = "list"
-
-    def state_of(self, cand, scale: Optional[float]) -> dict[str, torch.Tensor]:
-        """The merged state of ``cand`` at ``scale`` (for checks: the written model must equal it)."""
-        from submerge.api import merge_state_dicts
-        from submerge.methods import get_method
-
-        m = get_method(cand.method)
-        params = dict(cand.params)
-        if m.scale_param is not None and scale is not None:
-            params[m.scale_param] = scale
-        stats = self.stats.get(m.stats_kind) if m.uses_stats(m.bind(params, [dict(p) for p in self.model_params])) else None
-        return merge_state_dicts(cand.method, self.base, self.experts, params, [dict(p) for p in self.model_params],
-                                 stats=stats, random_seed=self.random_seed)
-
-    def ping(self) -> int:
-        import os
-
-        return os.getpid()
-
-
-def _eval_order(found) -> list[float]:
-    """The scales search_alpha evaluated, in evaluation order (its curve is sorted by scale)."""
-    return list(found.eval_order)
