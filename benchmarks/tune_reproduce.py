@@ -19,6 +19,7 @@ from pathlib import Path
 
 from submerge.bench.export import TUNE_METHODS, export_bench
 from submerge.bench.runner import BenchConfig, BenchSession, run_bench
+from submerge.search import LAMBDA_GRID
 from submerge.tune import tune
 
 
@@ -28,7 +29,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/tune")
     a = ap.parse_args()
-    kw = dict(seed=a.seed, quiet=True, methods=list(TUNE_METHODS), multitask=False, search="full")
+    # the full search everywhere, on the papers' λ grid (the quick run's own grid is coarser): what `auto` does
+    kw = dict(seed=a.seed, quiet=True, methods=list(TUNE_METHODS), multitask=False, search="full",
+              lambda_grid=list(LAMBDA_GRID))
     cfg = BenchConfig.quick(**kw) if a.suite == "quick" else BenchConfig(suite=a.suite, **kw)
     work = Path(tempfile.mkdtemp(prefix="tune-reproduce-"))
     t0 = time.perf_counter()

@@ -272,3 +272,30 @@ def test_embed_batches_by_token_count_and_matches_unbatched():
     batched = bb.embed(texts, max_tokens=256)
     alone = torch.cat([bb.embed([t]) for t in texts])
     assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_bench_export_then_tune_reproduces_the_bench_search(tmp_path):
+    """The exported experts and val data, tuned with `auto`, give the benchmark's own val scores and scale."""
+    _need_data()
+    import yaml
+
+    from submerge.bench.export import export_bench
+    from submerge.bench.runner import BenchSession
+    from submerge.search import auto_search_kwargs, search_alpha
+    from submerge.tune import tune
+
+    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], n_train=32, n_val=16, n_test=32,
+                      cache_dir=str(tmp_path / "cache"), quiet=True)
+    export_bench(tmp_path / "export", cfg, methods=("task_arithmetic",))
+    exported = yaml.safe_load((tmp_path / "export" / "tune.yaml").read_text())
+    assert exported["search"] == [{"method": "task_arithmetic", "weight": 1.0, "lambda": "auto"}]
+    assert sorted(p.name for p in (tmp_path / "export" / "data").iterdir()) == [
+        "rt_sentiment.calib.jsonl", "rt_sentiment.val.jsonl", "wordnet_noun.calib.jsonl", "wordnet_noun.val.jsonl"]
+    res = tune(tmp_path / "export" / "tune.yaml", tmp_path / "tuned", quiet=True, cache_dir=tmp_path / "stats")
+    S = BenchSession(cfg)
+    assert res.expert_scores == pytest.approx({k: float(v.mean()) for k, v in S.ft_val.items()}, abs=1e-12)
+    found = search_alpha("task_arithmetic", S.base, S.experts, S.val_score, {"weight": 1.0},
+                         **auto_search_kwargs("task_arithmetic"))
+    points = res.report["candidates"][0]["points"]
+    assert {p["scale"]: p["objective"] for p in points} == pytest.approx(found.curve, abs=1e-12)
+    assert res.winner["params"]["lambda"] == found.alpha

@@ -31,10 +31,24 @@ TUNE_METHODS = ("task_arithmetic", "ties", "tsv", "iso_cts", "esm")
 
 def export_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, overwrite: bool = False,
                  methods: tuple[str, ...] = TUNE_METHODS) -> Path:
-    from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
 
     cfg = cfg or BenchConfig.quick()
     S = BenchSession(cfg)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per saved folder says nothing here
+    try:
+        _write(out_dir, overwrite, cfg, S, methods)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    S.say(f"wrote {out_dir}: base, {len(S.tasks)} experts, validation data and tune.yaml")
+    return Path(out_dir)
+
+
+def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSession, methods: tuple[str, ...]) -> None:
+    from safetensors.torch import save_file
+
     bb = S.bb
     with atomic_folder(out_dir, overwrite, "export folder") as tmp:
         bb.reset()
@@ -81,5 +95,3 @@ def export_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, overwri
                 f"{cfg.seed}).\n# Run: submerge tune {Path(out_dir).name}/tune.yaml tuned\n"
                 f"# Validation data only; lambda/alpha: auto is the benchmark's own scale search.\n")
         (tmp / "tune.yaml").write_text(head + yaml.safe_dump(config, sort_keys=False))
-    S.say(f"wrote {out_dir}: base, {len(S.tasks)} experts, validation data and tune.yaml")
-    return Path(out_dir)
