@@ -218,6 +218,43 @@ def test_ties_fused_path_equals_mask_path_with_heavy_ties():
     assert torch.equal(small, expect) and torch.equal(large, expect)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_models", [1, 2, 3, 6])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_fused_kernel_is_bitwise_the_mask_path(dtype, n_models, normalize):
+    """The fused chunk kernel (hardshrink trim, copysign election) equals trim-by-mask + elect_sign +
+    disjoint_merge bit for bit: negative and zero weights, no-trim and trim-all rules, ties at the
+    threshold split by the cutoff inside a chunk, and exact cancellations (a total of 0 elects +)."""
+    from submerge.methods import kernels
+
+    g = torch.Generator().manual_seed(n_models)
+    shape = (37, 29)
+    fts = [(torch.randint(-6, 7, shape, generator=g) / 4).to(dtype) for _ in range(n_models)]
+    if n_models >= 2:
+        fts[1].view(-1)[:50] = -fts[0].view(-1)[:50]  # exact cancellations
+    weights = [1.0, -0.5, 0.0, 2.0, 0.25, 1.0][:n_models]
+    densities = [0.3, 1.0, 0.0, 0.5, 0.7, 0.2][:n_models]
+    rules, masks = [], []
+    for f, dens in zip(fts, densities):
+        if dens >= 1:
+            rules.append(None)
+            masks.append(torch.ones(shape, dtype=torch.bool))
+        elif dens <= 0:
+            rules.append(kernels.TopK(float("inf")))
+            masks.append(torch.zeros(shape, dtype=torch.bool))
+        else:
+            rules.append(kernels.magnitude_threshold(f, dens))
+            masks.append(kernels.magnitude_mask(f, dens))
+    assert any(r is not None and r.budget for r in rules)  # a tie cutoff is exercised
+    stacked = torch.stack([f * m * w for f, m, w in zip(fts, masks, weights)])
+    w = torch.tensor(weights, dtype=dtype)
+    expect = kernels.disjoint_merge(stacked, w, kernels.elect_sign(stacked), normalize)
+    for chunk in (1, 64, 1 << 18):
+        got = kernels.consensus_merge_chunked(fts, rules, weights, normalize, torch.empty(shape, dtype=dtype),
+                                              chunk=chunk)
+        assert torch.equal(got, expect), chunk
+
+
 def test_nearswap_by_hand():
     base = torch.tensor([0.0, 1.0, 2.0, 3.0])
     other = torch.tensor([0.001, 1.5, 2.0, 13.0])

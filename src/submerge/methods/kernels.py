@@ -152,7 +152,10 @@ def _scratch(n: int, dtype):
 def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     """:func:`magnitude_mask` as a :class:`TopK` rule, applicable chunk by chunk (CPU float32/64).
 
-    ``density`` must be in (0, 1).  Uses one in-place introselect on a scratch copy.
+    ``density`` must be in (0, 1).  Uses one in-place introselect on a scratch copy; when a group
+    of equal magnitudes straddles the threshold (common for 16-bit checkpoints, whose task vectors
+    take few distinct values), the tie cutoff is found by scanning from whichever end of the tensor
+    holds fewer of the group.
     """
     import numpy as np
 
@@ -162,19 +165,29 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     a = np.abs(flat, out=_scratch(n, flat.dtype))  # a scratch copy, partitioned in place
     a.partition(n - k)
     v = a[n - k]
-    if n - k == 0 or a[: n - k].max() < v:
+    dropped = int(np.count_nonzero(a[: n - k] == v)) if n > k else 0  # ties below the cut
+    if dropped == 0:
         return TopK(float(v))
-    above = int(np.count_nonzero(a[n - k :] > v))
-    budget = k - above
+    budget = k - int(np.count_nonzero(a[n - k:] > v))  # ties kept
     if budget == 0:
         return TopK(float(v), 0, 0)
-    # the position of the budget-th tie (ties are kept in position order): scan blocks until it is reached
-    block, seen = 1 << 16, 0
-    for start in range(0, n, block):
-        hits = np.flatnonzero(np.abs(flat[start:start + block]) == v)
-        if seen + len(hits) >= budget:
-            return TopK(float(v), budget, start + int(hits[budget - seen - 1]) + 1)
-        seen += len(hits)
+    # ties are kept in position order: the cutoff is the position of the first dropped tie
+    block = 1 << 18
+    if budget <= dropped:  # forward: just past the budget-th tie
+        seen = 0
+        for start in range(0, n, block):
+            hits = np.flatnonzero(np.abs(flat[start:start + block]) == v)
+            if seen + len(hits) >= budget:
+                return TopK(float(v), budget, start + int(hits[budget - seen - 1]) + 1)
+            seen += len(hits)
+    else:  # backward: at the dropped-th tie from the end
+        seen = 0
+        for stop in range(n, 0, -block):
+            start = max(0, stop - block)
+            hits = np.flatnonzero(np.abs(flat[start:stop]) == v)
+            if seen + len(hits) >= dropped:
+                return TopK(float(v), budget, start + int(hits[len(hits) - (dropped - seen)]))
+            seen += len(hits)
     raise AssertionError("fewer ties than counted")  # pragma: no cover
 
 
@@ -207,42 +220,70 @@ def consensus_merge_chunked(
     out: torch.Tensor,
     chunk: int = 1 << 18,
 ) -> torch.Tensor:
-    """Trim (by threshold or mask), weight, elect signs and disjoint-merge, one cache-sized chunk at a time.
+    """Trim (by threshold), weight, elect signs and disjoint-merge, one cache-sized chunk at a time.
 
     ``rules[i]`` trims model i (None: no trim); tied entries at a threshold are kept up to the
-    rule's cutoff position, so the result equals :func:`magnitude_mask`.  Numerically the
-    same steps as masking whole tensors then calling :func:`elect_sign`
-    and :func:`disjoint_merge` (the sum over models is taken on a stacked chunk, in model
-    order), but every intermediate stays in cache.  Writes the merged delta into ``out``.
+    rule's cutoff position, so the result equals :func:`magnitude_mask`.  Bitwise the same steps
+    as masking whole tensors then calling :func:`elect_sign` and :func:`disjoint_merge` (sign
+    total by ``sum(dim=0)`` on the stacked chunk, merged sum and divisor accumulated in model
+    order), but every intermediate stays in cache and each step is one op on the chunk: the trim
+    is ``hardshrink`` at the threshold's float predecessor (keeps ``|x| >= v``) or at ``v``
+    itself (keeps ``|x| > v``, after the tie cutoff), the elected sign a ``copysign`` (a
+    total of +0 elects +1, as :func:`elect_sign`; -0 only arises when every entry is zero,
+    where no entry agrees either way).  Writes the merged delta into ``out``.
     """
+    import numpy as np
+
     flat = [d.reshape(-1) for d in deltas]
     res = out.reshape(-1)
-    n = res.numel()
-    w = torch.tensor(weights, dtype=out.dtype)
+    n, t = res.numel(), len(flat)
+    if n == 0:
+        return out
+    np_dtype = np.float64 if out.dtype == torch.float64 else np.float32
+    # hardshrink(x, lam) keeps |x| > lam: the predecessor of v keeps |x| >= v
+    at_least = [None if r is None else float(np.nextafter(np_dtype(r.v), np_dtype(-np.inf))) for r in rules]
     scale = any(x != 1 for x in weights)
-    stack = torch.empty((len(flat), min(chunk, n)), dtype=out.dtype, device=out.device)
+    c = min(chunk, n)
+    stack = torch.empty((t, c), dtype=out.dtype, device=out.device)
+    agree = torch.empty_like(stack)
+    total = torch.empty(c, dtype=out.dtype, device=out.device)
+    divisor = torch.empty(c, dtype=out.dtype, device=out.device) if normalize else None
+    ones = torch.ones(c, dtype=out.dtype, device=out.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        st = stack[:, : stop - start]
+        m = stop - start
+        st, ag, tot, r = stack[:, :m], agree[:, :m], total[:m], res[start:stop]
         for i, d in enumerate(flat):
-            dc = d[start:stop]
-            rule = rules[i]
+            dc, rule = d[start:stop], rules[i]
+            cut = m if rule is None or rule.cutoff is None else min(max(rule.cutoff - start, 0), m)
             if rule is None:
                 st[i].copy_(dc)
-            else:  # |x| > v, plus the ties at v before the cutoff position (all of them when cutoff is None)
-                mag = dc.abs()
-                cut = stop - start if rule.cutoff is None else min(max(rule.cutoff - start, 0), stop - start)
-                if cut == stop - start:
-                    keep = mag.ge_(rule.v)
-                elif cut == 0:
-                    keep = mag.gt_(rule.v)
-                else:
-                    keep = mag.clone().gt_(rule.v)
-                    keep[:cut] = mag[:cut].ge_(rule.v)
-                torch.mul(dc, keep, out=st[i])
+            elif cut == m:
+                torch.ops.aten.hardshrink.out(dc, at_least[i], out=st[i])
+            elif cut == 0:
+                torch.ops.aten.hardshrink.out(dc, rule.v, out=st[i])
+            else:
+                torch.ops.aten.hardshrink.out(dc[:cut], at_least[i], out=st[i, :cut])
+                torch.ops.aten.hardshrink.out(dc[cut:], rule.v, out=st[i, cut:])
             if scale:
                 st[i].mul_(weights[i])
-        disjoint_merge(st, w, elect_sign(st, "sum"), normalize, out=res[start:stop])
+        torch.sum(st, 0, out=tot)
+        torch.copysign(ones[:m], tot, out=tot)  # the elected sign, +-1
+        torch.mul(st, tot, out=ag).gt_(0)  # 1.0 where a model agrees with it (zeros never do)
+        st.mul_(ag)
+        r.copy_(st[0])
+        for i in range(1, t):
+            r.add_(st[i])
+        if divisor is not None:
+            dv = divisor[:m]
+            torch.mul(ag[0], weights[0], out=dv)
+            for i in range(1, t):
+                dv.add_(ag[i], alpha=weights[i])
+            if all(x > 0 for x in weights):  # dv is 0 exactly where nothing agrees (r is 0 there)
+                dv.clamp_(min=min(weights))
+            else:
+                dv[dv == 0] = 1
+            r.div_(dv)
     return out
 
 
