@@ -180,7 +180,7 @@ def main() -> None:
         if args.skip_mergekit:
             del tools["mergekit 0.1.5"]
         if args.baseline_src is not None:
-            runner = f"import sys; sys.path.insert(0, {str(args.baseline_src)!r}); from submerge.cli import main; main()"
+            runner = f"import sys; sys.path.insert(0, {str(args.baseline_src)!r}); from submerge.cli import run; run()"
             tools["submerge (baseline)"] = lambda out: [sys.executable, "-c", runner, "merge", str(cfg_path), str(out),
                                                         "-q", "--overwrite", "--random-seed", "0"]
         if method == "task_arithmetic":

@@ -219,6 +219,8 @@ def consensus_merge_chunked(
     normalize: bool,
     out: torch.Tensor,
     chunk: int = 1 << 18,
+    scale: float = 1.0,
+    add: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Trim (by threshold), weight, elect signs and disjoint-merge, one cache-sized chunk at a time.
 
@@ -230,7 +232,8 @@ def consensus_merge_chunked(
     is ``hardshrink`` at the threshold's float predecessor (keeps ``|x| >= v``) or at ``v``
     itself (keeps ``|x| > v``, after the tie cutoff), the elected sign a ``copysign`` (a
     total of +0 elects +1, as :func:`elect_sign`; -0 only arises when every entry is zero,
-    where no entry agrees either way).  Writes the merged delta into ``out``.
+    where no entry agrees either way).  Writes the merged delta, times ``scale``, plus ``add`` (the
+    base, when given) into ``out``.
     """
     import numpy as np
 
@@ -242,7 +245,8 @@ def consensus_merge_chunked(
     np_dtype = np.float64 if out.dtype == torch.float64 else np.float32
     # hardshrink(x, lam) keeps |x| > lam: the predecessor of v keeps |x| >= v
     at_least = [None if r is None else float(np.nextafter(np_dtype(r.v), np_dtype(-np.inf))) for r in rules]
-    scale = any(x != 1 for x in weights)
+    weighted = any(x != 1 for x in weights)
+    plus = None if add is None else add.reshape(-1)
     c = min(chunk, n)
     stack = torch.empty((t, c), dtype=out.dtype, device=out.device)
     agree = torch.empty_like(stack)
@@ -265,7 +269,7 @@ def consensus_merge_chunked(
             else:
                 torch.ops.aten.hardshrink.out(dc[:cut], at_least[i], out=st[i, :cut])
                 torch.ops.aten.hardshrink.out(dc[cut:], rule.v, out=st[i, cut:])
-            if scale:
+            if weighted:
                 st[i].mul_(weights[i])
         torch.sum(st, 0, out=tot)
         torch.copysign(ones[:m], tot, out=tot)  # the elected sign, +-1
@@ -284,6 +288,10 @@ def consensus_merge_chunked(
             else:
                 dv[dv == 0] = 1
             r.div_(dv)
+        if scale != 1:
+            r.mul_(scale)
+        if plus is not None:
+            r.add_(plus[start:stop])
     return out
 
 

@@ -127,35 +127,29 @@ def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[
     """TIES on CPU in float32/64: trim thresholds per model, then one chunked fused pass.
 
     Same result as the general path (tested), without [N, ...] temporaries: the inputs
-    become their task vectors in place, and trimming, weighting, sign election and
-    the disjoint merge run chunk by chunk in cache.
+    become their task vectors in place, and trimming, weighting, sign election, the
+    disjoint merge, the scale and the base add run chunk by chunk in cache.
     """
     base = ctx.base
-    deltas, rules, pending = [], [], []
-    for i in range(len(ctx.tensors)):
-        d = ctx.tensors[i].sub_(base)
-        ctx.tensors[i] = None
-        deltas.append(d)
+    tensors = list(ctx.tensors)
+    ctx.tensors[:] = [None] * len(tensors)
+
+    def rule_of(i: int) -> Optional[kernels.TopK]:
+        tensors[i].sub_(base)  # the input becomes its task vector
         if global_thresholds is not None:
-            rules.append(kernels.TopK(global_thresholds[i]))
-        elif sparsify is None or density[i] >= 1:
-            rules.append(None)
-        elif density[i] <= 0:
-            rules.append(kernels.TopK(float("inf")))
-        else:
-            rules.append(None)
-            pending.append(i)
-    # each model's threshold is an independent selection: run them side by side (numpy's introselect
-    # releases the GIL), one per core
-    for i, rule in zip(pending, kernels.parallel_map(lambda i: kernels.magnitude_threshold(deltas[i], density[i]),
-                                                     pending, sizes=[deltas[i].numel() for i in pending])):
-        rules[i] = rule
-    out = torch.empty_like(base)
-    kernels.consensus_merge_chunked(deltas, rules, weight, normalize, out)
-    del deltas
-    if lambda_ != 1:
-        out.mul_(lambda_)
-    return out.add_(base)
+            return kernels.TopK(global_thresholds[i])
+        if sparsify is None or density[i] >= 1:
+            return None
+        if density[i] <= 0:
+            return kernels.TopK(float("inf"))
+        return kernels.magnitude_threshold(tensors[i], density[i])
+
+    # each model's task vector and threshold are independent (numpy's introselect releases the GIL):
+    # side by side, one per core
+    rules = kernels.parallel_map(rule_of, range(len(tensors)), sizes=[t.numel() for t in tensors],
+                                 min_size=1 << 18)
+    return kernels.consensus_merge_chunked(tensors, rules, weight, normalize, torch.empty_like(base),
+                                           scale=lambda_, add=base)
 
 
 def _weighted_sum_streaming(ctx: TensorContext, weight: list[float], lambda_: float,
