@@ -5,6 +5,7 @@ Quality numbers come from `submerge bench`, not from here: this only checks the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -147,8 +148,18 @@ def test_user_task_and_user_backbone(tmp_path):
 
 
 def test_tiny_end_to_end_data_based_methods(tmp_path):
-    """ESM / RegMean / TSV-M rows: calibration statistics from the experts, scales chosen on val."""
+    """ESM / RegMean / TSV-M rows: calibration statistics from the experts, scales chosen on val; then the
+    same rows from `bench --backend ray`."""
     _need_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray actor below (1 CPU): float reductions depend on the thread count
+    try:
+        _data_based_rows_local_and_on_ray(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _data_based_rows_local_and_on_ray(tmp_path):
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"],
                       methods=["esm", "esm_pp", "fisher", "posterior", "regmean", "tsv"],
                       n_train=32, n_val=16, n_test=32, calib_n=8, fisher_n=4, cache_dir=str(tmp_path / "cache"),
@@ -179,6 +190,27 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     # every row is compared with TSV-M (the strongest static baseline), not only with task arithmetic
     assert "esm (val-tuned) - tsv (val-tuned)" in res["comparisons"]
     assert "regmean - tsv (val-tuned)" in res["comparisons"]
+    # `bench --backend ray`: the same rows from Ray actors holding the session's experts and statistics
+    # (ESM++ in ESM's call), whatever order the methods finish in; only the timings differ
+    pytest.importorskip("ray")
+    shutil.rmtree(tmp_path / "cache" / "bench-rows")  # nothing kept from the local run but experts and scores
+    ray_cfg = dataclasses.replace(cfg, methods=["fisher", "regmean"])  # Fisher and calibration statistics
+    on_ray = run_bench(tmp_path / "out-ray", ray_cfg, backend="ray", actors=2)
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "ms_per_example", "static_ms_per_example")}
+                for r in rows if r["method"] in ray_cfg.methods]
+
+    assert len(on_ray["rows"]) == 2 and untimed(on_ray["rows"]) == untimed(res["rows"])
+    pe, pe_ray = res["per_example"]["rows"], on_ray["per_example"]["rows"]
+    assert pe_ray == {label: pe[label] for label in pe_ray}
+
+
+def test_ray_calls_keep_esm_pp_with_esm():
+    from submerge.bench.parallel import units_of
+
+    assert units_of(["ties", "esm", "regmean", "esm_pp"]) == [["ties"], ["esm", "esm_pp"], ["regmean"]]
+    assert units_of(["esm_pp", "tsv"]) == [["esm_pp"], ["tsv"]]  # ESM cached: ESM++ searches ESM itself
 
 
 def test_pareto_tiny_end_to_end(tmp_path):

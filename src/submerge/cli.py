@@ -349,11 +349,17 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--search", type=click.Choice(["full", "coarse"]), default=None,
               help="Scale search of the alpha methods: the papers' grids / golden section (full), or about 6 points "
                    "(coarse, the --quick default).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the method rows are computed: here, or on Ray actors (the same rows).")
+@click.option("--address", default=None, help="With --backend ray: a running cluster (host:port or auto); "
+                                               "default: start a local one.")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --backend ray: how many actors (default: one per CPU of the cluster).")
 @click.option("--quiet", "-q", is_flag=True)
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
           n_test: Optional[int], experts: Optional[str], multitask: Optional[bool], search: Optional[str],
-          quiet: bool) -> None:
+          backend: str, address: Optional[str], actors: Optional[int], quiet: bool) -> None:
     """Fine-tune experts on real tasks, merge them with every method, write tables and plots.
 
     Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
@@ -369,7 +375,7 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     try:
-        run_bench(out_dir, cfg)
+        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors)
     except SubmergeError as e:
         _fail(e)
 

@@ -157,7 +157,10 @@ class BenchSession:
     number comes from the same protocol.
     """
 
-    def __init__(self, cfg: Optional[BenchConfig] = None):
+    def __init__(self, cfg: Optional[BenchConfig] = None, shared: Optional[dict] = None):
+        """``shared``: what :meth:`share` returned in another process (a Ray actor of ``bench --backend
+        ray``): its experts, reference scores and statistics are taken as they are, nothing is fine-tuned
+        or scored again."""
         cfg = self.cfg = cfg or BenchConfig()
         self.t_start = time.perf_counter()
         self.cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
@@ -181,14 +184,17 @@ class BenchSession:
                     f"{got[0]}/{got[1]}/{got[2]} instead of {cfg.n_train}/{cfg.n_val}/{cfg.n_test}")
         self.heads = {t.name: bb.head(t.class_prompts()) for t in self.tasks}
         bb.reset()
-        self._scores: dict = {}
+        self._scores: dict = dict(shared["scores"]) if shared else {}
         self.zs_val = self.reference_scores("zeroshot", "val")
         say("zero-shot val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_val.items()))
         self.warnings += zero_shot_warnings(self.zs_val, {t.name: self.splits[t.name].val[1] for t in self.tasks})
         for w in self.warnings:
             say(f"warning: {w}")
         self.experts, self.ft_logs, self.expert_keys = [], {}, []
-        for i, t in enumerate(self.tasks):
+        if shared:
+            self.experts, self.expert_keys = list(shared["experts"]), list(shared["expert_keys"])
+            self.ft_logs = dict(shared["ft_logs"])
+        for i, t in enumerate(self.tasks if not shared else ()):
             state, info = self.train_expert(t, cfg.seed)
             self.experts.append(state)
             self.expert_keys.append(self.expert_key(t, cfg.seed))
@@ -200,7 +206,15 @@ class BenchSession:
         say("fine-tuned val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
         self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}
         self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
-        self._stats: dict = {}
+        self._stats: dict = dict(shared["stats"]) if shared else {}
+
+    def share(self) -> dict:
+        """What another process needs to score methods exactly as this session does (see ``shared``):
+        the experts, the reference scores a method row reads (the experts' val and test scores), the
+        statistics computed so far."""
+        self.ft_test  # noqa: B018  (computed now, so the copy carries it)
+        return {"experts": self.experts, "expert_keys": self.expert_keys, "ft_logs": self.ft_logs,
+                "scores": dict(self._scores), "stats": dict(self._stats)}
 
     def clock(self) -> str:
         """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
@@ -488,12 +502,74 @@ def _search_kwargs(cfg: BenchConfig, m) -> dict:
     return auto_search_kwargs(m, cfg.lambda_grid)
 
 
-def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
+def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optional[tuple[list[dict], dict]]:
+    """One method's rows and per-example test correctness: its scale searched on val (default and
+    val-tuned rows), each distinct model scored on test once; None when the method does not apply.
+    ``searched`` carries ESM's search to the ESM++ rows that follow it."""
     from submerge.search import search_alpha
 
+    m = get_method(method)
+    params = _params(method)
+    cfg = S.cfg
+    t0 = time.perf_counter()
+    settings, rows, test_correct = [], [], {}
+    if method == "esm_pp":
+        rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
+        return rows, test_correct
+    try:
+        if m.scale_param is None:
+            merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
+            settings.append(("default", params, merged, None, None))
+        else:
+            found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
+                                 random_seed=cfg.seed, **_search_kwargs(cfg, m))
+            if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
+                searched[method] = found
+            default = m.param(m.scale_param).default
+            settings.append(("default", params, found.path(default, copy=True), default, None))
+            settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
+                             found.curve))
+    except ConfigError as e:
+        S.say(f"skip {method}: {e}")
+        return None
+    seconds = time.perf_counter() - t0
+    done: dict = {}
+    for setting, p, state, alpha, curve in settings:
+        label = f"{method} ({setting})" if len(settings) > 1 else method
+        # the val-tuned scale can be the default one: the same model is scored once
+        t_eval = time.perf_counter()
+        row, res = S.test_row(method, setting, p, state, alpha, seconds, curve, label, res=done.get(alpha))
+        if method == "esm" and setting == "val-tuned" and alpha not in done:
+            searched["esm_static_test"] = (res, time.perf_counter() - t_eval)  # ESM++'s static reference
+        done[alpha] = res
+        test_correct[label] = res
+        rows.append(row)
+        S.say(f"{label:34s} scale {'-' if alpha is None else format(alpha, '.3g'):>5s}  "
+              f"avg abs {100 * row['avg_abs']:.1f}  norm {100 * row['avg_norm']:.1f}")
+    return rows, test_correct
+
+
+def _stats_for(S: BenchSession, method: str):
+    m = get_method(method)
+    if not m.uses_stats(_params(method)):
+        return None
+    return S.fisher() if m.stats_kind == "fisher" else S.calibration()
+
+
+def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
+              address: Optional[str] = None, actors: Optional[int] = None) -> dict:
+    """Run the benchmark into ``out_dir``.  ``backend="ray"`` computes the method rows on Ray actors
+    (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
+    holding the session's experts and statistics from the object store; the rows are the local ones."""
     cfg = cfg or BenchConfig()
     out_dir = Path(out_dir)
     check_output_target(out_dir, what="results folder")
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
+    if backend == "ray":
+        from submerge.tune.backends import check_ray_address
+
+        check_ray_address(address)
     out_dir.mkdir(parents=True, exist_ok=True)
     S = BenchSession(cfg)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
@@ -503,73 +579,51 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None) -> dict:
     # (Fisher and calibration statistics alive together made the peak of a quick run)
     kind = {n: get_method(n).stats_kind if get_method(n).uses_stats(_params(n)) else "" for n in methods}
     methods.sort(key=lambda n: {"": 0, "fisher": 1}.get(kind[n], 2))
-    searched: dict[str, object] = {}
     t_methods = time.perf_counter()
-    say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}")
-    # statistics (Fisher, calibration) are dropped after the last method that reads them
-    last_use = {kind[n]: i for i, n in enumerate(methods) if kind[n]}
+    say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
+        + (" (on Ray)" if backend == "ray" else ""))
     done_rows = _RowCache(S, cfg)
-    for i, method in enumerate(methods):
-        m = get_method(method)
-        params = _params(method)
+    found_rows: dict[str, Optional[tuple[list[dict], dict]]] = {}
+    for method in methods:
         hit = done_rows.get(method)
         if hit is not None:  # a killed run's finished methods are not redone
-            rows += hit[0]
-            test_correct.update(hit[1])
-            say(f"[{S.clock()}] {i + 1}/{len(methods)} methods done ({method}: rows kept from an earlier run "
-                f"with the same settings)")
-            continue
-        n_rows = len(rows)
-        stats = None
-        if m.uses_stats(params):
-            stats = S.fisher() if m.stats_kind == "fisher" else S.calibration()
-            if last_use.get(m.stats_kind) == i:
-                S.drop_stats(m.stats_kind)
-        t0 = time.perf_counter()
-        settings = []
-        if method == "esm_pp":
-            rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
-        else:
-            try:
-                if m.scale_param is None:
-                    merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
-                    settings.append(("default", params, merged, None, None))
-                else:
-                    found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
-                                         random_seed=cfg.seed, **_search_kwargs(cfg, m))
-                    if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
-                        searched[method] = found
-                    default = m.param(m.scale_param).default
-                    settings.append(("default", params, found.path(default, copy=True), default, None))
-                    settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
-                                     found.curve))
-            except ConfigError as e:
-                say(f"skip {method}: {e}")
-                continue
-        seconds = time.perf_counter() - t0
-        done: dict = {}
-        for setting, p, state, alpha, curve in settings:
-            label = f"{method} ({setting})" if len(settings) > 1 else method
-            # the val-tuned scale can be the default one: the same model is scored once
-            t_eval = time.perf_counter()
-            row, res = S.test_row(method, setting, p, state, alpha, seconds, curve, label, res=done.get(alpha))
-            if method == "esm" and setting == "val-tuned" and alpha not in done:
-                searched["esm_static_test"] = (res, time.perf_counter() - t_eval)  # ESM++'s static reference
-            done[alpha] = res
-            test_correct[label] = res
-            rows.append(row)
-            say(f"{label:34s} scale {'-' if alpha is None else format(alpha, '.3g'):>5s}  "
-                f"avg abs {100 * row['avg_abs']:.1f}  norm {100 * row['avg_norm']:.1f}")
-        done_rows.put(method, rows[n_rows:], test_correct)
-        # a search holds three model-sized buffers, a merge one: release them before the next method
-        # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
-        del settings, done
-        found = merged = None  # noqa: F841
-        release_memory()
+            found_rows[method] = hit
+            say(f"{method}: rows kept from an earlier run with the same settings")
+    todo = [n for n in methods if n not in found_rows]
+
+    def finished(method: str, got, seconds: float) -> None:
+        found_rows[method] = got
+        if got is not None:
+            done_rows.put(method, *got)
+        n_done = sum(n in found_rows for n in methods)
         spent = time.perf_counter() - t_methods
-        left = spent / (i + 1) * (len(methods) - i - 1)
-        say(f"[{S.clock()}] {i + 1}/{len(methods)} methods done ({method}: {time.perf_counter() - t0:.0f}s)"
+        left = spent / max(1, n_done - (len(methods) - len(todo))) * (len(methods) - n_done)
+        say(f"[{S.clock()}] {n_done}/{len(methods)} methods done ({method}: {seconds:.0f}s)"
             + (f", about {left / 60:.0f} min left" if left > 0 else ""))
+
+    if backend == "ray" and todo:
+        from submerge.bench.parallel import ray_method_rows
+
+        ray_method_rows(S, todo, finished, address=address, actors=actors)
+    else:
+        # statistics (Fisher, calibration) are dropped after the last method that reads them
+        last_use = {kind[n]: i for i, n in enumerate(todo) if kind[n]}
+        searched: dict[str, object] = {}
+        for i, method in enumerate(todo):
+            t0 = time.perf_counter()
+            stats = _stats_for(S, method)
+            if stats is not None and last_use.get(kind[method]) == i:
+                S.drop_stats(kind[method])
+            got = _method_rows(S, method, stats, searched)
+            # a search holds three model-sized buffers, a merge one: release them before the next method
+            # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
+            stats = None
+            release_memory()
+            finished(method, got, time.perf_counter() - t0)
+    for method in methods:  # the table keeps the method order whatever order the rows finished in
+        if found_rows.get(method) is not None:
+            rows += found_rows[method][0]
+            test_correct.update(found_rows[method][1])
     if cfg.multitask:
         t0 = time.perf_counter()
         weights = [1.0 / len(tasks)] * len(tasks)

@@ -102,6 +102,7 @@ class RayBackend:
         self.n_actors = actors or max(1, cpus // cpus_per_actor)
         self.max_restarts = max_restarts
         self.actors: list = []
+        self._refs: Optional[tuple] = None
         log.info("ray: %d CPU(s), %d GPU(s), %d actor(s)", cpus, self.gpus, self.n_actors)
 
     def compute_stats(self, jobs: Sequence[Callable[[], Any]]) -> list:
@@ -116,10 +117,21 @@ class RayBackend:
         args["experts"] = ray.put(args["experts"])
         # held for the whole sweep: an actor that Ray restarts fetches them again
         self._refs = (args["base"], args["experts"])
-        actor_cls = ray.remote(_RayWorker).options(num_cpus=self.cpus_per_actor,
-                                                   num_gpus=0, max_restarts=self.max_restarts,
-                                                   max_task_retries=self.max_restarts)
-        self.actors = [actor_cls.remote(args, self.cpus_per_actor) for _ in range(self.n_actors)]
+        self.start_actors(_RayWorker, args, self.cpus_per_actor)
+
+    def put(self, value: Any):
+        """``value`` in the object store, held until :meth:`close` (a restarted actor fetches it again)."""
+        ref = self.ray.put(value)
+        self._refs = (*(self._refs or ()), ref)
+        return ref
+
+    def start_actors(self, actor_class: type, *args: Any) -> None:
+        """``n_actors`` actors of ``actor_class`` (object refs among ``args`` arrive resolved), restarted by
+        Ray when they die, their calls retried."""
+        actor_cls = self.ray.remote(actor_class).options(num_cpus=self.cpus_per_actor, num_gpus=0,
+                                                          max_restarts=self.max_restarts,
+                                                          max_task_retries=self.max_restarts)
+        self.actors = [actor_cls.remote(*args) for _ in range(self.n_actors)]
 
     def expert_scores(self) -> dict[str, float]:
         scores = self.ray.get(self.actors[0].score_experts.remote())
@@ -129,25 +141,36 @@ class RayBackend:
     def run(self, candidates: Sequence, on_result: Callable) -> None:
         from submerge.tune.worker import CandidateResult
 
+        def failed(cand, e: Exception):  # the actor died more often than Ray may restart it
+            return CandidateResult(cand.index, cand.label,
+                                   error=f"candidate {cand.label}: its Ray worker failed "
+                                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+        self.map_unordered(candidates, lambda cand, result: on_result(result),
+                           lambda cand, e: on_result(failed(cand, e)))
+
+    def map_unordered(self, items: Sequence, on_result: Callable[[Any, Any], None],
+                      on_error: Callable[[Any, Exception], None]) -> None:
+        """``actor.run(item)`` for every item, one per free actor, gathered as they finish (``ray.wait``):
+        ``on_result(item, result)``, or ``on_error(item, exception)`` when its call failed for good."""
         ray = self.ray
-        queue = list(candidates)
-        busy: dict = {}  # object ref -> (actor, candidate)
+        queue = list(items)
+        busy: dict = {}  # object ref -> (actor, item)
         free = list(self.actors)
         while queue or busy:
             while queue and free:
-                actor, cand = free.pop(0), queue.pop(0)
-                busy[actor.run.remote(cand)] = (actor, cand)
+                actor, item = free.pop(0), queue.pop(0)
+                busy[actor.run.remote(item)] = (actor, item)
             done, _ = ray.wait(list(busy), num_returns=1)
             ref = done[0]
-            actor, cand = busy.pop(ref)
+            actor, item = busy.pop(ref)
+            free.append(actor)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayError as e:  # the actor died more often than Ray may restart it
-                result = CandidateResult(cand.index, cand.label,
-                                         error=f"candidate {cand.label}: its Ray worker failed "
-                                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            free.append(actor)
-            on_result(result)
+            except ray.exceptions.RayError as e:
+                on_error(item, e)
+            else:
+                on_result(item, result)
 
     def close(self) -> None:
         for a in self.actors:

@@ -1,0 +1,87 @@
+"""``submerge bench --backend ray``: the benchmark's method rows on Ray actors.
+
+The driver's :class:`~submerge.bench.runner.BenchSession` fine-tunes (or loads) the experts, scores the
+references and computes the statistics the methods read; all of it goes into the object store once
+(:meth:`~submerge.bench.runner.BenchSession.share`).  Each actor rebuilds a session from it (the backbone
+and the task data from the same packages, nothing fine-tuned or scored again) and computes whole methods
+(:func:`~submerge.bench.runner._method_rows`, the code the local run uses), so the rows are the local rows.
+ESM++ runs in the same call as ESM (its experts sit on ESM's val-tuned merge).  Methods finish in any
+order; each is cached as it arrives (a stopped run resumes), and the table keeps the method order.
+Scheduling, restarts and retries are Ray's (:class:`~submerge.tune.backends.RayBackend`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from submerge.errors import SubmergeError
+
+
+def units_of(methods: Sequence[str]) -> list[list[str]]:
+    """The calls: one per method, except that ESM++ follows ESM in ESM's call."""
+    units: list[list[str]] = []
+    for m in methods:
+        esm = next((u for u in units if u[0] == "esm"), None)
+        if m == "esm_pp" and esm is not None:
+            esm.append(m)
+        else:
+            units.append([m])
+    return units
+
+
+class _BenchActor:
+    """A benchmark session inside a Ray actor, built from the driver's shared state."""
+
+    def __init__(self, shared: dict, cfg, threads: int):
+        from submerge.bench.runner import BenchSession
+
+        torch.set_num_threads(max(1, threads))
+        self.S = BenchSession(dataclasses.replace(cfg, quiet=True), shared=shared)
+
+    def run(self, unit: list[str]) -> list[tuple[str, object, float]]:
+        from submerge.bench.runner import _method_rows, _stats_for, release_memory
+
+        searched: dict = {}
+        out = []
+        for method in unit:
+            t0 = time.perf_counter()
+            got = _method_rows(self.S, method, _stats_for(self.S, method), searched)
+            release_memory()
+            out.append((method, got, time.perf_counter() - t0))
+        return out
+
+
+def ray_method_rows(S, methods: Sequence[str], finished: Callable[[str, object, float], None],
+                    address: Optional[str] = None, actors: Optional[int] = None) -> None:
+    """Compute ``methods``' rows on Ray; ``finished(method, rows_or_None, seconds)`` as each arrives."""
+    from submerge.bench.runner import _stats_for
+    from submerge.tune.backends import RayBackend
+
+    units = units_of(methods)
+    for m in methods:  # every statistic once, here, before the actors start
+        _stats_for(S, m)
+    shared = S.share()
+    backend = RayBackend(address, actors=actors)
+    backend.n_actors = min(backend.n_actors, len(units))
+    S.say(f"ray: {backend.n_actors} actor(s) for {len(units)} call(s)")
+    failures: list[str] = []
+    try:
+        backend.start_actors(_BenchActor, backend.put(shared), S.cfg, backend.cpus_per_actor)
+
+        def on_result(unit, out) -> None:
+            for method, got, seconds in out:
+                finished(method, got, seconds)
+
+        def on_error(unit, e: Exception) -> None:
+            failures.append(f"{'+'.join(unit)}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+
+        backend.map_unordered(units, on_result, on_error)
+    finally:
+        backend.close()
+    if failures:
+        raise SubmergeError("on Ray, these methods failed (the others are kept; rerun to retry them): "
+                            + "; ".join(failures))
