@@ -171,23 +171,18 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     budget = k - int(np.count_nonzero(a[n - k:] > v))  # ties kept
     if budget == 0:
         return TopK(float(v), 0, 0)
-    # ties are kept in position order: the cutoff is the position of the first dropped tie
-    block = 1 << 18
-    if budget <= dropped:  # forward: just past the budget-th tie
-        seen = 0
-        for start in range(0, n, block):
-            hits = np.flatnonzero(np.abs(flat[start:start + block]) == v)
-            if seen + len(hits) >= budget:
-                return TopK(float(v), budget, start + int(hits[budget - seen - 1]) + 1)
-            seen += len(hits)
-    else:  # backward: at the dropped-th tie from the end
-        seen = 0
-        for stop in range(n, 0, -block):
-            start = max(0, stop - block)
-            hits = np.flatnonzero(np.abs(flat[start:stop]) == v)
-            if seen + len(hits) >= dropped:
-                return TopK(float(v), budget, start + int(hits[len(hits) - (dropped - seen)]))
-            seen += len(hits)
+    # ties are kept in position order: the cutoff is the position of the first dropped tie, found by
+    # counting tie positions block by block from the nearer end (forward: the budget-th tie; backward: the
+    # dropped-th from the end)
+    block, forward = 1 << 18, budget <= dropped
+    want, seen = budget if forward else dropped, 0
+    starts = range(0, n, block) if forward else range((n - 1) // block * block, -1, -block)
+    for start in starts:
+        hits = np.flatnonzero(np.abs(flat[start:start + block]) == v)
+        if seen + len(hits) >= want:
+            j = want - seen
+            return TopK(float(v), budget, start + int(hits[j - 1]) + 1 if forward else start + int(hits[-j]))
+        seen += len(hits)
     raise AssertionError("fewer ties than counted")  # pragma: no cover
 
 
@@ -283,11 +278,7 @@ def consensus_merge_chunked(
             torch.mul(ag[0], weights[0], out=dv)
             for i in range(1, t):
                 dv.add_(ag[i], alpha=weights[i])
-            if all(x > 0 for x in weights):  # dv is 0 exactly where nothing agrees (r is 0 there)
-                dv.clamp_(min=min(weights))
-            else:
-                dv[dv == 0] = 1
-            r.div_(dv)
+            r.div_(_nonzero_divisor_(dv, weights))
         if scale != 1:
             r.mul_(scale)
         if plus is not None:
@@ -406,13 +397,17 @@ def disjoint_merge(
         if divisor is not None:
             divisor.add_(agree, alpha=float(weights[i]))
     if divisor is not None:
-        if bool((weights > 0).all()):
-            # divisor is 0 exactly where nothing agrees (merged is 0 there): any positive value works
-            divisor.clamp_(min=float(weights.min()))
-        else:
-            divisor[divisor == 0] = 1
-        merged.div_(divisor)
+        merged.div_(_nonzero_divisor_(divisor, weights.tolist()))
     return merged
+
+
+def _nonzero_divisor_(divisor: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """The disjoint mean's divisor (agreeing weight per entry) made safe to divide by, in place: it is 0
+    exactly where nothing agrees (the merged sum is 0 there), so any nonzero value works."""
+    if all(w > 0 for w in weights):
+        return divisor.clamp_(min=min(weights))
+    divisor[divisor == 0] = 1
+    return divisor
 
 
 class StreamingKth:

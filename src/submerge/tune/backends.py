@@ -110,13 +110,10 @@ class RayBackend:
         return self.ray.get([remote.remote(fn) for fn in jobs])
 
     def start(self, worker_args: dict) -> None:
-        ray = self.ray
         args = dict(worker_args)
-        # the tensors go into the object store once; every actor receives them at start
-        args["base"] = ray.put(args["base"])
-        args["experts"] = ray.put(args["experts"])
-        # held for the whole sweep: an actor that Ray restarts fetches them again
-        self._refs = (args["base"], args["experts"])
+        # the tensors go into the object store once (held for the whole sweep); every actor receives them
+        args["base"] = self.put(args["base"])
+        args["experts"] = self.put(args["experts"])
         self.start_actors(_RayWorker, args, self.cpus_per_actor)
 
     def put(self, value: Any):
