@@ -54,7 +54,7 @@ def _run_counting_scorings(out, cfg):
 
 def test_tiny_end_to_end(tmp_path):
     _need_data()
-    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties"],
+    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties", "task_arithmetic+lines"],
                       n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0],
                       cache_dir=str(tmp_path / "cache"), quiet=True)
     res, n_first = _run_counting_scorings(tmp_path / "out", cfg)
@@ -63,7 +63,11 @@ def test_tiny_end_to_end(tmp_path):
         assert key in saved
     assert [r["label"] for r in saved["rows"]] == [
         "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)",
-        "multitask (joint fine-tuning)"]
+        "task_arithmetic+lines", "multitask (joint fine-tuning)"]
+    # LiNeS on task arithmetic: alpha by the authors' norm rule is exactly 1/T; beta on the val grid
+    lines_row = saved["rows"][4]
+    assert lines_row["params"]["lines"]["alpha"] == pytest.approx(0.5, rel=1e-6)
+    assert lines_row["alpha"] == lines_row["params"]["lines"]["beta"] and lines_row["alpha"] in (0.5, 1.0, 1.5, 2.0)
     mt = saved["rows"][-1]
     assert mt["reference"] == "multitask" and "reference" not in saved["rows"][0]
     assert saved["backbone"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -91,6 +95,7 @@ def test_tiny_end_to_end(tmp_path):
     assert saved["comparisons"]["ties (val-tuned) - task_arithmetic (val-tuned)"] == {"norm_diff": d, "ci95": [lo, hi]}
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| ties | val-tuned |" in md and "zero-shot" in md
+    assert "| task_arithmetic+lines | val-tuned |" in md and "`<method>+lines`: LiNeS" in md
     assert "| multitask † | joint fine-tuning |" in md and "sentence-transformers/all-MiniLM-L6-v2" in md
     # the reference scores (zero-shot, experts) are cached beside the experts: one file per task and split
     assert len(list((tmp_path / "cache" / "scores").glob("*.json"))) == 2 * 2 * 2

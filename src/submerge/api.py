@@ -152,6 +152,7 @@ def merge_state_dicts(
     stats: Optional[Sequence[Any]] = None,
     random_seed: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    lines: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with a registered method (no files).
 
@@ -162,9 +163,11 @@ def merge_state_dicts(
     are copied from the base.  Meant for search loops (benchmarks, scale selection).
     ``stats`` gives data-based methods (esm, regmean) one calibration source per model: a
     :class:`~submerge.calibrate.CalibrationStats` or a folder written by ``submerge calibrate``.
+    ``lines`` (``{"beta": b}`` or ``{"beta": b, "alpha": a}``, or a :class:`~submerge.methods.lines.Lines`)
+    rescales the merged update block by block (LiNeS, as the config's ``lines:``).
     """
     return merge_state_dicts_many(method, base, models, [parameters], model_parameters, stats=stats,
-                                  random_seed=random_seed, compute_dtype=compute_dtype)[0]
+                                  random_seed=random_seed, compute_dtype=compute_dtype, lines=lines)[0]
 
 
 def merge_state_dicts_many(
@@ -177,14 +180,20 @@ def merge_state_dicts_many(
     stats: Optional[Sequence[Any]] = None,
     random_seed: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    lines: Any = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Several merges of the same inputs that differ only in parameters the method's whole-model
-    ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set."""
+    ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set.  ``lines``:
+    LiNeS on each (see :func:`merge_state_dicts`; with ``alpha`` auto, each set gets its own)."""
     from submerge.calibrate import LazyStats, check_stats_kind, load_stats
+    from submerge.methods.lines import Lines
 
     m = get_method(method)
+    lines = Lines.of(lines)
     if m.needs_base and base is None:
         raise ConfigError(f"{m.name} needs a base model")
+    if lines is not None and not m.needs_base:
+        raise ConfigError(f"lines: LiNeS rescales a task-vector method's update; {m.name} makes none")
     if m.base_role == "input" and base is not None:
         models, base = [*models, base], None
         model_parameters = None if model_parameters is None else [*model_parameters, None]
@@ -228,5 +237,28 @@ def merge_state_dicts_many(
             tensors, b = read(name)
             gen = torch.Generator().manual_seed(tensor_seed(random_seed, name))
             merged = m(TensorContext(name, tensors, b, gen, state, stats=st), **kwargs)
-            out[name] = merged.to(value.dtype)
+            out[name] = merged if lines is not None else merged.to(value.dtype)
+    if lines is not None:
+        _apply_lines(lines, outs, base, models, float_names, compute_dtype)
     return outs
+
+
+def _apply_lines(lines, outs: list[dict[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
+                 models: Sequence[Mapping[str, torch.Tensor]], names: list[str], compute_dtype) -> None:
+    """LiNeS on merged state dicts (tensors in the compute dtype, cast to the base's dtype here)."""
+    from submerge.methods import lines as L
+
+    depths, _ = L.block_depths(names)
+    sum_sq = 0.0
+    if lines.alpha is None:
+        for name in names:
+            b = base[name].to(compute_dtype)
+            sum_sq += L.squared_norm(sum(sd[name].to(compute_dtype) - b for sd in models))
+    for out in outs:
+        alpha = lines.alpha
+        if alpha is None:
+            update_sq = sum(L.squared_norm(out[n] - base[n].to(compute_dtype)) for n in names)
+            alpha = L.auto_alpha(sum_sq, update_sq, len(models))
+        for n in names:
+            b = base[n].to(compute_dtype)
+            out[n] = L.rescale_(out[n], b, L.scale_of(depths[n], alpha, lines.beta)).to(base[n].dtype)

@@ -129,6 +129,20 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "hal
                   "float": "float32", "fp64": "float64", "double": "float64"}
 
 
+class LinesConfig(_Strict):
+    """LiNeS post-processing (``submerge.methods.lines``): block ℓ's update scaled by alpha + beta·ℓ/(L−1)."""
+
+    beta: float
+    alpha: Union[float, str] = "auto"
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: Union[float, str]) -> Union[float, str]:
+        if isinstance(v, str) and v != "auto":
+            raise ValueError(f"alpha must be a number or 'auto', got {v!r}")
+        return v
+
+
 class MergeConfig(_Strict):
     """A merge: ``merge_method`` over ``models`` (or ``slices``), optionally with a ``base_model``."""
 
@@ -142,6 +156,7 @@ class MergeConfig(_Strict):
     tokenizer_source: Optional[str] = None
     tokenizer: Optional[TokenizerConfig] = None
     chat_template: Optional[str] = None  # a template name (chatml, llama3, mistral, alpaca), "auto" or a template
+    lines: Optional[LinesConfig] = None  # LiNeS layer scaling of the merged update (task-vector methods)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -116,6 +116,12 @@ class Executor:
         self._read_pool: Optional[ThreadPoolExecutor] = None
         self._scratch: Optional[Path] = None  # spill folder of two-pass methods, inside the temp output
         self._uses_stats = plan.method.uses_stats(plan.global_params)
+        self._lines = None
+        if cfg.lines is not None:
+            from submerge.methods.lines import Lines
+
+            self._lines = Lines.of(cfg.lines.model_dump())
+        self._lines_scales: dict[str, float] = {}  # per output tensor, LiNeS' scale of the update
         if plan.method.randomized and self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little")
             plan.notes.append(f"no --random-seed given; drew seed {self.seed} (recorded for reproducibility)")
@@ -200,7 +206,10 @@ class Executor:
         return LazyStats([(r, name) for r, (_, name) in zip(readers, job.inputs)])
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
-                     state, stats: Optional[list] = None) -> torch.Tensor:
+                     state, stats: Optional[list] = None, rescale: bool = True) -> torch.Tensor:
+        """One output tensor by the method (then LiNeS' scale of its update, unless ``rescale`` is False)."""
+        lines_scale = self._lines_scales.get(job.out_name) if rescale else None
+        base_keep = base.clone() if lines_scale is not None and lines_scale != 1 else None
         gen_device = self.device if self.device.type != "mps" else torch.device("cpu")
         generator = torch.Generator(device=gen_device)
         if self.seed is not None:
@@ -222,7 +231,35 @@ class Executor:
                 f"{self.plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
                 f"expected {list(job.shape)}"
             )
+        if base_keep is not None:
+            from submerge.methods.lines import rescale_
+
+            out = rescale_(out, base_keep, lines_scale)
         return out
+
+    def _lines_schedule(self, state) -> dict[str, float]:
+        """LiNeS' scale per merged tensor; with ``alpha: auto`` one streamed pass first merges every tensor
+        for the norms of the summed task vectors and of the method's update (nothing is kept)."""
+        from submerge.methods import lines as L
+
+        jobs = [j for j in self.plan.jobs if j.copy_from is None]
+        depths, n_blocks = L.block_depths(j.out_name for j in jobs)
+        alpha = self._lines.alpha
+        if alpha is None:
+            sum_sq = update_sq = 0.0
+            for job, (tensors, base) in self._iter_loaded(jobs):
+                acc = torch.zeros_like(base)
+                for t in tensors:
+                    acc.add_(t).sub_(base)
+                sum_sq += L.squared_norm(acc)
+                acc.copy_(base)
+                merged = self.merge_tensor(job, tensors, base, state, self._stats(job), rescale=False)
+                update_sq += L.squared_norm(merged.sub_(acc))
+                del tensors, base, merged, acc
+            alpha = L.auto_alpha(sum_sq, update_sq, len(jobs[0].inputs) if jobs else 1)
+        self.plan.notes.append(self._lines.describe(alpha, n_blocks))
+        log.info("%s", self.plan.notes[-1])
+        return {name: L.scale_of(d, alpha, self._lines.beta) for name, d in depths.items()}
 
     def run(self, out_dir: Path, inputs: Sequence[Path] = (),
             finish: Optional[Callable[[Path], None]] = None) -> MergeResult:
@@ -283,6 +320,8 @@ class Executor:
         bytes_read = 0
         self._scratch = tmp / ".scratch"
         state = self._prepare()
+        if self._lines is not None:
+            self._lines_scales = self._lines_schedule(state)
         side = (plan.method.sidecar(plan.global_params, [k for k, _ in plan.jobs[0].inputs])
                 if plan.method.sidecar is not None and plan.jobs else None)
         total = plan.input_bytes()

@@ -201,6 +201,12 @@ class Planner:
         c = self.config
         m = self.method
         self._check_parameter_names()
+        if c.lines is not None:
+            if not m.needs_base:
+                raise ConfigError(f"lines: LiNeS rescales the update a task-vector method makes to the base_model; "
+                                  f"{m.name} makes none (use it with task_arithmetic, ties, tsv, iso_cts, esm, ...)")
+            if c.slices is not None:
+                raise ConfigError("lines: LiNeS scales one stack of blocks; use 'models', not 'slices'")
         keys = c.referenced_models()
         if c.tokenizer is not None:
             if c.tokenizer.source not in ("union", "base", *keys):
@@ -217,7 +223,12 @@ class Planner:
         try:
             for key in keys:
                 models[key] = open_checkpoint(paths[key], key)
-            return self._plan(models)
+            plan = self._plan(models)
+            if c.lines is not None:  # a model without a numbered block stack is refused before any tensor is read
+                from submerge.methods.lines import block_depths
+
+                block_depths(j.out_name for j in plan.jobs if j.copy_from is None)
+            return plan
         except Exception:
             for ckpt in models.values():
                 ckpt.close()

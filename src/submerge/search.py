@@ -45,6 +45,7 @@ class SearchResult:
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     path: Optional["AffinePath"] = field(repr=False, default=None)  # any other scale: path(a, copy=True)
     eval_order: list[float] = field(repr=False, default_factory=list)  # the scales in the order scored
+    lines_alpha: Optional[float] = None  # with LiNeS: its alpha (then ``alpha`` above is LiNeS' beta)
 
     @property
     def evaluations(self) -> int:
@@ -146,6 +147,7 @@ def search_alpha(
     extend: bool = True,
     max_evals: int = 60,
     random_seed: int = 0,
+    lines: Any = None,
 ) -> SearchResult:
     """Choose ``method``'s scale (``lambda`` / ``alpha``) maximising ``score_fn(state_dict)``.
 
@@ -154,17 +156,27 @@ def search_alpha(
     normalised validation accuracy.  ``strategy``: ``auto`` (the method's own: golden section
     for ESM, the papers' grid otherwise), ``grid``, ``golden`` or ``coarse`` (see the module).  Returns the best point, the
     whole curve and the merged state at the best scale.
+
+    ``lines`` (``True``, or ``{"alpha": a}``): search LiNeS' ``beta`` instead, on the method's update at its
+    scale (1 unless ``parameters`` sets it), LiNeS' ``alpha`` auto (or ``a``); the default strategy is then
+    the authors' grid 0.1 .. 1.0 (continued past 1.0 while the best point is the edge).
     """
     m = get_method(method)
     if m.scale_param is None:
         raise ConfigError(f"{method} has no global scale to search")
     params = dict(parameters or {})
     kw = dict(stats=stats, random_seed=random_seed)
-    at0, at1 = merge_state_dicts_many(method, base, models, [{**params, m.scale_param: 0.0},
-                                                            {**params, m.scale_param: 1.0}], model_parameters, **kw)
-    path = AffinePath(at0, at1)
-    del at0, at1
-    spec = m.search or {}
+    lines_alpha = None
+    if lines is not None and lines is not False:
+        path, lines_alpha = _lines_path(method, base, models, params, model_parameters, lines, kw)
+        spec = {"grid": LAMBDA_GRID}
+    else:
+        at0, at1 = merge_state_dicts_many(method, base, models, [{**params, m.scale_param: 0.0},
+                                                                {**params, m.scale_param: 1.0}], model_parameters,
+                                          **kw)
+        path = AffinePath(at0, at1)
+        del at0, at1
+        spec = m.search or {}
     if strategy == "auto":
         strategy = "golden" if "bounds" in spec and grid is None else "grid"
     if strategy == "grid":
@@ -193,8 +205,36 @@ def search_alpha(
     else:
         raise ConfigError(f"unknown search strategy {strategy!r}; use auto, grid, golden or coarse")
     best = max(curve, key=lambda a: (curve[a], -a))
-    return SearchResult(method, m.scale_param, best, curve[best], dict(sorted(curve.items())), strategy,
-                        path(best, copy=True), path, list(curve))
+    return SearchResult(method, "beta" if lines_alpha is not None else m.scale_param, best, curve[best],
+                        dict(sorted(curve.items())), strategy, path(best, copy=True), path, list(curve),
+                        lines_alpha)
+
+
+def _lines_path(method: str, base, models, params: dict, model_parameters, lines: Any,
+                kw: dict) -> tuple[AffinePath, float]:
+    """LiNeS' path over beta: θ(β) = θ_0 + α·τ + β·(ℓ/(L−1))·τ, τ the method's update; and α."""
+    from submerge.methods import lines as L
+
+    m = get_method(method)
+    spec = {} if lines is True else dict(lines.__dict__ if isinstance(lines, L.Lines) else lines)
+    alpha = L.Lines.of({"beta": 0.0, **{k: v for k, v in spec.items() if k != "beta"}}).alpha
+    merged = merge_state_dicts_many(method, base, models, [{m.scale_param: 1.0, **params}], model_parameters,
+                                    **kw)[0]
+    names = [k for k, v in merged.items() if v.is_floating_point()]
+    depths, _ = L.block_depths(names)
+    if alpha is None:
+        sum_sq = sum(L.squared_norm(sum(sd[n].float() - base[n].float() for sd in models)) for n in names)
+        update_sq = sum(L.squared_norm(merged[n].float() - base[n].float()) for n in names)
+        alpha = L.auto_alpha(sum_sq, update_sq, len(models))
+    at0, at1 = dict(merged), dict(merged)
+    for n in names:
+        b = base[n].float()
+        update = merged[n].float() - b
+        at0[n] = b + alpha * update
+        at1[n] = at0[n] + (depths[n] or 0.0) * update
+    path = AffinePath(at0, at1)
+    path.dtypes = {n: merged[n].dtype for n in names}  # outputs in the inputs' dtype, the path in float32
+    return path, alpha
 
 
 # The λ grid of task arithmetic and its relatives (Ilharco et al.; Yadav et al.): 0.1 .. 1.0.

@@ -107,6 +107,10 @@ def markdown(results: dict) -> str:
     kinds = sorted({r["reference"] for r in rows if r.get("reference")})
     lines += ["", "† reference, not a merge: zero-shot and fine-tuned experts bound the table"
               + "".join(f"; {k}: {REFERENCE_NOTES.get(k, k)}" for k in kinds) + "."]
+    if any(r["method"].endswith("+lines") for r in rows):
+        lines += ["", "`<method>+lines`: LiNeS (Wang et al., ICLR 2025) on the method's update at scale 1: block l of L "
+                  "scaled by alpha + beta·l/(L−1), alpha = ||Σ task vectors|| / (T·||update||) (the authors' rule); "
+                  "the scale column is beta, chosen on validation."]
     notes = _same_prediction_notes(results)
     if notes:
         lines += [""] + [f"Note: {n}" for n in notes]

@@ -47,8 +47,11 @@ PRESETS: dict[str, dict] = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
 # One method of every family (module of submerge.methods) that can merge several experts: the quick run's rows
-QUICK_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "model_stock", "multislerp", "sce", "ram", "tsv",
-                 "iso_cts", "fisher", "regmean", "esm", "esm_pp")
+QUICK_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "model_stock", "multislerp",
+                 "sce", "ram", "tsv", "iso_cts", "fisher", "regmean", "esm", "esm_pp")
+# LiNeS rows (Wang et al., ICLR 2025): the method's update scaled by block depth, LiNeS' beta searched on val
+# (the authors' grid), alpha by their norm rule.  Named "<method>+lines" in a bench's method list.
+LINES_ROWS = ("task_arithmetic+lines", "tsv+lines", "esm+lines")
 # Named expert suites (fine-tuning recipes): "default" (lr 1e-4) and the second suite of the ESM ablation,
 # experts fine-tuned at 3x the learning rate (benchmarks/results/esm_ablation/README.md).
 EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
@@ -88,24 +91,32 @@ class BenchConfig:
         return cls(**base)
 
 
+def split_row_name(name: str) -> tuple[str, Optional[str]]:
+    """A bench row name as (registered method, post-processing): ``"tsv+lines"`` -> ``("tsv", "lines")``."""
+    method, _, post = name.partition("+")
+    if post and post != "lines":
+        raise ConfigError(f"unknown post-processing '+{post}' in bench method {name!r}; known: +lines")
+    if post and get_method(method).scale_param is None:
+        raise ConfigError(f"{name}: LiNeS rows need a task-vector method with a scale ({method} has none)")
+    return method, post or None
+
+
 def applicable_methods(n_models: int, names: Optional[Sequence[str]] = None) -> list[str]:
-    if names:
-        for n in names:
-            get_method(n)
-        chosen = [get_method(n) for n in names]
-    else:
-        chosen = list_methods()
+    """The bench rows to compute: ``names`` (checked) or every registered method plus the LiNeS rows."""
+    rows = list(names) if names else [m.name for m in list_methods()] + list(LINES_ROWS)
     out = []
-    for m in chosen:
+    for row in rows:
+        m = get_method(split_row_name(row)[0])
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             if names:
                 raise ConfigError(f"{m.name} cannot merge {n_models} experts")
             continue
-        out.append(m.name)
+        out.append(row)
     return out
 
 
 def _params(method: str) -> dict:
+    method = split_row_name(method)[0]
     m = get_method(method)
     p = {k: v for k, v in PRESETS.get(method, {}).items() if k in m.param_names}
     if "weight" in m.param_names:
@@ -508,7 +519,8 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
     ``searched`` carries ESM's search to the ESM++ rows that follow it."""
     from submerge.search import search_alpha
 
-    m = get_method(method)
+    name, post = split_row_name(method)
+    m = get_method(name)
     params = _params(method)
     cfg = S.cfg
     t0 = time.perf_counter()
@@ -517,7 +529,12 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
         rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
         return rows, test_correct
     try:
-        if m.scale_param is None:
+        if post == "lines":  # LiNeS' beta on the authors' grid (every point), alpha by their norm rule
+            found = search_alpha(name, S.base, S.experts, S.val_score, params, stats=stats, random_seed=cfg.seed,
+                                 lines=True, grid=list(cfg.lambda_grid), patience=None)
+            settings.append(("val-tuned", {**params, "lines": {"alpha": found.lines_alpha, "beta": found.alpha}},
+                             found.state, found.alpha, found.curve))
+        elif m.scale_param is None:
             merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
             settings.append(("default", params, merged, None, None))
         else:
@@ -550,7 +567,7 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
 
 
 def _stats_for(S: BenchSession, method: str):
-    m = get_method(method)
+    m = get_method(split_row_name(method)[0])
     if not m.uses_stats(_params(method)):
         return None
     return S.fisher() if m.stats_kind == "fisher" else S.calibration()
@@ -577,7 +594,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     methods = applicable_methods(len(tasks), cfg.methods)
     # methods that read the same statistics run one after the other, so each kind is held only while used
     # (Fisher and calibration statistics alive together made the peak of a quick run)
-    kind = {n: get_method(n).stats_kind if get_method(n).uses_stats(_params(n)) else "" for n in methods}
+    method_of = {n: get_method(split_row_name(n)[0]) for n in methods}
+    kind = {n: method_of[n].stats_kind if method_of[n].uses_stats(_params(n)) else "" for n in methods}
     methods.sort(key=lambda n: {"": 0, "fisher": 1}.get(kind[n], 2))
     t_methods = time.perf_counter()
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
