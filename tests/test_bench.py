@@ -54,7 +54,8 @@ def _run_counting_scorings(out, cfg):
 
 def test_tiny_end_to_end(tmp_path):
     _need_data()
-    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties", "task_arithmetic+lines"],
+    cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties", "task_arithmetic+lines",
+                                                                   "consensus_ta", "tall_masks"],
                       n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0],
                       cache_dir=str(tmp_path / "cache"), quiet=True)
     res, n_first = _run_counting_scorings(tmp_path / "out", cfg)
@@ -63,7 +64,14 @@ def test_tiny_end_to_end(tmp_path):
         assert key in saved
     assert [r["label"] for r in saved["rows"]] == [
         "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)",
-        "task_arithmetic+lines", "multitask (joint fine-tuning)"]
+        "task_arithmetic+lines", "consensus_ta (default)", "consensus_ta (val-tuned)", "tall_masks (task id)",
+        "multitask (joint fine-tuning)"]
+    # Consensus TA and TALL masks: each task's mask threshold chosen on its own val from the authors' grid
+    tall = saved["rows"][7]
+    assert tall["reference"] == "oracle" and set(tall["params"]["tall_lambda"]) == {"rt_sentiment", "wordnet_noun"}
+    assert all(lam in (0.2, 0.3, 0.4, 0.5, 0.6) for lam in tall["params"]["tall_lambda"].values())
+    assert tall["storage"]["masks_bytes"] * 32 // 2 == pytest.approx(tall["storage"]["model_bytes"], rel=1e-3)
+    assert saved["rows"][6]["params"]["tall_lambda"] == tall["params"]["tall_lambda"]
     # LiNeS on task arithmetic: alpha by the authors' norm rule is exactly 1/T; beta on the val grid
     lines_row = saved["rows"][4]
     assert lines_row["params"]["lines"]["alpha"] == pytest.approx(0.5, rel=1e-6)

@@ -336,6 +336,7 @@ class Executor:
                     tensors, base = data
                     size = job.nbytes * (len(job.inputs) + (job.base is not None))
                     keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
+                    keep_base = base.clone() if keep is not None and base is not None else None
                     stats = self._stats(job)
                     merged = self.merge_tensor(job, tensors, base, state, stats)
                     del tensors, base
@@ -343,8 +344,8 @@ class Executor:
                     out = merged.to(device="cpu", dtype=self._out_dtype(job))
                     del merged
                     if keep is not None:
-                        side.add(job.out_name, out, keep, stats)
-                        del keep
+                        side.add(job.out_name, out, keep, stats, base=keep_base, params=job.params)
+                        del keep, keep_base
                     log.debug("%s %s from %d input(s)%s, %s: %.3f s", job.out_name, list(job.shape),
                               len(job.inputs), " + base" if job.base is not None else "",
                               _numeric_params(job) or "no parameters", time.perf_counter() - t_job)

@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
 # One method of every family (module of submerge.methods) that can merge several experts: the quick run's rows
-QUICK_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "model_stock", "multislerp",
+QUICK_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "consensus_ta", "model_stock", "multislerp",
                  "sce", "ram", "tsv", "iso_cts", "fisher", "regmean", "esm", "esm_pp")
 # LiNeS rows (Wang et al., ICLR 2025): the method's update scaled by block depth, LiNeS' beta searched on val
 # (the authors' grid), alpha by their norm rule.  Named "<method>+lines" in a bench's method list.
@@ -528,6 +528,13 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
     if method == "esm_pp":
         rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
         return rows, test_correct
+    model_params = None
+    if name == "tall_masks":
+        return _tall_rows(S, params, test_correct, t0)
+    if name in ("consensus_ta", "consensus_ties"):  # each task's TALL-mask threshold chosen on its own val
+        lambdas, _ = _tall_lambdas(S, params)
+        model_params = [{"tall_lambda": lam} for lam in lambdas]
+        params = {**params, "tall_lambda": dict(zip(S.names, lambdas))}
     try:
         if post == "lines":  # LiNeS' beta on the authors' grid (every point), alpha by their norm rule
             found = search_alpha(name, S.base, S.experts, S.val_score, params, stats=stats, random_seed=cfg.seed,
@@ -538,7 +545,8 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
             merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
             settings.append(("default", params, merged, None, None))
         else:
-            found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats,
+            search_params = {k: v for k, v in params.items() if k != "tall_lambda"}
+            found = search_alpha(method, S.base, S.experts, S.val_score, search_params, model_params, stats=stats,
                                  random_seed=cfg.seed, **_search_kwargs(cfg, m))
             if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
                 searched[method] = found
@@ -564,6 +572,70 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
         S.say(f"{label:34s} scale {'-' if alpha is None else format(alpha, '.3g'):>5s}  "
               f"avg abs {100 * row['avg_abs']:.1f}  norm {100 * row['avg_norm']:.1f}")
     return rows, test_correct
+
+
+# TALL-mask thresholds the authors try per task (chosen on that task's validation accuracy)
+TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def _task_correct(S: BenchSession, state: dict, i: int, split: str) -> np.ndarray:
+    """Per-example correctness of ``state`` on task ``i``'s ``split`` only."""
+    t = S.tasks[i]
+    S.bb.load(state)
+    try:
+        return correct(S.bb, *getattr(S.splits[t.name], split), S.heads[t.name])
+    finally:
+        S.bb.reset()
+
+
+def _tall_task_state(S: BenchSession, tau: dict, i: int, lam: float) -> dict:
+    """Task ``i``'s TALL model ``θ_0 + m_i ⊙ τ_MTL`` at threshold ``lam``."""
+    from submerge.methods.consensus import tall_masks
+
+    out = {}
+    for n, b in S.base.items():
+        d = S.experts[i][n].float() - b.float()
+        keep = tall_masks(d.unsqueeze(0), tau[n], [lam])[0]
+        out[n] = torch.where(keep, b.float() + tau[n], b.float()).to(b.dtype)
+    return out
+
+
+def _tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict]:
+    """Per task, the TALL threshold on TALL_GRID whose task model ``θ_0 + m_t ⊙ τ_MTL`` scores best on that
+    task's validation split (ties: the smaller), as the authors; ``τ_MTL`` the sum of the task vectors, or their
+    TIES merge (disjoint sum) when ``params`` has a ``density``.  Returns the thresholds and ``τ_MTL``."""
+    from submerge.methods.consensus import multitask_vector
+
+    density = params.get("density")
+    tau = {}
+    for n, b in S.base.items():
+        deltas = torch.stack([e[n].float() - b.float() for e in S.experts])
+        tau[n] = multitask_vector(deltas, [1.0] * len(S.experts), None if density is None else [density] * len(S.experts))
+    chosen = []
+    for i in range(len(S.tasks)):
+        scores = {lam: float(_task_correct(S, _tall_task_state(S, tau, i, lam), i, "val").mean()) for lam in TALL_GRID}
+        chosen.append(max(scores, key=lambda lam: (scores[lam], -lam)))
+    return chosen, tau
+
+
+def _tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> tuple[list[dict], dict]:
+    """TALL masks (compression with the task id): each task scored with its own masked model
+    ``θ_0 + m_t ⊙ τ_MTL`` on its own test split; thresholds per task on val.  An oracle row (needs the task id)."""
+    lambdas, tau = _tall_lambdas(S, params)
+    seconds = time.perf_counter() - t0
+    res = {t.name: _task_correct(S, _tall_task_state(S, tau, i, lam), i, "test")
+           for i, (t, lam) in enumerate(zip(S.tasks, lambdas))}
+    label = "tall_masks (task id)"
+    row, _ = S.test_row("tall_masks", "task id", {**params, "tall_lambda": dict(zip(S.names, lambdas))}, {}, None,
+                        seconds, label=label, res=res, reference="oracle")
+    n_params = sum(v.numel() for v in S.base.values())
+    elem = next(iter(S.base.values())).element_size()
+    row["storage"] = {"model_bytes": n_params * elem, "masks_bytes": len(S.tasks) * ((n_params + 7) // 8),
+                      "experts_bytes": len(S.tasks) * n_params * elem}
+    test_correct[label] = res
+    S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  thresholds "
+          + ", ".join(f"{lam:g}" for lam in lambdas))
+    return [row], test_correct
 
 
 def _stats_for(S: BenchSession, method: str):

@@ -39,7 +39,7 @@ class ExpertSidecar(Sidecar):
                                              and self._routed_weight(name[: -len(".bias")] + ".weight"))
 
     def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor],
-            stats: Optional[Sequence[Any]]) -> None:
+            stats: Optional[Sequence[Any]], **_: Any) -> None:
         module = name.rsplit(".", 1)[0]
         if name.endswith(".bias"):
             self.biases[module] = bias_residuals(merged, finetuned)

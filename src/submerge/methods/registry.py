@@ -171,8 +171,10 @@ class Sidecar(abc.ABC):
 
     @abc.abstractmethod
     def add(self, name: str, merged: torch.Tensor, finetuned: list[torch.Tensor],
-            stats: Optional[Sequence[Any]]) -> None:
-        """Take one merged tensor (as saved), the fine-tuned inputs and their per-model statistics."""
+            stats: Optional[Sequence[Any]], *, base: Optional[torch.Tensor] = None,
+            params: Optional[dict] = None) -> None:
+        """Take one merged tensor (as saved), the fine-tuned inputs, their per-model statistics, the base's
+        tensor and the tensor's bound parameters (per-model ones as lists)."""
 
     @abc.abstractmethod
     def finish(self, folder: Any, model_params: int, model_bytes: int) -> list[str]:
