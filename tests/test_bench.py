@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,8 +56,8 @@ def _run_counting_scorings(out, cfg):
 def test_tiny_end_to_end(tmp_path):
     _need_data()
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties", "task_arithmetic+lines",
-                                                                   "consensus_ta", "tall_masks"],
-                      n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0],
+                                                                   "consensus_ta", "tall_masks", "adamerging"],
+                      n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0], adamerging_steps=3,
                       cache_dir=str(tmp_path / "cache"), quiet=True)
     res, n_first = _run_counting_scorings(tmp_path / "out", cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -65,7 +66,15 @@ def test_tiny_end_to_end(tmp_path):
     assert [r["label"] for r in saved["rows"]] == [
         "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)",
         "task_arithmetic+lines", "consensus_ta (default)", "consensus_ta (val-tuned)", "tall_masks (task id)",
+        "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging++ (layer-wise)",
         "multitask (joint fine-tuning)"]
+    # AdaMerging: coefficients learned on unlabeled val inputs, in [0, 1], shared across tensors when task-wise
+    for r in saved["rows"][8:11]:
+        values = np.array(r["coefficients"]["values"])
+        assert values.shape == (2, len(r["coefficients"]["names"])) and values.min() >= 0 and values.max() <= 1
+        assert (tmp_path / "out" / f"coefficients_{r['label'].replace(' ', '_').replace('(', '').replace(')', '').replace('+', 'p')}.png").exists()
+    assert np.all(np.array(saved["rows"][8]["coefficients"]["values"]).std(axis=1) == 0)
+    assert saved["rows"][10]["params"]["ties_density"] == 0.2
     # Consensus TA and TALL masks: each task's mask threshold chosen on its own val from the authors' grid
     tall = saved["rows"][7]
     assert tall["reference"] == "oracle" and set(tall["params"]["tall_lambda"]) == {"rt_sentiment", "wordnet_noun"}

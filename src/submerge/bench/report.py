@@ -229,6 +229,18 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     paths.append(p)
+    learned = [r for r in results["rows"] if r.get("coefficients")]
+    if learned:  # AdaMerging: the learned coefficients, task x tensor, one panel per variant
+        import torch
+
+        from submerge.methods.adamerging import Coefficients
+
+        for r in learned:
+            c = r["coefficients"]
+            coef = Coefficients(c["tasks"], c["names"], torch.tensor(c["values"]),
+                                r["params"].get("granularity", "layer"), r["params"].get("ties_density"))
+            slug = r["label"].replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p")
+            paths.append(coef.heatmap(out_dir / f"coefficients_{slug}.png"))
     return paths
 
 

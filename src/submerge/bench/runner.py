@@ -77,6 +77,8 @@ class BenchConfig:
     fisher_n: int = 64             # inputs per task for the diagonal Fisher (fisher / posterior rows)
     fisher_kind: str = "sampled"   # one drawn class per input: the true Fisher at one backward pass
     esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
+    adamerging_steps: int = 100    # AdaMerging: Adam steps on unlabeled val inputs (the paper: 500 at lr 1e-3)
+    adamerging_lr: float = 5e-3    # ... at 5x the paper's rate, so the coefficients can travel as far
     search: str = "full"           # α search: "full" (the papers' grids, ESM's golden section) or "coarse"
     multitask: bool = True         # the reference row: one model fine-tuned on all tasks jointly
 
@@ -476,14 +478,18 @@ class _RowCache:
     what only picks methods or prints), the experts and the submerge version."""
 
     def __init__(self, S: "BenchSession", cfg: BenchConfig):
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "quiet", "cache_dir")}
+        own = {k for keys in METHOD_SETTINGS.values() for k in keys}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "quiet", "cache_dir") and k not in own}
+        # a setting only one method reads keys that method's file alone (so adding one keeps the others' rows)
+        self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys]).encode()).hexdigest()[:8]
+                       for m, keys in METHOD_SETTINGS.items()}
         blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.bb.fingerprint,
                            "version": __import__("submerge").__version__}, sort_keys=True, default=str)
         self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.sizes = {t.name: len(S.splits[t.name].test[0]) for t in S.tasks}
 
     def get(self, method: str) -> Optional[tuple[list[dict], dict]]:
-        path = self.folder / f"{method}.json"
+        path = self.folder / f"{method}{self.suffix.get(method, '')}.json"
         if not path.is_file():
             return None
         try:
@@ -499,9 +505,10 @@ class _RowCache:
         blob = {"rows": rows, "correct": {lab: {k: pack_correct(v) for k, v in test_correct[lab].items()}
                                           for lab in labels}}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{method}.json.tmp"
+        name = f"{method}{self.suffix.get(method, '')}.json"
+        tmp = self.folder / f".{name}.tmp"
         tmp.write_text(json.dumps(blob))
-        tmp.replace(self.folder / f"{method}.json")
+        tmp.replace(self.folder / name)
 
 
 def _search_kwargs(cfg: BenchConfig, m) -> dict:
@@ -529,6 +536,8 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
         rows += _esmpp_rows(S, searched.get("esm"), stats, test_correct, searched.get("esm_static_test"))
         return rows, test_correct
     model_params = None
+    if name == "adamerging":
+        return _adamerging_rows(S, test_correct)
     if name == "tall_masks":
         return _tall_rows(S, params, test_correct, t0)
     if name in ("consensus_ta", "consensus_ties"):  # each task's TALL-mask threshold chosen on its own val
@@ -574,6 +583,8 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
     return rows, test_correct
 
 
+# Settings read by one method only: they key that method's cached rows, not the others'
+METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr")}
 # TALL-mask thresholds the authors try per task (chosen on that task's validation accuracy)
 TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -636,6 +647,52 @@ def _tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> 
     S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  thresholds "
           + ", ".join(f"{lam:g}" for lam in lambdas))
     return [row], test_correct
+
+
+# AdaMerging rows: (label, granularity, AdaMerging++)
+ADAMERGING_VARIANTS = (("adamerging (task-wise)", "task", False), ("adamerging (layer-wise)", "layer", False),
+                       ("adamerging++ (layer-wise)", "layer", True))
+
+
+def _adamerging_rows(S: BenchSession, test_correct: dict) -> tuple[list[dict], dict]:
+    """AdaMerging task-wise, layer-wise and AdaMerging++ layer-wise: coefficients learned by entropy minimisation
+    on each task's *unlabeled validation* inputs (batches of 16, length-sorted, visited in a seeded order),
+    through each task's frozen head; then one test scoring per variant."""
+    from submerge.methods.adamerging import learn, merge_with
+    from submerge.tune.scorers import length_sorted_batches, mean_pooled
+
+    cfg, bb = S.cfg, S.bb
+    scale = cfg.recipe.logit_scale
+    inputs = []
+    for t in S.tasks:
+        texts = S.splits[t.name].val[0]
+        inputs.append([dict(bb.tokenize([texts[i] for i in idx]))
+                       for idx in length_sorted_batches(bb.token_lengths(texts), 16, 16 * bb.max_len)])
+    heads = [S.heads[n] for n in S.names]
+
+    def logits(forward, t: int, batch) -> torch.Tensor:
+        return scale * mean_pooled(forward, batch) @ heads[t].T
+
+    rows = []
+    for label, granularity, ties in ADAMERGING_VARIANTS:
+        t0 = time.perf_counter()
+        coef = learn(bb.model, S.base, S.experts, inputs, logits, tasks=S.names, names=list(S.base),
+                     granularity=granularity, ties=ties, steps=cfg.adamerging_steps, lr=cfg.adamerging_lr,
+                     seed=cfg.seed)
+        bb.reset()
+        state = merge_with(S.base, S.experts, coef)
+        params = {"granularity": granularity, "ties_density": coef.ties_density, "init": 0.3,
+                  "steps": cfg.adamerging_steps, "lr": cfg.adamerging_lr,
+                  "mean_coefficient": dict(zip(S.names, coef.values.mean(1).tolist()))}
+        row, res = S.test_row("adamerging", label[label.index("(") + 1:-1] + (" ++" if ties else ""), params, state,
+                              None, time.perf_counter() - t0, label=label)
+        row["coefficients"] = {"tasks": coef.tasks, "names": coef.names, "values": coef.values.tolist(),
+                               "entropy_first_last": [coef.history[0], coef.history[-1]]}
+        test_correct[label] = res
+        rows.append(row)
+        S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  entropy {coef.history[0]:.3f} -> "
+              f"{coef.history[-1]:.3f}  ({time.perf_counter() - t0:.0f}s)")
+    return rows, test_correct
 
 
 def _stats_for(S: BenchSession, method: str):

@@ -1,7 +1,7 @@
 """Merge methods: one module per family, each method registered once under its public name."""
 
 from submerge.methods import (  # noqa: F401  (register)
-    arcee_fusion, consensus, esm, esm_pp, linear, model_stock, passthrough, posterior, ram, sce, slerp, subspace,
+    adamerging, arcee_fusion, consensus, esm, esm_pp, linear, model_stock, passthrough, posterior, ram, sce, slerp, subspace,
     task_arithmetic,
 )
 from submerge.methods.registry import (

@@ -1,0 +1,277 @@
+"""AdaMerging: merging coefficients learned by entropy minimisation on unlabeled inputs of every task.
+
+Yang, Wang, Shen, Liu, Guo, Wang & Tao, "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024
+(https://arxiv.org/abs/2310.02575), and the authors' code (task-wise / layer-wise AdaMerging, AdaMerging++).
+
+Variant: ``θ(λ) = θ_0 + Σ_t λ_{t,p} τ_{t,p}`` with one coefficient per task (``task``-wise) or per task and
+parameter tensor (``layer``-wise, the authors' "layer" = every parameter tensor), clamped to [0, 1] in the
+forward pass as their code, initialised at 0.3; learned with Adam (lr 1e-3) by minimising the summed mean
+Shannon entropy of every task's predictions on a batch of its *unlabeled* inputs per step (the paper: 500
+steps, batch 16, test-time inputs; ``submerge bench`` uses validation inputs, never test).  AdaMerging++ (``ties``
+on): each τ_t is first TIES-processed — trimmed to its top-``ties_density`` (0.2) magnitudes per tensor, then
+only the entries whose sign agrees with the elected sign of the trimmed sum are kept — and the coefficients
+are learned over those.
+
+:func:`learn` runs the optimisation on any ``nn.Module`` (the caller gives each task's logits);
+:class:`Coefficients` is the result (``save`` writes JSON, ``heatmap`` a PNG); the registered method
+``adamerging`` merges with saved coefficients from a config::
+
+    merge_method: adamerging
+    base_model: ./base
+    models: [{model: ./ft-a}, {model: ./ft-b}]
+    parameters: {coefficients: ./adamerging.json}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from submerge.errors import CheckpointError, ConfigError
+from submerge.methods import kernels
+from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
+
+GRANULARITIES = ("task", "layer")
+
+
+@dataclass
+class Coefficients:
+    """Learned merging coefficients: ``values[t, p]`` for task ``tasks[t]`` and tensor ``names[p]``."""
+
+    tasks: list[str]
+    names: list[str]
+    values: torch.Tensor  # [T, P], already clamped to [0, 1]
+    granularity: str = "layer"
+    ties_density: Optional[float] = None  # AdaMerging++: the TIES trim applied to the task vectors first
+    history: list[float] = field(default_factory=list)  # the entropy loss per step
+    info: dict = field(default_factory=dict)
+
+    def of(self, name: str) -> list[float]:
+        """Per task, the coefficient of tensor ``name``."""
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = self.__dict__["_index"] = {n: i for i, n in enumerate(self.names)}
+        p = index.get(name)
+        if p is None:
+            raise CheckpointError(f"adamerging: the coefficients hold no entry for tensor {name}")
+        return self.values[:, p].tolist()
+
+    def to_json(self) -> dict:
+        return {"method": "adamerging", "tasks": self.tasks, "names": self.names, "granularity": self.granularity,
+                "ties_density": self.ties_density, "coefficients": self.values.tolist(),
+                "loss_first_last": [self.history[0], self.history[-1]] if self.history else None, "info": self.info}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Coefficients":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"adamerging: coefficients file {path} does not exist (learn it with "
+                              f"submerge.methods.adamerging.learn and save it)")
+        try:
+            raw = json.loads(path.read_text())
+            values = torch.tensor(raw["coefficients"], dtype=torch.float64)
+            out = cls(list(raw["tasks"]), list(raw["names"]), values, raw.get("granularity", "layer"),
+                      raw.get("ties_density"), info=raw.get("info") or {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"adamerging: {path} is not a coefficients file ({e})") from None
+        if values.dim() != 2 or values.shape != (len(out.tasks), len(out.names)):
+            raise ConfigError(f"adamerging: {path}: coefficients must be [tasks x tensors] = "
+                              f"[{len(out.tasks)} x {len(out.names)}], got {list(values.shape)}")
+        return out
+
+    def heatmap(self, path: Union[str, Path], short_names: bool = True) -> Path:
+        """The coefficients as a tasks x tensors heat map (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        v = self.values.float().numpy()
+        fig, ax = plt.subplots(figsize=(min(24, 2 + 0.12 * v.shape[1]), 1.5 + 0.35 * v.shape[0]))
+        im = ax.imshow(v, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(self.tasks)), self.tasks)
+        step = max(1, len(self.names) // 40)
+        labels = [n.replace("encoder.layer.", "L").replace(".weight", ".w") if short_names else n
+                  for n in self.names]
+        ax.set_xticks(range(0, len(self.names), step), labels[::step], rotation=90, fontsize=6)
+        ax.set_title(f"AdaMerging{'++' if self.ties_density else ''} ({self.granularity}-wise) coefficients")
+        fig.colorbar(im, ax=ax, fraction=0.02)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return Path(path)
+
+
+def ties_task_vectors(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """AdaMerging++'s task vectors of one tensor (``[T, ...]``): each trimmed to its top-``density``
+    magnitudes, then only the entries agreeing with the elected sign of the trimmed sum kept."""
+    trimmed = torch.stack([d * kernels.magnitude_mask(d, density) if density < 1 else d.clone() for d in deltas])
+    sign = kernels.elect_sign(trimmed)
+    return trimmed * (trimmed * sign > 0)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax of ``logits`` ``[N, C]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def learn(
+    model: torch.nn.Module,
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    inputs: Sequence[Sequence[Any]],
+    logits: Callable[[Callable[..., Any], int, Any], torch.Tensor],
+    *,
+    tasks: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str]] = None,
+    granularity: str = "layer",
+    init: float = 0.3,
+    steps: int = 500,
+    lr: float = 1e-3,
+    ties: bool = False,
+    ties_density: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+) -> Coefficients:
+    """Learn AdaMerging coefficients on ``model`` (its architecture; its own weights are not used for the
+    merged tensors).
+
+    ``inputs[t]``: task t's unlabeled batches (anything ``logits`` takes); ``logits(forward, t, batch)`` returns
+    task t's logits ``[N, C]``, calling ``forward(*args, **kwargs)`` — the model with the merged weights — e.g.
+    ``head(forward(**batch).last_hidden_state[:, 0])``.  ``names``: the merged tensors (default: every
+    floating tensor of ``base``; the others keep the model's values).  One batch per task per step, cycling
+    through each task's batches in a seeded order."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"adamerging: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    n_tasks = len(experts)
+    if n_tasks == 0 or len(inputs) != n_tasks:
+        raise ConfigError(f"adamerging: need one list of unlabeled batches per expert ({n_tasks}), got {len(inputs)}")
+    empty = [i for i, b in enumerate(inputs) if len(b) == 0]
+    if empty:
+        raise ConfigError(f"adamerging: task(s) {empty} have no unlabeled inputs")
+    names = list(names) if names is not None else [k for k, v in base.items() if v.is_floating_point()]
+    for i, e in enumerate(experts):
+        missing = [n for n in names if n not in e]
+        if missing:
+            raise CheckpointError(f"adamerging: expert {i} lacks tensor(s) {missing[:3]}")
+    tasks = list(tasks) if tasks is not None else [f"task{i}" for i in range(n_tasks)]
+    theta0 = {n: base[n].detach().float() for n in names}
+    taus = []
+    for n in names:
+        d = torch.stack([e[n].detach().float() - theta0[n] for e in experts])
+        taus.append(ties_task_vectors(d, ties_density) if ties else d)
+    shape = (n_tasks, len(names)) if granularity == "layer" else (n_tasks, 1)
+    raw = torch.full(shape, float(init), requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(len(b), generator=gen).tolist() for b in inputs]
+    fixed = {k: v for k, v in model.state_dict().items() if k not in theta0}
+    history: list[float] = []
+
+    def merged(lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(fixed)
+        for p, n in enumerate(names):
+            coef = lam[:, p if granularity == "layer" else 0]
+            out[n] = theta0[n] + torch.tensordot(coef, taus[p], dims=1)
+        return out
+
+    from torch.func import functional_call
+
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="adamerging", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(steps):
+            lam = raw.clamp(0.0, 1.0)
+            params = merged(lam)
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(model, params, args, kwargs)
+
+            loss = torch.zeros(())
+            for t in range(n_tasks):
+                batch = inputs[t][orders[t][step % len(orders[t])]]
+                loss = loss + entropy(logits(forward, t, batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(float(loss.detach()))
+            if not math.isfinite(history[-1]):
+                raise ConfigError(f"adamerging: the entropy became {history[-1]} at step {step}; check the logits")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(entropy=f"{history[-1]:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    values = raw.detach().clamp(0.0, 1.0).double()
+    if granularity == "task":
+        values = values.expand(n_tasks, len(names)).clone()
+    return Coefficients(tasks, names, values, granularity, ties_density if ties else None, history,
+                        info={"init": init, "steps": steps, "lr": lr, "seed": seed,
+                              "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def merge_with(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+               coef: Coefficients) -> dict[str, torch.Tensor]:
+    """The merged state dict ``θ_0 + Σ_t λ_{t,p} τ_{t,p}`` (AdaMerging++ task vectors when learned so);
+    tensors without a coefficient are the base's."""
+    out = {k: v.clone() for k, v in base.items()}
+    for p, n in enumerate(coef.names):
+        b = base[n].float()
+        d = torch.stack([e[n].float() - b for e in experts])
+        if coef.ties_density is not None:
+            d = ties_task_vectors(d, coef.ties_density)
+        out[n] = (b + torch.tensordot(coef.values[:, p].float(), d, dims=1)).to(base[n].dtype)
+    return out
+
+
+def _load_coefficients(mp: ModelPass, gparams: dict) -> Coefficients:
+    coef = Coefficients.load(gparams["coefficients"])
+    if len(mp.model_names) != len(coef.tasks):
+        raise ConfigError(f"adamerging: {gparams['coefficients']} holds coefficients for {len(coef.tasks)} tasks "
+                          f"({', '.join(coef.tasks)}), the config merges {len(mp.model_names)} models")
+    missing = [n for n in mp.names if n not in set(coef.names)]
+    if missing:
+        raise ConfigError(f"adamerging: {gparams['coefficients']} has no coefficients for tensor(s) {missing[:3]} "
+                          f"({len(missing)} in all); learn them over every merged tensor")
+    return coef
+
+
+@register_method(
+    name="adamerging", pretty_name="AdaMerging (learned task-/layer-wise coefficients)",
+    paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
+    url="https://arxiv.org/abs/2310.02575",
+    variant="theta = base + sum_t c[t, tensor] * tau_t with the coefficients of a file written by "
+            "submerge.methods.adamerging.learn (entropy minimisation on unlabeled inputs, Adam lr 1e-3, init 0.3, "
+            "clamp [0, 1], task- or layer-wise; AdaMerging++ = TIES-processed task vectors, top-20%, recorded in the "
+            "file and applied here). Models in the file's task order. No defaults: 'coefficients' is required.",
+    params=[Param("coefficients", str, help="JSON file of learned coefficients (Coefficients.save)")],
+    needs_base=True, prepare=_load_coefficients,
+)
+def adamerging(ctx: TensorContext, coefficients: str) -> torch.Tensor:
+    coef: Coefficients = ctx.state
+    d = torch.stack([t - ctx.base for t in ctx.tensors])
+    if coef.ties_density is not None:
+        d = ties_task_vectors(d, coef.ties_density)
+    c = torch.tensor(coef.of(ctx.name), dtype=d.dtype, device=d.device)
+    return torch.tensordot(c, d, dims=1).add_(ctx.base)
