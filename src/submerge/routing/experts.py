@@ -45,6 +45,9 @@ class LayerExperts:
     prototypes: torch.Tensor
     bias: Optional[torch.Tensor] = None
     layout: str = "out_in"
+    # an optional linear router (submerge.routing.routers): score_t = pooled input · router_w[t] + router_b[t]
+    router_w: Optional[torch.Tensor] = None  # [T, d_in]
+    router_b: Optional[torch.Tensor] = None  # [T]
 
     @property
     def n_params(self) -> int:
@@ -95,8 +98,11 @@ class ExpertSet:
             tensors[f"{name}.prototypes"] = e.prototypes.contiguous()
             if e.bias is not None:
                 tensors[f"{name}.bias"] = e.bias.contiguous()
+            if e.router_w is not None:
+                tensors[f"{name}.router_w"] = e.router_w.contiguous()
+                tensors[f"{name}.router_b"] = e.router_b.contiguous()
             layers[name] = {"d_out": int(e.B.shape[1]), "d_in": int(e.A.shape[2]), "rank": int(e.B.shape[2]),
-                            "bias": e.bias is not None, "layout": e.layout}
+                            "bias": e.bias is not None, "layout": e.layout, "router": e.router_w is not None}
         manifest = {"format": FORMAT, "tasks": self.tasks, "rank": self.rank, "layers": layers, "info": self.info}
         tag = uuid.uuid4().hex[:8]
         tmp_t, tmp_m = folder / f".{EXPERTS_FILE}.{tag}", folder / f".{MANIFEST_FILE}.{tag}"
@@ -128,13 +134,17 @@ class ExpertSet:
         with safe_open(str(tpath), framework="pt", device=str(device)) as f:
             keys = set(f.keys())
             for name, meta in manifest["layers"].items():
+                router = bool(meta.get("router"))
                 need = [f"{name}.B", f"{name}.A", f"{name}.prototypes"] + ([f"{name}.bias"] if meta["bias"] else [])
+                need += [f"{name}.router_w", f"{name}.router_b"] if router else []
                 missing = [k for k in need if k not in keys]
                 if missing:
                     raise CheckpointError(f"{tpath}: missing tensor(s) {missing}")
                 out.layers[name] = LayerExperts(f.get_tensor(need[0]), f.get_tensor(need[1]), f.get_tensor(need[2]),
-                                                f.get_tensor(need[3]) if meta["bias"] else None,
-                                                meta.get("layout", "out_in"))
+                                                f.get_tensor(f"{name}.bias") if meta["bias"] else None,
+                                                meta.get("layout", "out_in"),
+                                                f.get_tensor(f"{name}.router_w") if router else None,
+                                                f.get_tensor(f"{name}.router_b") if router else None)
         return out
 
 

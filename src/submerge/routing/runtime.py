@@ -7,6 +7,8 @@
 * ``route`` (default): the layer input is mean-pooled over tokens (padding masked with the
   ``attention_mask`` the model was called with), compared by cosine similarity with the task
   prototypes, and the top-1 expert is added (the authors' rule; every layer decides on its own).
+  ``rule="auto"`` (default) uses a layer's linear router instead where the experts carry one
+  (:mod:`submerge.routing.routers`: Gaussian / trained), ``"cosine"`` always the prototypes.
   ``top_k > 1``: the k most similar experts, weighted by a softmax of their similarities / ``temperature``.
   ``global_routing=True``: the first routed layer of a forward pass decides for all later ones.
 * ``oracle``: the task ids given with :meth:`Router.oracle` (one per sample, or one for all).
@@ -29,22 +31,27 @@ from submerge.errors import ConfigError
 from submerge.routing.experts import ExpertSet, LayerExperts
 
 MODES = ("route", "oracle", "base")
+RULES = ("auto", "cosine", "linear")  # auto: each layer's linear router where it has one, else cosine
 
 
 class RoutingState:
     """Shared by a model's routed layers: mode, the current forward's mask, oracle ids, records."""
 
     def __init__(self, n_tasks: int, mode: str = "route", top_k: int = 1, temperature: float = 0.05,
-                 global_routing: bool = False):
+                 global_routing: bool = False, rule: str = "auto"):
         self.n_tasks = n_tasks
-        self.set(mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing)
+        self.set(mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule)
         self.mask: Optional[torch.Tensor] = None
         self.task_ids: Optional[torch.Tensor] = None
         self.decision: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # global routing, this forward
         self.records: Optional[dict[str, list[torch.Tensor]]] = None
 
     def set(self, *, mode: Optional[str] = None, top_k: Optional[int] = None, temperature: Optional[float] = None,
-            global_routing: Optional[bool] = None) -> None:
+            global_routing: Optional[bool] = None, rule: Optional[str] = None) -> None:
+        if rule is not None:
+            if rule not in RULES:
+                raise ConfigError(f"routing rule {rule!r}: use one of {list(RULES)}")
+            self.rule = rule
         if mode is not None:
             if mode not in MODES:
                 raise ConfigError(f"routing mode {mode!r}: use one of {list(MODES)}")
@@ -87,6 +94,8 @@ class RoutedLinear(nn.Module):
         self.register_buffer("A", experts.A.to(ref.device, ref.dtype))
         self.register_buffer("prototypes", F.normalize(experts.prototypes.float(), dim=-1).to(ref.device))
         self.register_buffer("bias_delta", None if experts.bias is None else experts.bias.to(ref.device, ref.dtype))
+        self.register_buffer("router_w", None if experts.router_w is None else experts.router_w.float().to(ref.device))
+        self.register_buffer("router_b", None if experts.router_b is None else experts.router_b.float().to(ref.device))
 
     def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample: expert indices ``[B, k]`` and weights ``[B, k]``."""
@@ -103,8 +112,14 @@ class RoutedLinear(nn.Module):
             return ids[:, None], torch.ones(n, 1, dtype=x.dtype, device=x.device)
         if st.global_routing and st.decision is not None:
             return st.decision
-        pooled = F.normalize(pool_tokens(x, st.mask).float(), dim=-1)
-        sims = pooled @ self.prototypes.T  # [B, T]
+        pooled = pool_tokens(x, st.mask).float()
+        if st.rule != "cosine" and self.router_w is not None:
+            sims = pooled @ self.router_w.T + self.router_b  # a linear router's scores [B, T]
+        elif st.rule == "linear":
+            raise ConfigError(f"routed layer {self.layer_name}: rule 'linear' but the experts have no router here "
+                              f"(submerge.routing.routers.gaussian_router / train_router)")
+        else:
+            sims = F.normalize(pooled, dim=-1) @ self.prototypes.T  # cosine to the prototypes [B, T]
         if st.top_k == 1:
             idx = sims.argmax(-1, keepdim=True)
             w = torch.ones_like(idx, dtype=x.dtype)
@@ -168,7 +183,7 @@ class Router:
         return self.experts.tasks
 
     def set(self, **kw) -> None:
-        """Change ``mode``, ``top_k``, ``temperature`` or ``global_routing``."""
+        """Change ``mode``, ``top_k``, ``temperature``, ``global_routing`` or ``rule``."""
         self.state.set(**kw)
 
     @contextlib.contextmanager
@@ -217,14 +232,14 @@ class Router:
 
 
 def attach(model: nn.Module, experts: ExpertSet, *, mode: str = "route", top_k: int = 1,
-           temperature: float = 0.05, global_routing: bool = False) -> Router:
+           temperature: float = 0.05, global_routing: bool = False, rule: str = "auto") -> Router:
     """Wrap ``model``'s routed linears in place; returns the :class:`Router` (also ``model.submerge_router``).
 
     The model keeps its call signature; an ``attention_mask`` keyword (or a second positional
     tensor of matching shape is *not* guessed) is read by a forward pre-hook for padding-aware pooling."""
     if getattr(model, "submerge_router", None) is not None:
         raise ConfigError("this model already has ESM++ experts attached; call router.detach() first")
-    state = RoutingState(len(experts.tasks), mode, top_k, temperature, global_routing)
+    state = RoutingState(len(experts.tasks), mode, top_k, temperature, global_routing, rule)
     targets = _resolve_modules(model, list(experts.layers))
     layers: dict[str, RoutedLinear] = {}
     for key, (path, module) in targets.items():

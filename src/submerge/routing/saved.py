@@ -31,7 +31,7 @@ def save(folder: Union[str, Path], model: Any, experts: ExpertSet, *, overwrite:
     settings = None
     if router is not None:
         settings = dict(mode=router.state.mode, top_k=router.state.top_k, temperature=router.state.temperature,
-                        global_routing=router.state.global_routing)
+                        global_routing=router.state.global_routing, rule=router.state.rule)
         router.detach()
     try:
         with atomic_folder(folder, overwrite) as tmp:
@@ -46,7 +46,8 @@ def save(folder: Union[str, Path], model: Any, experts: ExpertSet, *, overwrite:
 
 
 def load(folder: Union[str, Path], model_class: Any = None, *, mode: str = "route", top_k: int = 1,
-         temperature: float = 0.05, global_routing: bool = False, device: str = "cpu", **from_pretrained: Any) -> nn.Module:
+         temperature: float = 0.05, global_routing: bool = False, device: str = "cpu", rule: str = "auto",
+         **from_pretrained: Any) -> nn.Module:
     """Load a saved ESM++ model: the static merge with its experts attached (``model.submerge_router``).
 
     ``model_class`` defaults to the architecture named in ``config.json`` (else ``AutoModel``)."""
@@ -62,5 +63,5 @@ def load(folder: Union[str, Path], model_class: Any = None, *, mode: str = "rout
         model_class = getattr(transformers, arch, None) if arch else None
         model_class = model_class or transformers.AutoModel
     model = model_class.from_pretrained(folder, **from_pretrained).to(device).eval()
-    attach(model, experts, mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing)
+    attach(model, experts, mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule)
     return model
