@@ -190,7 +190,8 @@ def _data_based_rows_local_and_on_ray(tmp_path):
     labels = [r["label"] for r in res["rows"]]
     # methods without statistics first, then those reading Fisher, then calibration (each kind held only while used)
     assert labels == ["tsv (default)", "tsv (val-tuned)", "fisher", "posterior", "esm (default)", "esm (val-tuned)",
-                      "esm_pp r=2 (routed)", "esm_pp r=384 (routed)", "esm_pp r=384 (oracle task id)", "regmean"]
+                      "esm_pp r=2 (routed)", "esm_pp r=384 (routed)", "esm_pp r=384 (oracle task id)",
+                      "esm_pp r=384 (routed, gaussian router)", "esm_pp r=384 (routed, trained router)", "regmean"]
     by_label = {r["label"]: r for r in res["rows"]}
     esm_tuned = by_label["esm (val-tuned)"]
     assert 0.0 <= esm_tuned["alpha"] <= 5.0 and len(esm_tuned["val_curve"]) >= 5
@@ -200,6 +201,10 @@ def _data_based_rows_local_and_on_ray(tmp_path):
     routed = pp["esm_pp r=2 (routed)"]
     assert 0.0 <= routed["routing"]["accuracy"] <= 1.0 and routed["overhead"]["params_pct_of_base"] > 0
     assert sum(map(sum, routed["routing"]["confusion"])) > 0
+    for kind in ("gaussian", "trained"):  # the linear routers: same experts, own routing accuracy per layer
+        row = pp[f"esm_pp r=384 (routed, {kind} router)"]
+        assert row["params"]["router"] == kind and 0.0 <= row["routing"]["accuracy"] <= 1.0
+        assert set(row["routing"]["per_layer"]) == set(pp["esm_pp r=384 (routed)"]["routing"]["per_layer"])
     # full-rank experts (384 = hidden size >= every d_out of the routed q/k/v) with oracle routing are the
     # fine-tuned experts on q/k/v and the MLP input; the rest of the model is merged, so not exactly 100 %
     assert pp["esm_pp r=384 (oracle task id)"]["avg_norm"] >= routed["avg_norm"] - 0.1

@@ -77,6 +77,7 @@ class BenchConfig:
     fisher_n: int = 64             # inputs per task for the diagonal Fisher (fisher / posterior rows)
     fisher_kind: str = "sampled"   # one drawn class per input: the true Fisher at one backward pass
     esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
+    esmpp_routers: list[str] = field(default_factory=lambda: ["gaussian", "trained"])  # beside cosine, largest r
     adamerging_steps: int = 100    # AdaMerging: Adam steps on unlabeled val inputs (the paper: 500 at lr 1e-3)
     adamerging_lr: float = 5e-3    # ... at 5x the paper's rate, so the coefficients can travel as far
     search: str = "full"           # α search: "full" (the papers' grids, ESM's golden section) or "coarse"
@@ -468,7 +469,43 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) 
             S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}"
                   + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
                   + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
+        if r == max(S.cfg.esmpp_ranks):
+            for kind in S.cfg.esmpp_routers:
+                rows.append(_router_row(S, found, experts, stats, kind, r, build_s, ov, n_test, static_s, test_correct))
     return rows
+
+
+def _router_row(S: BenchSession, found, experts, stats, kind: str, r: int, build_s: float, ov: dict, n_test: int,
+                static_s: float, test_correct: dict) -> dict:
+    """ESM++ at rank ``r`` routed by a linear router (``gaussian``: from the calibration statistics; ``trained``:
+    on the calibration inputs of each task run through the static merge), instead of the cosine rule."""
+    from submerge.routing.routers import gaussian_router, train_router
+
+    t0 = time.perf_counter()
+    if kind == "gaussian":
+        gaussian_router(experts, stats)
+    elif kind == "trained":
+        batches = [[dict(S.bb.tokenize(S.sample(t.name, S.cfg.calib_split, S.cfg.calib_n)[0]))] for t in S.tasks]
+        S.bb.load(found.state)
+        try:
+            train_router(S.bb.model, experts, batches)
+        finally:
+            S.bb.reset()
+    else:
+        raise ConfigError(f"unknown ESM++ router {kind!r}; use gaussian or trained")
+    router_s = time.perf_counter() - t0
+    res, report, secs = S.evaluate_routed(found.state, experts, "test", "route")
+    label = f"esm_pp r={r} (routed, {kind} router)"
+    row, _ = S.test_row("esm_pp", f"r={r}, route, {kind} router", {"rank": r, "alpha": found.alpha, "router": kind},
+                        found.state, found.alpha, build_s + router_s, label=label, res=res)
+    row["overhead"] = ov
+    row["ms_per_example"] = 1000 * secs / n_test
+    row["static_ms_per_example"] = 1000 * static_s / n_test
+    row["routing"] = report.to_dict()
+    test_correct[label] = res
+    S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  routing acc {report.accuracy:.3f}  "
+          f"{row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
+    return row
 
 
 class _RowCache:
@@ -584,7 +621,7 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
 
 
 # Settings read by one method only: they key that method's cached rows, not the others'
-METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr")}
+METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr"), "esm_pp": ("esmpp_routers",)}
 # TALL-mask thresholds the authors try per task (chosen on that task's validation accuracy)
 TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 
