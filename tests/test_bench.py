@@ -56,7 +56,8 @@ def _run_counting_scorings(out, cfg):
 def test_tiny_end_to_end(tmp_path):
     _need_data()
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"], methods=["task_arithmetic", "ties", "task_arithmetic+lines",
-                                                                   "consensus_ta", "tall_masks", "adamerging"],
+                                                                   "consensus_ta", "tall_masks", "adamerging",
+                                                                   "task_arithmetic+surgery"],
                       n_train=32, n_val=16, n_test=32, lambda_grid=[0.5, 1.0], adamerging_steps=3,
                       cache_dir=str(tmp_path / "cache"), quiet=True)
     res, n_first = _run_counting_scorings(tmp_path / "out", cfg)
@@ -67,7 +68,12 @@ def test_tiny_end_to_end(tmp_path):
         "task_arithmetic (default)", "task_arithmetic (val-tuned)", "ties (default)", "ties (val-tuned)",
         "task_arithmetic+lines", "consensus_ta (default)", "consensus_ta (val-tuned)", "tall_masks (task id)",
         "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging++ (layer-wise)",
-        "multitask (joint fine-tuning)"]
+        "task_arithmetic+surgery (task id)", "task_arithmetic+surgery (routed)", "multitask (joint fine-tuning)"]
+    # Representation Surgery on the val-tuned TA merge: trained on unlabeled val inputs, the L1 gap shrinks
+    sg = saved["rows"][11]
+    assert sg["reference"] == "oracle" and sg["alpha"] == saved["rows"][1]["alpha"]
+    assert all(after < before for before, after in sg["params"]["l1_before_after"].values())
+    assert 0.0 <= saved["rows"][12]["routing"]["accuracy"] <= 1.0
     # AdaMerging: coefficients learned on unlabeled val inputs, in [0, 1], shared across tensors when task-wise
     for r in saved["rows"][8:11]:
         values = np.array(r["coefficients"]["values"])

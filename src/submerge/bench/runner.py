@@ -52,6 +52,9 @@ QUICK_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "
 # LiNeS rows (Wang et al., ICLR 2025): the method's update scaled by block depth, LiNeS' beta searched on val
 # (the authors' grid), alpha by their norm rule.  Named "<method>+lines" in a bench's method list.
 LINES_ROWS = ("task_arithmetic+lines", "tsv+lines", "esm+lines")
+# Representation Surgery (Yang et al., ICML 2024) on the val-tuned merge of a method, modules trained on unlabeled
+# val inputs: "<method>+surgery"
+SURGERY_ROWS = ("task_arithmetic+surgery",)
 # Named expert suites (fine-tuning recipes): "default" (lr 1e-4) and the second suite of the ESM ablation,
 # experts fine-tuned at 3x the learning rate (benchmarks/results/esm_ablation/README.md).
 EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
@@ -97,16 +100,16 @@ class BenchConfig:
 def split_row_name(name: str) -> tuple[str, Optional[str]]:
     """A bench row name as (registered method, post-processing): ``"tsv+lines"`` -> ``("tsv", "lines")``."""
     method, _, post = name.partition("+")
-    if post and post != "lines":
-        raise ConfigError(f"unknown post-processing '+{post}' in bench method {name!r}; known: +lines")
+    if post and post not in ("lines", "surgery"):
+        raise ConfigError(f"unknown post-processing '+{post}' in bench method {name!r}; known: +lines, +surgery")
     if post and get_method(method).scale_param is None:
-        raise ConfigError(f"{name}: LiNeS rows need a task-vector method with a scale ({method} has none)")
+        raise ConfigError(f"{name}: +{post} rows need a method with a scale searched on val ({method} has none)")
     return method, post or None
 
 
 def applicable_methods(n_models: int, names: Optional[Sequence[str]] = None) -> list[str]:
     """The bench rows to compute: ``names`` (checked) or every registered method plus the LiNeS rows."""
-    rows = list(names) if names else [m.name for m in list_methods()] + list(LINES_ROWS)
+    rows = list(names) if names else [m.name for m in list_methods()] + list(LINES_ROWS) + list(SURGERY_ROWS)
     out = []
     for row in rows:
         m = get_method(split_row_name(row)[0])
@@ -581,6 +584,8 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
         lambdas, _ = _tall_lambdas(S, params)
         model_params = [{"tall_lambda": lam} for lam in lambdas]
         params = {**params, "tall_lambda": dict(zip(S.names, lambdas))}
+    if post == "surgery":
+        return _surgery_rows(S, name, params, stats, test_correct, t0)
     try:
         if post == "lines":  # LiNeS' beta on the authors' grid (every point), alpha by their norm rule
             found = search_alpha(name, S.base, S.experts, S.val_score, params, stats=stats, random_seed=cfg.seed,
@@ -686,6 +691,74 @@ def _tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> 
     return [row], test_correct
 
 
+def _val_batches(S: BenchSession) -> list[list[dict]]:
+    """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted)."""
+    from submerge.tune.scorers import length_sorted_batches
+
+    bb = S.bb
+    out = []
+    for t in S.tasks:
+        texts = S.splits[t.name].val[0]
+        out.append([dict(bb.tokenize([texts[i] for i in idx]))
+                    for idx in length_sorted_batches(bb.token_lengths(texts), 16, 16 * bb.max_len)])
+    return out
+
+
+def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct: dict, t0: float
+                  ) -> tuple[list[dict], dict]:
+    """Representation Surgery on ``method``'s val-tuned merge: per task a rank-16 module trained (Adam, L1, the
+    paper's setting) to pull the merge's token representations towards the expert's on the task's *unlabeled
+    val* inputs; scored with the task id (a reference row, as TALL masks) and routed by prototypes."""
+    from submerge.routing.surgery import attach_surgery, fit_surgery, representations
+    from submerge.search import search_alpha
+
+    m = get_method(method)
+    found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats, random_seed=S.cfg.seed,
+                         **_search_kwargs(S.cfg, m))
+    bb = S.bb
+    batches = _val_batches(S)
+    bb.load(found.state)
+    merged = [representations(bb.model, b) for b in batches]
+    targets = []
+    for i, b in enumerate(batches):
+        bb.load(S.experts[i])
+        targets.append(representations(bb.model, b))
+    surgery = fit_surgery(merged, targets, tasks=S.names, rank=16, steps=500, lr=1e-3, seed=S.cfg.seed)
+    del merged, targets
+    seconds = time.perf_counter() - t0
+    bb.load(found.state)
+    handle = attach_surgery(bb.model, surgery)
+    rows = []
+    try:
+        res_task = {}
+        for i, t in enumerate(S.tasks):
+            with handle.task(i):
+                res_task[t.name] = correct(bb, *S.splits[t.name].test, S.heads[t.name])
+        handle.routed.clear()
+        res_route, route_acc = {}, []
+        for i, t in enumerate(S.tasks):
+            n0 = len(handle.routed)
+            res_route[t.name] = correct(bb, *S.splits[t.name].test, S.heads[t.name])
+            chosen = torch.cat(handle.routed[n0:]) if len(handle.routed) > n0 else torch.empty(0, dtype=torch.long)
+            route_acc.append(float((chosen == i).float().mean()) if chosen.numel() else float("nan"))
+    finally:
+        handle.detach()
+        bb.reset()
+    p = {**params, m.scale_param: found.alpha, "surgery_rank": 16, "surgery_steps": 500,
+         "l1_before_after": dict(zip(S.names, surgery.info["l1_before_after"]))}
+    for setting, res, ref in (("task id", res_task, "oracle"), ("routed", res_route, None)):
+        label = f"{method}+surgery ({setting})"
+        row, _ = S.test_row(f"{method}+surgery", setting, p, found.state, found.alpha, seconds, label=label,
+                            res=res, reference=ref)
+        if setting == "routed":
+            row["routing"] = {"accuracy": float(np.nanmean(route_acc)), "per_task": dict(zip(S.names, route_acc))}
+        row["surgery_bytes"] = surgery.nbytes()
+        test_correct[label] = res
+        rows.append(row)
+        S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}")
+    return rows, test_correct
+
+
 # AdaMerging rows: (label, granularity, AdaMerging++)
 ADAMERGING_VARIANTS = (("adamerging (task-wise)", "task", False), ("adamerging (layer-wise)", "layer", False),
                        ("adamerging++ (layer-wise)", "layer", True))
@@ -696,15 +769,11 @@ def _adamerging_rows(S: BenchSession, test_correct: dict) -> tuple[list[dict], d
     on each task's *unlabeled validation* inputs (batches of 16, length-sorted, visited in a seeded order),
     through each task's frozen head; then one test scoring per variant."""
     from submerge.methods.adamerging import learn, merge_with
-    from submerge.tune.scorers import length_sorted_batches, mean_pooled
+    from submerge.tune.scorers import mean_pooled
 
     cfg, bb = S.cfg, S.bb
     scale = cfg.recipe.logit_scale
-    inputs = []
-    for t in S.tasks:
-        texts = S.splits[t.name].val[0]
-        inputs.append([dict(bb.tokenize([texts[i] for i in idx]))
-                       for idx in length_sorted_batches(bb.token_lengths(texts), 16, 16 * bb.max_len)])
+    inputs = _val_batches(S)
     heads = [S.heads[n] for n in S.names]
 
     def logits(forward, t: int, batch) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""Representation Surgery: a light per-task module that pulls the merged model's representation back to each
+expert's, trained without labels.
+
+Yang, Shen, Guo, Wang, Liu, Ma & Tao, "Representation Surgery for Multi-Task Model Merging", ICML 2024
+(https://arxiv.org/abs/2402.02705).  Variant (the paper's): for task t, ``z' = z − ψ_t(z)`` with
+``ψ_t(z) = W_u,t · ReLU(W_d,t · z)`` (rank ``r`` = 16, ``W_u`` initialised at zero so training starts from the
+merge), trained by Adam (lr 1e-3) to minimise the L1 distance ``‖z' − z_t‖₁`` between the surgered merged
+representation and expert t's representation on the same *unlabeled* inputs of task t.  Both representations
+come from frozen models, so they are computed once and the training runs on the cached features.
+
+Here ``z`` is the encoder's output hidden state, token by token (``last_hidden_state`` of a transformers
+model; padding tokens excluded from training); whatever the head reads (a pooled sentence embedding, the first
+token) is computed from the surgered states.  :class:`SurgerySet` saves beside a merge
+(``surgery.safetensors`` + ``surgery.json``); :func:`attach_surgery` hooks a model so each forward pass applies
+the module of the task given by ``with handle.task(t)`` (task id), or of the task whose prototype (the mean
+merged representation of its training inputs) is nearest by cosine to each sample's mean state (``route``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from submerge.errors import CheckpointError, ConfigError
+
+SURGERY_FILE, SURGERY_INFO = "surgery.safetensors", "surgery.json"
+
+
+@dataclass
+class SurgerySet:
+    """Per task: ``down [r, d]``, ``up [d, r]``; ``prototypes [T, d]`` for routing."""
+
+    tasks: list[str]
+    down: torch.Tensor  # [T, r, d]
+    up: torch.Tensor  # [T, d, r]
+    prototypes: torch.Tensor  # [T, d]
+    info: dict = field(default_factory=dict)
+
+    def correction(self, z: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """``ψ_t(z)`` for ``z [N, ..., d]`` and one task index per leading row ``task [N]``."""
+        d, u = self.down[task].to(z.dtype), self.up[task].to(z.dtype)  # [N, r, d], [N, d, r]
+        shape = z.shape
+        zz = z.reshape(shape[0], -1, shape[-1])
+        h = torch.relu(torch.einsum("nld,nrd->nlr", zz, d))
+        return torch.einsum("nlr,ndr->nld", h, u).reshape(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.prototypes))
+
+    def save(self, folder: Union[str, Path]) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({"down": self.down.contiguous(), "up": self.up.contiguous(),
+                   "prototypes": self.prototypes.contiguous()}, str(folder / SURGERY_FILE))
+        (folder / SURGERY_INFO).write_text(json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]),
+                                                       "dim": int(self.down.shape[2]), "info": self.info},
+                                                      indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Union[str, Path]) -> "SurgerySet":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / SURGERY_FILE).is_file() or not (folder / SURGERY_INFO).is_file():
+            raise CheckpointError(f"{folder} holds no Representation Surgery modules ({SURGERY_FILE} + {SURGERY_INFO})")
+        info = json.loads((folder / SURGERY_INFO).read_text())
+        t = load_file(str(folder / SURGERY_FILE))
+        out = cls(list(info["tasks"]), t["down"], t["up"], t["prototypes"], info.get("info") or {})
+        if out.down.shape[0] != len(out.tasks) or out.up.shape[0] != len(out.tasks):
+            raise CheckpointError(f"{folder}: {len(out.tasks)} tasks but modules for {out.down.shape[0]}")
+        return out
+
+
+def _flat_tokens(states: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[N, L, d]`` hidden states (or ``[N, d]``) as rows ``[M, d]``, padding dropped."""
+    if states.dim() == 2:
+        return states
+    if mask is None:
+        return states.reshape(-1, states.shape[-1])
+    return states[mask.bool()]
+
+
+@torch.no_grad()
+def representations(model: nn.Module, batches: Sequence[Any], call: Optional[Callable[[nn.Module, Any], Any]] = None
+                    ) -> torch.Tensor:
+    """Token representations (padding dropped) of ``model`` over ``batches``: ``[M, d]`` (float32)."""
+    call = call or (lambda m, b: m(**b).last_hidden_state)
+    out = []
+    for b in batches:
+        states = call(model, b)
+        out.append(_flat_tokens(states.float(), b.get("attention_mask") if isinstance(b, dict) else None))
+    return torch.cat(out)
+
+
+def fit_surgery(merged: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], *, tasks: Optional[Sequence[str]] = None,
+                rank: int = 16, steps: int = 500, lr: float = 1e-3, batch: int = 1024, seed: int = 0,
+                prototypes: Optional[torch.Tensor] = None) -> SurgerySet:
+    """Train one module per task on cached representations: ``merged[t]`` (the merge's, ``[M_t, d]``) towards
+    ``targets[t]`` (expert t's on the same inputs) by L1; minibatches of ``batch`` rows, Adam."""
+    if len(merged) != len(targets) or not merged:
+        raise ConfigError(f"surgery: {len(merged)} merged and {len(targets)} expert representation sets")
+    d = merged[0].shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    downs, ups, first_last = [], [], []
+    for t, (z, y) in enumerate(zip(merged, targets)):
+        if z.shape != y.shape:
+            raise ConfigError(f"surgery: task {t}: merged representations {list(z.shape)} vs expert {list(y.shape)}")
+        down = (torch.randn(rank, d, generator=g) / d ** 0.5).requires_grad_()
+        up = torch.zeros(d, rank, requires_grad=True)
+        opt = torch.optim.Adam([down, up], lr=lr)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, z.shape[0], (min(batch, z.shape[0]),), generator=g)
+            zb, yb = z[idx], y[idx]
+            pred = zb - torch.relu(zb @ down.T) @ up.T
+            loss = (pred - yb).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        downs.append(down.detach())
+        ups.append(up.detach())
+        with torch.no_grad():
+            before = float((z - y).abs().mean())
+            after = float((z - torch.relu(z @ downs[-1].T) @ ups[-1].T - y).abs().mean())
+        first_last.append([before, after])
+    protos = prototypes if prototypes is not None else torch.stack([F.normalize(z.mean(0), dim=-1) for z in merged])
+    return SurgerySet(list(tasks) if tasks is not None else [f"task{i}" for i in range(len(merged))],
+                      torch.stack(downs), torch.stack(ups), protos,
+                      {"rank": rank, "steps": steps, "lr": lr, "l1_before_after": first_last})
+
+
+class SurgeryHandle:
+    """Controls a model's surgery hook: ``task(t)`` (task id), ``route`` (prototypes), ``off``."""
+
+    def __init__(self, model: nn.Module, surgery: SurgerySet, hook, mode: str):
+        self.model, self.surgery, self._hook = model, surgery, hook
+        self.mode, self.task_ids = mode, None
+        self.routed: list[torch.Tensor] = []  # per forward in route mode: the chosen task per sample
+
+    @contextlib.contextmanager
+    def task(self, task_ids: Union[int, Sequence[int], torch.Tensor]) -> Iterator[None]:
+        old = self.mode, self.task_ids
+        self.mode, self.task_ids = "task", torch.as_tensor(task_ids).long().view(-1)
+        if int(self.task_ids.min()) < 0 or int(self.task_ids.max()) >= len(self.surgery.tasks):
+            raise ConfigError(f"surgery task ids must be in [0, {len(self.surgery.tasks)})")
+        try:
+            yield
+        finally:
+            self.mode, self.task_ids = old
+
+    def detach(self) -> nn.Module:
+        self._hook.remove()
+        if getattr(self.model, "submerge_surgery", None) is self:
+            del self.model.submerge_surgery
+        return self.model
+
+
+def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -> SurgeryHandle:
+    """Apply ``surgery`` to ``model``'s ``last_hidden_state`` on every forward pass (``mode``: ``route`` by the
+    prototypes, ``off``; the task id with ``handle.task(t)``).  Returns the handle (also
+    ``model.submerge_surgery``)."""
+    if mode not in ("route", "off"):
+        raise ConfigError(f"surgery mode {mode!r}: use route or off (task ids: with handle.task(t))")
+    if getattr(model, "submerge_surgery", None) is not None:
+        raise ConfigError("this model already has surgery attached; call detach() first")
+    state: dict = {}
+
+    def pre(_m, args, kwargs):
+        state["mask"] = kwargs.get("attention_mask")
+
+    def post(_m, args, kwargs, output):
+        if handle.mode == "off":
+            return output
+        h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output
+        n = h.shape[0]
+        if handle.mode == "task":
+            ids = handle.task_ids.expand(n) if handle.task_ids.numel() == 1 else handle.task_ids
+            if ids.numel() != n:
+                raise ConfigError(f"surgery: {ids.numel()} task ids for a batch of {n}")
+        else:
+            from submerge.routing.runtime import pool_tokens
+
+            pooled = F.normalize(pool_tokens(h.float(), state.get("mask")), dim=-1)
+            ids = (pooled @ surgery.prototypes.float().T).argmax(-1)
+            handle.routed.append(ids.cpu())
+        new = h - surgery.correction(h, ids.to(h.device))
+        if hasattr(output, "last_hidden_state"):
+            output.last_hidden_state = new
+            if isinstance(output, dict) or hasattr(output, "__setitem__"):
+                output["last_hidden_state"] = new
+            return output
+        return new
+
+    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = model.register_forward_hook(post, with_kwargs=True)
+
+    class _Both:
+        def remove(self):
+            h1.remove()
+            h2.remove()
+
+    handle = SurgeryHandle(model, surgery, _Both(), mode)
+    model.submerge_surgery = handle
+    return handle
