@@ -249,16 +249,10 @@ def _apply_lines(lines, outs: list[dict[str, torch.Tensor]], base: Mapping[str, 
     from submerge.methods import lines as L
 
     depths, _ = L.block_depths(names)
-    sum_sq = 0.0
-    if lines.alpha is None:
-        for name in names:
-            b = base[name].to(compute_dtype)
-            sum_sq += L.squared_norm(sum(sd[name].to(compute_dtype) - b for sd in models))
     for out in outs:
         alpha = lines.alpha
         if alpha is None:
-            update_sq = sum(L.squared_norm(out[n] - base[n].to(compute_dtype)) for n in names)
-            alpha = L.auto_alpha(sum_sq, update_sq, len(models))
+            alpha = L.alpha_from_states(base, models, out, names, compute_dtype)
         for n in names:
             b = base[n].to(compute_dtype)
             out[n] = L.rescale_(out[n], b, L.scale_of(depths[n], alpha, lines.beta)).to(base[n].dtype)

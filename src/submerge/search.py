@@ -223,9 +223,7 @@ def _lines_path(method: str, base, models, params: dict, model_parameters, lines
     names = [k for k, v in merged.items() if v.is_floating_point()]
     depths, _ = L.block_depths(names)
     if alpha is None:
-        sum_sq = sum(L.squared_norm(sum(sd[n].float() - base[n].float() for sd in models)) for n in names)
-        update_sq = sum(L.squared_norm(merged[n].float() - base[n].float()) for n in names)
-        alpha = L.auto_alpha(sum_sq, update_sq, len(models))
+        alpha = L.alpha_from_states(base, models, merged, names)
     at0, at1 = dict(merged), dict(merged)
     for n in names:
         b = base[n].float()

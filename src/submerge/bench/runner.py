@@ -456,12 +456,18 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) 
         experts = build_experts(found.state, S.experts, stats, rank=r, tasks=S.names)
         build_s = time.perf_counter() - t0
         ov = experts.overhead(sum(v.numel() for v in S.base.values()))
-        modes = ["route"] + (["oracle"] if r == max(S.cfg.esmpp_ranks) else [])
-        for mode in modes:
+        # the cosine rule, the task-id upper bound, then (largest rank) each linear router in turn
+        variants = [("route", None)] + ([("oracle", None)] + [("route", k) for k in S.cfg.esmpp_routers]
+                                        if r == max(S.cfg.esmpp_ranks) else [])
+        for mode, kind in variants:
+            router_s = _add_router(S, found, experts, stats, kind) if kind else 0.0
             res, report, secs = S.evaluate_routed(found.state, experts, "test", mode)
-            label = f"esm_pp r={r} ({'routed' if mode == 'route' else 'oracle task id'})"
-            row, _ = S.test_row("esm_pp", f"r={r}, {mode}", {"rank": r, "alpha": found.alpha}, found.state, found.alpha,
-                                build_s, label=label, res=res, reference="oracle" if mode == "oracle" else None)
+            how = "oracle task id" if mode == "oracle" else "routed" + (f", {kind} router" if kind else "")
+            label = f"esm_pp r={r} ({how})"
+            params = {"rank": r, "alpha": found.alpha, **({"router": kind} if kind else {})}
+            row, _ = S.test_row("esm_pp", f"r={r}, {mode}" + (f", {kind} router" if kind else ""), params,
+                                found.state, found.alpha, build_s + router_s, label=label, res=res,
+                                reference="oracle" if mode == "oracle" else None)
             row["overhead"] = ov
             row["ms_per_example"] = 1000 * secs / n_test
             row["static_ms_per_example"] = 1000 * static_s / n_test
@@ -472,10 +478,28 @@ def _esmpp_rows(S: BenchSession, found, stats, test_correct: dict, static=None) 
             S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}"
                   + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
                   + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
-        if r == max(S.cfg.esmpp_ranks):
-            for kind in S.cfg.esmpp_routers:
-                rows.append(_router_row(S, found, experts, stats, kind, r, build_s, ov, n_test, static_s, test_correct))
     return rows
+
+
+def _add_router(S: BenchSession, found, experts, stats, kind: str) -> float:
+    """Give ``experts`` a linear router (``gaussian``: from the calibration statistics; ``trained``: on each
+    task's calibration inputs run through the static merge) in place of the cosine rule; returns seconds."""
+    from submerge.routing.routers import gaussian_router, train_router
+
+    t0 = time.perf_counter()
+    if kind == "gaussian":
+        gaussian_router(experts, stats)
+    elif kind == "trained":
+        batches = [[dict(S.bb.tokenize(S.sample(t.name, S.cfg.calib_split, S.cfg.calib_n)[0]))] for t in S.tasks]
+        S.bb.load(found.state)
+        try:
+            train_router(S.bb.model, experts, batches)
+        finally:
+            S.bb.reset()
+    else:
+        raise ConfigError(f"unknown ESM++ router {kind!r}; use gaussian or trained")
+    return time.perf_counter() - t0
+
 
 
 def _router_row(S: BenchSession, found, experts, stats, kind: str, r: int, build_s: float, ov: dict, n_test: int,

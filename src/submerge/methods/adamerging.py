@@ -117,7 +117,7 @@ class Coefficients:
 def ties_task_vectors(deltas: torch.Tensor, density: float) -> torch.Tensor:
     """AdaMerging++'s task vectors of one tensor (``[T, ...]``): each trimmed to its top-``density``
     magnitudes, then only the entries agreeing with the elected sign of the trimmed sum kept."""
-    trimmed = torch.stack([d * kernels.magnitude_mask(d, density) if density < 1 else d.clone() for d in deltas])
+    trimmed = kernels.trim_each(deltas, [density] * deltas.shape[0])
     sign = kernels.elect_sign(trimmed)
     return trimmed * (trimmed * sign > 0)
 

@@ -56,8 +56,7 @@ def multitask_vector(deltas: torch.Tensor, weight: Sequence[float], ties_density
     w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
     if ties_density is None:
         return torch.tensordot(w, deltas, dims=1)
-    trimmed = torch.stack([d * kernels.magnitude_mask(d, p) if p < 1 else d.clone()
-                           for d, p in zip(deltas, ties_density)])
+    trimmed = kernels.trim_each(deltas, ties_density)
     trimmed.mul_(w.reshape((-1,) + (1,) * (deltas.dim() - 1)))
     sign = kernels.elect_sign(trimmed)
     return kernels.disjoint_merge(trimmed, w, sign, normalize=False)

@@ -121,6 +121,11 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(delta.shape)
 
 
+def trim_each(deltas: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
+    """Stacked task vectors ``[T, ...]``, each trimmed to its top-``density`` magnitudes (a new tensor)."""
+    return torch.stack([d * magnitude_mask(d, p) if p < 1 else d.clone() for d, p in zip(deltas, densities)])
+
+
 @dataclass
 class TopK:
     """A top-k magnitude rule in threshold form: keep ``|x| > v``, plus the first ``budget`` entries

@@ -110,3 +110,13 @@ def rescale_(merged: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Te
 def squared_norm(x: torch.Tensor) -> float:
     """``‖x‖²`` accumulated in float64."""
     return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+
+
+def alpha_from_states(base, models, merged, names, dtype=torch.float32) -> float:
+    """:func:`auto_alpha` for in-memory state dicts: ``merged`` against the ``models``' summed task vectors."""
+    sum_sq = update_sq = 0.0
+    for n in names:
+        b = base[n].to(dtype)
+        sum_sq += squared_norm(sum(sd[n].to(dtype) - b for sd in models))
+        update_sq += squared_norm(merged[n].to(dtype) - b)
+    return auto_alpha(sum_sq, update_sq, len(models))
