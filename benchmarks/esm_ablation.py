@@ -79,7 +79,7 @@ def run(args) -> None:
             method, params, calib, what = extra[name]
         t0 = time.perf_counter()
         if calib.get("identity"):  # control: identity Gram matrices = plain SVD truncation inside ESM
-            from submerge.calibrate import CalibrationStats, LayerStats
+            from submerge.stats.gram import CalibrationStats, LayerStats
 
             stats = [CalibrationStats({k: LayerStats(torch.eye(v.d_in, dtype=torch.float64), v.mean, v.count, v.layout)
                                        for k, v in st.layers.items()}, st.aliases) for st in S.calibration()]

@@ -40,7 +40,7 @@ VARIANTS = {
 
 def merged_stats(S: BenchSession, state: dict) -> list:
     """Per task, statistics of the same calibration inputs (32 train texts) run through ``state``."""
-    from submerge.calibrate import collect_stats
+    from submerge.stats.gram import collect_stats
 
     out = []
     S.bb.load(state)

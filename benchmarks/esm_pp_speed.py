@@ -25,7 +25,7 @@ from submerge.routing.experts import is_routed, routed_roles
 
 
 def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str) -> ExpertSet:
-    from submerge.methods.esm import parse_role_patterns
+    from submerge.layers import parse_role_patterns
 
     roles, rules = routed_roles(routed), parse_role_patterns("")
     out = ExpertSet([f"t{i}" for i in range(T)], rank)

@@ -11,7 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from submerge.api import merge, merge_state_dicts, validate
-from submerge.calibrate import calibrate_model_dir, load_stats
+from submerge.stats.gram import calibrate_model_dir
+from submerge.stats.load import load_stats
 from submerge.cli import main
 from submerge.errors import CheckpointError, ConfigError
 

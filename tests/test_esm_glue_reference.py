@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from submerge.api import merge_state_dicts
-from submerge.calibrate import collect_stats
+from submerge.stats.gram import collect_stats
 from submerge.methods.esm import esm_merge_matrix, tsv_scaled_merge
 from submerge.methods.subspace import tsv_merge
 

@@ -247,7 +247,7 @@ def test_fisher_labels_must_be_classes(world, label):
 
 def test_python_api_fisher_labels_are_checked():
     from submerge.errors import ConfigError
-    from submerge.fisher import fisher_diagonal
+    from submerge.stats.fisher import fisher_diagonal
 
     lin = torch.nn.Linear(3, 2)
     xs = list(torch.randn(2, 3))

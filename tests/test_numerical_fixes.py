@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from submerge.api import merge_state_dicts
-from submerge.calibrate import CalibrationStats, LayerStats
+from submerge.stats.gram import CalibrationStats, LayerStats
 from submerge.methods import kernels
 from submerge.methods.esm import esm_merge_matrix
 from submerge.methods.subspace import iso_cts_merge, iso_cts_split, truncated_svd, tsv_merge

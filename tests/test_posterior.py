@@ -12,7 +12,7 @@ from torch import nn
 
 from submerge.api import merge_state_dicts
 from submerge.errors import ConfigError
-from submerge.fisher import FisherReader, FisherStats, fisher_diagonal
+from submerge.stats.fisher import FisherReader, FisherStats, fisher_diagonal
 from submerge.methods import ModelPass
 from submerge.methods.posterior import _mixture_prepare
 
@@ -130,7 +130,7 @@ def test_mixture_components_of_one_task_need_one_weight():
 
 
 def test_fisher_needs_fisher_statistics_not_grams():
-    from submerge.calibrate import CalibrationStats
+    from submerge.stats.gram import CalibrationStats
 
     base, models, _ = _family(n_models=2)
     with pytest.raises(ConfigError, match="fisher statistics"):

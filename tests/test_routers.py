@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from submerge.calibrate import CalibrationStats, LayerStats
+from submerge.stats.gram import CalibrationStats, LayerStats
 from submerge.errors import ConfigError
 from submerge.routing import RoutingRecorder, attach, build_experts, load, save
 from submerge.routing.routers import fit_linear, gaussian_router, train_router

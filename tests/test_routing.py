@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from submerge.api import merge_state_dicts
-from submerge.calibrate import collect_stats
+from submerge.stats.gram import collect_stats
 from submerge.cli import main
 from submerge.errors import ConfigError
 from submerge.routing import ExpertSet, LayerExperts, RoutingRecorder, attach, build_experts, load, save

@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from submerge.api import merge_state_dicts
-from submerge.calibrate import CalibrationStats, LayerStats, collect_stats, load_stats, match_layer
-from submerge.methods.esm import ESMState, essential_subspace, esm_merge_matrix, layer_role, parse_role_patterns
+from submerge.stats.gram import CalibrationStats, LayerStats, collect_stats, match_layer
+from submerge.stats.load import load_stats
+from submerge.layers import layer_role, parse_role_patterns
+from submerge.methods.esm import ESMState, esm_merge_matrix
+from submerge.stats.gram import essential_subspace
 from submerge.methods.subspace import iso_c_merge, iso_cts_merge, iso_cts_split, polar, truncated_svd, tsv_merge
 from submerge.search import AffinePath, search_alpha
 

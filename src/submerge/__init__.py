@@ -23,7 +23,7 @@ _EXPORTS = {
     "ConfigError": "submerge.errors",
     "NonFiniteError": "submerge.errors",
     "SubmergeError": "submerge.errors",
-    "MergeOptions": "submerge.executor",
+    "MergeOptions": "submerge.plan",
     "MergeResult": "submerge.executor",
     "get_method": "submerge.methods",
     "list_methods": "submerge.methods",
@@ -39,5 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from submerge.api import merge, merge_state_dicts, validate  # noqa: F401
     from submerge.config import MergeConfig, load_config, parse_config  # noqa: F401
     from submerge.errors import CheckpointError, ConfigError, NonFiniteError, SubmergeError  # noqa: F401
-    from submerge.executor import MergeOptions, MergeResult  # noqa: F401
+    from submerge.executor import MergeResult  # noqa: F401
+    from submerge.plan import MergeOptions  # noqa: F401
     from submerge.methods import get_method, list_methods, register_method  # noqa: F401

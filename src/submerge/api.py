@@ -162,7 +162,7 @@ def merge_state_dicts(
     output tensor has the base's (else the first model's) dtype.  Non-floating tensors
     are copied from the base.  Meant for search loops (benchmarks, scale selection).
     ``stats`` gives data-based methods (esm, regmean) one calibration source per model: a
-    :class:`~submerge.calibrate.CalibrationStats` or a folder written by ``submerge calibrate``.
+    :class:`~submerge.stats.gram.CalibrationStats` or a folder written by ``submerge calibrate``.
     ``lines`` (``{"beta": b}`` or ``{"beta": b, "alpha": a}``, or a :class:`~submerge.methods.lines.Lines`)
     rescales the merged update block by block (LiNeS, as the config's ``lines:``).
     """
@@ -185,7 +185,7 @@ def merge_state_dicts_many(
     """Several merges of the same inputs that differ only in parameters the method's whole-model
     ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set.  ``lines``:
     LiNeS on each (see :func:`merge_state_dicts`; with ``alpha`` auto, each set gets its own)."""
-    from submerge.calibrate import LazyStats, check_stats_kind, load_stats
+    from submerge.stats.load import LazyStats, check_stats_kind, load_stats
     from submerge.methods.lines import Lines
 
     m = get_method(method)
@@ -211,7 +211,7 @@ def merge_state_dicts_many(
     if uses_stats:
         if stats is None or len(stats) != n:
             raise ConfigError(f"{m.name} needs calibration statistics for each of the {n} models "
-                              f"(stats=[...], from submerge.calibrate.collect_stats or `submerge calibrate`)")
+                              f"(stats=[...], from submerge.stats.gram.collect_stats or `submerge calibrate`)")
         stats = [load_stats(s) for s in stats]
         for i, s in enumerate(stats):
             check_stats_kind(s, m.stats_kind, m.name, f"stats[{i}]")

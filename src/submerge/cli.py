@@ -109,7 +109,7 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
           no_prefetch: bool, lora_rank: Optional[str], lora_energy: float, quiet: bool, verbose: int) -> None:
     """Merge the models described by CONFIG (mergekit-compatible YAML) into OUT_DIR."""
     from submerge.api import merge as run_merge
-    from submerge.executor import MergeOptions
+    from submerge.plan import MergeOptions
 
     _setup_logging(verbose, quiet)
     if lora_rank is not None and lora_rank != "auto":
@@ -154,7 +154,7 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
               overwrite: bool, quiet: bool) -> None:
     """Record per-layer input statistics of MODEL_DIR on INPUTS (.txt / .jsonl / .json texts, or a .pt /
     .safetensors file of input_ids [+ attention_mask]) into OUT_DIR, for esm / regmean merges."""
-    from submerge.calibrate import calibrate_model_dir
+    from submerge.stats.gram import calibrate_model_dir
 
     _setup_logging(0, quiet)
     try:
@@ -189,7 +189,7 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
            quiet: bool) -> None:
     """Estimate the diagonal Fisher of a sequence-classification MODEL_DIR on INPUTS into OUT_DIR, for the
     fisher / posterior merge methods (give OUT_DIR as the model's `calibration:` in the config)."""
-    from submerge.fisher import fisher_model_dir
+    from submerge.stats.fisher import fisher_model_dir
 
     _setup_logging(0, quiet)
     try:

@@ -29,7 +29,7 @@ from submerge.errors import ConfigError, NonFiniteError, SubmergeError
 from submerge.io import ShardWriter, atomic_folder, parse_size
 from submerge.io.files import copy_regular_file
 from submerge.methods import ModelPass, TensorContext
-from submerge.plan import MergePlan, TensorJob
+from submerge.plan import MergeOptions, MergePlan, TensorJob
 
 log = logging.getLogger("submerge")
 
@@ -39,25 +39,6 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-@dataclass
-class MergeOptions:
-    """How to run a merge (what to merge is the config)."""
-
-    out_shard_size: int | str = "5GB"
-    compute_dtype: str = "float32"
-    device: str = "cpu"
-    threads: Optional[int] = None
-    random_seed: Optional[int] = None
-    overwrite: bool = False
-    quiet: bool = False
-    prefetch: bool = True
-    copy_tokenizer: bool = True
-    write_card: bool = True
-    scale_note: str = ""  # how the scale (lambda / alpha) was chosen, for the model card
-    lora_rank: Optional[int | str] = None  # write the merge as a LoRA adapter on the base (int rank or "auto")
-    lora_energy: float = 0.9  # with lora_rank="auto": the share of each layer's ||dW||^2 kept
 
 
 @dataclass
@@ -198,7 +179,7 @@ class Executor:
     def _stats(self, job: TensorJob) -> Optional[list]:
         """Per input model, the statistics of this tensor (read lazily; None where absent), or None
         when the method reads no statistics."""
-        from submerge.calibrate import LazyStats
+        from submerge.stats.load import LazyStats
 
         if not self._uses_stats:
             return None

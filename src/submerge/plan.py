@@ -8,8 +8,6 @@ shapes, dtypes, the method's input contract and every parameter of every tensor.
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,9 +19,29 @@ from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
 from submerge.io.lora import open_checkpoint
+from submerge.layers import layer_structure
 from submerge.methods import MergeMethod, get_method
 
-_LAYER_RE = re.compile(r"^(.*?\.)(\d+)(\..*)$")
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (what to merge is the config)."""
+
+    out_shard_size: int | str = "5GB"
+    compute_dtype: str = "float32"
+    device: str = "cpu"
+    threads: Optional[int] = None
+    random_seed: Optional[int] = None
+    overwrite: bool = False
+    quiet: bool = False
+    prefetch: bool = True
+    copy_tokenizer: bool = True
+    write_card: bool = True
+    scale_note: str = ""  # how the scale (lambda / alpha) was chosen, for the model card
+    lora_rank: Optional[int | str] = None  # write the merge as a LoRA adapter on the base (int rank or "auto")
+    lora_energy: float = 0.9  # with lora_rank="auto": the share of each layer's ||dW||^2 kept
+
+
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
 
@@ -119,24 +137,6 @@ def resolve_model_refs(refs: list[str], config_dir: Optional[Path]) -> tuple[dic
         if any(p in revisions for p in ps):
             ref_revisions[ref] = " + ".join(revisions[p] for p in ps if p in revisions)
     return paths, ref_revisions
-
-
-def layer_structure(names: list[str]) -> tuple[Optional[str], dict[str, tuple[int, str]]]:
-    """Find the repeated layer stack: the ``prefix.N.`` container holding most tensors.
-
-    Returns the prefix and, for each tensor in the stack, ``(layer index, suffix)``.
-    """
-    found: dict[str, tuple[str, int, str]] = {}
-    counts: Counter = Counter()
-    for name in names:
-        m = _LAYER_RE.match(name)
-        if m:
-            found[name] = (m.group(1), int(m.group(2)), m.group(3))
-            counts[m.group(1)] += 1
-    if not counts:
-        return None, {}
-    prefix = counts.most_common(1)[0][0]
-    return prefix, {n: (i, s) for n, (p, i, s) in found.items() if p == prefix}
 
 
 def _num_layers(ckpt: Checkpoint, layers: dict[str, tuple[int, str]]) -> int:
@@ -494,7 +494,8 @@ class Planner:
         if c.models is None:
             raise ConfigError(f"{m.name} needs per-model calibration statistics: use 'models:' (not 'slices:') "
                               f"with a 'calibration:' folder for each model")
-        from submerge.calibrate import check_stats_kind, load_stats, model_fingerprint
+        from submerge.stats.folder import model_fingerprint
+        from submerge.stats.load import check_stats_kind, load_stats
 
         merged_keys = {k for j in plan.jobs for k, _ in j.inputs}
         for i, mdl in enumerate(c.models):

@@ -351,7 +351,7 @@ class BenchSession:
                     seed: int = 0) -> list:
         """Per task, activation statistics of ``n`` unlabeled inputs of ``split`` (one padded batch)
         run through the task's fine-tuned expert (``source="finetuned"``) or the base model."""
-        from submerge.calibrate import collect_stats
+        from submerge.stats.gram import collect_stats
 
         n = n or self.cfg.calib_n
         split = split or self.cfg.calib_split
@@ -376,7 +376,7 @@ class BenchSession:
         """Per task, the diagonal Fisher of its expert (``kind`` true/empirical) on ``n`` inputs of ``split``,
         through the task's frozen head (softmax of ``logit_scale`` x cosine, the fine-tuning likelihood).
         ``experts``: other fine-tunes of the same tasks (not cached)."""
-        from submerge.fisher import fisher_diagonal
+        from submerge.stats.fisher import fisher_diagonal
 
         n = n or self.cfg.fisher_n
         kind = kind or self.cfg.fisher_kind

@@ -1,7 +1,7 @@
 """Data-based merging with calibration statistics: ESM (Essential Subspace Merging) and RegMean.
 
 Both read, per task and per linear layer, the input second moment ``G_t = X_tᵀX_t`` that
-``submerge calibrate`` (or :func:`submerge.calibrate.collect_stats`) records.
+``submerge calibrate`` (or :func:`submerge.stats.gram.collect_stats`) records.
 
 ESM, per linear layer that gets the essential-subspace path (its "ESD keys"):
 
@@ -36,24 +36,12 @@ from typing import Any, Optional
 import torch
 
 from submerge.errors import ConfigError
+from submerge.layers import ROLES, family_of, layer_role, parse_role_patterns
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
 from submerge.methods.subspace import is_embedding, is_matrix, mean_of, polar, task_vectors, tsv_merge
+from submerge.stats.gram import essential_subspace
 
 log = logging.getLogger("submerge")
-
-ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
-# Module-name rules for BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2/NeoX, HF CLIP/ViT and open_clip.
-# Order matters: the attention output projection is matched before the MLP output.
-_DEFAULT_ROLE_RULES: list[tuple[str, str]] = [
-    ("qkv", r"(in_proj_weight|c_attn\.weight|\.qkv(_proj)?\.weight|query_key_value\.weight|Wqkv\.weight)$"),
-    ("q", r"(query|q_proj|q_lin)\.weight$"),
-    ("k", r"(key|k_proj|k_lin)\.weight$"),
-    ("v", r"(value|v_proj|v_lin)\.weight$"),
-    ("attn_out", r"(attention\.output\.dense|o_proj|out_proj|attn\.c_proj|self_attn\.dense|out_lin|"
-                 r"attention\.dense)\.weight$"),
-    ("mlp_in", r"(intermediate\.dense|gate_proj|up_proj|fc1|c_fc|dense_h_to_4h|lin1|w1|w3)\.weight$"),
-    ("mlp_out", r"(output\.dense|down_proj|fc2|mlp\.c_proj|dense_4h_to_h|lin2|w2)\.weight$"),
-]
 
 RECIPES: dict[str, dict[str, Any]] = {
     # ESM-ViT code (esm_utils.esm_merge): ESD on stacked QKV + both MLP linears, attention-out by TSV-M.
@@ -79,72 +67,7 @@ DEFAULT_RECIPE = "essential_tsv"
 RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 5.0)}  # alpha search ranges
 
 
-def parse_role_patterns(spec: str) -> list[tuple[str, re.Pattern]]:
-    """Role rules: the built-in ones, with ``"role=regex;role=regex"`` overrides tried first."""
-    rules: list[tuple[str, re.Pattern]] = []
-    for part in filter(None, (p.strip() for p in (spec or "").split(";"))):
-        role, sep, rx = part.partition("=")
-        role = role.strip()
-        if not sep or role not in ROLES:
-            raise ConfigError(f"role_patterns: expected 'role=regex' with role in {list(ROLES)}, got {part!r}")
-        try:
-            rules.append((role, re.compile(rx.strip())))
-        except re.error as e:
-            raise ConfigError(f"role_patterns: bad regex {rx!r} ({e})") from None
-    rules += [(r, re.compile(rx)) for r, rx in _DEFAULT_ROLE_RULES]
-    return rules
-
-
-def layer_role(name: str, rules: list[tuple[str, re.Pattern]]) -> Optional[tuple[str, re.Match]]:
-    for role, rx in rules:
-        m = rx.search(name)
-        if m:
-            return role, m
-    return None
-
-
-def family_of(name: str) -> str:
-    """The layer family: the name with its (first) layer index replaced by ``*``."""
-    return re.sub(r"\.\d+\.", ".*.", name, count=1)
-
-
 # ------------------------------------------------------------------------------ kernels
-def essential_subspace(dw: torch.Tensor, gram: torch.Tensor, count: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` principal directions ``E [d_out, rank]`` and eigenvalues ``λ [rank]`` (descending)
-    of the uncentred feature-shift covariance ``ΔW G ΔWᵀ / (n − 1)`` (float64).
-
-    ``d_out <= d_in``: eigh of the d_out x d_out matrix.  Otherwise: with ``M = ΔW G^½``,
-    eigh of ``MᵀM`` (d_in x d_in) and ``E = M V / √λ`` — the same nonzero spectrum.
-    Directions beyond the rank of ``ΔO`` come back as zero columns with λ = 0.
-    """
-    dw = dw.double()
-    gram = gram.to(dw.device, torch.float64)  # statistics live on the CPU; the math where the weights are
-    d_out, d_in = dw.shape
-    rank = min(rank, d_out)
-    denom = max(count - 1, 1)
-    if d_out <= d_in:
-        cov = dw @ gram @ dw.T
-        lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
-        lam, vec = lam.flip(0)[:rank].clamp(min=0), vec.flip(1)[:, :rank]
-        return vec, lam / denom
-    w, q = torch.linalg.eigh((gram + gram.T) / 2)
-    g_half = (q * w.clamp(min=0).sqrt()) @ q.T
-    m = dw @ g_half
-    lam, v = torch.linalg.eigh(m.T @ m)
-    lam, v = lam.flip(0).clamp(min=0), v.flip(1)
-    k = min(rank, d_in)
-    lam, v = lam[:k], v[:, :k]
-    tol = lam.max().clamp(min=1e-300) * (max(d_out, d_in) * torch.finfo(torch.float64).eps)
-    ok = lam > tol
-    e = torch.zeros(d_out, k, dtype=torch.float64, device=dw.device)
-    e[:, ok] = (m @ v[:, ok]) / lam[ok].sqrt()
-    lam = torch.where(ok, lam, torch.zeros_like(lam))
-    if k < rank:  # rank(ΔO) <= d_in < requested rank: pad with zero directions
-        e = torch.cat([e, e.new_zeros(d_out, rank - k)], 1)
-        lam = torch.cat([lam, lam.new_zeros(rank - k)])
-    return e, lam / denom
-
-
 def _eig_weights(lam: torch.Tensor, power: float) -> torch.Tensor:
     if power == 0 or float(lam.mean()) <= 0:
         return torch.ones_like(lam)

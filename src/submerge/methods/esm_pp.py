@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from submerge.errors import ConfigError
-from submerge.methods.esm import _ESM_PARAMS, ESM_MACHINERY, esm, parse_role_patterns
+from submerge.layers import parse_role_patterns
+from submerge.methods.esm import _ESM_PARAMS, ESM_MACHINERY, esm
 from submerge.methods.registry import Param, Sidecar, register_method
 from submerge.routing.experts import ExpertSet, bias_residuals, is_routed, layer_experts, routed_roles
 

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from submerge.errors import ConfigError
+from submerge.layers import layer_structure
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ class Lines:
 def block_depths(names: Iterable[str]) -> tuple[dict[str, Optional[float]], int]:
     """Per tensor name, its block's relative depth ``ℓ / (L − 1)`` (0 .. 1; None outside the block stack),
     and ``L``.  A model without a numbered block stack is an error naming what was looked for."""
-    from submerge.plan import layer_structure
-
     names = list(names)
     _, layers = layer_structure(names)
     if not layers:

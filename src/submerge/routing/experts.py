@@ -4,7 +4,7 @@ merge lost on that task's essential subspace, plus the task's prototype (mean la
 Construction (the authors' ``esmpp.py`` / ``merge.py::esm_pp``): for task ``t`` and layer ``ℓ``
 with merged weight ``M`` and fine-tuned weight ``W_t``, the residual ``δ = W_t − M``; its
 essential subspace ``B`` = the top-``r`` eigenvectors of ``δ G_t δᵀ`` (``G_t = XᵀX`` of that
-layer's inputs in expert ``t``, from :mod:`submerge.calibrate`), and ``A = Bᵀ δ`` — so that
+layer's inputs in expert ``t``, from :mod:`submerge.stats.gram`), and ``A = Bᵀ δ`` — so that
 ``x·(B A)ᵀ`` keeps the part of the residual's output shift that task's inputs excite most.
 The prototype is the token-mean layer input in expert ``t``.  submerge also stores the bias
 residual ``b_t − b_M`` (T·d_out numbers; the authors' code drops it), so that oracle routing
@@ -151,7 +151,7 @@ class ExpertSet:
 # ---------------------------------------------------------------------------------- construction
 def routed_roles(spec: str) -> set[str]:
     """Roles routed: a comma list of ESM roles (q,k,v,qkv,attn_out,mlp_in,mlp_out) or 'all'."""
-    from submerge.methods.esm import ROLES
+    from submerge.layers import ROLES
 
     roles = {r.strip() for r in str(spec).split(",") if r.strip()}
     if roles == {"all"}:
@@ -165,7 +165,7 @@ def routed_roles(spec: str) -> set[str]:
 
 
 def is_routed(name: str, roles: set[str], rules) -> bool:
-    from submerge.methods.esm import layer_role
+    from submerge.layers import layer_role
 
     hit = layer_role(name, rules)
     return hit is not None and hit[0] in roles
@@ -174,8 +174,8 @@ def is_routed(name: str, roles: set[str], rules) -> bool:
 def layer_experts(merged: torch.Tensor, finetuned: Sequence[torch.Tensor], stats: Sequence[Any], rank: int,
                   dtype: Optional[torch.dtype] = None) -> LayerExperts:
     """The experts of one linear weight: ``merged`` and each task's fine-tuned weight (stored layout),
-    ``stats`` each task's :class:`~submerge.calibrate.LayerStats` for this layer."""
-    from submerge.methods.esm import essential_subspace
+    ``stats`` each task's :class:`~submerge.stats.gram.LayerStats` for this layer."""
+    from submerge.stats.gram import essential_subspace
 
     dtype = dtype or merged.dtype
     layout = stats[0].layout
@@ -222,8 +222,8 @@ def build_experts(
     Layers whose role is routed but which lack statistics in some task are left unrouted (logged).
     ``prototype_stats``: per task, statistics whose mean inputs become the prototypes instead (e.g.
     collected in the merged model itself, which is what the router sees at inference)."""
-    from submerge.calibrate import load_stats
-    from submerge.methods.esm import parse_role_patterns
+    from submerge.stats.load import load_stats
+    from submerge.layers import parse_role_patterns
 
     if len(stats) != len(models):
         raise ConfigError(f"build_experts: {len(models)} models but {len(stats)} calibration sources")

@@ -29,7 +29,7 @@ from submerge.routing.experts import ExpertSet
 def gaussian_router(experts: ExpertSet, stats: Sequence[Any], shrinkage: float = 0.1) -> ExpertSet:
     """Give every routed layer of ``experts`` (in place; returned) the shared-covariance Gaussian rule from
     ``stats`` (one calibration source per task, as for :func:`~submerge.routing.build_experts`)."""
-    from submerge.calibrate import load_stats
+    from submerge.stats.load import load_stats
 
     if not 0 <= shrinkage <= 1:
         raise ConfigError(f"shrinkage must be in [0, 1], got {shrinkage}")

@@ -53,7 +53,7 @@ def _cache_root(cache_dir: Optional[Union[str, Path]]) -> Path:
 def _stats_folder(kind: str, model_dir: Path, spec: dict, root: Path) -> Path:
     """Where one model's statistics are cached: keyed by the model's fingerprint, the inputs' content and
     every setting (as ``submerge calibrate`` fingerprints the model it ran on)."""
-    from submerge.calibrate import model_fingerprint
+    from submerge.stats.folder import model_fingerprint
     from submerge.io.files import file_sha256
 
     blob = json.dumps({"kind": kind, "model": model_fingerprint(model_dir), "inputs": file_sha256(spec["inputs"]),
@@ -66,13 +66,13 @@ def _compute_stats(kind: str, model_dir: str, spec: dict, folder: str, task: str
     """Runs where the backend puts it (a Ray task on Ray): writes ``folder`` and returns it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "calibration":
-        from submerge.calibrate import calibrate_model_dir
+        from submerge.stats.gram import calibrate_model_dir
 
         calibrate_model_dir(model_dir, spec["inputs"], folder, n=spec["n"], max_length=spec["max_length"],
                             batch_size=spec["batch_size"], seed=spec["seed"], task=task, layers=spec["layers"],
                             field_name=spec["field"], overwrite=True, progress=False, device=device)
     else:
-        from submerge.fisher import fisher_model_dir
+        from submerge.stats.fisher import fisher_model_dir
 
         fisher_model_dir(model_dir, spec["inputs"], folder, n=spec["n"], kind=spec["kind"],
                          label_field=spec["label_field"], field_name=spec["field"], max_length=spec["max_length"],

@@ -128,7 +128,7 @@ class TaskData:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        from submerge.calibrate import load_pretrained
+        from submerge.stats.inputs import load_pretrained
 
         tok = load_pretrained(AutoTokenizer, self.expert, quiet=True)
         if tok.pad_token is None and tok.eos_token is not None:
@@ -144,7 +144,7 @@ class TaskData:
                 raise ConfigError(f"{self.data}: field {self.field!r} of row {bad + 1} is not a string")
             out = [r[self.field] for r in rows]
         else:
-            from submerge.calibrate import read_inputs
+            from submerge.stats.inputs import read_inputs
 
             out = read_inputs(self.data, self.field)
             if isinstance(out, dict):

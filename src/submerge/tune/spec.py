@@ -284,7 +284,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
         stats: dict[str, StatsJob] = {}
         if mdl.get("calibration"):
             folder = Path(_abs(str(mdl["calibration"]), config_dir))
-            from submerge.fisher import is_fisher_folder
+            from submerge.stats.fisher import is_fisher_folder
 
             kind = "fisher" if is_fisher_folder(folder) else "calibration"
             stats[kind] = StatsJob(kind, folder=folder)

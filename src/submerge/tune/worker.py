@@ -96,7 +96,7 @@ class SweepWorker:
     # ------------------------------------------------------------------ models
     def _model(self, i: int) -> torch.nn.Module:
         """The architecture that scores task ``i`` (one per model class and expert config, shared by tasks)."""
-        from submerge.calibrate import load_pretrained
+        from submerge.stats.inputs import load_pretrained
 
         sc, task = self.scorers[i], self.tasks[i]
         cfg_file = Path(task.expert) / "config.json"

@@ -26,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.stats.folder import model_fingerprint, open_safetensors, read_manifest
+from submerge.stats.inputs import check_model_run, effective_max_length, load_pretrained, read_inputs
 
 FORMAT = "submerge-fisher/1"
 FISHER_FILE = "fisher.safetensors"
@@ -89,8 +91,6 @@ class FisherReader(FisherStats):
         if not mpath.exists() or not (self.path / FISHER_FILE).exists():
             raise CheckpointError(f"{self.path} is not a Fisher folder (needs {MANIFEST_FILE} and {FISHER_FILE}; "
                                   f"create one with `submerge fisher`)")
-        from submerge.calibrate import open_safetensors, read_manifest
-
         manifest = read_manifest(mpath, FORMAT, self.path)
         self._file = open_safetensors(self.path / FISHER_FILE, self.path)
         self._shapes = {k: list(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
@@ -197,8 +197,6 @@ def _label_at(labels: Sequence[Any], i: int, n_classes: int) -> int:
 
 
 def _read_labelled(path: Path, field_name: Optional[str], label_field: Optional[str]) -> tuple[list[str], Optional[list]]:
-    from submerge.calibrate import read_inputs
-
     if label_field is None:
         data = read_inputs(path, field_name)
         if isinstance(data, dict):
@@ -258,10 +256,6 @@ def fisher_model_dir(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from submerge.calibrate import model_fingerprint
-
-    from submerge.calibrate import check_model_run, effective_max_length, load_pretrained
-
     model_dir, inputs = Path(model_dir), Path(inputs)
     if kind not in KINDS:
         raise ConfigError(f"Fisher kind {kind!r}: use one of {list(KINDS)}")
@@ -272,7 +266,7 @@ def fisher_model_dir(
     archs = getattr(cfg, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"{model_dir} is a {archs or 'model without architectures'}; `submerge fisher` handles "
-                          f"*ForSequenceClassification models (use submerge.fisher.fisher_diagonal for others)")
+                          f"*ForSequenceClassification models (use submerge.stats.fisher.fisher_diagonal for others)")
     texts, labels = _read_labelled(inputs, field_name, label_field)
     if not texts:
         raise ConfigError(f"no inputs in {inputs}")

@@ -1,4 +1,4 @@
-"""Calibration statistics: what each linear layer sees on a few task inputs.
+"""Gram (calibration) statistics: what each linear layer sees on a few task inputs.
 
 Data-based merges (ESM, RegMean, ESM++) need, per task and per linear layer, the
 uncentred input second moment ``G = XᵀX`` (d_in x d_in), the token count and the
@@ -18,22 +18,24 @@ mean input.  Since the output shift of an update is ``ΔO = X ΔWᵀ``, the PCA 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.stats.folder import _is_pos_int, model_fingerprint, open_safetensors, read_manifest
+from submerge.stats.inputs import (check_model_run, check_token_ids, effective_max_length, load_pretrained,
+                                   read_inputs, tensor_batches, text_batches)
 
 log = logging.getLogger("submerge")
 
@@ -177,83 +179,6 @@ class StatsReader(CalibrationStats):
         return LayerStats(gram, mean, int(meta["count"]), meta.get("layout", "out_in"))
 
 
-def _is_pos_int(v: Any) -> bool:
-    return type(v) is int and v > 0
-
-
-def read_manifest(path: Path, fmt: str, folder: Path) -> dict:
-    """A statistics folder's JSON manifest, checked to be an object of the expected format (one-line errors)."""
-    from submerge.io.files import read_small_text
-
-    try:
-        manifest = json.loads(read_small_text(path, folder, "statistics folder"))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: corrupt manifest (a JSON object expected, got {type(manifest).__name__})")
-    if manifest.get("format") != fmt:
-        raise CheckpointError(f"{path}: unknown format {str(manifest.get('format'))[:80]!r}, expected {fmt}")
-    return manifest
-
-
-def open_safetensors(path: Path, folder: Path):
-    """``safe_open`` on a checked regular file of ``folder``, with a one-line error for a corrupt file."""
-    from safetensors import safe_open
-
-    from submerge.io import parse_safetensors_header
-    from submerge.io.files import checked_file
-
-    checked_file(path, folder, "statistics folder")
-    parse_safetensors_header(path)  # our header checks: offsets inside the file, shapes, dtypes
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-class LazyStats(Sequence):
-    """Per model, the stats of one tensor's layer, read from disk only when a method indexes it
-    (ESM's per-tensor pass never does: its statistics were used in the whole-model pass)."""
-
-    def __init__(self, sources: list[tuple[Optional[CalibrationStats], str]]):
-        self._sources = sources
-        self._cache: dict[int, Optional[LayerStats]] = {}
-
-    def __len__(self) -> int:
-        return len(self._sources)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i not in self._cache:
-            stats, name = self._sources[i]
-            self._cache[i] = stats.lookup(name) if stats is not None else None
-        return self._cache[i]
-
-
-StatsLike = Union[CalibrationStats, str, Path]
-
-
-def load_stats(source: StatsLike) -> CalibrationStats:
-    """Per-model statistics from an in-memory object or a saved folder: calibration statistics
-    (``submerge calibrate``) or a diagonal Fisher (``submerge fisher``, :mod:`submerge.fisher`)."""
-    from submerge.fisher import FisherReader, FisherStats, is_fisher_folder
-
-    if isinstance(source, (CalibrationStats, FisherStats)):
-        return source
-    if is_fisher_folder(source):
-        return FisherReader(source)
-    return StatsReader(source)
-
-
-def check_stats_kind(stats: Any, want: str, method: str, where: str) -> None:
-    """A method reading Gram statistics given a Fisher folder (or the other way round) fails here."""
-    kind = getattr(stats, "kind", "calibration")
-    if kind != want:
-        make = "`submerge fisher`" if want == "fisher" else "`submerge calibrate`"
-        raise ConfigError(f"{where}: {method} needs {want} statistics (from {make}), got {kind} statistics")
-
-
 def match_layer(tensor_name: str, layers: Sequence[str]) -> Optional[str]:
     """The layer a weight tensor belongs to: the longest layer name that is a dotted suffix of the
     tensor's module path (so ``bert.encoder.layer.0.attention.self.query.weight`` finds
@@ -388,99 +313,6 @@ def collect_stats(
     return CalibrationStats(out, {k: v for k, v in aliases.items() if v in out}, meta)
 
 
-# ------------------------------------------------------------------------------ inputs from files
-def read_inputs(path: Union[str, Path], field_name: Optional[str] = None) -> Union[list[str], dict]:
-    """Calibration inputs from a file: ``.txt`` (one text per line), ``.jsonl`` (a ``text`` field, or
-    ``field_name``), ``.json`` (a list of strings) or ``.pt``/``.safetensors`` (ready model inputs:
-    ``input_ids`` [+ ``attention_mask``])."""
-    from submerge.io.files import checked_file, jsonl_values, read_user_text
-
-    p = Path(path)
-    if not os.path.lexists(p):
-        raise ConfigError(f"input file {p} does not exist")
-    suffix = p.suffix.lower()
-    if suffix in (".pt", ".pth", ".safetensors"):
-        try:
-            checked_file(p, None, "input file")
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from None
-        return _tensor_inputs(p, suffix)
-    text = read_user_text(p)
-    if suffix == ".jsonl":
-        key = field_name or "text"
-        out = []
-        for n, rec in jsonl_values(text, p):
-            if isinstance(rec, str):
-                out.append(rec)
-            elif isinstance(rec, dict) and isinstance(rec.get(key), str):
-                out.append(rec[key])
-            else:
-                raise ConfigError(f"{p}:{n}: no string field {key!r} (choose one with --field)")
-        return out
-    if suffix == ".json":
-        try:
-            rec = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(rec, list) or not all(isinstance(r, str) for r in rec):
-            raise ConfigError(f"{p}: expected a JSON list of strings")
-        return rec
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def _tensor_inputs(p: Path, suffix: str) -> dict:
-    """Ready model inputs: ``input_ids`` [+ ``attention_mask``], 2-D integer tensors of one length."""
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(p))
-        else:
-            data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt files raise many error types
-        raise ConfigError(f"{p}: cannot load tensors ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    if isinstance(data, torch.Tensor):
-        data = {"input_ids": data}
-    if not isinstance(data, dict) or not isinstance(data.get("input_ids"), torch.Tensor):
-        raise ConfigError(f"{p}: expected a tensor or a dict with an 'input_ids' tensor")
-    ids = data["input_ids"]
-    if ids.dim() != 2 or ids.shape[0] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ConfigError(f"{p}: input_ids must be a non-empty 2-D integer tensor [examples, tokens], "
-                          f"got {ids.dtype} {list(ids.shape)}")
-    if bool((ids < 0).any()):
-        raise ConfigError(f"{p}: input_ids holds negative token ids")
-    mask = data.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
-        raise ConfigError(f"{p}: attention_mask must be a tensor of input_ids' shape {list(ids.shape)}")
-    return {k: v for k, v in data.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def text_batches(texts: Sequence[str], tokenizer: Any, batch_size: int = 8,
-                 max_length: int = 128) -> Iterator[dict]:
-    for s in range(0, len(texts), batch_size):
-        yield dict(tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True,
-                             max_length=max_length, return_tensors="pt"))
-
-
-def tensor_batches(data: dict, n: int, batch_size: int = 8) -> Iterator[dict]:
-    for s in range(0, n, batch_size):
-        yield {k: v[s:s + batch_size] for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
-def model_fingerprint(path: Union[str, Path]) -> str:
-    """A cheap identity of a checkpoint folder: sha256 over its weight files' names, sizes and headers."""
-    p = Path(path)
-    files = sorted(f for f in (p.iterdir() if p.is_dir() else [p])
-                   if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 16))
-    return h.hexdigest()
-
-
 def calibrate_model_dir(
     model_dir: Union[str, Path],
     inputs: Union[str, Path, Sequence[str]],
@@ -548,76 +380,38 @@ def calibrate_model_dir(
     return stats
 
 
-def check_model_run(model_dir: Path, out_dir: Union[str, Path], inputs: Sequence[Any], overwrite: bool,
-                    device: str, what: str, **counts: int) -> torch.device:
-    """The checks ``submerge calibrate`` / ``fisher`` make before loading anything: the model folder,
-    positive counts, the device, and an OUT that is safe to write (and absent unless ``overwrite``)."""
-    from submerge.device import parse_device
-    from submerge.io import check_output_target
+# ------------------------------------------------------------------------------ the essential subspace
+def essential_subspace(dw: torch.Tensor, gram: torch.Tensor, count: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` principal directions ``E [d_out, rank]`` and eigenvalues ``λ [rank]`` (descending)
+    of the uncentred feature-shift covariance ``ΔW G ΔWᵀ / (n − 1)`` (float64).
 
-    from submerge.io import Checkpoint
-
-    if not Path(model_dir).is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    Checkpoint(model_dir, label=str(model_dir)).close()  # containment and header checks, before transformers
-    for name, value in counts.items():
-        if type(value) is not int or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    dev = parse_device(device)
-    out = check_output_target(out_dir, [model_dir, *inputs], what)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{what} {out_dir} already exists (pass --overwrite to replace it)")
-    return dev
-
-
-def load_pretrained(cls: Any, model_dir: Path, quiet: bool = False, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model_dir)`` (a transformers Auto class) with a one-line error for a broken
-    folder; ``quiet`` silences transformers' progress bars and warnings.  Weights are read in float32."""
-    from transformers.utils import logging as hf_logging
-
-    if cls.__name__.startswith("AutoModel"):
-        kwargs.setdefault("torch_dtype", torch.float32)
-    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if quiet:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    try:
-        return cls.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, json.JSONDecodeError) as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {model_dir} with transformers {cls.__name__}: {msg}") from None
-    finally:
-        if quiet:
-            hf_logging.set_verbosity(verbosity)
-            if bar:
-                hf_logging.enable_progress_bar()
-
-
-def check_token_ids(ids: torch.Tensor, model: Any, source: Any) -> None:
-    cfg = getattr(model, "config", None)
-    vocab = getattr(cfg, "vocab_size", None)
-    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
-        raise ConfigError(f"{source}: token id {int(ids.max())} is outside the model's vocabulary ({vocab})")
-    positions = max_positions(cfg)
-    if positions is not None and ids.shape[1] > positions:
-        raise ConfigError(f"{source}: inputs of {ids.shape[1]} tokens are longer than the model's "
-                          f"{positions} positions")
-
-
-def max_positions(cfg: Any) -> Optional[int]:
-    """How many tokens the model's position embeddings cover (None when it does not say)."""
-    n = getattr(cfg, "max_position_embeddings", None)
-    if not isinstance(n, int) or n <= 0:
-        return None
-    if getattr(cfg, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):  # padding_idx + 1 offset
-        n -= 2
-    return n
-
-
-def effective_max_length(max_length: int, cfg: Any) -> int:
-    """``max_length`` capped at the model's positions (longer inputs would fail inside the model)."""
-    positions = max_positions(cfg)
-    if positions is not None and max_length > positions:
-        log.info("max_length %d exceeds the model's %d positions; truncating to %d", max_length, positions, positions)
-        return positions
-    return max_length
+    ``d_out <= d_in``: eigh of the d_out x d_out matrix.  Otherwise: with ``M = ΔW G^½``,
+    eigh of ``MᵀM`` (d_in x d_in) and ``E = M V / √λ`` — the same nonzero spectrum.
+    Directions beyond the rank of ``ΔO`` come back as zero columns with λ = 0.
+    """
+    dw = dw.double()
+    gram = gram.to(dw.device, torch.float64)  # statistics live on the CPU; the math where the weights are
+    d_out, d_in = dw.shape
+    rank = min(rank, d_out)
+    denom = max(count - 1, 1)
+    if d_out <= d_in:
+        cov = dw @ gram @ dw.T
+        lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
+        lam, vec = lam.flip(0)[:rank].clamp(min=0), vec.flip(1)[:, :rank]
+        return vec, lam / denom
+    w, q = torch.linalg.eigh((gram + gram.T) / 2)
+    g_half = (q * w.clamp(min=0).sqrt()) @ q.T
+    m = dw @ g_half
+    lam, v = torch.linalg.eigh(m.T @ m)
+    lam, v = lam.flip(0).clamp(min=0), v.flip(1)
+    k = min(rank, d_in)
+    lam, v = lam[:k], v[:, :k]
+    tol = lam.max().clamp(min=1e-300) * (max(d_out, d_in) * torch.finfo(torch.float64).eps)
+    ok = lam > tol
+    e = torch.zeros(d_out, k, dtype=torch.float64, device=dw.device)
+    e[:, ok] = (m @ v[:, ok]) / lam[ok].sqrt()
+    lam = torch.where(ok, lam, torch.zeros_like(lam))
+    if k < rank:  # rank(ΔO) <= d_in < requested rank: pad with zero directions
+        e = torch.cat([e, e.new_zeros(d_out, rank - k)], 1)
+        lam = torch.cat([lam, lam.new_zeros(rank - k)])
+    return e, lam / denom

@@ -1,0 +1,86 @@
+"""The package's layers, read from the source: no module imports one above it, and no two import each other.
+
+Bottom to top: errors/_lazy, io, layers, stats, routing, methods, plan/card/executor, api/search/tune/bench/
+analysis, cli.  An import inside a function counts the same as one at the top (it is a dependency too)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "submerge"
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        mod = _module_of(path)
+        deps = out.setdefault(mod, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("submerge"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("submerge"))
+    return out
+
+
+def _group(mod: str) -> str:
+    """The unit a layer is made of: a subpackage (``submerge.stats``) or a top-level module."""
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else mod
+
+
+def test_no_two_units_import_each_other():
+    graph: dict[str, set[str]] = {}
+    for mod, deps in _imports().items():
+        g = _group(mod)
+        graph.setdefault(g, set()).update(_group(d) for d in deps if _group(d) not in (g, "submerge"))
+    # any cycle in the unit graph (depth-first search with colours)
+    colour: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(u: str) -> None:
+        colour[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if colour.get(v) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(v):] + [v]))
+            if colour.get(v) is None:
+                visit(v)
+        stack.pop()
+        colour[u] = 2
+
+    for u in sorted(graph):
+        if colour.get(u) is None:
+            visit(u)
+
+
+def test_lower_layers_never_import_higher_ones():
+    below = {  # unit -> units it must never import
+        "submerge.io": {"submerge.stats", "submerge.methods", "submerge.routing", "submerge.plan", "submerge.executor"},
+        "submerge.layers": {"submerge.stats", "submerge.methods", "submerge.routing", "submerge.io"},
+        "submerge.stats": {"submerge.methods", "submerge.routing", "submerge.plan", "submerge.executor",
+                           "submerge.analysis"},
+        "submerge.routing": {"submerge.methods", "submerge.plan", "submerge.executor", "submerge.api"},
+        "submerge.card": {"submerge.executor"},
+    }
+    bad = []
+    for mod, deps in _imports().items():
+        for d in deps:
+            if _group(d) in below.get(_group(mod), ()):
+                bad.append(f"{mod} imports {d}")
+    assert not bad, bad
+
+
+def test_the_graph_is_read():  # the checks above are not vacuous
+    imports = _imports()
+    assert "submerge.stats.gram" in imports and "submerge.stats.folder" in imports["submerge.stats.gram"]
+    assert "submerge.layers" in imports["submerge.methods.esm"]
