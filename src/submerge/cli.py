@@ -203,6 +203,39 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
                    f"in {st.info['seconds']}s")
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--calibration", multiple=True, help="A `submerge calibrate` folder per model, in model order "
+              "(repeat the option), for ESM's view; default: the models' calibration: entries.")
+@click.option("--scorer", default=None, help="Override every task's scorer of the config's eval: block "
+              "(classification, lm_loss, python:module:function); without an eval: block no scored analysis runs.")
+@click.option("--topk", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.2, show_default=True,
+              help="Share of entries per tensor in each task's top-k mask (mask overlap).")
+@click.option("--points", type=click.IntRange(min=3), default=5, show_default=True,
+              help="Points along each path, endpoints included.")
+@click.option("--no-pairs", is_flag=True, help="Skip the paths between every pair of experts (T(T-1) scored paths).")
+@click.option("--no-spectra", is_flag=True, help="Skip the SVD of every matrix (and ESM's view).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def analyze(config: str, out_dir: str, calibration: tuple, scorer: Optional[str], topk: float, points: int,
+            no_pairs: bool, no_spectra: bool, overwrite: bool, quiet: bool) -> None:
+    """Measure why a merge of CONFIG's models will or will not work, into OUT_DIR (analysis.json, analysis.md,
+    PNGs): task-vector conflicts and spectra (streamed, data-free), ESM's essential subspaces (with calibration
+    statistics), and with the config's eval: block (submerge tune's format, validation data only) loss paths,
+    barriers, retention and calibration of the merge."""
+    from submerge.analysis.run import analyze as run_analyze
+
+    _setup_logging(0, quiet)
+    try:
+        res = run_analyze(config, out_dir, calibration=calibration, scorer=scorer, topk=topk, points=points,
+                          pairs=not no_pairs, spectra=not no_spectra, overwrite=overwrite, progress=not quiet)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"wrote {out_dir}: analysis.json, analysis.md and PNGs ({res['seconds']} s)")
+
+
 @main.command("extract-lora")
 @click.argument("base")
 @click.argument("finetuned")

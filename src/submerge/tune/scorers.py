@@ -246,17 +246,25 @@ class ClassificationScorer(Scorer):
                 for idx in length_sorted_batches(lengths, t.batch_size, t.options.get("max_tokens", 2048))]
 
     @torch.no_grad()
-    def score(self, model):
-        texts, labels, _ = self.data
-        pred = torch.empty(len(texts), dtype=torch.long)
+    def logits(self, model) -> torch.Tensor:
+        """``[N, C]`` float logits of every example, in data order (an embedding head's are cosine similarities,
+        unscaled)."""
+        texts, _, _ = self.data
+        out = None
         for idx, batch in self.batches:
             if self.embedding_head:
-                logits = mean_pooled(model, batch) @ self.head.T
+                z = mean_pooled(model, batch) @ self.head.T
             else:
-                logits = model(**batch).logits
-            pred[idx] = logits.argmax(-1)
-        correct = (pred == labels).double()
-        return float(correct.mean()), {"accuracy": float(correct.mean()), "n": len(texts)}
+                z = model(**batch).logits
+            if out is None:
+                out = torch.empty(len(texts), z.shape[-1])
+            out[idx] = z.float()
+        return out
+
+    def score(self, model):
+        _, labels, _ = self.data
+        correct = (self.logits(model).argmax(-1) == labels).double()
+        return float(correct.mean()), {"accuracy": float(correct.mean()), "n": len(labels)}
 
 
 class LMLossScorer(Scorer):
@@ -280,7 +288,8 @@ class LMLossScorer(Scorer):
         return out
 
     @torch.no_grad()
-    def score(self, model):
+    def nll(self, model) -> tuple[float, int]:
+        """Mean next-token negative log-likelihood over the data, and the number of tokens scored."""
         total, count = 0.0, 0
         for batch in self.batches:
             logits = model(**batch).logits[:, :-1].float()
@@ -291,7 +300,10 @@ class LMLossScorer(Scorer):
             count += int(mask.sum())
         if count == 0:
             raise ConfigError(f"eval data {self.task.data}: no text has two tokens or more")
-        nll = total / count
+        return total / count, count
+
+    def score(self, model):
+        nll, count = self.nll(model)
         return math.exp(-nll), {"nll": nll, "perplexity": math.exp(nll), "tokens": count}
 
 

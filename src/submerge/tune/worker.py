@@ -124,18 +124,8 @@ class SweepWorker:
         """Every task's score of ``state`` (with each task's own tensors, e.g. its head, swapped in);
         ``own_from``: score only that expert's own task (the normalisation pass)."""
         scores, details = {}, {}
-        loaded: set = set()
-        idx = range(len(self.tasks)) if own_from is None else [own_from]
-        for i in idx:
+        for i, model in self.each_task(state, own_from):
             task, sc = self.tasks[i], self.scorers[i]
-            model = self._model(i)
-            if id(model) not in loaded:
-                model.load_state_dict(state, strict=False)
-                loaded.add(id(model))
-            own = sc.own_tensors(model, self.experts[i])
-            if own:
-                model.load_state_dict(own, strict=False)
-                loaded.discard(id(model))  # the next task of this model reloads the merged tensors
             task.candidate = label
             try:
                 value, det = sc.score(model)
@@ -147,6 +137,21 @@ class SweepWorker:
                 raise CandidateError(f"candidate {label}: task {task.name} scored {value}")
             scores[task.name], details[task.name] = value, det
         return scores, details
+
+    def each_task(self, state: dict[str, torch.Tensor], only: Optional[int] = None):
+        """Per task ``i`` (or only task ``only``): ``(i, model)``, the task's architecture holding ``state`` with
+        the task's own tensors (its classifier) swapped in — what its scorer reads."""
+        loaded: set = set()
+        for i in (range(len(self.tasks)) if only is None else [only]):
+            model = self._model(i)
+            if id(model) not in loaded:
+                model.load_state_dict(state, strict=False)
+                loaded.add(id(model))
+            own = self.scorers[i].own_tensors(model, self.experts[i])
+            if own:
+                model.load_state_dict(own, strict=False)
+                loaded.discard(id(model))  # the next task of this model reloads the merged tensors
+            yield i, model
 
     def score_experts(self) -> dict[str, float]:
         """Each expert on its own task: the normalisation of every score (computed once)."""
