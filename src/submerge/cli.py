@@ -236,6 +236,38 @@ def analyze(config: str, out_dir: str, calibration: tuple, scorer: Optional[str]
         click.echo(f"wrote {out_dir}: analysis.json, analysis.md and PNGs ({res['seconds']} s)")
 
 
+@main.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.argument("reference", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Attention heads per block (default: config.json's num_attention_heads).")
+@click.option("--residual", is_flag=True, help="Also permute the residual stream (embeddings, LayerNorms, every "
+              "block's reads and writes, the pooler's input); only for models whose outputs pass through a pooler "
+              "or head, else the outputs come back permuted.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the order groups are matched in.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def align(model: str, reference: str, out_dir: str, heads: Optional[int], residual: bool, max_iter: int, seed: int,
+          overwrite: bool, quiet: bool) -> None:
+    """Permute MODEL's hidden units (MLP neurons, attention heads as units, optionally the residual stream) to
+    match REFERENCE by weight matching (Git Re-Basin), writing a functionally identical checkpoint to OUT_DIR —
+    for models fine-tuned from different initialisations, before merging them."""
+    from submerge.analysis.align import align_model_dir
+
+    _setup_logging(0, quiet)
+    try:
+        rep = align_model_dir(model, reference, out_dir, heads=heads, residual=residual, max_iter=max_iter,
+                              seed=seed, overwrite=overwrite)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        moved = sum(rep["moved"].values())
+        click.echo(f"wrote {out_dir}: {len(rep['groups'])} permutation groups, {moved} units moved, "
+                   f"<W_ref, W> {rep['objective_before']:.4g} -> {rep['objective_after']:.4g} in {rep['rounds']} rounds")
+
+
 @main.command("extract-lora")
 @click.argument("base")
 @click.argument("finetuned")
