@@ -184,3 +184,22 @@ def test_data_free_only_without_eval_and_bad_input(cls_family, calib, tmp_path):
         assert not (tmp_path / "x").exists()
     r = CliRunner().invoke(main, ["analyze", str(free), str(out), "-q"])
     assert r.exit_code != 0 and "already exists" in r.output
+
+
+@pytest.mark.parametrize("shape", [(40, 70), (70, 40)])
+def test_spectrum_from_the_smaller_gram_equals_the_svd(shape):
+    from submerge.analysis.weights import _spectrum
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.randn(3, *shape, generator=g) * torch.linspace(3, 0.1, shape[1])
+    sp = _spectrum(ds, 10**9, 256)
+    k = sp["k"]
+    assert k == min(shape) // 3
+    for i, d in enumerate(ds):
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        assert torch.allclose(sp["s"][i][: len(s)], s, atol=1e-10)
+        assert subspace_overlap(sp["u"][i], u[:, :k]) == pytest.approx(1.0, abs=1e-9)
+        assert subspace_overlap(sp["v"][i], vh[:k].T) == pytest.approx(1.0, abs=1e-9)
+    lr = torch.randn(3, shape[0], 5, generator=g) @ torch.randn(3, 5, shape[1], generator=g)  # rank 5
+    low = _spectrum(lr, 10, 8)  # the svd_lowrank path for big matrices: exact on a low-rank update
+    assert low["lowrank"] and torch.allclose(low["s"][0][:5], torch.linalg.svdvals(lr[0].double())[:5], rtol=1e-4)

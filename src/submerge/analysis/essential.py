@@ -32,7 +32,8 @@ class EssentialAnalyzer:
         self.missing: list[str] = []
 
     def add(self, name: str, role: Optional[str], block: Optional[int], base: torch.Tensor,
-            experts: Sequence[torch.Tensor], weight_out: Optional[Sequence[torch.Tensor]]) -> Optional[dict]:
+            experts: Sequence[torch.Tensor], weight_out: Optional[Sequence[torch.Tensor]],
+            weight_svals: Optional[Sequence[torch.Tensor]] = None) -> Optional[dict]:
         """One weight: ``weight_out`` are the tasks' top-k singular vectors of ``ΔW`` on its output side (from
         the data-free pass: the left ones of an ``out_in`` weight, the right ones of an ``in_out`` one)."""
         if role not in self.roles or base.dim() != 2:
@@ -44,13 +45,14 @@ class EssentialAnalyzer:
         t = len(experts)
         es, k90e, k90w, energy = [], [], [], []
         k = weight_out[0].shape[1] if weight_out else max(1, min(base.shape) // t)
-        for w, st in zip(experts, per):
+        for ti, (w, st) in enumerate(zip(experts, per)):
             delta = st.weight_as_out_in(w.double() - base.double())
             d_out = delta.shape[0]
             e, lam = essential_subspace(delta, st.gram, st.count, d_out)
             es.append(e[:, :k])
             k90e.append(energy_rank(lam))
-            k90w.append(energy_rank(torch.linalg.svdvals(delta).pow(2)))
+            s = weight_svals[ti] if weight_svals is not None else torch.linalg.svdvals(delta)
+            k90w.append(energy_rank(s.pow(2)))
             c = torch.cumsum(lam, 0) / lam.sum().clamp(min=1e-300)
             energy.append([float(c[min(i, len(c) - 1)]) for i in (0, 3, 15, 63, 255) if len(c)])
         off = [(i, j) for i in range(t) for j in range(t) if i < j]

@@ -28,19 +28,31 @@ log = logging.getLogger("submerge")
 EVAL_ONLY_KEYS = ("eval", "objective")
 
 
-def _split(raw: Any, source: str) -> tuple[dict, Optional[dict]]:
+def _split(raw: Any, source: str) -> tuple[dict, Optional[dict], list[Optional[str]]]:
+    """The merge config, the eval block, and each model's ``name:`` (as tune's configs give it)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping")
     merge = {k: v for k, v in raw.items() if k not in EVAL_ONLY_KEYS}
-    return merge, raw.get("eval")
+    names: list[Optional[str]] = []
+    if isinstance(merge.get("models"), list):
+        models = []
+        for m in merge["models"]:
+            if isinstance(m, dict) and "name" in m:
+                names.append(str(m["name"]))
+                m = {k: v for k, v in m.items() if k != "name"}
+            else:
+                names.append(None)
+            models.append(m)
+        merge["models"] = models
+    return merge, raw.get("eval"), names
 
 
-def _task_names(cfg) -> list[str]:
-    names = [m.name if getattr(m, "name", None) else Path(str(m.model).split("+")[-1].split("@")[0]).name
-             for m in cfg.models]
+def _task_names(cfg, given: list[Optional[str]]) -> list[str]:
+    names = [n or Path(str(m.model).split("+")[-1].split("@")[0]).name
+             for n, m in zip(given + [None] * len(cfg.models), cfg.models)]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"models: task name(s) {dup} used twice (two models in folders of one name)")
+        raise ConfigError(f"models: task name(s) {dup} used twice; give each model a distinct 'name:'")
     return names
 
 
@@ -58,7 +70,7 @@ def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration:
     if not cpath.is_file():
         raise ConfigError(f"config file {cpath} does not exist")
     config_dir = cpath.resolve().parent
-    merge_raw, eval_raw = _split(load_yaml_text(cpath.read_text(encoding="utf-8"), str(cpath)), str(cpath))
+    merge_raw, eval_raw, given_names = _split(load_yaml_text(cpath.read_text(encoding="utf-8"), str(cpath)), str(cpath))
     cfg = parse_config(merge_raw, str(cpath))
     if not cfg.models or cfg.slices is not None:
         raise ConfigError(f"{cpath}: analyze reads whole models: list them under 'models:' (no slices)")
@@ -68,7 +80,7 @@ def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration:
         raise ConfigError(f"--topk must be in (0, 1], got {topk}")
     if type(points) is not int or points < 3:
         raise ConfigError(f"--points must be an integer >= 3 (the endpoints and one interior point), got {points}")
-    tasks = _task_names(cfg)
+    tasks = _task_names(cfg, given_names)
     if scorer is not None and eval_raw is None:
         raise ConfigError(f"--scorer {scorer}: the config has no 'eval:' block naming each task's validation data")
     if calibration and len(calibration) != len(cfg.models):
@@ -134,7 +146,7 @@ def _run(cfg, cpath, config_dir, plan, out_dir, overwrite, tasks, stats, eval_ta
                 if st0 is not None:
                     layout_in_out = st0.layout == "in_out"
                 us, vs = wa.last_vectors
-                ea.add(job.out_name, rec.role, rec.block, base, experts, vs if layout_in_out else us)
+                ea.add(job.out_name, rec.role, rec.block, base, experts, vs if layout_in_out else us, wa.last_svals)
             del base, experts
         result["weights"] = wa.summary()
         result["weights"]["seconds"] = round(time.perf_counter() - t0, 2)
