@@ -63,11 +63,11 @@ def _markdown(r: dict, figures: list[str]) -> str:
               + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in iou[:3]) + ".",
               "- Least aligned (cosine): " + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in cos[:3])
               + f"; most aligned: {cos[-1][1]}/{cos[-1][2]} {cos[-1][0]:.3f}.", ""]
-    fam = sorted(((v, f) for f, v in w["mean_cosine_by_family"].items() if v is not None and math.isfinite(v)),
-                 reverse=True)
+    mats = set(w.get("matrix_families") or w["mean_cosine_by_family"])
+    fam = sorted(((v, f) for f, v in w["mean_cosine_by_family"].items()
+                  if f in mats and v is not None and math.isfinite(v)), reverse=True)
     if fam:
-        L += ["Layer families by mean pairwise cosine (highest first; few numbers dominate a family with "
-              "small tensors):", ""] + [f"- `{f}`: {v:.3f}" for v, f in fam[:6]] + ["- …"] * (len(fam) > 6) + [""]
+        L += ["Weight-matrix families by mean pairwise cosine (highest first; all families in analysis.json):", ""] + [f"- `{f}`: {v:.3f}" for v, f in fam[:6]] + ["- …"] * (len(fam) > 6) + [""]
     sp = w["spectra"]
     if sp:
         ratio = [(x["overlap_left"] / x["chance_left"], x) for x in sp

@@ -81,12 +81,27 @@ class TensorRecord:
     spectrum: Optional[dict] = None
 
 
-def _spectrum(ds: torch.Tensor, svd_max: int, lowrank_q: int) -> dict:
+class _Deltas:
+    """``experts[i] − base`` as float32 matrices, made when indexed (one at a time: bounded memory)."""
+
+    def __init__(self, base: torch.Tensor, experts: Sequence[torch.Tensor]):
+        self.base, self.experts = base, experts
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i >= len(self.experts):
+            raise IndexError(i)
+        return self.experts[i].float() - self.base.float()
+
+
+def _spectrum(ds: Sequence[torch.Tensor], svd_max: int, lowrank_q: int) -> dict:
     """Per task: singular values and the top-k left/right singular vectors of ``ds [T, m, n]``.
 
     Exact path: the eigendecomposition of the smaller Gram matrix (``d dᵀ`` or ``dᵀ d``, float64) gives σ² and
     one side's vectors; the other side's top k follow as ``dᵀ u / σ`` (several times faster than an SVD)."""
-    t, m, n = ds.shape
+    t, (m, n) = len(ds), tuple(ds[0].shape)
     k = max(1, min(m, n) // t)
     lowrank = m * n > svd_max
     svals, us, vs = [], [], []
@@ -115,7 +130,7 @@ class WeightAnalyzer:
 
     def __init__(self, tasks: Sequence[str], *, topk: float = 0.2, spectra: bool = True,
                  svd_max: int = 16_000_000, lowrank_q: int = 256, role_patterns: str = "",
-                 chunk: int = 1 << 22):
+                 chunk: int = 1 << 20):
         self.tasks = list(tasks)
         self.topk = topk
         self.spectra = spectra
@@ -136,29 +151,31 @@ class WeightAnalyzer:
 
     def add(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, embedding: bool = False) -> TensorRecord:
         t = len(experts)
-        ds = torch.stack([e.float() - base.float() for e in experts])  # [T, *shape]
-        flat = ds.reshape(t, -1)
-        n = flat.shape[1]
+        bflat = base.reshape(-1)
+        eflat = [e.reshape(-1) for e in experts]
+        n = bflat.numel()
         k = min(n, max(1, int(round(self.topk * n))))
-        thr = torch.stack([torch.kthvalue(row.abs(), n - k + 1).values for row in flat]).unsqueeze(1)
+        thr = torch.stack([torch.kthvalue((e.float() - bflat.float()).abs_(), n - k + 1).values
+                           for e in eflat]).unsqueeze(1).double()
         zero = torch.zeros(t, t, dtype=torch.float64)
         gram, both, agree_minus, inter = zero.clone(), zero.clone(), zero.clone(), zero.clone()
         conflict = contested = 0
-        for s0 in range(0, n, self.chunk):  # bounded temporaries: [T, chunk] at a time
-            c = flat[:, s0:s0 + self.chunk]
-            c64 = c.double()
+        for s0 in range(0, n, self.chunk):  # bounded temporaries: [T, chunk] at a time, never [T, n]
+            b = bflat[s0:s0 + self.chunk].double()
+            c64 = torch.stack([e[s0:s0 + self.chunk].double() for e in eflat]).sub_(b)
+            c32 = c64.float().double()  # the float32 delta the thresholds were taken on
             gram += c64 @ c64.T
             s = torch.sign(c64)
             nz = s.abs()
             both += nz @ nz.T
             agree_minus += s @ s.T  # (#agree − #disagree) over entries both touch
-            m = ((c.abs() >= thr) & (c != 0)).double()
+            m = ((c32.abs() >= thr) & (c32 != 0)).double()
             inter += m @ m.T
             touched = nz.sum(0) >= 2
             elected = torch.sign(c64.sum(0))
             conflict += int(((s != 0) & (s != elected) & touched).any(0).sum())
             contested += int(touched.sum())
-            del c64, s, nz, m
+            del b, c64, c32, s, nz, m
         disagree = ((both - agree_minus) / 2).round()
         sizes = inter.diagonal()
         union = sizes[:, None] + sizes[None, :] - inter
@@ -170,8 +187,8 @@ class WeightAnalyzer:
             gram=gram.tolist(), sign_disagree=disagree.long().tolist(), both_nonzero=both.round().long().tolist(),
             conflict_entries=conflict, contested_entries=contested,
             mask_inter=inter.round().long().tolist(), mask_union=union.round().long().tolist())
-        if self.spectra and ds.dim() == 3 and min(ds.shape[1:]) > 1 and not embedding:
-            sp = _spectrum(ds, self.svd_max, self.lowrank_q)
+        if self.spectra and base.dim() == 2 and min(base.shape) > 1 and not embedding:
+            sp = _spectrum(_Deltas(base, experts), self.svd_max, self.lowrank_q)
             k = sp["k"]
             left = [[subspace_overlap(sp["u"][i], sp["u"][j]) for j in range(t)] for i in range(t)]
             right = [[subspace_overlap(sp["v"][i], sp["v"][j]) for j in range(t)] for i in range(t)]
@@ -180,7 +197,7 @@ class WeightAnalyzer:
                 "effective_rank": [effective_rank(x) for x in sp["s"]],
                 "k90": [energy_rank(x.pow(2)) for x in sp["s"]],
                 "overlap_left": left, "overlap_right": right,
-                "chance_left": k / ds.shape[1], "chance_right": k / ds.shape[2],
+                "chance_left": k / base.shape[0], "chance_right": k / base.shape[1],
             }
             self.last_vectors = (sp["u"], sp["v"])
             self.last_svals = sp["s"]
@@ -251,6 +268,7 @@ class WeightAnalyzer:
             "topk_iou": ratio(inter, union),
             "cosine_by_family": families,
             "mean_cosine_by_family": {f: mean_off(c) for f, c in families.items()},
+            "matrix_families": sorted({r.family for r in recs if len(r.shape) == 2}),
             "cosine_by_block": {str(b): c for b, c in blocks.items()},
             "mean_cosine_by_block": {str(b): mean_off(c) for b, c in blocks.items()},
             "norm_by_block": {str(b): [math.sqrt(max(x, 0.0)) for x in v.tolist()] for b, v in sorted(norms_block.items())},
