@@ -147,6 +147,15 @@ def _heat(ax, m, labels, title, fmt="{:.2f}", vmin=None, vmax=None, cmap="viridi
     return im
 
 
+def _save(fig, path: Path, files: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path.name)
+
+
 def _plots(r: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -161,10 +170,7 @@ def _plots(r: dict, out: Path) -> list[str]:
     _heat(axes[1], w["sign_conflict"], tasks, "sign conflict (co-touched entries)", fmt="{:.2f}", vmin=0, vmax=0.5,
           cmap="magma")
     _heat(axes[2], w["topk_iou"], tasks, f"top-{round(100 * w['topk'])}% mask IoU", vmin=0, vmax=1)
-    fig.tight_layout()
-    fig.savefig(out / "task_vectors.png", dpi=110)
-    plt.close(fig)
-    files.append("task_vectors.png")
+    _save(fig, out / "task_vectors.png", files)
 
     blocks = sorted(int(b) for b in w["norm_by_block"])
     if blocks:
@@ -185,10 +191,7 @@ def _plots(r: dict, out: Path) -> list[str]:
             axes[2].plot(blocks, per_block("chance_left"), ls="--", color="gray", label="chance (left)")
             axes[2].set(title="top-k singular subspace overlap per block", xlabel="block")
             axes[2].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "layers.png", dpi=110)
-        plt.close(fig)
-        files.append("layers.png")
+        _save(fig, out / "layers.png", files)
 
     e = r.get("essential")
     if e and e.get("layers"):
@@ -207,10 +210,7 @@ def _plots(r: dict, out: Path) -> list[str]:
         axes[1].set(title="overlap of two tasks' top-k subspaces", xlabel="weight (left singular)",
                     ylabel="essential")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "essential.png", dpi=110)
-        plt.close(fig)
-        files.append("essential.png")
+        _save(fig, out / "essential.png", files)
 
     p = r.get("paths")
     if p:
@@ -239,10 +239,7 @@ def _plots(r: dict, out: Path) -> list[str]:
                     else:
                         m[idx[b]][idx[a]] = v
             _heat(axes[2], m, tasks, "pair barrier (loss): linear above, SLERP below", cmap="magma")
-        fig.tight_layout()
-        fig.savefig(out / "paths.png", dpi=110)
-        plt.close(fig)
-        files.append("paths.png")
+        _save(fig, out / "paths.png", files)
         cal = p.get("calibration") or {}
         if cal:
             n = len(cal)
@@ -260,8 +257,5 @@ def _plots(r: dict, out: Path) -> list[str]:
             for ax in list(axes.flat)[n:]:
                 ax.axis("off")
             fig.suptitle("reliability: accuracy against confidence", fontsize=9)
-            fig.tight_layout()
-            fig.savefig(out / "reliability.png", dpi=110)
-            plt.close(fig)
-            files.append("reliability.png")
+            _save(fig, out / "reliability.png", files)
     return files
