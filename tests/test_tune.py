@@ -194,6 +194,46 @@ def test_the_written_model_is_the_winners_merge(cls_family, local_run):
     assert saved["merge_method"] == w["method"]
 
 
+def test_lines_candidates_score_as_independent_lines_merges(cls_family, tmp_path):
+    """LiNeS in a search entry: beta fixed, a list (the affine path in beta) or auto; every point equals an
+    independent merge_state_dicts(..., lines=) scored independently; the written winner carries lines:."""
+    root = cls_family
+    search = [{"method": "task_arithmetic", "weight": 1.0, "lines": {"beta": [0.0, 0.5, 1.0]}},
+              {"method": "tsv", "lines": {"beta": 0.4, "alpha": 0.8}},
+              {"method": "ties", "weight": 1.0, "density": 0.4, "lines": "auto"}]
+    cfg = _config(root, search)
+    cfg["models"] = [{k: v for k, v in m.items() if k != "calibrate"} for m in cfg["models"]]
+    out = tmp_path / "tuned"
+    res = tune(cfg, out, quiet=True, cache_dir=tmp_path / "cache")
+    report = json.loads((out / "tune.json").read_text())
+    base, experts = _load(root / "base"), [_load(root / t) for t in ("sentiment", "animal")]
+    labels = [c["label"] for c in report["candidates"]]
+    assert labels == ["task_arithmetic(weight=1.0, lambda=1.0, lines.beta=[0,0.5,1])",
+                      "tsv(alpha=1.0, lines.alpha=0.8, lines.beta=0.4)",
+                      "ties(weight=1.0, density=0.4, lambda=1.0, lines.beta=auto)"]
+    for c, spec in zip(report["candidates"], search):
+        assert c["error"] is None and c["points"]
+        fixed = {k: v for k, v in spec["lines"].items() if k != "beta"} if isinstance(spec["lines"], dict) else {}
+        for p in c["points"]:
+            beta = p["scale"] if p["scale"] is not None else spec["lines"]["beta"]
+            merged = merge_state_dicts(c["method"], base, experts, c["params"], lines={**fixed, "beta": beta})
+            for t in ("sentiment", "animal"):
+                assert p["scores"][t] == pytest.approx(_accuracy(merged, root, t), abs=1e-12), (c["label"], p)
+    assert len(report["candidates"][2]["points"]) >= 3  # beta searched
+    w = res.winner
+    assert w["lines"] is not None and "beta" in w["lines"]
+    saved = yaml.safe_load((out / "submerge_config.yaml").read_text())
+    assert saved["lines"]["beta"] == pytest.approx(w["lines"]["beta"])
+    expect = merge_state_dicts(w["method"], base, experts, w["params"], lines=w["lines"])
+    got = _load(out)
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], atol=1e-6, rtol=1e-6)
+    bad = _config(root, [{"method": "task_arithmetic", "lambda": [0.5, 1.0], "lines": {"beta": 0.5}}])
+    with pytest.raises(Exception, match="the searched scale is lines.beta"):
+        tune(bad, tmp_path / "bad", quiet=True, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_objective_worst_and_weighted(cls_family, tmp_path):
     search = [{"method": "task_arithmetic", "weight": 1.0, "lambda": [0.2, 0.6, 1.0]}]
     runs = {}

@@ -260,7 +260,7 @@ def _sweep(runner, candidates: list[Candidate], quiet: bool) -> list[CandidateRe
 def _winner_text(cand: Candidate, p: Point) -> str:
     from submerge.methods import get_method
 
-    sp = get_method(cand.method).scale_param
+    sp = "LiNeS beta" if getattr(cand, "lines", None) is not None else get_method(cand.method).scale_param
     return f"{sp} = {p.scale:g}" if sp and p.scale is not None else "no scale"
 
 
@@ -270,7 +270,12 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
     cand = spec.candidates[win.index]
     m = get_method(cand.method)
     params = dict(cand.params)
-    if m.scale_param and win.best.scale is not None:
+    lines = None
+    if cand.lines is not None:
+        lines = dict(cand.lines)
+        if win.best.scale is not None:
+            lines["beta"] = win.best.scale
+    elif m.scale_param and win.best.scale is not None:
         params[m.scale_param] = win.best.scale
     return {
         "format": "submerge-tune/1",
@@ -282,7 +287,7 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
         "candidates": [{**r.to_dict(), "method": spec.candidates[r.index].method,
                         "params": spec.candidates[r.index].params,
                         "scale_param": spec.candidates[r.index].scale_param} for r in results],
-        "winner": {"index": win.index, "label": win.label, "method": cand.method, "params": params,
+        "winner": {"index": win.index, "label": win.label, "method": cand.method, "params": params, "lines": lines,
                    "objective": win.best.objective, "scores": win.best.scores, "normalized": win.best.normalized},
         "errors": [r.error for r in results if r.error],
         "seconds_sweep": time.perf_counter() - t_start,
@@ -302,7 +307,7 @@ def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path,
     folders = None
     if m.uses_stats(m.bind(params, [dict(e.parameters) for e in spec.models])):
         folders = dict(zip(spec.task_names, map(Path, stats[m.stats_kind])))
-    cfg = spec.merge_config(cand.method, params, folders)
+    cfg = spec.merge_config(cand.method, params, folders, lines=report["winner"].get("lines"))
     obj = {"mean": "mean normalised score", "worst": "worst task's normalised score",
            "weighted": "weighted normalised score"}[spec.objective["kind"]]
     note = (f"chosen by `submerge tune` on validation data: {obj} {best.objective:.4f} over "

@@ -81,12 +81,16 @@ class Candidate:
     scale_param: Optional[str] = None
     scale: Union[None, str, list] = None
     strategy: str = "auto"
+    lines: Optional[dict] = None  # LiNeS on the method's update: {"alpha": a} fixed, beta is the scale (or fixed)
 
     @property
     def label(self) -> str:
         shown = dict(self.params)
+        if self.lines is not None:
+            shown = {**shown, **{f"lines.{k}": v for k, v in self.lines.items()}}
         if self.scale_param and self.scale is not None:
-            shown[self.scale_param] = self.scale if self.scale == "auto" else "[" + ",".join(
+            key = "lines.beta" if self.lines is not None else self.scale_param
+            shown[key] = self.scale if self.scale == "auto" else "[" + ",".join(
                 format(a, "g") for a in self.scale) + "]"
         inner = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.method}({inner})" if inner else self.method
@@ -117,7 +121,7 @@ class TuneSpec:
         return kinds
 
     def merge_config(self, method: str, params: dict, stats_folders: Optional[dict[str, Path]] = None,
-                     model_params: bool = True) -> MergeConfig:
+                     model_params: bool = True, lines: Optional[dict] = None) -> MergeConfig:
         """The merge config of one candidate (absolute paths), as written beside the tuned model
         (``model_params=False``: without per-model parameters, to plan reading the checkpoints)."""
         raw = {k: v for k, v in self.merge.items() if k != "models"}
@@ -131,6 +135,8 @@ class TuneSpec:
                 mdl["calibration"] = str(stats_folders[entry.name])
             models.append(mdl)
         raw["models"] = models
+        if lines is not None:
+            raw["lines"] = dict(lines)
         return parse_config(raw, "tune winner")
 
 
@@ -192,13 +198,18 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
         if strategy not in STRATEGIES:
             raise ConfigError(f"{where}: strategy {strategy!r}{suggest(str(strategy), STRATEGIES)}; use one of "
                               f"{list(STRATEGIES)}")
-        params = {k: v for k, v in entry.items() if k not in ("method", "strategy")}
+        params = {k: v for k, v in entry.items() if k not in ("method", "strategy", "lines")}
+        lines = _lines_entry(entry.get("lines"), m, params, where) if "lines" in entry else None
         for k in params:
             if k not in m.param_names:
                 raise ConfigError(f"{where}: {name} has no parameter {k!r}{suggest(k, m.param_names)}; "
                                   f"its parameters: {sorted(m.param_names)}")
         scale = None
-        if m.scale_param is not None:
+        if lines is not None:
+            scale = lines.pop("beta")
+            if not isinstance(scale, (str, list)):
+                lines["beta"], scale = scale, None
+        elif m.scale_param is not None:
             scale = _values(m.scale_param, params.pop(m.scale_param, "auto"), where)
             if isinstance(scale, str):
                 if scale != "auto":
@@ -218,7 +229,35 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
                        [dict(mp) for mp in model_params])
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-            out.append(Candidate(len(out), name, p, m.scale_param, scale, strategy))
+            out.append(Candidate(len(out), name, p, "beta" if lines is not None else m.scale_param, scale, strategy,
+                                 dict(lines) if lines is not None else None))
+    return out
+
+
+def _lines_entry(spec: Any, m, params: dict, where: str) -> dict:
+    """A search entry's ``lines:`` — ``{beta: number | list | range | auto, alpha: auto | number}`` (``lines: auto``
+    = beta searched, alpha auto).  With LiNeS the searched scale is beta; the method's own scale is fixed."""
+    from submerge.methods.lines import Lines
+
+    if spec == "auto":
+        spec = {"beta": "auto"}
+    if not isinstance(spec, dict) or "beta" not in spec or set(spec) - {"beta", "alpha"}:
+        raise ConfigError(f"{where}: lines: give {{beta: number | list | range | auto, alpha: auto | number}}")
+    if not m.needs_base:
+        raise ConfigError(f"{where}: lines: LiNeS rescales a task-vector method's update; {m.name} makes none")
+    if m.scale_param is not None and isinstance(_values(m.scale_param, params.get(m.scale_param, 1.0), where),
+                                                (str, list)):
+        raise ConfigError(f"{where}: with lines: the searched scale is lines.beta; give {m.scale_param} one value "
+                          f"(with alpha auto it does not change the merge)")
+    if m.scale_param is not None:
+        params.setdefault(m.scale_param, 1.0)
+    beta = _values("lines.beta", spec["beta"], where)
+    if isinstance(beta, str) and beta != "auto":
+        raise ConfigError(f"{where}: lines.beta: {beta!r} — give a number, a list, a range or auto")
+    out = {"beta": beta}
+    if "alpha" in spec and spec["alpha"] not in (None, "auto"):
+        out["alpha"] = spec["alpha"]
+    Lines.of({"beta": 0.5, **{k: v for k, v in out.items() if k == "alpha"}})  # the alpha is checked here
     return out
 
 

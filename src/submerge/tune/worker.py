@@ -199,6 +199,10 @@ class SweepWorker:
             stats = self.stats.get(m.stats_kind)
         kw = dict(stats=stats, random_seed=self.random_seed)
         mp = [dict(p) for p in self.model_params]
+        lines = getattr(cand, "lines", None)
+        if lines is not None:
+            self._run_lines(cand, res, lines, mp, kw)
+            return
         if cand.scale is None:
             state = merge_state_dicts_many(cand.method, self.base, self.experts, [cand.params], mp, **kw)[0]
             res.points.append(self._point(state, cand.params.get(m.scale_param) if m.scale_param else None,
@@ -226,4 +230,39 @@ class SweepWorker:
         del at0, at1
         for a in cand.scale:
             res.points.append(self._point(path(float(a)), float(a), cand.label))
+        res.strategy = "list"
+
+    def _run_lines(self, cand, res: CandidateResult, lines: dict, mp: list, kw: dict) -> None:
+        """A candidate with LiNeS: beta fixed (one merge), a list (along the affine path in beta: the merge is
+        affine in beta, alpha auto or fixed not depending on it) or auto (search_alpha's beta search)."""
+        from submerge.api import merge_state_dicts_many
+        from submerge.search import AffinePath, search_alpha
+
+        fixed = {k: v for k, v in lines.items() if k != "beta"}
+        if cand.scale is None:
+            state = merge_state_dicts_many(cand.method, self.base, self.experts, [cand.params], mp, lines=lines,
+                                           **kw)[0]
+            res.points.append(self._point(state, None, cand.label))
+            return
+        if cand.scale == "auto":
+            pending: list[Point] = []
+
+            def score_fn(state):
+                p = self._point(state, None, cand.label)
+                pending.append(p)
+                return p.objective
+
+            found = search_alpha(cand.method, self.base, self.experts, score_fn, cand.params, mp,
+                                 lines=fixed or True, **kw)
+            for a, p in zip(found.eval_order, pending):
+                p.scale = a
+            res.points.extend(sorted(pending, key=lambda p: p.scale))
+            res.strategy = found.strategy
+            return
+        at0, at1 = (merge_state_dicts_many(cand.method, self.base, self.experts, [cand.params], mp,
+                                           lines={**fixed, "beta": b}, **kw)[0] for b in (0.0, 1.0))
+        path = AffinePath(at0, at1)
+        del at0, at1
+        for b in cand.scale:
+            res.points.append(self._point(path(float(b)), float(b), cand.label))
         res.strategy = "list"
