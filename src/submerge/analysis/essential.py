@@ -32,16 +32,19 @@ class EssentialAnalyzer:
         self.missing: list[str] = []
 
     def add(self, name: str, role: Optional[str], block: Optional[int], base: torch.Tensor,
-            experts: Sequence[torch.Tensor], weight_out: Optional[Sequence[torch.Tensor]],
+            experts: Sequence[torch.Tensor], weight_vectors: Optional[tuple] = None,
             weight_svals: Optional[Sequence[torch.Tensor]] = None) -> Optional[dict]:
-        """One weight: ``weight_out`` are the tasks' top-k singular vectors of ``ΔW`` on its output side (from
-        the data-free pass: the left ones of an ``out_in`` weight, the right ones of an ``in_out`` one)."""
+        """One weight: ``weight_vectors`` are the tasks' top-k (left, right) singular vectors of the stored ``ΔW``
+        (from the data-free pass); the output side is the left one of an ``out_in`` weight, the right of ``in_out``."""
         if role not in self.roles or base.dim() != 2:
             return None
         per = [s.lookup(name) if s is not None else None for s in self.stats]
         if any(p is None for p in per):
             self.missing.append(name)
             return None
+        weight_out = None
+        if weight_vectors is not None:
+            weight_out = weight_vectors[1] if per[0].layout == "in_out" else weight_vectors[0]
         t = len(experts)
         es, k90e, k90w, energy = [], [], [], []
         k = weight_out[0].shape[1] if weight_out else max(1, min(base.shape) // t)

@@ -141,12 +141,7 @@ def _run(cfg, cpath, config_dir, plan, out_dir, overwrite, tasks, stats, eval_ta
                 continue
             rec = wa.add(job.out_name, base, experts, embedding=is_embedding(job.out_name))
             if ea is not None and wa.last_vectors is not None:
-                layout_in_out = False
-                st0 = stats[0].lookup(job.out_name) if rec.role else None
-                if st0 is not None:
-                    layout_in_out = st0.layout == "in_out"
-                us, vs = wa.last_vectors
-                ea.add(job.out_name, rec.role, rec.block, base, experts, vs if layout_in_out else us, wa.last_svals)
+                ea.add(job.out_name, rec.role, rec.block, base, experts, wa.last_vectors, wa.last_svals)
             del base, experts
         result["weights"] = wa.summary()
         result["weights"]["seconds"] = round(time.perf_counter() - t0, 2)
@@ -219,12 +214,11 @@ def _scored(cfg, cpath: Path, config_dir: Path, plan, base_key: str, keys: list[
     shared = set(base) & set(merged)
     base = {k: v for k, v in base.items() if k in shared}
     merged = {k: v for k, v in merged.items() if k in shared}
-    experts = [{k: v for k, v in e.items()} for e in experts]
-    worker = SweepWorker(base, [{k: e[k] for k in shared if k in e} for e in experts], eval_tasks,
-                         {"kind": "mean"})
+    bodies = [{k: e[k] for k in shared} for e in experts]  # the merged tensors of each expert
+    worker = SweepWorker(base, bodies, eval_tasks, {"kind": "mean"})
     worker.experts = experts  # each task's own tensors (its classifier) come from its whole expert
     ev = Evaluator(worker)
-    out = analyze_paths(ev, base, [{k: e[k] for k in shared} for e in experts], merged, points=points,
+    out = analyze_paths(ev, base, bodies, merged, points=points,
                         pairs=pairs, progress=say)
     out["merge_seconds"] = round(res.seconds, 2)
     return out
