@@ -167,13 +167,18 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
     n = delta.numel()
     k = max(1, int(density * n))
     flat = delta.reshape(-1).numpy()
-    a = np.abs(flat, out=_scratch(n, flat.dtype))  # a scratch copy, partitioned in place
+    # |x| as the integer view of its bits (sign bit cleared): for non-negative IEEE floats the integer
+    # order is the float order, and numpy's vectorised integer selection is ~1.5x faster than its float one
+    ints, mask = (np.int64, 0x7FFFFFFFFFFFFFFF) if flat.dtype == np.float64 else (np.int32, 0x7FFFFFFF)
+    a = np.bitwise_and(flat.view(ints), mask, out=_scratch(n, ints))  # a scratch copy, partitioned in place
     a.partition(n - k)
-    v = a[n - k]
-    dropped = int(np.count_nonzero(a[: n - k] == v)) if n > k else 0  # ties below the cut
+    vb = a[n - k]
+    v = np.array(vb, dtype=ints).view(flat.dtype)[()]
+    # ties below the cut: none when the largest dropped magnitude is below v (a max, cheaper than a count)
+    dropped = int(np.count_nonzero(a[: n - k] == vb)) if n > k and a[: n - k].max() == vb else 0
     if dropped == 0:
         return TopK(float(v))
-    budget = k - int(np.count_nonzero(a[n - k:] > v))  # ties kept
+    budget = k - int(np.count_nonzero(a[n - k:] > vb))  # ties kept
     if budget == 0:
         return TopK(float(v), 0, 0)
     # ties are kept in position order: the cutoff is the position of the first dropped tie, found by
