@@ -138,3 +138,32 @@ def test_in_memory_merge_equals_file_merge(family, tmp_path):
     assert set(mem) == set(ref) and all(torch.equal(mem[k], ref[k]) for k in ref)
     with pytest.raises(submerge.ConfigError, match="did you mean density"):
         submerge.merge_state_dicts("ties", load_dir(base), sds, {"densty": 0.3, "weight": 1.0})
+
+
+@pytest.mark.parametrize("fam", ["family", "family_bf16"])
+def test_staged_ties_equals_unstaged(fam, request, tmp_path, monkeypatch):
+    """TIES' stage hook (task vectors + trim thresholds on the prefetch thread, overlapping the previous
+    tensor's merge) changes nothing: bitwise the merge without the hook, with and without prefetch."""
+    import dataclasses
+
+    from submerge.methods import registry
+
+    base, fts = request.getfixturevalue(fam)
+    cfg = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(p), "parameters": {"weight": w, "density": 0.3}}
+                      for p, w in zip(fts, [1.0, 0.5, 2.0])]}
+    method = registry.get_method("ties")
+    calls = []
+
+    def counting(tensors, base_t, params):
+        calls.append(params["density"])
+        return method.stage(tensors, base_t, params)
+
+    monkeypatch.setitem(registry._REGISTRY, "ties", dataclasses.replace(method, stage=counting))
+    staged = load_dir(submerge.merge(cfg, tmp_path / "s", quiet=True).out_dir)
+    staged_serial = load_dir(submerge.merge(cfg, tmp_path / "p", quiet=True, prefetch=False).out_dir)
+    assert calls  # the hook ran
+    monkeypatch.setitem(registry._REGISTRY, "ties", dataclasses.replace(method, stage=None))
+    plain = load_dir(submerge.merge(cfg, tmp_path / "u", quiet=True).out_dir)
+    assert set(plain) == set(staged)
+    assert all(torch.equal(staged[k], plain[k]) and torch.equal(staged_serial[k], plain[k]) for k in plain)

@@ -138,11 +138,20 @@ class Executor:
         base = take(job.base) if job.base is not None else None
         return [take(r) for r in job.inputs], base
 
-    def _iter_loaded(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, object]]:
+    def _iter_loaded(self, jobs: list[TensorJob], stage: bool = False) -> Iterator[tuple[TensorJob, object]]:
+        """Each job with its data, read one job ahead on a prefetch thread: a copied tensor, or
+        ``(tensors, base)``; with ``stage``, ``(tensors, base, staged)`` where ``staged`` is what the
+        method's ``stage`` hook made of the inputs (run on the prefetch thread too, so it overlaps the
+        previous job's merge; None without a hook)."""
+        hook = self.plan.method.stage if stage else None
+
         def fetch(job: TensorJob):
             if job.copy_from is not None:
                 return self.plan.models[job.copy_from[0]].read(job.copy_from[1])
-            return self.load(job)
+            tensors, base = self.load(job)
+            if not stage:
+                return tensors, base
+            return tensors, base, (hook(tensors, base, job.params) if hook is not None else None)
 
         if not self.opt.prefetch:
             for job in jobs:
@@ -187,8 +196,9 @@ class Executor:
         return LazyStats([(r, name) for r, (_, name) in zip(readers, job.inputs)])
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
-                     state, stats: Optional[list] = None, rescale: bool = True) -> torch.Tensor:
-        """One output tensor by the method (then LiNeS' scale of its update, unless ``rescale`` is False)."""
+                     state, stats: Optional[list] = None, rescale: bool = True, staged=None) -> torch.Tensor:
+        """One output tensor by the method (then LiNeS' scale of its update, unless ``rescale`` is False);
+        ``staged``: what the method's ``stage`` hook returned for these inputs."""
         lines_scale = self._lines_scales.get(job.out_name) if rescale else None
         base_keep = base.clone() if lines_scale is not None and lines_scale != 1 else None
         gen_device = self.device if self.device.type != "mps" else torch.device("cpu")
@@ -197,7 +207,7 @@ class Executor:
             generator.manual_seed(tensor_seed(self.seed, job.out_name))
         ctx = TensorContext(job.out_name, tensors, base, generator, state,
                             [k for k, _ in job.inputs],
-                            stats=stats)
+                            stats=stats, staged=staged)
         try:
             out = self.plan.method(ctx, **job.params)
         except RuntimeError as e:
@@ -308,19 +318,20 @@ class Executor:
         total = plan.input_bytes()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
                   desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
-            for job, data in self._iter_loaded(plan.jobs):
+            # a sidecar copies the inputs before merging: they must reach it as read, so no staging then
+            for job, data in self._iter_loaded(plan.jobs, stage=side is None):
                 if job.copy_from is not None:
                     out = self._copied(job, data)
                     size = job.nbytes
                 else:
                     t_job = time.perf_counter()
-                    tensors, base = data
+                    tensors, base, staged = data if side is None else (*data, None)
                     size = job.nbytes * (len(job.inputs) + (job.base is not None))
                     keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
                     keep_base = base.clone() if keep is not None and base is not None else None
                     stats = self._stats(job)
-                    merged = self.merge_tensor(job, tensors, base, state, stats)
-                    del tensors, base
+                    merged = self.merge_tensor(job, tensors, base, state, stats, staged=staged)
+                    del tensors, base, staged
                     self._check_finite(job, merged, self._out_dtype(job))
                     out = merged.to(device="cpu", dtype=self._out_dtype(job))
                     del merged

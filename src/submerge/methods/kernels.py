@@ -280,14 +280,21 @@ def consensus_merge_chunked(
         torch.copysign(ones[:m], tot, out=tot)  # the elected sign, +-1
         torch.mul(st, tot, out=ag).gt_(0)  # 1.0 where a model agrees with it (zeros never do)
         st.mul_(ag)
-        r.copy_(st[0])
-        for i in range(1, t):
-            r.add_(st[i])
+        # the merged sum accumulated in model order, as disjoint_merge (torch.sum over dim 0 may reorder)
+        if t == 1:
+            r.copy_(st[0])
+        else:
+            torch.add(st[0], st[1], out=r)
+            for i in range(2, t):
+                r.add_(st[i])
         if divisor is not None:
             dv = divisor[:m]
-            torch.mul(ag[0], weights[0], out=dv)
-            for i in range(1, t):
-                dv.add_(ag[i], alpha=weights[i])
+            if weighted:
+                torch.mul(ag[0], weights[0], out=dv)
+                for i in range(1, t):
+                    dv.add_(ag[i], alpha=weights[i])
+            else:  # a count of agreeing models: exact in any summation order
+                torch.sum(ag, 0, out=dv)
             r.div_(_nonzero_divisor_(dv, weights))
         if scale != 1:
             r.mul_(scale)

@@ -122,6 +122,7 @@ class TensorContext:
     state: Any = None
     model_names: Sequence[str] = ()
     stats: Optional[Sequence[Any]] = None  # per model: calibration LayerStats of this tensor, or None
+    staged: Any = None  # what the method's ``stage`` hook returned for these inputs (None: not staged)
 
 
 class ModelPass:
@@ -206,6 +207,10 @@ class MergeMethod:
     stats_when: Optional[Callable[[dict], bool]] = None  # needs_stats only for these global parameters
     search: Optional[dict] = None  # how search_alpha explores scale_param: {"grid": [...]} or {"bounds": (a, b)}
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None  # (global params, model names) -> Sidecar
+    # per tensor, work that may run ahead on the reading thread while the previous tensor merges:
+    # stage(tensors, base, bound params) may modify the inputs in place and returns ctx.staged (None: nothing
+    # staged, the method does all the work); a method must give the same result with or without it
+    stage: Optional[Callable[[list, Optional[torch.Tensor], dict], Any]] = None
 
     @property
     def base_role(self) -> str:
@@ -299,6 +304,7 @@ def register_method(
     stats_when: Optional[Callable[[dict], bool]] = None,
     search: Optional[dict] = None,
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None,
+    stage: Optional[Callable[[list, Optional[torch.Tensor], dict], Any]] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator registering a per-tensor merge function under ``name``.
 
@@ -331,6 +337,7 @@ def register_method(
             stats_when=stats_when,
             search=search,
             sidecar=sidecar,
+            stage=stage,
         )
         return func
 

@@ -16,6 +16,7 @@ gives the same tensors; where the paper's variant differs it is an option.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,8 +70,7 @@ def _merge_task_vectors(
     norm = rescale_norm if rescale else None
     if sparsify is None and consensus is None and base.dtype in (torch.float32, torch.float64):
         return _weighted_sum_streaming(ctx, weight, lambda_, normalize)
-    if (consensus == "sum" and sparsify in (None, "magnitude") and not rescale
-            and base.device.type == "cpu" and base.dtype in (torch.float32, torch.float64)):
+    if _fused(sparsify, consensus, rescale, base):
         return _ties_fused(ctx, weight, density, thresholds, lambda_, normalize, sparsify)
     deltas = torch.empty((n,) + tuple(base.shape), dtype=base.dtype, device=base.device)
 
@@ -121,18 +121,22 @@ def _merge_task_vectors(
     return merged.add_(base)
 
 
-def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[float]],
-                global_thresholds: Optional[list[float]], lambda_: float, normalize: bool,
-                sparsify: Optional[str]) -> torch.Tensor:
-    """TIES on CPU in float32/64: trim thresholds per model, then one chunked fused pass.
+def _fused(sparsify: Optional[str], consensus: Optional[str], rescale: bool, base: torch.Tensor) -> bool:
+    """Whether the family member runs as :func:`_ties_fused` on these inputs."""
+    return (consensus == "sum" and sparsify in (None, "magnitude") and not rescale
+            and base.device.type == "cpu" and base.dtype in (torch.float32, torch.float64))
 
-    Same result as the general path (tested), without [N, ...] temporaries: the inputs
-    become their task vectors in place, and trimming, weighting, sign election, the
-    disjoint merge, the scale and the base add run chunk by chunk in cache.
-    """
-    base = ctx.base
-    tensors = list(ctx.tensors)
-    ctx.tensors[:] = [None] * len(tensors)
+
+@dataclass
+class _Trimmed:
+    """What :func:`_stage` hands to the merge: the inputs are task vectors now, and their trim rules."""
+
+    rules: list
+
+
+def _trim_rules(tensors: list, base: torch.Tensor, density: Optional[list[float]],
+                global_thresholds: Optional[list[float]], sparsify: Optional[str]) -> list:
+    """Turn the inputs into their task vectors in place and find each one's top-k rule."""
 
     def rule_of(i: int) -> Optional[kernels.TopK]:
         tensors[i].sub_(base)  # the input becomes its task vector
@@ -146,8 +150,28 @@ def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[
 
     # each model's task vector and threshold are independent (numpy's introselect releases the GIL):
     # side by side, one per core
-    rules = kernels.parallel_map(rule_of, range(len(tensors)), sizes=[t.numel() for t in tensors],
-                                 min_size=1 << 18)
+    return kernels.parallel_map(rule_of, range(len(tensors)), sizes=[t.numel() for t in tensors],
+                                min_size=1 << 18)
+
+
+def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[float]],
+                global_thresholds: Optional[list[float]], lambda_: float, normalize: bool,
+                sparsify: Optional[str]) -> torch.Tensor:
+    """TIES on CPU in float32/64: trim thresholds per model, then one chunked fused pass.
+
+    Same result as the general path (tested), without [N, ...] temporaries: the inputs
+    become their task vectors in place, and trimming, weighting, sign election, the
+    disjoint merge, the scale and the base add run chunk by chunk in cache.  When the executor
+    ran :func:`_stage` on these inputs (on its reading thread, overlapping the previous tensor's
+    merge), the task vectors and rules are already there.
+    """
+    base = ctx.base
+    tensors = list(ctx.tensors)
+    ctx.tensors[:] = [None] * len(tensors)
+    if isinstance(ctx.staged, _Trimmed):
+        rules = ctx.staged.rules
+    else:
+        rules = _trim_rules(tensors, base, density, global_thresholds, sparsify)
     return kernels.consensus_merge_chunked(tensors, rules, weight, normalize, torch.empty_like(base),
                                            scale=lambda_, add=base)
 
@@ -210,6 +234,22 @@ def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
         for s in active:
             s.next_pass()
     return [s.value() if s is not None else float("-inf") for s in selectors]
+
+
+def _stage_of(sparsify: Optional[str], consensus: Optional[str]):
+    """The family member's ``stage`` hook: for the fused TIES path with per-tensor trimming, the task
+    vectors and trim thresholds (the selection is most of TIES' work, and needs nothing but the inputs)."""
+    if consensus != "sum" or sparsify not in (None, "magnitude"):
+        return None
+
+    def stage(tensors: list, base: Optional[torch.Tensor], params: dict) -> Optional[_Trimmed]:
+        if (base is None or params.get("topk_scope") == "global"
+                or not _fused(sparsify, consensus, bool(params.get("rescale", False)), base)
+                or any(t.shape != base.shape or t.dtype != base.dtype or t.device != base.device for t in tensors)):
+            return None
+        return _Trimmed(_trim_rules(tensors, base, params.get("density"), None, sparsify))
+
+    return stage
 
 
 def _member(sparsify: Optional[str], consensus: Optional[str]):
@@ -293,6 +333,7 @@ for (_name, _pretty, (_paper, _url), _sparsify, _consensus, _norm_default, _resc
         prepare=_ties_global_thresholds if _name == "ties" else None,
         prepare_when=(lambda g: g.get("topk_scope") == "global") if _name == "ties" else None,
         scale_param="lambda", search={"grid": [round(0.1 * i, 2) for i in range(1, 11)]},
+        stage=_stage_of(_sparsify, _consensus),
     )(_fn := _member(_sparsify, _consensus))
     _fn.__name__ = _fn.__qualname__ = _name
     _fn.__doc__ = f"{_pretty} — {_paper} ({_url}).\n\nVariant: {_variant}"
