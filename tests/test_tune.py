@@ -461,3 +461,62 @@ def test_two_node_ray_cluster(cls_family, tmp_path):
     assert len(list((tmp_path / "c").glob("calibration-*"))) == 2  # computed by Ray tasks
     local = tune(cfg, tmp_path / "local", quiet=True, cache_dir=tmp_path / "c2")
     assert _table(remote.report) == _table(local.report) and remote.winner == local.winner
+
+
+def test_adamerging_learned_by_tune(cls_family, tmp_path):
+    """AdaMerging as a tune candidate: coefficients learned on the eval texts (labels unused) through each task's
+    own classifier equal a direct `learn` call on the same batches; the point's scores are an independent
+    scoring of `merge_with` under those coefficients; the written folder is that merge, with the coefficients and
+    a config that re-merges to it."""
+    import submerge
+    from submerge.methods.adamerging import Coefficients, learn, merge_with
+    from submerge.tune.scorers import length_sorted_batches
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = cls_family
+    tasks = ("sentiment", "animal")
+    search = [{"method": "adamerging", "granularity": ["task", "layer"], "steps": 15, "lr": "5e-2"}]
+    cfg = _config(root, search)
+    cfg["models"] = [{k: v for k, v in m.items() if k != "calibrate"} for m in cfg["models"]]
+    out = tmp_path / "tuned"
+    res = tune(cfg, out, quiet=True, cache_dir=tmp_path / "cache")
+    report = json.loads((out / "tune.json").read_text())
+    assert [c["label"] for c in report["candidates"]] == [
+        "adamerging(granularity=task, plus=False, steps=15, lr=0.05, init=0.3, batch_size=16)",
+        "adamerging(granularity=layer, plus=False, steps=15, lr=0.05, init=0.3, batch_size=16)"]
+    base, experts = _load(root / "base"), [_load(root / t) for t in tasks]
+    model = AutoModelForSequenceClassification.from_pretrained(root / tasks[0]).eval()
+    tok = AutoTokenizer.from_pretrained(root / tasks[0])
+    inputs = []
+    for t in tasks:
+        texts = [json.loads(x)["text"] for x in (root / f"{t}.val.jsonl").read_text().splitlines()]
+        lengths = [len(x) for x in tok(texts, truncation=True, max_length=16)["input_ids"]]
+        inputs.append([dict(tok([texts[i] for i in idx], padding=True, truncation=True, max_length=16,
+                                return_tensors="pt")) for idx in length_sorted_batches(lengths, 16, 2048)])
+    heads = [{k: v for k, v in e.items() if k.startswith("classifier.")} for e in experts]
+    for c in report["candidates"]:
+        assert c["error"] is None and len(c["points"]) == 1
+        p = c["points"][0]
+        coef = learn(model, base, experts, inputs, lambda fwd, t, b: fwd(**b).logits, tasks=list(tasks),
+                     names=list(base), granularity=c["learn"]["granularity"], steps=15, lr=0.05, seed=0,
+                     task_params=heads)
+        got = Coefficients.from_json(p["learned"])
+        assert got.names == coef.names and torch.allclose(got.values, coef.values, atol=1e-6)
+        assert p["learned"]["loss_first_last"][1] < p["learned"]["loss_first_last"][0]  # entropy went down
+        merged = merge_with(base, experts, got)
+        for t in tasks:
+            assert p["scores"][t] == pytest.approx(_accuracy(merged, root, t), abs=1e-12)
+    w = res.winner
+    assert w["method"] == "adamerging" and w["learn"] is not None
+    best = next(c for c in report["candidates"] if c["index"] == w["index"])["points"][0]
+    saved = Coefficients.load(out / "adamerging.json")
+    assert torch.equal(saved.values, Coefficients.from_json(best["learned"]).values)
+    assert (out / "adamerging.png").is_file()
+    written, expect = _load(out), merge_with(base, experts, saved)
+    for k in expect:
+        torch.testing.assert_close(written[k], expect[k], atol=1e-6, rtol=1e-6)
+    again = submerge.merge(out / "submerge_config.yaml", tmp_path / "again", quiet=True).out_dir
+    assert all(torch.equal(_load(again)[k], written[k]) for k in written)
+    with pytest.raises(Exception, match="adamerging learned by tune takes"):
+        tune(_config(root, [{"method": "adamerging", "stepz": 3}]), tmp_path / "bad", quiet=True)
+    assert not (tmp_path / "bad").exists()

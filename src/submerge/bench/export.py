@@ -64,7 +64,8 @@ def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSessi
             bb.reset()
             save_file({"weight": S.heads[t.name].contiguous()}, str(d / HEAD_FILE),
                       metadata={"format": "submerge-head/1", "pooling": "mean", "normalize": "true",
-                                "labels": json.dumps(list(t.class_names))})
+                                "labels": json.dumps(list(t.class_names)),
+                                "logit_scale": str(cfg.recipe.logit_scale)})
             texts, labels = S.splits[t.name].val
             with open(tmp / "data" / f"{t.name}.val.jsonl", "w") as f:
                 for x, y in zip(texts, labels):

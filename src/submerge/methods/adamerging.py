@@ -38,6 +38,7 @@ from submerge.methods import kernels
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
 
 GRANULARITIES = ("task", "layer")
+COEFFICIENTS_FILE = "adamerging.json"  # the name `submerge tune` saves learned coefficients under, beside the model
 
 
 @dataclass
@@ -75,6 +76,20 @@ class Coefficients:
         return path
 
     @classmethod
+    def from_json(cls, raw: Mapping[str, Any], where: str = "coefficients") -> "Coefficients":
+        """The inverse of :meth:`to_json` (checked: one row per task, one column per tensor)."""
+        try:
+            values = torch.tensor(raw["coefficients"], dtype=torch.float64)
+            out = cls(list(raw["tasks"]), list(raw["names"]), values, raw.get("granularity", "layer"),
+                      raw.get("ties_density"), info=raw.get("info") or {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"adamerging: {where} is not a coefficients file ({e})") from None
+        if values.dim() != 2 or values.shape != (len(out.tasks), len(out.names)):
+            raise ConfigError(f"adamerging: {where}: coefficients must be [tasks x tensors] = "
+                              f"[{len(out.tasks)} x {len(out.names)}], got {list(values.shape)}")
+        return out
+
+    @classmethod
     def load(cls, path: Union[str, Path]) -> "Coefficients":
         path = Path(path)
         if not path.is_file():
@@ -82,15 +97,9 @@ class Coefficients:
                               f"submerge.methods.adamerging.learn and save it)")
         try:
             raw = json.loads(path.read_text())
-            values = torch.tensor(raw["coefficients"], dtype=torch.float64)
-            out = cls(list(raw["tasks"]), list(raw["names"]), values, raw.get("granularity", "layer"),
-                      raw.get("ties_density"), info=raw.get("info") or {})
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             raise ConfigError(f"adamerging: {path} is not a coefficients file ({e})") from None
-        if values.dim() != 2 or values.shape != (len(out.tasks), len(out.names)):
-            raise ConfigError(f"adamerging: {path}: coefficients must be [tasks x tensors] = "
-                              f"[{len(out.tasks)} x {len(out.names)}], got {list(values.shape)}")
-        return out
+        return cls.from_json(raw, str(path))
 
     def heatmap(self, path: Union[str, Path], short_names: bool = True) -> Path:
         """The coefficients as a tasks x tensors heat map (PNG)."""
@@ -145,6 +154,7 @@ def learn(
     ties_density: float = 0.2,
     seed: int = 0,
     progress: bool = False,
+    task_params: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
 ) -> Coefficients:
     """Learn AdaMerging coefficients on ``model`` (its architecture; its own weights are not used for the
     merged tensors).
@@ -152,13 +162,16 @@ def learn(
     ``inputs[t]``: task t's unlabeled batches (anything ``logits`` takes); ``logits(forward, t, batch)`` returns
     task t's logits ``[N, C]``, calling ``forward(*args, **kwargs)`` — the model with the merged weights — e.g.
     ``head(forward(**batch).last_hidden_state[:, 0])``.  ``names``: the merged tensors (default: every
-    floating tensor of ``base``; the others keep the model's values).  One batch per task per step, cycling
-    through each task's batches in a seeded order."""
+    floating tensor of ``base``; the others keep the model's values).  ``task_params[t]``: tensors that replace
+    the merged (or the model's) ones in task t's forward passes — its own classifier when the tasks' heads are
+    part of the model.  One batch per task per step, cycling through each task's batches in a seeded order."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"adamerging: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     n_tasks = len(experts)
     if n_tasks == 0 or len(inputs) != n_tasks:
         raise ConfigError(f"adamerging: need one list of unlabeled batches per expert ({n_tasks}), got {len(inputs)}")
+    if task_params is not None and len(task_params) != n_tasks:
+        raise ConfigError(f"adamerging: task_params needs one mapping per expert ({n_tasks}), got {len(task_params)}")
     empty = [i for i, b in enumerate(inputs) if len(b) == 0]
     if empty:
         raise ConfigError(f"adamerging: task(s) {empty} have no unlabeled inputs")
@@ -202,12 +215,13 @@ def learn(
         for step in range(steps):
             lam = raw.clamp(0.0, 1.0)
             params = merged(lam)
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(model, params, args, kwargs)
-
             loss = torch.zeros(())
             for t in range(n_tasks):
+                own = {**params, **task_params[t]} if task_params is not None and task_params[t] else params
+
+                def forward(*args: Any, _p: dict = own, **kwargs: Any) -> Any:
+                    return functional_call(model, _p, args, kwargs)
+
                 batch = inputs[t][orders[t][step % len(orders[t])]]
                 loss = loss + entropy(logits(forward, t, batch))
             opt.zero_grad(set_to_none=True)

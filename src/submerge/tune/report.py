@@ -38,6 +38,16 @@ def write_markdown(report: dict, path: Path) -> None:
                      + " | ".join(f"{b['normalized'][t]:.4f}" for t in tasks)
                      + f" | {len(c['points'])} | {c['seconds']:.1f} |")
     lines += ["", "Task columns: normalised score at the candidate's best point.", ""]
+    learned = [c for c in report["candidates"] if c["best"] and c["best"].get("learned")]
+    if learned:
+        lines += ["## AdaMerging (learned on the eval texts, labels unused)", "",
+                  "| candidate | entropy first -> last | mean coefficient per task |", "|---|---|---|"]
+        for c in learned:
+            j = c["best"]["learned"]
+            first, last = j.get("loss_first_last") or (float("nan"), float("nan"))
+            means = ", ".join(f"{t} {sum(row) / max(len(row), 1):.3f}" for t, row in zip(j["tasks"], j["coefficients"]))
+            lines.append(f"| {c['label']} | {first:.4f} -> {last:.4f} | {means} |")
+        lines.append("")
     if report["errors"]:
         lines += ["## Failed candidates", ""] + [f"- {e}" for e in report["errors"]] + [""]
     lines += ["## Every point", ""]

@@ -21,6 +21,8 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +262,8 @@ def _sweep(runner, candidates: list[Candidate], quiet: bool) -> list[CandidateRe
 def _winner_text(cand: Candidate, p: Point) -> str:
     from submerge.methods import get_method
 
+    if getattr(cand, "learn", None) is not None:
+        return "coefficients learned on the unlabeled eval inputs"
     sp = "LiNeS beta" if getattr(cand, "lines", None) is not None else get_method(cand.method).scale_param
     return f"{sp} = {p.scale:g}" if sp and p.scale is not None else "no scale"
 
@@ -275,7 +279,7 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
         lines = dict(cand.lines)
         if win.best.scale is not None:
             lines["beta"] = win.best.scale
-    elif m.scale_param and win.best.scale is not None:
+    elif m.scale_param and win.best.scale is not None and cand.learn is None:
         params[m.scale_param] = win.best.scale
     return {
         "format": "submerge-tune/1",
@@ -286,8 +290,10 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
         "expert_scores": expert_scores,
         "candidates": [{**r.to_dict(), "method": spec.candidates[r.index].method,
                         "params": spec.candidates[r.index].params,
+                        "learn": spec.candidates[r.index].learn,
                         "scale_param": spec.candidates[r.index].scale_param} for r in results],
         "winner": {"index": win.index, "label": win.label, "method": cand.method, "params": params, "lines": lines,
+                   "learn": cand.learn, "learned": win.best.learned,
                    "objective": win.best.objective, "scores": win.best.scores, "normalized": win.best.normalized},
         "errors": [r.error for r in results if r.error],
         "seconds_sweep": time.perf_counter() - t_start,
@@ -305,7 +311,14 @@ def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path,
     m = get_method(cand.method)
     params = dict(report["winner"]["params"])
     folders = None
-    if m.uses_stats(m.bind(params, [dict(e.parameters) for e in spec.models])):
+    coef = None
+    if cand.learn is not None:  # learned AdaMerging: merge with its coefficients, saved beside the model
+        from submerge.methods.adamerging import COEFFICIENTS_FILE, Coefficients
+
+        coef = Coefficients.from_json(best.learned)
+        scratch = Path(tempfile.mkdtemp(prefix="submerge-adamerging-"))
+        params = {"coefficients": str(coef.save(scratch / COEFFICIENTS_FILE))}
+    elif m.uses_stats(m.bind(params, [dict(e.parameters) for e in spec.models])):
         folders = dict(zip(spec.task_names, map(Path, stats[m.stats_kind])))
     cfg = spec.merge_config(cand.method, params, folders, lines=report["winner"].get("lines"))
     obj = {"mean": "mean normalised score", "worst": "worst task's normalised score",
@@ -320,5 +333,17 @@ def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path,
         write_markdown(report, tmp / "tune.md")
         write_plot(report, tmp / "tune.png")
         append_card(report, tmp / "README.md")
+        if coef is not None:
+            # the coefficients beside the model, and the written config pointing at them (not at the scratch copy)
+            coef.save(tmp / COEFFICIENTS_FILE)
+            coef.heatmap(tmp / "adamerging.png")
+            cfg_file = tmp / "submerge_config.yaml"
+            if cfg_file.is_file():
+                cfg_file.write_text(cfg_file.read_text().replace(params["coefficients"],
+                                                                 str(out.resolve() / COEFFICIENTS_FILE)))
 
-    ex.run(out, inputs, finish=finish)
+    try:
+        ex.run(out, inputs, finish=finish)
+    finally:
+        if coef is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

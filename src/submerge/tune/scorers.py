@@ -230,6 +230,36 @@ class ClassificationScorer(Scorer):
 
         return load_file(str(self.head_file))["weight"].float()
 
+    @cached_property
+    def logit_scale(self) -> float:
+        """An embedding head's softmax temperature (its file's ``logit_scale``, the scale it was trained at;
+        1 when absent); a classifier's logits are used as they are."""
+        if not self.embedding_head:
+            return 1.0
+        from safetensors import safe_open
+
+        with safe_open(str(self.head_file), "pt") as f:
+            raw = (f.metadata() or {}).get("logit_scale")
+        try:
+            return float(raw) if raw is not None else 1.0
+        except ValueError:
+            raise ConfigError(f"{self.head_file}: logit_scale {raw!r} is not a number") from None
+
+    def task_logits(self, forward: Callable[..., Any], batch: dict) -> torch.Tensor:
+        """The task's logits ``[n, C]`` of one tokenized batch, ``forward`` being the model (or a functional
+        call of it): an embedding head's are ``logit_scale`` x cosine similarities."""
+        if self.embedding_head:
+            return self.logit_scale * mean_pooled(forward, batch) @ self.head.T
+        return forward(**batch).logits
+
+    def unlabeled_batches(self, batch_size: int) -> list[dict]:
+        """The task's texts, tokenized in length-sorted batches of ``batch_size`` (labels unused)."""
+        texts, _, lengths = self.data
+        t = self.task
+        return [dict(t.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=t.max_length,
+                                 return_tensors="pt"))
+                for idx in length_sorted_batches(lengths, batch_size, t.options.get("max_tokens", 2048))]
+
     def own_tensors(self, model, expert_state):
         if self.embedding_head:
             return {}

@@ -82,9 +82,12 @@ class Candidate:
     scale: Union[None, str, list] = None
     strategy: str = "auto"
     lines: Optional[dict] = None  # LiNeS on the method's update: {"alpha": a} fixed, beta is the scale (or fixed)
+    learn: Optional[dict] = None  # AdaMerging learned on the tasks' unlabeled eval inputs (its settings)
 
     @property
     def label(self) -> str:
+        if self.learn is not None:
+            return f"{self.method}(" + ", ".join(f"{k}={v}" for k, v in self.learn.items()) + ")"
         shown = dict(self.params)
         if self.lines is not None:
             shown = {**shown, **{f"lines.{k}": v for k, v in self.lines.items()}}
@@ -115,6 +118,8 @@ class TuneSpec:
 
         kinds = set()
         for c in self.candidates:
+            if c.learn is not None:
+                continue
             m = get_method(c.method)
             if m.uses_stats(m.bind(c.params, [dict(e.parameters) for e in self.models])):
                 kinds.add(m.stats_kind)
@@ -194,6 +199,10 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
                               f"{suggest(str(name), [x.name for x in list_methods()])}") from None
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             raise ConfigError(f"{where}: {name} cannot merge {n_models} models")
+        if name == "adamerging" and "coefficients" not in entry:
+            for learn in _adamerging_entries(entry, where):
+                out.append(Candidate(len(out), name, {}, None, None, "learn", learn=learn))
+            continue
         strategy = entry.get("strategy", "auto")
         if strategy not in STRATEGIES:
             raise ConfigError(f"{where}: strategy {strategy!r}{suggest(str(strategy), STRATEGIES)}; use one of "
@@ -231,6 +240,51 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
                 raise ConfigError(f"{where}: {e}") from None
             out.append(Candidate(len(out), name, p, "beta" if lines is not None else m.scale_param, scale, strategy,
                                  dict(lines) if lines is not None else None))
+    return out
+
+
+# AdaMerging learned by tune: its settings, defaults (the paper's, batch 16 as its code) and checks
+ADAMERGING_LEARN = {"granularity": "layer", "plus": False, "steps": 500, "lr": 1e-3, "init": 0.3, "batch_size": 16,
+                    "ties_density": 0.2}
+
+
+def _adamerging_entries(entry: dict, where: str) -> list[dict]:
+    """``{method: adamerging, granularity: task|layer (or a list), plus: bool (or a list), steps, lr, init,
+    batch_size, ties_density}``: one learned candidate per granularity x plus."""
+    keys = {k: v for k, v in entry.items() if k != "method"}
+    for k in keys:
+        if k not in ADAMERGING_LEARN:
+            raise ConfigError(f"{where}: adamerging learned by tune takes {sorted(ADAMERGING_LEARN)}, not {k!r}"
+                              f"{suggest(k, ADAMERGING_LEARN)} (or coefficients: FILE to merge with saved ones)")
+    s = {**ADAMERGING_LEARN, **keys}
+    grans = s["granularity"] if isinstance(s["granularity"], list) else [s["granularity"]]
+    pluses = s["plus"] if isinstance(s["plus"], list) else [s["plus"]]
+    for g in grans:
+        if g not in ("task", "layer"):
+            raise ConfigError(f"{where}: granularity {g!r}: use task or layer (or a list of them)")
+    if not all(isinstance(p, bool) for p in pluses):
+        raise ConfigError(f"{where}: plus: true or false (AdaMerging++: TIES-processed task vectors), or a list")
+    for k, low, high, kind in (("steps", 1, None, int), ("batch_size", 1, None, int), ("lr", 0, None, float),
+                               ("init", 0, 1, float), ("ties_density", 0, 1, float)):
+        v = s[k]
+        if isinstance(v, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise ConfigError(f"{where}: {k}: expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+        if v < low or (high is not None and v > high) or (k in ("lr", "ties_density") and v <= 0):
+            raise ConfigError(f"{where}: {k} = {v} is out of range")
+        s[k] = kind(v)
+    out = []
+    for g in grans:
+        for p in pluses:
+            learn = {"granularity": g, "plus": p, "steps": s["steps"], "lr": s["lr"], "init": s["init"],
+                     "batch_size": s["batch_size"]}
+            if p:
+                learn["ties_density"] = s["ties_density"]
+            out.append(learn)
     return out
 
 
@@ -364,6 +418,11 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
     tasks = _eval_tasks(raw["eval"], entries, config_dir)
     for t in tasks:
         make_scorer(t).check()  # data files and fields, scorer imports: before any model is loaded
+    if any(c.learn is not None for c in candidates):
+        other = [t.name for t in tasks if t.scorer != "classification"]
+        if other:
+            raise ConfigError(f"search: adamerging learns from the entropy of each task's class predictions; "
+                              f"task(s) {other} are not scored by classification (give coefficients: FILE instead)")
     return TuneSpec(merge, entries, candidates, tasks, _objective(raw.get("objective"), names), config_dir, raw)
 
 

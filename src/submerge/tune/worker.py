@@ -30,10 +30,14 @@ class Point:
     scores: dict[str, float]
     normalized: dict[str, float]
     details: dict[str, dict] = field(default_factory=dict)
+    learned: Optional[dict] = None  # what a learned candidate learned (AdaMerging's coefficients, as saved)
 
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "objective": self.objective, "scores": self.scores,
-                "normalized": self.normalized, "details": self.details}
+        out = {"scale": self.scale, "objective": self.objective, "scores": self.scores,
+               "normalized": self.normalized, "details": self.details}
+        if self.learned is not None:
+            out["learned"] = self.learned
+        return out
 
 
 @dataclass
@@ -193,6 +197,9 @@ class SweepWorker:
         from submerge.methods import get_method
         from submerge.search import AffinePath, auto_search_kwargs, search_alpha
 
+        if getattr(cand, "learn", None) is not None:
+            self._run_adamerging(cand, res)
+            return
         m = get_method(cand.method)
         stats = None
         if m.uses_stats(m.bind(cand.params, [dict(p) for p in self.model_params])):
@@ -231,6 +238,33 @@ class SweepWorker:
         for a in cand.scale:
             res.points.append(self._point(path(float(a)), float(a), cand.label))
         res.strategy = "list"
+
+    def _run_adamerging(self, cand, res: CandidateResult) -> None:
+        """AdaMerging learned here: coefficients by entropy minimisation on each task's eval texts (labels
+        unused), through each task's own head (its classifier, or the embedding head at its logit scale),
+        then the merge scored like any candidate.  One point; the coefficients travel with it."""
+        from submerge.methods.adamerging import learn, merge_with
+
+        s = cand.learn
+        model = self._model(0)
+        if any(self._model(i) is not model for i in range(1, len(self.tasks))):
+            raise CandidateError(f"candidate {cand.label}: adamerging needs every task on one architecture; the "
+                                 f"experts' configs or scorers' model classes differ")
+        inputs = [sc.unlabeled_batches(s["batch_size"]) for sc in self.scorers]
+        own = [sc.own_tensors(model, e) for sc, e in zip(self.scorers, self.experts)]
+        names = [k for k, v in self.base.items() if v.is_floating_point()]
+
+        def logits(forward, t: int, batch) -> torch.Tensor:
+            return self.scorers[t].task_logits(forward, batch)
+
+        coef = learn(model, self.base, self.experts, inputs, logits, tasks=[t.name for t in self.tasks], names=names,
+                     granularity=s["granularity"], init=s["init"], steps=s["steps"], lr=s["lr"], ties=s["plus"],
+                     ties_density=s.get("ties_density", 0.2), seed=self.random_seed, task_params=own)
+        state = merge_with(self.base, self.experts, coef)
+        p = self._point(state, None, cand.label)
+        p.learned = coef.to_json()
+        res.points.append(p)
+        res.strategy = "learned"
 
     def _run_lines(self, cand, res: CandidateResult, lines: dict, mp: list, kw: dict) -> None:
         """A candidate with LiNeS: beta fixed (one merge), a list (along the affine path in beta: the merge is
