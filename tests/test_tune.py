@@ -475,15 +475,15 @@ def test_adamerging_learned_by_tune(cls_family, tmp_path):
 
     root = cls_family
     tasks = ("sentiment", "animal")
-    search = [{"method": "adamerging", "granularity": ["task", "layer"], "steps": 15, "lr": "5e-2"}]
+    search = [{"method": "adamerging", "granularity": ["task", "layer"], "steps": 8, "lr": "5e-2"}]
     cfg = _config(root, search)
     cfg["models"] = [{k: v for k, v in m.items() if k != "calibrate"} for m in cfg["models"]]
     out = tmp_path / "tuned"
     res = tune(cfg, out, quiet=True, cache_dir=tmp_path / "cache")
     report = json.loads((out / "tune.json").read_text())
     assert [c["label"] for c in report["candidates"]] == [
-        "adamerging(granularity=task, plus=False, steps=15, lr=0.05, init=0.3, batch_size=16)",
-        "adamerging(granularity=layer, plus=False, steps=15, lr=0.05, init=0.3, batch_size=16)"]
+        "adamerging(granularity=task, plus=False, steps=8, lr=0.05, init=0.3, batch_size=16)",
+        "adamerging(granularity=layer, plus=False, steps=8, lr=0.05, init=0.3, batch_size=16)"]
     base, experts = _load(root / "base"), [_load(root / t) for t in tasks]
     model = AutoModelForSequenceClassification.from_pretrained(root / tasks[0]).eval()
     tok = AutoTokenizer.from_pretrained(root / tasks[0])
@@ -498,7 +498,7 @@ def test_adamerging_learned_by_tune(cls_family, tmp_path):
         assert c["error"] is None and len(c["points"]) == 1
         p = c["points"][0]
         coef = learn(model, base, experts, inputs, lambda fwd, t, b: fwd(**b).logits, tasks=list(tasks),
-                     names=list(base), granularity=c["learn"]["granularity"], steps=15, lr=0.05, seed=0,
+                     names=list(base), granularity=c["learn"]["granularity"], steps=8, lr=0.05, seed=0,
                      task_params=heads)
         got = Coefficients.from_json(p["learned"])
         assert got.names == coef.names and torch.allclose(got.values, coef.values, atol=1e-6)
