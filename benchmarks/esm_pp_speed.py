@@ -2,7 +2,8 @@
 
 Times sentence embedding of 1,024 benchmark texts (batches of 128, length-sorted, as the benchmark
 scores) with all-MiniLM-L6-v2: the static model, and the same model with T = 8 tasks' experts
-attached (ranks 8 and 32; q/k/v + MLP-in, or all six linears).  Expert values do not change the cost,
+attached (ranks 8 and 32; q/k/v + MLP-in, or all six linears; at r = 32 on q/k/v + MLP-in also with a linear
+router, the Gaussian / trained routers' rule, in place of the cosine-to-prototype rule).  Expert values do not change the cost,
 so they are random here; only shapes matter.  Median of 3 repeats after a warm-up.
 
     python benchmarks/esm_pp_speed.py [--threads 2]
@@ -24,7 +25,7 @@ from submerge.routing import ExpertSet, LayerExperts, attach
 from submerge.routing.experts import is_routed, routed_roles
 
 
-def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str) -> ExpertSet:
+def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str, linear_router: bool = False) -> ExpertSet:
     from submerge.layers import parse_role_patterns
 
     roles, rules = routed_roles(routed), parse_role_patterns("")
@@ -36,6 +37,9 @@ def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str) -> Exper
             out.layers[name[: -len(".weight")]] = LayerExperts(
                 torch.randn(T, d_out, rank, generator=g) * 0.01, torch.randn(T, rank, d_in, generator=g) * 0.01,
                 torch.randn(T, d_in, generator=g), torch.zeros(T, d_out))
+            if linear_router:  # the Gaussian / trained routers' rule: pooled input . w_t + b_t
+                layer = out.layers[name[: -len(".weight")]]
+                layer.router_w, layer.router_b = torch.randn(T, d_in, generator=g), torch.randn(T, generator=g)
     return out
 
 
@@ -62,12 +66,14 @@ def main() -> None:
     rows = {"static": {"ms_per_example": timed(), "extra_params_pct": 0.0}}
     for routed in ("qkv,mlp_in", "all"):
         for rank in (8, 32):
-            ex = experts_for(bb.model, 8, rank, routed)
-            router = attach(bb.model, ex)
-            ms = timed()
-            router.detach()
-            rows[f"r{rank} {routed}"] = {"ms_per_example": ms,
-                                        "extra_params_pct": 100 * (ex.n_params + ex.n_prototype_values) / base_params}
+            for linear in (False, True) if (routed, rank) == ("qkv,mlp_in", 32) else (False,):
+                ex = experts_for(bb.model, 8, rank, routed, linear)
+                router = attach(bb.model, ex)
+                ms = timed()
+                router.detach()
+                rows[f"r{rank} {routed}" + (" + linear router" if linear else "")] = {
+                    "ms_per_example": ms,
+                    "extra_params_pct": 100 * (ex.n_params + ex.n_prototype_values) / base_params}
     static = rows["static"]["ms_per_example"]
     lines = [f"# ESM++ inference cost: all-MiniLM-L6-v2, {len(texts)} texts, batch 128, {args.threads} CPU threads, "
              "T = 8 experts", "", "| model | ms / example | × static | extra parameters (% of the model) |",
