@@ -138,20 +138,17 @@ class Executor:
         base = take(job.base) if job.base is not None else None
         return [take(r) for r in job.inputs], base
 
-    def _iter_loaded(self, jobs: list[TensorJob], stage: bool = False) -> Iterator[tuple[TensorJob, object]]:
+    def _iter_loaded(self, jobs: list[TensorJob], stage: Optional[Callable] = None
+                     ) -> Iterator[tuple[TensorJob, object]]:
         """Each job with its data, read one job ahead on a prefetch thread: a copied tensor, or
-        ``(tensors, base)``; with ``stage``, ``(tensors, base, staged)`` where ``staged`` is what the
-        method's ``stage`` hook made of the inputs (run on the prefetch thread too, so it overlaps the
-        previous job's merge; None without a hook)."""
-        hook = self.plan.method.stage if stage else None
+        ``(tensors, base, staged)`` where ``staged`` is what ``stage`` (a method's stage hook) made of the
+        inputs — run on the prefetch thread too, so it overlaps the previous job's merge — or None."""
 
         def fetch(job: TensorJob):
             if job.copy_from is not None:
                 return self.plan.models[job.copy_from[0]].read(job.copy_from[1])
             tensors, base = self.load(job)
-            if not stage:
-                return tensors, base
-            return tensors, base, (hook(tensors, base, job.params) if hook is not None else None)
+            return tensors, base, (stage(tensors, base, job.params) if stage is not None else None)
 
         if not self.opt.prefetch:
             for job in jobs:
@@ -238,7 +235,7 @@ class Executor:
         alpha = self._lines.alpha
         if alpha is None:
             sum_sq = update_sq = 0.0
-            for job, (tensors, base) in self._iter_loaded(jobs):
+            for job, (tensors, base, _) in self._iter_loaded(jobs):
                 acc = torch.zeros_like(base)
                 for t in tensors:
                     acc.add_(t).sub_(base)
@@ -319,13 +316,13 @@ class Executor:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=opt.quiet,
                   desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
             # a sidecar copies the inputs before merging: they must reach it as read, so no staging then
-            for job, data in self._iter_loaded(plan.jobs, stage=side is None):
+            for job, data in self._iter_loaded(plan.jobs, stage=plan.method.stage if side is None else None):
                 if job.copy_from is not None:
                     out = self._copied(job, data)
                     size = job.nbytes
                 else:
                     t_job = time.perf_counter()
-                    tensors, base, staged = data if side is None else (*data, None)
+                    tensors, base, staged = data
                     size = job.nbytes * (len(job.inputs) + (job.base is not None))
                     keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
                     keep_base = base.clone() if keep is not None and base is not None else None

@@ -16,7 +16,6 @@ gives the same tensors; where the paper's variant differs it is an option.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -121,17 +120,15 @@ def _merge_task_vectors(
     return merged.add_(base)
 
 
+def _fusible(sparsify: Optional[str], consensus: Optional[str]) -> bool:
+    """Whether a family member (sparsifier, consensus rule) has the fused TIES path at all."""
+    return consensus == "sum" and sparsify in (None, "magnitude")
+
+
 def _fused(sparsify: Optional[str], consensus: Optional[str], rescale: bool, base: torch.Tensor) -> bool:
     """Whether the family member runs as :func:`_ties_fused` on these inputs."""
-    return (consensus == "sum" and sparsify in (None, "magnitude") and not rescale
+    return (_fusible(sparsify, consensus) and not rescale
             and base.device.type == "cpu" and base.dtype in (torch.float32, torch.float64))
-
-
-@dataclass
-class _Trimmed:
-    """What :func:`_stage` hands to the merge: the inputs are task vectors now, and their trim rules."""
-
-    rules: list
 
 
 def _trim_rules(tensors: list, base: torch.Tensor, density: Optional[list[float]],
@@ -162,15 +159,14 @@ def _ties_fused(ctx: TensorContext, weight: list[float], density: Optional[list[
     Same result as the general path (tested), without [N, ...] temporaries: the inputs
     become their task vectors in place, and trimming, weighting, sign election, the
     disjoint merge, the scale and the base add run chunk by chunk in cache.  When the executor
-    ran :func:`_stage` on these inputs (on its reading thread, overlapping the previous tensor's
-    merge), the task vectors and rules are already there.
+    ran the stage hook (:func:`_stage_of`) on these inputs, on its reading thread while the previous
+    tensor merged, they are task vectors already and ``ctx.staged`` holds their trim rules.
     """
     base = ctx.base
     tensors = list(ctx.tensors)
     ctx.tensors[:] = [None] * len(tensors)
-    if isinstance(ctx.staged, _Trimmed):
-        rules = ctx.staged.rules
-    else:
+    rules = ctx.staged
+    if rules is None:
         rules = _trim_rules(tensors, base, density, global_thresholds, sparsify)
     return kernels.consensus_merge_chunked(tensors, rules, weight, normalize, torch.empty_like(base),
                                            scale=lambda_, add=base)
@@ -238,16 +234,17 @@ def _ties_global_thresholds(mp: ModelPass, gparams: dict) -> list[float]:
 
 def _stage_of(sparsify: Optional[str], consensus: Optional[str]):
     """The family member's ``stage`` hook: for the fused TIES path with per-tensor trimming, the task
-    vectors and trim thresholds (the selection is most of TIES' work, and needs nothing but the inputs)."""
-    if consensus != "sum" or sparsify not in (None, "magnitude"):
+    vectors (in place) and their trim rules (the selection is most of TIES' work, and needs nothing but the
+    inputs)."""
+    if not _fusible(sparsify, consensus):
         return None
 
-    def stage(tensors: list, base: Optional[torch.Tensor], params: dict) -> Optional[_Trimmed]:
+    def stage(tensors: list, base: Optional[torch.Tensor], params: dict) -> Optional[list]:
         if (base is None or params.get("topk_scope") == "global"
                 or not _fused(sparsify, consensus, bool(params.get("rescale", False)), base)
                 or any(t.shape != base.shape or t.dtype != base.dtype or t.device != base.device for t in tensors)):
             return None
-        return _Trimmed(_trim_rules(tensors, base, params.get("density"), None, sparsify))
+        return _trim_rules(tensors, base, params.get("density"), None, sparsify)
 
     return stage
 

@@ -337,10 +337,8 @@ def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path,
             # the coefficients beside the model, and the written config pointing at them (not at the scratch copy)
             coef.save(tmp / COEFFICIENTS_FILE)
             coef.heatmap(tmp / "adamerging.png")
-            cfg_file = tmp / "submerge_config.yaml"
-            if cfg_file.is_file():
-                cfg_file.write_text(cfg_file.read_text().replace(params["coefficients"],
-                                                                 str(out.resolve() / COEFFICIENTS_FILE)))
+            final = spec.merge_config(cand.method, {"coefficients": str(out.resolve() / COEFFICIENTS_FILE)})
+            (tmp / "submerge_config.yaml").write_text(final.to_yaml())
 
     try:
         ex.run(out, inputs, finish=finish)

@@ -199,10 +199,7 @@ class ClassificationScorer(Scorer):
         """Texts, label indices and token counts (a label is a class index or one of the class names)."""
         texts, raw = self._rows()
         if self.embedding_head:
-            from safetensors import safe_open
-
-            with safe_open(str(self.head_file), "pt") as f:
-                names = json.loads((f.metadata() or {}).get("labels", "[]"))
+            names = json.loads(self.head_metadata.get("labels", "[]"))
             n = int(self.head.shape[0])
         else:
             from transformers import AutoConfig
@@ -231,15 +228,20 @@ class ClassificationScorer(Scorer):
         return load_file(str(self.head_file))["weight"].float()
 
     @cached_property
+    def head_metadata(self) -> dict:
+        """The embedding head file's metadata (class names, the logit scale it was trained at)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.head_file), "pt") as f:
+            return dict(f.metadata() or {})
+
+    @cached_property
     def logit_scale(self) -> float:
         """An embedding head's softmax temperature (its file's ``logit_scale``, the scale it was trained at;
         1 when absent); a classifier's logits are used as they are."""
         if not self.embedding_head:
             return 1.0
-        from safetensors import safe_open
-
-        with safe_open(str(self.head_file), "pt") as f:
-            raw = (f.metadata() or {}).get("logit_scale")
+        raw = self.head_metadata.get("logit_scale")
         try:
             return float(raw) if raw is not None else 1.0
         except ValueError:
@@ -254,11 +256,7 @@ class ClassificationScorer(Scorer):
 
     def unlabeled_batches(self, batch_size: int) -> list[dict]:
         """The task's texts, tokenized in length-sorted batches of ``batch_size`` (labels unused)."""
-        texts, _, lengths = self.data
-        t = self.task
-        return [dict(t.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=t.max_length,
-                                 return_tensors="pt"))
-                for idx in length_sorted_batches(lengths, batch_size, t.options.get("max_tokens", 2048))]
+        return [batch for _, batch in self._tokenized(batch_size)]
 
     def own_tensors(self, model, expert_state):
         if self.embedding_head:
@@ -266,14 +264,18 @@ class ClassificationScorer(Scorer):
         prefix = getattr(model, "base_model_prefix", "") + "."
         return {k: v for k, v in expert_state.items() if not k.startswith(prefix)}
 
-    @cached_property
-    def batches(self) -> list[tuple[list[int], dict]]:
-        """The tokenized batches (every candidate scores the same texts: tokenized once)."""
+    def _tokenized(self, batch_size: int) -> list[tuple[list[int], dict]]:
+        """The task's texts in length-sorted batches of at most ``batch_size``: (indices, tokenized batch)."""
         texts, _, lengths = self.data
         t = self.task
         return [(idx, dict(t.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                        max_length=t.max_length, return_tensors="pt")))
-                for idx in length_sorted_batches(lengths, t.batch_size, t.options.get("max_tokens", 2048))]
+                for idx in length_sorted_batches(lengths, batch_size, t.options.get("max_tokens", 2048))]
+
+    @cached_property
+    def batches(self) -> list[tuple[list[int], dict]]:
+        """The tokenized batches (every candidate scores the same texts: tokenized once)."""
+        return self._tokenized(self.task.batch_size)
 
     @torch.no_grad()
     def logits(self, model) -> torch.Tensor:

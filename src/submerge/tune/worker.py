@@ -254,12 +254,11 @@ class SweepWorker:
         own = [sc.own_tensors(model, e) for sc, e in zip(self.scorers, self.experts)]
         names = [k for k, v in self.base.items() if v.is_floating_point()]
 
-        def logits(forward, t: int, batch) -> torch.Tensor:
-            return self.scorers[t].task_logits(forward, batch)
-
-        coef = learn(model, self.base, self.experts, inputs, logits, tasks=[t.name for t in self.tasks], names=names,
+        coef = learn(model, self.base, self.experts, inputs,
+                     lambda forward, t, batch: self.scorers[t].task_logits(forward, batch), tasks=[t.name for t in self.tasks], names=names,
                      granularity=s["granularity"], init=s["init"], steps=s["steps"], lr=s["lr"], ties=s["plus"],
-                     ties_density=s.get("ties_density", 0.2), seed=self.random_seed, task_params=own)
+                     seed=self.random_seed, task_params=own,
+                     **({"ties_density": s["ties_density"]} if s["plus"] else {}))
         state = merge_with(self.base, self.experts, coef)
         p = self._point(state, None, cand.label)
         p.learned = coef.to_json()
