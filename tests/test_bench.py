@@ -16,6 +16,7 @@ import torch
 
 from submerge.bench import BenchConfig, Task, get_task, run_bench
 from submerge.bench.data import BenchDataError
+from submerge.errors import ConfigError
 
 
 def _need_data():
@@ -128,12 +129,43 @@ def test_tiny_end_to_end(tmp_path):
     again, n_again = _run_counting_scorings(tmp_path / "out2", cfg)
     assert all(v["cached"] for v in again["finetune_log"].values())
     assert again["finetuned"] == res["finetuned"] and again["zeroshot"] == res["zeroshot"]
-    # neither the references (2 models x 2 tasks x 2 splits) nor the finished methods were scored again (a
-    # stopped run resumes at its next method); only the multitask row's test scoring (2 tasks) is redone
-    assert n_again == 2 and n_first > 8 + 2
+    # neither the references (2 models x 2 tasks x 2 splits) nor the finished methods nor the multitask row
+    # were scored again (a stopped run resumes at its next method)
+    assert n_again == 0 and n_first > 8 + 2
     assert [r["label"] for r in again["rows"]] == [r["label"] for r in res["rows"]]
     assert [r["per_task"] for r in again["rows"]] == [r["per_task"] for r in res["rows"]]
     assert again["per_example"] == res["per_example"] and again["comparisons"] == res["comparisons"]
+    # --resume: an earlier results.json's rows are kept, only what it lacks is computed.  Here the surgery rows
+    # are removed from it and the cache is new (experts fine-tuned again: reproducible, so accepted); surgery
+    # starts from TA's kept val-tuned scale (no val scoring) and gives the same predictions as the full run.
+    partial = json.loads(json.dumps(saved))
+    gone = [r["label"] for r in partial["rows"] if r["method"] == "task_arithmetic+surgery"]
+    partial["rows"] = [r for r in partial["rows"] if r["label"] not in gone]
+    for lab in gone:
+        del partial["per_example"]["rows"][lab]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    cfg3 = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache3"))
+    from submerge.bench import runner
+
+    val_scorings = []
+    real_val = runner.BenchSession.val_score
+    runner.BenchSession.val_score = lambda self, st: val_scorings.append(1) or real_val(self, st)
+    try:
+        third = run_bench(tmp_path / "out3", cfg3, resume=tmp_path / "partial.json")
+    finally:
+        runner.BenchSession.val_score = real_val
+    assert not all(v.get("cached") for k, v in third["finetune_log"].items() if not k.startswith("multitask"))
+    assert val_scorings == []
+    assert [r["label"] for r in third["rows"]] == [r["label"] for r in res["rows"]]
+    assert third["per_example"] == res["per_example"] and third["comparisons"] == res["comparisons"]
+    # refused, naming why: another setting; experts that score differently (not these experts)
+    with pytest.raises(ConfigError, match="n_val"):
+        run_bench(tmp_path / "out4", dataclasses.replace(cfg, n_val=8), resume=tmp_path / "partial.json")
+    bits = partial["per_example"]["finetuned"]["wordnet_noun"]
+    partial["per_example"]["finetuned"]["wordnet_noun"] = ("f" if bits[0] != "f" else "0") + bits[1:]
+    (tmp_path / "other.json").write_text(json.dumps(partial))
+    with pytest.raises(ConfigError, match="finetuned models there score test examples differently.*wordnet_noun"):
+        run_bench(tmp_path / "out5", cfg, resume=tmp_path / "other.json")
 
 
 def test_user_task_and_user_backbone(tmp_path):

@@ -420,11 +420,14 @@ def demo(out: Optional[str], method: str) -> None:
                                                "default: start a local one.")
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --backend ray: how many actors (default: one per CPU of the cluster).")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An earlier run's results.json with the same settings and experts: keep its rows, compute "
+                   "only the methods it lacks, write one table with all (e.g. a method added since).")
 @click.option("--quiet", "-q", is_flag=True)
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
           n_test: Optional[int], experts: Optional[str], multitask: Optional[bool], search: Optional[str],
-          backend: str, address: Optional[str], actors: Optional[int], quiet: bool) -> None:
+          backend: str, address: Optional[str], actors: Optional[int], resume: Optional[str], quiet: bool) -> None:
     """Fine-tune experts on real tasks, merge them with every method, write tables and plots.
 
     Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
@@ -440,7 +443,7 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     try:
-        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors)
+        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume)
     except SubmergeError as e:
         _fail(e)
 

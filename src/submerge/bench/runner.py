@@ -54,7 +54,7 @@ QUICK_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "
 LINES_ROWS = ("task_arithmetic+lines", "tsv+lines", "esm+lines")
 # Representation Surgery (Yang et al., ICML 2024) on the val-tuned merge of a method, modules trained on unlabeled
 # val inputs: "<method>+surgery"
-SURGERY_ROWS = ("task_arithmetic+surgery",)
+SURGERY_ROWS = ("task_arithmetic+surgery", "tsv+surgery", "esm+surgery")
 # Named expert suites (fine-tuning recipes): "default" (lr 1e-4) and the second suite of the ESM ablation,
 # experts fine-tuned at 3x the learning rate (benchmarks/results/esm_ablation/README.md).
 EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
@@ -575,6 +575,60 @@ class _RowCache:
         tmp.replace(self.folder / name)
 
 
+def import_rows(S: "BenchSession", cache: _RowCache, path: str | Path, methods: Sequence[str]) -> list[str]:
+    """Put the rows of an earlier run's ``results.json`` into the row cache, so this run computes only the
+    methods (or rows: ``multitask``) it lacks and writes one results.json with all of them.  Refused unless
+    that run had the same settings (the config, less what only picks methods or prints), backbone, tasks and
+    the same experts — their per-example test correctness must equal this session's, which retrained experts
+    meet only when fine-tuning is reproducible.  Rows of a method whose own settings differ, and rows saved
+    without per-example correctness, are left out (computed again).  Returns the methods imported."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text())
+        old_cfg, old_rows, per = old["config"], old["rows"], old.get("per_example", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume {path}: not a readable bench results.json ({e})") from None
+    cfg = S.cfg
+    skip = {"methods", "quiet", "cache_dir", "suite"} | {k for keys in METHOD_SETTINGS.values() for k in keys}
+    mine = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    theirs = {k: v for k, v in old_cfg.items() if k not in skip}
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
+    if differ:
+        raise ConfigError(f"--resume {path}: that run's settings differ from this one's in "
+                          + ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))
+    if old.get("tasks") != S.names or old.get("backbone", {}).get("sha256") != S.bb.fingerprint:
+        raise ConfigError(f"--resume {path}: another backbone or task list ({old.get('tasks')})")
+    for which, scores in (("finetuned", S.ft_test), ("zeroshot", S.zs_test)):
+        theirs_bits = per.get(which) or {}
+        bad = [t for t in S.names if theirs_bits.get(t) != pack_correct(scores[t])]
+        if bad:
+            raise ConfigError(f"--resume {path}: the {which} models there score test examples differently from "
+                              f"this session's on {', '.join(bad)} — other experts (fine-tuning not reproduced "
+                              f"here); its rows cannot be mixed with this run's")
+    by_method: dict[str, list[dict]] = {}
+    for row in old_rows:
+        by_method.setdefault(row["method"], []).append(row)
+    imported = []
+    for method, rows in by_method.items():
+        if method != "multitask" and method not in methods:
+            continue
+        own = METHOD_SETTINGS.get(method, ())
+        if any(json.dumps(old_cfg.get(k)) != json.dumps(getattr(cfg, k)) for k in own):
+            continue
+        try:
+            correct_ = {r["label"]: {t: unpack_correct(per["rows"][r["label"]][t], cache.sizes[t]) for t in S.names}
+                        for r in rows}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if method == "multitask":  # how it was trained, as the fine-tuning log said
+            log = old.get("finetune_log", {}).get("multitask (all tasks jointly)")
+            rows = [{**r, "train_log": r.get("train_log", log or {})} for r in rows]
+        cache.put(method, rows, correct_)
+        imported.append(method)
+    return imported
+
+
 def _search_kwargs(cfg: BenchConfig, m) -> dict:
     """How a method's scale is searched: ``cfg.search == "full"``: as ``submerge tune``'s ``alpha: auto``
     (λ methods on ``cfg.lambda_grid``, α methods by their own strategy); ``coarse``: about 6 points (λ methods
@@ -609,7 +663,7 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
         model_params = [{"tall_lambda": lam} for lam in lambdas]
         params = {**params, "tall_lambda": dict(zip(S.names, lambdas))}
     if post == "surgery":
-        return _surgery_rows(S, name, params, stats, test_correct, t0)
+        return _surgery_rows(S, name, params, stats, test_correct, t0, searched.get(f"alpha:{name}"))
     try:
         if post == "lines":  # LiNeS' beta on the authors' grid (every point), alpha by their norm rule
             found = search_alpha(name, S.base, S.experts, S.val_score, params, stats=stats, random_seed=cfg.seed,
@@ -625,6 +679,7 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
                                  random_seed=cfg.seed, **_search_kwargs(cfg, m))
             if method == "esm":  # ESM++ puts its experts on the val-tuned ESM merge; nothing else is kept
                 searched[method] = found
+            searched[f"alpha:{method}"] = found.alpha  # "<method>+surgery" starts from this merge
             default = m.param(m.scale_param).default
             settings.append(("default", params, found.path(default, copy=True), default, None))
             settings.append(("val-tuned", {**params, m.scale_param: found.alpha}, found.state, found.alpha,
@@ -728,17 +783,30 @@ def _val_batches(S: BenchSession) -> list[list[dict]]:
     return out
 
 
-def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct: dict, t0: float
-                  ) -> tuple[list[dict], dict]:
+def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct: dict, t0: float,
+                  alpha: Optional[float] = None) -> tuple[list[dict], dict]:
     """Representation Surgery on ``method``'s val-tuned merge: per task a rank-16 module trained (Adam, L1, the
     paper's setting) to pull the merge's token representations towards the expert's on the task's *unlabeled
-    val* inputs; scored with the task id (a reference row, as TALL masks) and routed by prototypes."""
+    val* inputs; scored with the task id (a reference row, as TALL masks) and routed by prototypes.
+    ``alpha``: the val-tuned scale when ``method``'s own row found it already (this run or a kept row): the
+    merge is rebuilt at it, as the search built it, instead of searching again."""
     from submerge.routing.surgery import attach_surgery, fit_surgery, representations
-    from submerge.search import search_alpha
+    from submerge.search import AffinePath, SearchResult, search_alpha
 
     m = get_method(method)
-    found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats, random_seed=S.cfg.seed,
-                         **_search_kwargs(S.cfg, m))
+    if alpha is None:
+        found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats, random_seed=S.cfg.seed,
+                             **_search_kwargs(S.cfg, m))
+    else:
+        from submerge.api import merge_state_dicts_many
+
+        ends = merge_state_dicts_many(method, S.base, S.experts, [{**params, m.scale_param: 0.0},
+                                                                 {**params, m.scale_param: 1.0}],
+                                      stats=stats, random_seed=S.cfg.seed)
+        path = AffinePath(*ends)
+        del ends
+        found = SearchResult(method, m.scale_param, float(alpha), float("nan"), {}, "kept", path(alpha, copy=True))
+        del path
     bb = S.bb
     batches = _val_batches(S)
     bb.load(found.state)
@@ -833,10 +901,13 @@ def _stats_for(S: BenchSession, method: str):
 
 
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
-              address: Optional[str] = None, actors: Optional[int] = None) -> dict:
+              address: Optional[str] = None, actors: Optional[int] = None,
+              resume: Optional[str | Path] = None) -> dict:
     """Run the benchmark into ``out_dir``.  ``backend="ray"`` computes the method rows on Ray actors
     (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
-    holding the session's experts and statistics from the object store; the rows are the local ones."""
+    holding the session's experts and statistics from the object store; the rows are the local ones.
+    ``resume``: an earlier run's results.json with the same settings and experts (see :func:`import_rows`):
+    its rows are kept and only the missing methods are computed (adding a method to a published table)."""
     cfg = cfg or BenchConfig()
     out_dir = Path(out_dir)
     check_output_target(out_dir, what="results folder")
@@ -860,12 +931,19 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
         + (" (on Ray)" if backend == "ray" else ""))
     done_rows = _RowCache(S, cfg)
+    if resume is not None:
+        got = import_rows(S, done_rows, resume, methods)
+        say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
     found_rows: dict[str, Optional[tuple[list[dict], dict]]] = {}
+    searched: dict[str, object] = {}
     for method in methods:
         hit = done_rows.get(method)
         if hit is not None:  # a killed run's finished methods are not redone
             found_rows[method] = hit
             say(f"{method}: rows kept from an earlier run with the same settings")
+            for r in hit[0]:  # its val-tuned scale, for "<method>+surgery"
+                if r.get("setting") == "val-tuned" and r.get("alpha") is not None:
+                    searched[f"alpha:{method}"] = r["alpha"]
     todo = [n for n in methods if n not in found_rows]
 
     def finished(method: str, got, seconds: float) -> None:
@@ -885,7 +963,6 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     else:
         # statistics (Fisher, calibration) are dropped after the last method that reads them
         last_use = {kind[n]: i for i, n in enumerate(todo) if kind[n]}
-        searched: dict[str, object] = {}
         for i, method in enumerate(todo):
             t0 = time.perf_counter()
             stats = _stats_for(S, method)
@@ -902,18 +979,25 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
             rows += found_rows[method][0]
             test_correct.update(found_rows[method][1])
     if cfg.multitask:
-        t0 = time.perf_counter()
-        weights = [1.0 / len(tasks)] * len(tasks)
-        state, info = S.train_multitask(weights, cfg.seed)
-        S.ft_logs["multitask (all tasks jointly)"] = info
         label = "multitask (joint fine-tuning)"
-        row, res = S.test_row("multitask", "joint fine-tuning", {"weights": weights}, state, None,
-                              time.perf_counter() - t0, label=label, reference="multitask")
+        hit = done_rows.get("multitask")  # its row is kept with the methods' (the model may be gone)
+        if hit is not None:
+            (row,), res = hit[0], hit[1][label]
+            info = {**row.get("train_log", {}), "cached": True}
+        else:
+            t0 = time.perf_counter()
+            weights = [1.0 / len(tasks)] * len(tasks)
+            state, info = S.train_multitask(weights, cfg.seed)
+            row, res = S.test_row("multitask", "joint fine-tuning", {"weights": weights}, state, None,
+                                  time.perf_counter() - t0, label=label, reference="multitask")
+            row["train_log"] = info
+            done_rows.put("multitask", [row], {label: res})
+            del state
+        S.ft_logs["multitask (all tasks jointly)"] = info
         test_correct[label] = res
         rows.append(row)
         say(f"[{S.clock()}] {label}: norm {100 * row['avg_norm']:.1f} "
             f"({'cached' if info.get('cached') else 'trained in {:.0f}s'.format(info['seconds'])})")
-        del state
     ft_test, zs_test, splits = S.ft_test, S.zs_test, S.splits
     zs = {k: float(v.mean()) for k, v in zs_test.items()}
     ft = {k: float(v.mean()) for k, v in ft_test.items()}
@@ -957,7 +1041,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    tmp = out_dir / ".results.json.tmp"  # replaced whole: a --resume of the same file never sees half of it
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out_dir / "results.json")
     from submerge.bench.report import write_report
 
     write_report(results, out_dir)
