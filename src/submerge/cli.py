@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-from submerge.errors import SubmergeError
+from submerge.errors import ConfigError, SubmergeError
 
 
 MAX_THREADS = 1024
@@ -201,6 +201,62 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
     if not quiet:
         click.echo(f"wrote {out_dir}: {kind} Fisher of {len(st.tensors)} tensors on {st.info['n_examples']} inputs "
                    f"in {st.info['seconds']}s")
+
+
+@main.command()
+@click.argument("merged_dir", type=click.Path(file_okay=False))
+@click.option("--expert", "experts", multiple=True, required=True, metavar="NAME=FOLDER",
+              help="A task's fine-tuned model, in task-id order (repeat per task).")
+@click.option("--inputs", "inputs", multiple=True, required=True, metavar="NAME=FILE",
+              help="A task's unlabeled inputs (.txt / .jsonl / .json texts; repeat per task, same names).")
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="Rank of each task's module.")
+@click.option("--steps", type=click.IntRange(min=0), default=500, show_default=True, help="Adam steps per task.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Inputs per task (a seeded random subset).")
+@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--field", "field_name", default=None, help="JSONL field holding the text (default 'text').")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace surgery modules already in MERGED_DIR.")
+@click.option("--quiet", "-q", is_flag=True)
+def surgery(merged_dir: str, experts: tuple, inputs: tuple, rank: int, steps: int, lr: float, n: int,
+            max_length: int, batch_size: int, field_name: Optional[str], seed: int, device: str, overwrite: bool,
+            quiet: bool) -> None:
+    """Representation Surgery (Yang et al., ICML 2024) for the merged model in MERGED_DIR: per task a rank-16
+    module trained without labels to pull the merge's representation towards its expert's on the task's inputs;
+    written beside the model (surgery.safetensors + surgery.json; the model files are untouched). Load it with
+    submerge.routing.surgery.load_model(MERGED_DIR): routed by prototype, or by task id."""
+    from submerge.routing.surgery import fit_surgery_folders
+
+    _setup_logging(0, quiet)
+    try:
+        pairs = {}
+        for what, items in (("--expert", experts), ("--inputs", inputs)):
+            got = {}
+            for item in items:
+                name, sep, value = item.partition("=")
+                if not sep or not name or not value:
+                    raise ConfigError(f"{what} {item!r}: expected NAME={'FOLDER' if what == '--expert' else 'FILE'}")
+                if name in got:
+                    raise ConfigError(f"{what}: task {name!r} given twice")
+                got[name] = value
+            pairs[what] = got
+        if set(pairs["--expert"]) != set(pairs["--inputs"]):
+            raise ConfigError(f"--expert names {sorted(pairs['--expert'])} and --inputs names "
+                              f"{sorted(pairs['--inputs'])} differ: each task needs both")
+        order = list(pairs["--expert"])
+        s = fit_surgery_folders(merged_dir, [(k, pairs["--expert"][k]) for k in order],
+                                [pairs["--inputs"][k] for k in order], rank=rank, steps=steps, lr=lr, n=n,
+                                max_length=max_length, batch_size=batch_size, seed=seed, field_name=field_name,
+                                device=device, overwrite=overwrite, progress=not quiet)
+    except SubmergeError as e:
+        _fail(e)
+    if not quiet:
+        gaps = ", ".join(f"{t} {b:.4f} -> {a:.4f}" for t, (b, a) in zip(s.tasks, s.info["l1_before_after"]))
+        click.echo(f"wrote {merged_dir}/surgery.safetensors: {len(s.tasks)} tasks, rank {rank}; "
+                   f"L1 gap to each expert {gaps}")
 
 
 @main.command()

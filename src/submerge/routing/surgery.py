@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -54,15 +55,28 @@ class SurgerySet:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.prototypes))
 
-    def save(self, folder: Union[str, Path]) -> Path:
+    def save(self, folder: Union[str, Path], overwrite: bool = True) -> Path:
+        """Write ``surgery.safetensors`` + ``surgery.json`` into ``folder`` (beside a merged model).  Each file
+        is written under a temporary name and renamed, the manifest last, so a failure leaves either the old
+        pair or none; ``overwrite=False`` refuses a folder that already has them.  Nothing else is touched."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        save_file({"down": self.down.contiguous(), "up": self.up.contiguous(),
-                   "prototypes": self.prototypes.contiguous()}, str(folder / SURGERY_FILE))
-        (folder / SURGERY_INFO).write_text(json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]),
-                                                       "dim": int(self.down.shape[2]), "info": self.info},
-                                                      indent=2) + "\n")
+        if not overwrite and ((folder / SURGERY_FILE).exists() or (folder / SURGERY_INFO).exists()):
+            raise ConfigError(f"{folder} already has Representation Surgery modules ({SURGERY_FILE}); pass "
+                              f"--overwrite to replace them")
+        tmp_w, tmp_i = folder / f".{SURGERY_FILE}.tmp", folder / f".{SURGERY_INFO}.tmp"
+        try:
+            save_file({"down": self.down.contiguous(), "up": self.up.contiguous(),
+                       "prototypes": self.prototypes.contiguous()}, str(tmp_w))
+            tmp_i.write_text(json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]),
+                                         "dim": int(self.down.shape[2]), "info": self.info}, indent=2) + "\n")
+            os.replace(tmp_w, folder / SURGERY_FILE)
+            os.replace(tmp_i, folder / SURGERY_INFO)
+        finally:
+            for t in (tmp_w, tmp_i):
+                if t.exists():
+                    t.unlink()
         return folder
 
     @classmethod
@@ -165,8 +179,22 @@ class SurgeryHandle:
         return self.model
 
 
+def representation_module(model: nn.Module) -> nn.Module:
+    """The module whose output ``last_hidden_state`` is the representation surgery corrects: the base model of a
+    transformers model with a task head (``model.base_model``: what ``AutoModel`` loads from the same folder),
+    or, when that base model pools inside itself (BERT's pooler reads the first token of the encoder's output
+    before the base model returns), its ``encoder`` — so the pooler and every head read the surgered states."""
+    base = getattr(model, "base_model", None)
+    base = base if isinstance(base, nn.Module) else model
+    encoder = getattr(base, "encoder", None)
+    if isinstance(encoder, nn.Module) and isinstance(getattr(base, "pooler", None), nn.Module):
+        return encoder
+    return base
+
+
 def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -> SurgeryHandle:
-    """Apply ``surgery`` to ``model``'s ``last_hidden_state`` on every forward pass (``mode``: ``route`` by the
+    """Apply ``surgery`` to the representation of ``model`` (see :func:`representation_module`: the encoder
+    output of a base model or of a model with a task head) on every forward pass (``mode``: ``route`` by the
     prototypes, ``off``; the task id with ``handle.task(t)``).  Returns the handle (also
     ``model.submerge_surgery``)."""
     if mode not in ("route", "off"):
@@ -174,9 +202,13 @@ def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -
     if getattr(model, "submerge_surgery", None) is not None:
         raise ConfigError("this model already has surgery attached; call detach() first")
     state: dict = {}
+    target = representation_module(model)
 
     def pre(_m, args, kwargs):
-        state["mask"] = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]  # model(input_ids, attention_mask)
+        state["mask"] = mask
 
     def post(_m, args, kwargs, output):
         if handle.mode == "off":
@@ -202,7 +234,7 @@ def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -
         return new
 
     h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = model.register_forward_hook(post, with_kwargs=True)
+    h2 = target.register_forward_hook(post, with_kwargs=True)
 
     class _Both:
         def remove(self):
@@ -212,3 +244,111 @@ def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -
     handle = SurgeryHandle(model, surgery, _Both(), mode)
     model.submerge_surgery = handle
     return handle
+
+
+def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[str, Union[str, Path]]],
+                        inputs: Sequence[Union[str, Path, Sequence[str]]], *, rank: int = 16, steps: int = 500,
+                        lr: float = 1e-3, n: int = 256, max_length: int = 128, batch_size: int = 16, seed: int = 0,
+                        field_name: Optional[str] = None, device: str = "cpu", overwrite: bool = False,
+                        progress: bool = True) -> SurgerySet:
+    """``submerge surgery``: train Representation Surgery for the merged model in ``merged_dir`` and save it
+    there (``surgery.safetensors`` + ``surgery.json``; the model files are not touched).
+
+    ``experts``: ``(task name, expert folder)`` pairs, in task-id order; ``inputs``: per task its *unlabeled*
+    inputs (a .txt / .jsonl / .json file as ``submerge calibrate`` reads, or a list of texts), of which the first
+    ``n`` of a seeded shuffle are used.  Representations are the base model's ``last_hidden_state``
+    (``AutoModel``: a folder saved with a task head loads without it), what :func:`attach_surgery` corrects at run
+    time.  Every folder and file is checked before any model is loaded."""
+    import random
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from submerge.device import parse_device
+    from submerge.io import Checkpoint
+    from submerge.stats.inputs import effective_max_length, load_pretrained, read_inputs, text_batches
+
+    merged_dir = Path(merged_dir)
+    if not experts:
+        raise ConfigError("surgery needs at least one expert (--expert NAME=FOLDER)")
+    if len(inputs) != len(experts):
+        raise ConfigError(f"surgery: {len(experts)} experts but inputs for {len(inputs)} tasks")
+    names = [name for name, _ in experts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"surgery: task names repeat: {names}")
+    for key, value in (("rank", rank), ("steps", steps), ("n", n), ("max_length", max_length),
+                       ("batch_size", batch_size)):
+        if type(value) is not int or value < (0 if key == "steps" else 1):
+            raise ConfigError(f"surgery: {key} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"surgery: lr must be positive, got {lr!r}")
+    dev = parse_device(device)
+    folders = [merged_dir] + [Path(p) for _, p in experts]
+    for f in folders:
+        if not f.is_dir():
+            raise CheckpointError(f"model folder {f} does not exist")
+        Checkpoint(f, label=str(f)).close()  # containment and header checks, before transformers
+    if not overwrite and ((merged_dir / SURGERY_FILE).exists() or (merged_dir / SURGERY_INFO).exists()):
+        raise ConfigError(f"{merged_dir} already has Representation Surgery modules ({SURGERY_FILE}); pass "
+                          f"--overwrite to replace them")
+    sizes = {}
+    for f in folders:
+        try:
+            sizes[f] = getattr(AutoConfig.from_pretrained(f), "hidden_size", None)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f}/config.json: {str(e).splitlines()[0][:200]}") from None
+    if len(set(sizes.values())) > 1:
+        raise ConfigError("surgery: the models' hidden sizes differ: "
+                          + ", ".join(f"{f} {v}" for f, v in sizes.items()))
+    texts = []
+    for (name, _), src in zip(experts, inputs):
+        data = read_inputs(src, field_name) if isinstance(src, (str, Path)) else list(src)
+        if isinstance(data, dict) or not data or not all(isinstance(t, str) for t in data):
+            raise ConfigError(f"surgery: task {name}: inputs must be texts (.txt / .jsonl / .json), got {src}")
+        order = list(range(len(data)))
+        random.Random(seed).shuffle(order)
+        texts.append([data[i] for i in order[:n]])
+    tok = load_pretrained(AutoTokenizer, merged_dir, quiet=not progress)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    def batches_of(model: nn.Module, tt: list[str]) -> list[dict]:
+        ml = effective_max_length(max_length, model.config)
+        return [{k: v.to(dev) for k, v in b.items()} for b in text_batches(tt, tok, batch_size, ml)]
+
+    model = load_pretrained(AutoModel, merged_dir, quiet=not progress).to(dev).eval()
+    batches = [batches_of(model, tt) for tt in texts]
+    merged = [representations(model, b).cpu() for b in batches]
+    del model
+    targets = []
+    for (name, folder), b in zip(experts, batches):
+        expert = load_pretrained(AutoModel, Path(folder), quiet=not progress).to(dev).eval()
+        targets.append(representations(expert, b).cpu())
+        del expert
+    out = fit_surgery(merged, targets, tasks=names, rank=rank, steps=steps, lr=lr, seed=seed)
+    out.info.update({"experts": {name: str(p) for name, p in experts}, "n_inputs": [len(t) for t in texts],
+                     "max_length": max_length, "seed": seed,
+                     "inputs": [str(src) if isinstance(src, (str, Path)) else "<python>" for src in inputs]})
+    out.save(merged_dir, overwrite=overwrite)
+    return out
+
+
+def load_model(folder: Union[str, Path], model_class: Any = None, *, mode: str = "route", device: str = "cpu",
+               **from_pretrained: Any) -> nn.Module:
+    """A merged model saved with surgery modules beside it, loaded with them attached
+    (``model.submerge_surgery``; ``with model.submerge_surgery.task(t)`` for a known task id).  ``model_class``
+    defaults to the architecture in ``config.json`` (a classifier keeps its head), else ``AutoModel``."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
+    surgery = SurgerySet.load(folder)
+    if model_class is None:
+        arch = (getattr(transformers.AutoConfig.from_pretrained(folder), "architectures", None) or [None])[0]
+        model_class = (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel
+    model = model_class.from_pretrained(folder, **from_pretrained).to(device).eval()
+    surgery.down, surgery.up = surgery.down.to(device), surgery.up.to(device)
+    surgery.prototypes = surgery.prototypes.to(device)
+    attach_surgery(model, surgery, mode=mode)
+    return model
