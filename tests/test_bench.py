@@ -211,12 +211,7 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
     """ESM / RegMean / TSV-M rows: calibration statistics from the experts, scales chosen on val; then the
     same rows from `bench --backend ray`."""
     _need_data()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray actor below (1 CPU): float reductions depend on the thread count
-    try:
-        _data_based_rows_local_and_on_ray(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    _data_based_rows_local_and_on_ray(tmp_path)
 
 
 def _data_based_rows_local_and_on_ray(tmp_path):
@@ -258,17 +253,25 @@ def _data_based_rows_local_and_on_ray(tmp_path):
     # `bench --backend ray`: the same rows from Ray actors holding the session's experts and statistics
     # (ESM++ in ESM's call), whatever order the methods finish in; only the timings differ
     pytest.importorskip("ray")
-    shutil.rmtree(tmp_path / "cache" / "bench-rows")  # nothing kept from the local run but experts and scores
-    ray_cfg = dataclasses.replace(cfg, methods=["fisher", "regmean"])  # Fisher and calibration statistics
-    on_ray = run_bench(tmp_path / "out-ray", ray_cfg, backend="ray", actors=2)
+    # Fisher and calibration statistics, computed here and shipped to the actors; compared with a local run at one
+    # torch thread, as each actor (1 CPU) runs: float reductions depend on the thread count
+    ray_cfg = dataclasses.replace(cfg, methods=["fisher", "regmean"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shutil.rmtree(tmp_path / "cache" / "bench-rows")  # nothing kept but experts and reference scores
+        local = run_bench(tmp_path / "out-1", ray_cfg)
+        shutil.rmtree(tmp_path / "cache" / "bench-rows")
+        on_ray = run_bench(tmp_path / "out-ray", ray_cfg, backend="ray", actors=2)
+    finally:
+        torch.set_num_threads(threads)
 
     def untimed(rows):
         return [{k: v for k, v in r.items() if k not in ("seconds", "ms_per_example", "static_ms_per_example")}
                 for r in rows if r["method"] in ray_cfg.methods]
 
-    assert len(on_ray["rows"]) == 2 and untimed(on_ray["rows"]) == untimed(res["rows"])
-    pe, pe_ray = res["per_example"]["rows"], on_ray["per_example"]["rows"]
-    assert pe_ray == {label: pe[label] for label in pe_ray}
+    assert len(on_ray["rows"]) == 2 and untimed(on_ray["rows"]) == untimed(local["rows"])
+    assert on_ray["per_example"]["rows"] == local["per_example"]["rows"]
 
 
 def test_ray_calls_keep_esm_pp_with_esm():
