@@ -125,11 +125,27 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
                    + f" | {_pct(runs[0]['task_info'][t]['majority_test'])} |")
     routed = [e for e in entries if any(row and row.get("routing") for row in e["rows"])]
     if routed:
-        out += ["", "## ESM++ routing accuracy (share of layer decisions that pick the true task)", "",
-                "| setting | " + seed_txt + " |", "|---|---|"]
+        out += ["", "## Routing accuracy (ESM++: share of layer decisions that pick the true task; Surgery: of inputs)", "",
+                "| row | " + seed_txt + " |", "|---|---|"]
         for e in routed:
-            out.append(f"| {e['setting']} | " + " / ".join(
+            out.append(f"| {e['label']} | " + " / ".join(
                 "·" if not (row and row.get("routing")) else f"{row['routing']['accuracy']:.3f}" for row in e["rows"]) + " |")
+    extra = []  # what a row stores beside (or instead of) one merged model, from the first seed
+    for e in entries:
+        row = next(r for r in e["rows"] if r is not None)
+        if row.get("storage"):
+            st = row["storage"]
+            extra.append(f"| {e['label']} | model + one bit per parameter and task: "
+                         f"{(st['model_bytes'] + st['masks_bytes']) / 1e6:.0f} MB, against "
+                         f"{st['experts_bytes'] / 1e6:.0f} MB for the {len(tasks)} experts |")
+        elif row.get("surgery_bytes") and "task id" in e["setting"]:
+            extra.append(f"| {e['method']} | {len(tasks)} rank-{row['params'].get('surgery_rank', 16)} modules: "
+                         f"{row['surgery_bytes'] / 1e6:.2f} MB beside the merge |")
+        elif row.get("overhead") and "oracle" not in e["setting"] and "router" not in e["setting"]:
+            extra.append(f"| {e['label']} | experts {row['overhead']['expert_bytes'] / 1e6:.1f} MB "
+                         f"({row['overhead']['params_pct_of_base']:.1f}% of the base's parameters) |")
+    if extra:
+        out += ["", "## What the adaptive rows store", "", "| row | storage |", "|---|---|", *extra]
     out += ["", "Run time per seed: " + ", ".join(f"seed {r['seed']}: {r['seconds_total'] / 60:.1f} min" for r in runs)
             + " (2 CPU cores; cached rows and experts count as their load time).", ""]
     return "\n".join(out), entries
