@@ -180,9 +180,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended after the tables "
+                    "(what the numbers say; written by hand)")
     args = ap.parse_args()
     runs = [json.loads((r / "results.json").read_text()) for r in args.runs]
     text, entries = combine(runs)
+    if args.notes:
+        text += "\n" + args.notes.read_text()
     args.out.write_text(text)
     plot(entries, runs, args.out.parent / "normalized_accuracy.png")
     print(text)
