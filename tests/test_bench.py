@@ -279,6 +279,7 @@ def test_ray_calls_keep_esm_pp_with_esm():
 
     assert units_of(["ties", "esm", "regmean", "esm_pp"]) == [["ties"], ["esm", "esm_pp"], ["regmean"]]
     assert units_of(["esm_pp", "tsv"]) == [["esm_pp"], ["tsv"]]  # ESM cached: ESM++ searches ESM itself
+    assert units_of(["tsv", "ties", "tsv+surgery", "ties+lines"]) == [["tsv", "tsv+surgery"], ["ties"], ["ties+lines"]]
 
 
 def test_pareto_tiny_end_to_end(tmp_path):

@@ -22,12 +22,14 @@ from submerge.errors import SubmergeError
 
 
 def units_of(methods: Sequence[str]) -> list[list[str]]:
-    """The calls: one per method, except that ESM++ follows ESM in ESM's call."""
+    """The calls: one per method, except that a row built on another method's val-tuned merge follows that
+    method in its call: ESM++ after ESM, ``<method>+surgery`` after ``<method>``."""
     units: list[list[str]] = []
     for m in methods:
-        esm = next((u for u in units if u[0] == "esm"), None)
-        if m == "esm_pp" and esm is not None:
-            esm.append(m)
+        on = "esm" if m == "esm_pp" else (m[:-len("+surgery")] if m.endswith("+surgery") else None)
+        host = next((u for u in units if u[0] == on), None) if on else None
+        if host is not None:
+            host.append(m)
         else:
             units.append([m])
     return units
@@ -41,11 +43,12 @@ class _BenchActor:
 
         torch.set_num_threads(max(1, threads))
         self.S = BenchSession(dataclasses.replace(cfg, quiet=True), shared=shared)
+        self.alphas = dict(shared.get("alphas", {}))  # val-tuned scales of methods already finished
 
     def run(self, unit: list[str]) -> list[tuple[str, object, float]]:
         from submerge.bench.runner import _method_rows, _stats_for, release_memory
 
-        searched: dict = {}
+        searched: dict = dict(self.alphas)
         out = []
         for method in unit:
             t0 = time.perf_counter()
@@ -56,15 +59,17 @@ class _BenchActor:
 
 
 def ray_method_rows(S, methods: Sequence[str], finished: Callable[[str, object, float], None],
-                    address: Optional[str] = None, actors: Optional[int] = None) -> None:
-    """Compute ``methods``' rows on Ray; ``finished(method, rows_or_None, seconds)`` as each arrives."""
+                    address: Optional[str] = None, actors: Optional[int] = None,
+                    alphas: Optional[dict] = None) -> None:
+    """Compute ``methods``' rows on Ray; ``finished(method, rows_or_None, seconds)`` as each arrives.
+    ``alphas``: ``{"alpha:<method>": scale}`` of methods whose rows were kept (``+surgery`` rows start there)."""
     from submerge.bench.runner import _stats_for
     from submerge.tune.backends import RayBackend
 
     units = units_of(methods)
     for m in methods:  # every statistic once, here, before the actors start
         _stats_for(S, m)
-    shared = S.share()
+    shared = {**S.share(), "alphas": dict(alphas or {})}
     backend = RayBackend(address, actors=actors)
     backend.n_actors = min(backend.n_actors, len(units))
     S.say(f"ray: {backend.n_actors} actor(s) for {len(units)} call(s)")

@@ -959,7 +959,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     if backend == "ray" and todo:
         from submerge.bench.parallel import ray_method_rows
 
-        ray_method_rows(S, todo, finished, address=address, actors=actors)
+        ray_method_rows(S, todo, finished, address=address, actors=actors,
+                        alphas={k: v for k, v in searched.items() if k.startswith("alpha:")})
     else:
         # statistics (Fisher, calibration) are dropped after the last method that reads them
         last_use = {kind[n]: i for i, n in enumerate(todo) if kind[n]}
