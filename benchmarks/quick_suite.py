@@ -137,12 +137,12 @@ def main() -> None:
                                                   "chosen": chosen and {k: chosen[k] for k in ("tasks", "n_train", "lr")}},
                                                  indent=2))
     lines = ["# Choosing the `--quick` suite (validation only)", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
-             "Splits: val / test examples per task as listed (test carved first, never scored here). Rounds 2, 3 "
-             "and 4 were added, each after the rounds before it had no candidate meeting the rule. Seconds are "
-             "wall time with other work sometimes sharing the 2 cores (round 1's third and fourth rows have the "
-             "same number of steps), and val evaluations were timed before evaluation batches were cut by padded "
-             "tokens (about 2x faster since); \"zero-shot (norm)\" above 100 means the experts score below the "
-             "pre-trained model on val.", "",
+             "Splits: val / test examples per task as listed (test carved first, never scored here). Rounds 2 "
+             "to 5 were added, each after the rounds before it had no candidate meeting the rule. Seconds of rounds "
+             "1-4 are wall time with other work sometimes sharing the 2 cores (round 1's third and fourth rows have "
+             "the same number of steps), and their val evaluations were timed before evaluation batches were cut by "
+             "padded tokens (about 2x faster since); round 5 ran on a quiet machine. \"zero-shot (norm)\" above 100 "
+             "means the experts score below the pre-trained model on val.", "",
              "| round | tasks | n_train | n_val / n_test | lr | zero-shot (norm) | experts learn | TA val-tuned λ | TA val norm | fine-tune s | val eval s | tokens / example | est. run s |",
              "|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -133,3 +133,23 @@ def jsonl_values(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             yield i + 1, json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+
+
+def write_files_atomically(folder: Path, writers: dict[str, Any]) -> None:
+    """Write files into an existing ``folder``: ``writers`` maps each file name to a function that writes the
+    file at a path it is given.  Every file is written under a temporary name first, then all are renamed in the
+    given order (put a manifest last), so a failure while writing leaves the folder as it was and a reader never
+    sees half a file.  Nothing else in the folder is touched."""
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    tmps = {name: folder / f".{name}.{tag}" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(tmps[name])
+        for name, tmp in tmps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()

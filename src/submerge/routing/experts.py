@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -26,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io.files import write_files_atomically
 
 log = logging.getLogger("submerge")
 
@@ -104,17 +103,9 @@ class ExpertSet:
             layers[name] = {"d_out": int(e.B.shape[1]), "d_in": int(e.A.shape[2]), "rank": int(e.B.shape[2]),
                             "bias": e.bias is not None, "layout": e.layout, "router": e.router_w is not None}
         manifest = {"format": FORMAT, "tasks": self.tasks, "rank": self.rank, "layers": layers, "info": self.info}
-        tag = uuid.uuid4().hex[:8]
-        tmp_t, tmp_m = folder / f".{EXPERTS_FILE}.{tag}", folder / f".{MANIFEST_FILE}.{tag}"
-        try:
-            save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
-            tmp_m.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp_t, folder / EXPERTS_FILE)
-            os.replace(tmp_m, folder / MANIFEST_FILE)
-        finally:
-            for p in (tmp_t, tmp_m):
-                if p.exists():
-                    p.unlink()
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_files_atomically(folder, {EXPERTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}),
+                                        MANIFEST_FILE: lambda p: p.write_text(text)})
         return folder
 
     @classmethod

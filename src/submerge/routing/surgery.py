@@ -61,22 +61,18 @@ class SurgerySet:
         pair or none; ``overwrite=False`` refuses a folder that already has them.  Nothing else is touched."""
         from safetensors.torch import save_file
 
+        from submerge.io.files import write_files_atomically
+
         folder = Path(folder)
         if not overwrite and ((folder / SURGERY_FILE).exists() or (folder / SURGERY_INFO).exists()):
             raise ConfigError(f"{folder} already has Representation Surgery modules ({SURGERY_FILE}); pass "
                               f"--overwrite to replace them")
-        tmp_w, tmp_i = folder / f".{SURGERY_FILE}.tmp", folder / f".{SURGERY_INFO}.tmp"
-        try:
-            save_file({"down": self.down.contiguous(), "up": self.up.contiguous(),
-                       "prototypes": self.prototypes.contiguous()}, str(tmp_w))
-            tmp_i.write_text(json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]),
-                                         "dim": int(self.down.shape[2]), "info": self.info}, indent=2) + "\n")
-            os.replace(tmp_w, folder / SURGERY_FILE)
-            os.replace(tmp_i, folder / SURGERY_INFO)
-        finally:
-            for t in (tmp_w, tmp_i):
-                if t.exists():
-                    t.unlink()
+        tensors = {"down": self.down.contiguous(), "up": self.up.contiguous(),
+                   "prototypes": self.prototypes.contiguous()}
+        manifest = json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]), "dim": int(self.down.shape[2]),
+                               "info": self.info}, indent=2) + "\n"
+        write_files_atomically(folder, {SURGERY_FILE: lambda p: save_file(tensors, str(p)),
+                                        SURGERY_INFO: lambda p: p.write_text(manifest)})
         return folder
 
     @classmethod
