@@ -146,8 +146,10 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
                          f"({row['overhead']['params_pct_of_base']:.1f}% of the base's parameters) |")
     if extra:
         out += ["", "## What the adaptive rows store", "", "| row | storage |", "|---|---|", *extra]
-    out += ["", "Run time per seed: " + ", ".join(f"seed {r['seed']}: {r['seconds_total'] / 60:.1f} min" for r in runs)
-            + " (2 CPU cores; cached rows and experts count as their load time).", ""]
+    out += ["", "Wall time of the run that wrote each results.json: " + ", ".join(
+        f"seed {r['seed']}: {r['seconds_total'] / 60:.1f} min" + (" (rows kept from an earlier run with --resume)"
+                                                                  if r.get("resumed_from") else "") for r in runs)
+            + " (2 CPU cores; each row's own `seconds` is in results.json).", ""]
     return "\n".join(out), entries
 
 

@@ -1039,6 +1039,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
                         "finetuned": {k: pack_correct(v) for k, v in ft_test.items()},
                         "zeroshot": {k: pack_correct(v) for k, v in zs_test.items()}},
         "seconds_total": time.perf_counter() - S.t_start,
+        **({"resumed_from": str(resume)} if resume is not None else {}),  # rows kept: their time is not in the total
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
