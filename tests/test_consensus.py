@@ -32,6 +32,14 @@ def test_tall_masks_and_consensus_by_hand():
     assert consensus_mask(m, 1).tolist() == [True, True, True]
     # strict: an entry exactly at the threshold is dropped
     assert not tall_masks(torch.tensor([[1.0]]), torch.tensor([3.0]), [0.5]).item()
+    # task by task (bounded memory) = the broadcast formula, bit for bit, in every float dtype
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        d = torch.randn(5, 7, 9, generator=g).to(dtype)
+        tau = d.sum(0)
+        lams = [0.2, 0.3, 0.4, 0.5, 0.6]
+        lam = torch.tensor(lams, dtype=dtype).reshape(-1, 1, 1)
+        assert torch.equal(tall_masks(d, tau, lams), d.abs() > lam * (tau.unsqueeze(0) - d).abs())
 
 
 def test_consensus_ta_k0_is_task_arithmetic_and_k_above_T_is_the_base():

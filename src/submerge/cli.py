@@ -450,10 +450,10 @@ def demo(out: Optional[str], method: str) -> None:
 
 
 @main.command()
-@click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = 4 tasks).")
+@click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = text8's tasks, small splits).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
-@click.option("--quick", is_flag=True, help="The README's main job: the quick suite (4 short-text tasks, small "
+@click.option("--quick", is_flag=True, help="The README's main job: the quick suite (text8's 8 tasks, small evaluation "
               "splits, one method per family, coarse scale search, no multitask row); minutes on 2 cores.")
 @click.option("--seed", default=0, show_default=True, help="Fine-tuning seed (splits are fixed).")
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/<suite>-seed<seed>).")

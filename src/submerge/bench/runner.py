@@ -88,10 +88,10 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        """The README's main job: 4 short-text tasks (chosen on validation, benchmarks/results/quick_suite/),
-        500 training / 100 val / 250 test examples each, one method per family, coarse scale searches, no
-        multitask row; about 6 minutes on 2 cores with nothing cached."""
-        base = dict(suite="quick", n_train=500, n_val=100, n_test=250, lambda_grid=[0.25, 0.5, 0.75, 1.0],
+        """The README's main job: text8's 8 tasks with experts on 2,000 training examples each (so they
+        interfere as text8's do) and small evaluation splits, 50 val / 150 test per task (chosen on validation,
+        benchmarks/results/quick_suite/), one method per family, coarse scale searches, no multitask row."""
+        base = dict(suite="quick", n_train=2000, n_val=50, n_test=150, lambda_grid=[0.25, 0.5, 0.75, 1.0],
                     methods=list(QUICK_METHODS), search="coarse", multitask=False, esmpp_ranks=[8])
         base.update(kw)
         return cls(**base)

@@ -278,6 +278,8 @@ register_task(Task(
 SUITES = {
     "text8": ["rt_sentiment", "rt_subjectivity", "debate_party", "wordnet_noun", "wordnet_verb",
               "wordnet_abstract", "fortune_topic", "fortune_langid"],
-    # short texts (cheap to score); chosen on validation only: benchmarks/results/quick_suite/README.md
-    "quick": ["debate_party", "wordnet_noun", "wordnet_verb", "wordnet_abstract"],
+    # text8's tasks with small evaluation splits (BenchConfig.quick); chosen on validation only:
+    # benchmarks/results/quick_suite/README.md
+    "quick": ["rt_sentiment", "rt_subjectivity", "debate_party", "wordnet_noun", "wordnet_verb",
+              "wordnet_abstract", "fortune_topic", "fortune_langid"],
 }

@@ -38,9 +38,16 @@ _DENSITY = Param("density", float, 0.2, per_model=True, low=0.0, high=1.0,
 
 
 def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
-    """Boolean ``[T, ...]``: ``|τ_t| > λ_t · |τ_MTL − τ_t|`` for the stacked task vectors ``deltas``."""
-    lam = torch.tensor(list(lambdas), dtype=deltas.dtype, device=deltas.device).reshape((-1,) + (1,) * merged.dim())
-    return deltas.abs() > lam * (merged.unsqueeze(0) - deltas).abs()
+    """Boolean ``[T, ...]``: ``|τ_t| > λ_t · |τ_MTL − τ_t|`` for the stacked task vectors ``deltas``.
+
+    One task at a time into two tensor-sized buffers: the broadcast form held four ``[T, ...]`` float
+    temporaries (1.5 GB for 8 tasks' word embeddings of a 23M-parameter model)."""
+    out = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+    gap, mag = torch.empty_like(merged), torch.empty_like(merged)
+    for t, lam in enumerate(lambdas):
+        torch.sub(merged, deltas[t], out=gap).abs_().mul_(float(torch.tensor(lam, dtype=deltas.dtype)))
+        torch.gt(torch.abs(deltas[t], out=mag), gap, out=out[t])
+    return out
 
 
 def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
