@@ -71,6 +71,8 @@ def _classifier_family(root):
                      intermediate_size=32, max_position_embeddings=32, num_labels=3)
     torch.manual_seed(0)
     base = BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
     experts = []
     for i in range(2):
         m = BertForSequenceClassification(cfg).eval()
@@ -142,3 +144,37 @@ def test_surgery_cli_on_a_classifier_corrects_what_the_pooler_reads(tmp_path):
     missing = runner.invoke(main, args[:3] + [f"a={tmp_path / 'nope'}"] + args[4:] + ["--overwrite"])
     assert missing.exit_code != 0 and "nope does not exist" in missing.output
     assert SurgerySet.load(tmp_path / "merged").info == s.info
+
+
+def test_surgery_from_a_merge_config(tmp_path, monkeypatch):
+    """`surgery:` in a merge YAML: the modules are trained on the merged model inside the output's temporary
+    folder, so the model and its modules appear together; relative input paths resolve against the YAML's
+    folder; a config naming the wrong models, or a missing input file, fails before anything is written."""
+    import yaml
+    from click.testing import CliRunner
+
+    from submerge.cli import main
+    from submerge.routing.surgery import load_model
+
+    _classifier_family(tmp_path)
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "ft0"}, {"model": "ft1"}],
+           "parameters": {"weight": 1.0, "lambda": 0.5},
+           "surgery": {"inputs": {"ft0": "t0.txt", "ft1": "t1.txt"}, "rank": 4, "steps": 100, "lr": 1e-2}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "run"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "merge.yaml"), "out", "-q"])
+    assert res.exit_code == 0, res.output
+    s = SurgerySet.load(elsewhere / "out")
+    assert s.tasks == ["ft0", "ft1"] and s.info["n_inputs"] == [24, 24]
+    assert all(after < before for before, after in s.info["l1_before_after"])
+    assert type(load_model(elsewhere / "out")).__name__ == "BertForSequenceClassification"
+    assert yaml.safe_load((elsewhere / "out" / "submerge_config.yaml").read_text())["surgery"]["rank"] == 4
+    for bad, msg in ((dict(cfg, surgery={"inputs": {"ft0": "t0.txt"}}), "missing: \\['ft1'\\]"),
+                     (dict(cfg, surgery={"inputs": {"ft0": "t0.txt", "ft1": "nope.txt"}}), "nope.txt .*not a file"),
+                     (dict(cfg, surgery={"inputs": {"ft0": "t0.txt", "ft1": "t1.txt"}, "rank": 0}), "rank must be")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        out = CliRunner().invoke(main, ["merge", str(tmp_path / "bad.yaml"), "out2", "-q"])
+        assert out.exit_code != 0 and __import__("re").search(msg, out.output), out.output
+        assert not (elsewhere / "out2").exists()

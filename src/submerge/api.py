@@ -138,6 +138,7 @@ def config_inputs(cfg: MergeConfig, config_dir: Optional[Path]) -> list[Path]:
     if cfg.tokenizer_source not in (None, "base", "union"):
         refs.append(cfg.tokenizer_source)
     refs += [m.calibration for m in cfg.models or [] if m.calibration]
+    refs += list(cfg.surgery.inputs.values()) if cfg.surgery is not None else []
     refs = [part for r in refs for part in (split_adapter_ref(r) or (r,))]  # base+adapter: both are inputs
     return [resolve_model_path(r, config_dir) for r in refs]
 

@@ -143,6 +143,30 @@ class LinesConfig(_Strict):
         return v
 
 
+class SurgeryConfig(_Strict):
+    """Representation Surgery trained for the merge and written beside it (``submerge.routing.surgery``):
+    ``inputs`` maps every merged model (as written under ``models``) to a file of its task's unlabeled inputs."""
+
+    inputs: dict[str, str]
+    rank: int = 16
+    steps: int = 500
+    lr: float = 1e-3
+    n: int = 256
+    max_length: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    field: Optional[str] = None
+
+    def model_post_init(self, __context: Any) -> None:
+        for key in ("rank", "n", "max_length", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"surgery: {key} must be a positive integer, got {getattr(self, key)}")
+        if self.steps < 0 or self.seed < 0:
+            raise ConfigError("surgery: steps and seed must not be negative")
+        if not self.lr > 0:
+            raise ConfigError(f"surgery: lr must be positive, got {self.lr}")
+
+
 class MergeConfig(_Strict):
     """A merge: ``merge_method`` over ``models`` (or ``slices``), optionally with a ``base_model``."""
 
@@ -157,6 +181,7 @@ class MergeConfig(_Strict):
     tokenizer: Optional[TokenizerConfig] = None
     chat_template: Optional[str] = None  # a template name (chatml, llama3, mistral, alpaca), "auto" or a template
     lines: Optional[LinesConfig] = None  # LiNeS layer scaling of the merged update (task-vector methods)
+    surgery: Optional[SurgeryConfig] = None  # Representation Surgery modules trained and written beside the merge
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -179,6 +204,16 @@ class MergeConfig(_Strict):
             raise ConfigError("the config needs exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ConfigError("'models' is empty")
+        if self.surgery is not None:
+            if self.models is None:
+                raise ConfigError("surgery: needs 'models' (one task per merged model), not 'slices'")
+            merged = [m.model for m in self.models if m.model != self.base_model]
+            missing = [m for m in merged if m not in self.surgery.inputs]
+            extra = [k for k in self.surgery.inputs if k not in merged]
+            if missing or extra:
+                raise ConfigError("surgery.inputs must name every merged model once, as written under 'models'"
+                                  + (f"; missing: {missing}" if missing else "")
+                                  + (f"; not a merged model: {extra}" if extra else ""))
         if self.slices is not None:
             if not self.slices:
                 raise ConfigError("'slices' is empty")

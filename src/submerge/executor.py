@@ -348,6 +348,17 @@ class Executor:
             plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._write_metadata(tmp, files)
+        if plan.surgery is not None:  # trained on the written model, inside the folder that is renamed into place
+            from submerge.routing.surgery import fit_surgery_folders
+
+            sc = plan.config.surgery
+            experts, inputs = plan.surgery
+            done = fit_surgery_folders(tmp, experts, inputs, rank=sc.rank, steps=sc.steps, lr=sc.lr, n=sc.n,
+                                       max_length=sc.max_length, batch_size=sc.batch_size, seed=sc.seed,
+                                       field_name=sc.field, device=str(self.device), progress=not opt.quiet)
+            plan.notes.append("Representation Surgery: " + ", ".join(
+                f"{t} L1 {b:.4f} -> {a:.4f}" for t, (b, a) in zip(done.tasks, done.info["l1_before_after"]))
+                + " (surgery.safetensors; submerge.routing.surgery.load_model)")
         return bytes_read, files
 
     def _check_finite(self, job: TensorJob, merged: torch.Tensor, out_dtype: torch.dtype) -> None:

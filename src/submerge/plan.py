@@ -79,6 +79,7 @@ class MergePlan:
     revisions: dict[str, str] = field(default_factory=dict)  # Hub id as written -> "repo@commit" it resolved to
     vocab: Optional[Any] = None  # a submerge.vocab.VocabPlan when the vocabularies are merged
     tokenizer: Optional[Any] = None  # a tokenizer object to save (built vocabulary or chat template), else files
+    surgery: Optional[tuple[list[tuple[str, Path]], list[Path]]] = None  # (task name, expert folder), input files
 
     @property
     def inputs(self) -> list[Path]:
@@ -428,7 +429,29 @@ class Planner:
                          revisions=dict(self.revisions), vocab=vocab, tokenizer=tokenizer,
                          notes=list(self.notes))
         self._open_stats(plan)
+        plan.surgery = self._surgery_inputs(models)
         return plan
+
+    def _surgery_inputs(self, models: dict[str, Checkpoint]):
+        """``surgery:`` — each merged model's folder (its task) and its unlabeled inputs file, checked now."""
+        c = self.config
+        if c.surgery is None:
+            return None
+        experts, files = [], []
+        for m in c.models or []:
+            if m.model == c.base_model:
+                continue
+            if getattr(models[m.model], "extra_paths", None):
+                raise ConfigError(f"surgery: {m.model} is a base model with an adapter; surgery loads each expert "
+                                  f"as a full model folder (merge the adapter into its base first)")
+            f = resolve_model_path(c.surgery.inputs[m.model], self.config_dir)
+            if not f.is_file():
+                raise ConfigError(f"surgery.inputs: {c.surgery.inputs[m.model]} (for {m.model}) is not a file")
+            experts.append((Path(m.model).name or m.model, Path(models[m.model].path)))
+            files.append(f)
+        if len({name for name, _ in experts}) != len(experts):
+            raise ConfigError("surgery: two merged models have the same folder name; surgery names tasks by it")
+        return experts, files
 
     def _vocab_plan(self, models: dict[str, Checkpoint], ref: Checkpoint):
         """The merged vocabulary (``tokenizer:`` block or ``tokenizer_source``), or None where none is asked
