@@ -192,14 +192,22 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     a = torch.tensor([alphas[i] for i in valid], dtype=torch.float64)
     a = (a / a.sum()).to(x.dtype)
     u = units[valid]
-    mean = (u * a[:, None]).sum(0)
+    mean = torch.zeros_like(u[0])
+    for ai, ui in zip(a, u):  # in model order, as mergekit: the angles below are ill-conditioned near 0
+        mean += ai * ui
     m_norm = torch.linalg.vector_norm(mean.to(dt))
     mean = u[0].clone() if m_norm.item() < tol else (mean / m_norm).to(mean.dtype)
     for _ in range(max_iter):
-        dots = (u @ mean).clamp(-1.0, 1.0)
-        theta = torch.arccos(dots)
-        coef = torch.where(theta < tol, torch.zeros_like(theta), a * theta / torch.sin(theta))
-        tangent = coef @ u - (coef * dots).sum() * mean
+        # one dot product per model (torch.dot, not a matrix product): for nearly parallel directions
+        # theta = arccos(dot) turns one ulp of dot (6e-8 in float32) into ~3e-4 of angle, so the summation
+        # order of the dot decides the result at that level; mergekit's order is the reference
+        tangent = torch.zeros_like(mean)
+        for ai, ui in zip(a, u):
+            dot = torch.clamp(torch.dot(mean, ui), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
         t_norm = torch.linalg.vector_norm(tangent.to(dt))
         if t_norm.item() < tol:
             break
