@@ -102,7 +102,7 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
         + ".", "",
         "| method | setting | scale " + seed_txt + " | norm | " + seed_txt + " | vs TSV-M | vs TA |",
         "|---|---|---|---:|---|---|---|",
-        f"| fine-tuned experts † | – | – | 100.0 | – | – | – |",
+        "| fine-tuned experts † | – | – | 100.0 | – | – | – |",
         f"| zero-shot † | – | – | {_pct(mean(zs_seed))} | {' / '.join(_pct(z) for z in zs_seed)} | – | – |",
     ]
     for e in entries:
