@@ -304,7 +304,10 @@ def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[st
         order = list(range(len(data)))
         random.Random(seed).shuffle(order)
         texts.append([data[i] for i in order[:n]])
-    tok = load_pretrained(AutoTokenizer, merged_dir, quiet=not progress)
+    try:
+        tok = load_pretrained(AutoTokenizer, merged_dir, quiet=not progress)
+    except CheckpointError:  # a merge written without tokenizer files: the first expert's (same vocabulary)
+        tok = load_pretrained(AutoTokenizer, Path(experts[0][1]), quiet=not progress)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
 
