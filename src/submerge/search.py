@@ -72,6 +72,18 @@ class AffinePath:
         return out
 
 
+def affine_path(method: str, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                parameters: Optional[dict] = None, model_parameters: Optional[Sequence[Optional[dict]]] = None,
+                **kw: Any) -> AffinePath:
+    """``method``'s merge as a function of its scale: merged at 0 and at 1, every other scale one axpy
+    (``kw``: ``stats``, ``random_seed``)."""
+    m = get_method(method)
+    params = dict(parameters or {})
+    at0, at1 = merge_state_dicts_many(method, base, models, [{**params, m.scale_param: 0.0},
+                                                            {**params, m.scale_param: 1.0}], model_parameters, **kw)
+    return AffinePath(at0, at1)
+
+
 def _grid_search(path: AffinePath, score_fn, grid: Sequence[float], patience: Optional[int],
                  extend: bool, max_evals: int) -> dict[float, float]:
     curve: dict[float, float] = {}
@@ -171,11 +183,7 @@ def search_alpha(
         path, lines_alpha = _lines_path(method, base, models, params, model_parameters, lines, kw)
         spec = {"grid": LAMBDA_GRID}
     else:
-        at0, at1 = merge_state_dicts_many(method, base, models, [{**params, m.scale_param: 0.0},
-                                                                {**params, m.scale_param: 1.0}], model_parameters,
-                                          **kw)
-        path = AffinePath(at0, at1)
-        del at0, at1
+        path = affine_path(method, base, models, params, model_parameters, **kw)
         spec = m.search or {}
     if strategy == "auto":
         strategy = "golden" if "bounds" in spec and grid is None else "grid"

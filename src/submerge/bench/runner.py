@@ -535,6 +535,13 @@ def _router_row(S: BenchSession, found, experts, stats, kind: str, r: int, build
     return row
 
 
+def _row_settings(cfg: dict) -> dict:
+    """The settings (a config as a dict) that change every method's numbers: less what only picks methods or
+    prints, and less the settings one method alone reads (``METHOD_SETTINGS``: they key that method's rows)."""
+    own = {k for keys in METHOD_SETTINGS.values() for k in keys}
+    return {k: v for k, v in cfg.items() if k not in ("methods", "quiet", "cache_dir") and k not in own}
+
+
 class _RowCache:
     """Each finished method's rows and per-example test correctness, kept beside the experts
     (``<cache>/bench-rows/<settings>/<method>.json``), so a run that is stopped (a full text8 run is hours on
@@ -542,8 +549,7 @@ class _RowCache:
     what only picks methods or prints), the experts and the submerge version."""
 
     def __init__(self, S: "BenchSession", cfg: BenchConfig):
-        own = {k for keys in METHOD_SETTINGS.values() for k in keys}
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "quiet", "cache_dir") and k not in own}
+        settings = _row_settings(asdict(cfg))
         # a setting only one method reads keys that method's file alone (so adding one keeps the others' rows)
         self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys]).encode()).hexdigest()[:8]
                        for m, keys in METHOD_SETTINGS.items()}
@@ -589,9 +595,9 @@ def import_rows(S: "BenchSession", cache: _RowCache, path: str | Path, methods: 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--resume {path}: not a readable bench results.json ({e})") from None
     cfg = S.cfg
-    skip = {"methods", "quiet", "cache_dir", "suite"} | {k for keys in METHOD_SETTINGS.values() for k in keys}
-    mine = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    theirs = {k: v for k, v in old_cfg.items() if k not in skip}
+    # the suite's name is not compared: a task list is "custom" in results.json; the tasks are compared below
+    mine = {k: v for k, v in _row_settings(asdict(cfg)).items() if k != "suite"}
+    theirs = {k: v for k, v in _row_settings(old_cfg).items() if k != "suite"}
     differ = sorted(k for k in set(mine) | set(theirs)
                     if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
     if differ:
@@ -791,25 +797,18 @@ def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correc
     ``alpha``: the val-tuned scale when ``method``'s own row found it already (this run or a kept row): the
     merge is rebuilt at it, as the search built it, instead of searching again."""
     from submerge.routing.surgery import attach_surgery, fit_surgery, representations
-    from submerge.search import AffinePath, SearchResult, search_alpha
+    from submerge.search import affine_path, search_alpha
 
     m = get_method(method)
     if alpha is None:
         found = search_alpha(method, S.base, S.experts, S.val_score, params, stats=stats, random_seed=S.cfg.seed,
                              **_search_kwargs(S.cfg, m))
-    else:
-        from submerge.api import merge_state_dicts_many
-
-        ends = merge_state_dicts_many(method, S.base, S.experts, [{**params, m.scale_param: 0.0},
-                                                                 {**params, m.scale_param: 1.0}],
-                                      stats=stats, random_seed=S.cfg.seed)
-        path = AffinePath(*ends)
-        del ends
-        found = SearchResult(method, m.scale_param, float(alpha), float("nan"), {}, "kept", path(alpha, copy=True))
-        del path
+        alpha, state = found.alpha, found.state
+    else:  # the state the search returned at that scale
+        state = affine_path(method, S.base, S.experts, params, stats=stats, random_seed=S.cfg.seed)(alpha, copy=True)
     bb = S.bb
     batches = _val_batches(S)
-    bb.load(found.state)
+    bb.load(state)
     merged = [representations(bb.model, b) for b in batches]
     targets = []
     for i, b in enumerate(batches):
@@ -818,7 +817,7 @@ def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correc
     surgery = fit_surgery(merged, targets, tasks=S.names, rank=16, steps=500, lr=1e-3, seed=S.cfg.seed)
     del merged, targets
     seconds = time.perf_counter() - t0
-    bb.load(found.state)
+    bb.load(state)
     handle = attach_surgery(bb.model, surgery)
     rows = []
     try:
@@ -836,11 +835,11 @@ def _surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correc
     finally:
         handle.detach()
         bb.reset()
-    p = {**params, m.scale_param: found.alpha, "surgery_rank": 16, "surgery_steps": 500,
+    p = {**params, m.scale_param: alpha, "surgery_rank": 16, "surgery_steps": 500,
          "l1_before_after": dict(zip(S.names, surgery.info["l1_before_after"]))}
     for setting, res, ref in (("task id", res_task, "oracle"), ("routed", res_route, None)):
         label = f"{method}+surgery ({setting})"
-        row, _ = S.test_row(f"{method}+surgery", setting, p, found.state, found.alpha, seconds, label=label,
+        row, _ = S.test_row(f"{method}+surgery", setting, p, state, alpha, seconds, label=label,
                             res=res, reference=ref)
         if setting == "routed":
             row["routing"] = {"accuracy": float(np.nanmean(route_acc)), "per_task": dict(zip(S.names, route_acc))}

@@ -34,6 +34,12 @@ from submerge.errors import CheckpointError, ConfigError
 SURGERY_FILE, SURGERY_INFO = "surgery.safetensors", "surgery.json"
 
 
+def _refuse_existing(folder: Path) -> None:
+    if (folder / SURGERY_FILE).exists() or (folder / SURGERY_INFO).exists():
+        raise ConfigError(f"{folder} already has Representation Surgery modules ({SURGERY_FILE}); pass "
+                          f"--overwrite to replace them")
+
+
 @dataclass
 class SurgerySet:
     """Per task: ``down [r, d]``, ``up [d, r]``; ``prototypes [T, d]`` for routing."""
@@ -64,9 +70,8 @@ class SurgerySet:
         from submerge.io.files import write_files_atomically
 
         folder = Path(folder)
-        if not overwrite and ((folder / SURGERY_FILE).exists() or (folder / SURGERY_INFO).exists()):
-            raise ConfigError(f"{folder} already has Representation Surgery modules ({SURGERY_FILE}); pass "
-                              f"--overwrite to replace them")
+        if not overwrite:
+            _refuse_existing(folder)
         tensors = {"down": self.down.contiguous(), "up": self.up.contiguous(),
                    "prototypes": self.prototypes.contiguous()}
         manifest = json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]), "dim": int(self.down.shape[2]),
@@ -284,9 +289,8 @@ def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[st
         if not f.is_dir():
             raise CheckpointError(f"model folder {f} does not exist")
         Checkpoint(f, label=str(f)).close()  # containment and header checks, before transformers
-    if not overwrite and ((merged_dir / SURGERY_FILE).exists() or (merged_dir / SURGERY_INFO).exists()):
-        raise ConfigError(f"{merged_dir} already has Representation Surgery modules ({SURGERY_FILE}); pass "
-                          f"--overwrite to replace them")
+    if not overwrite:  # before any model is loaded
+        _refuse_existing(merged_dir)
     sizes = {}
     for f in folders:
         try:
