@@ -378,3 +378,29 @@ def test_vit_recipe_gives_separate_qkv_the_essential_subspace():
     # attention-out is TSV-M in the vit recipe in every case
     k = "layer.0.attn_out.weight"
     assert torch.allclose(stacked[k], tsv[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(m.name for m in __import__("submerge.methods", fromlist=["list_methods"])
+                                          .list_methods() if m.scale_param is not None))
+def test_every_scaled_method_is_the_base_at_scale_zero(method):
+    """search.affine_path takes θ(0) = θ_base without merging (half the merges of a scale search): every
+    registered method with a searched scale must give the base, bit for bit, at scale 0."""
+    from submerge.methods import get_method
+
+    m = get_method(method)
+    assert m.needs_base, f"{method}: a searched scale without a base has no θ(0) = base"
+    base, experts = _tiny_family()
+    sd0, sds = base.state_dict(), [e.state_dict() for e in experts]
+    extra = {"weight": 1.0} if "weight" in m.param_names else {}
+    extra.update({"role_patterns": _role_rules()} if method == "esm" else {})
+    out = merge_state_dicts(method, sd0, sds, {**extra, m.scale_param: 0.0},
+                            stats=_stats_for(experts) if m.needs_stats else None)
+    for k, v in sd0.items():
+        assert torch.equal(out[k], v), (method, k)
+    # and the path built from the base alone is the merge at every scale
+    path = __import__("submerge.search", fromlist=["affine_path"]).affine_path(
+        method, sd0, sds, extra, stats=_stats_for(experts) if m.needs_stats else None)
+    at = merge_state_dicts(method, sd0, sds, {**extra, m.scale_param: 0.7},
+                           stats=_stats_for(experts) if m.needs_stats else None)
+    for k in sd0:
+        assert torch.allclose(path(0.7)[k], at[k], atol=1e-6), (method, k)

@@ -195,7 +195,7 @@ class SweepWorker:
     def _run(self, cand, res: CandidateResult) -> None:
         from submerge.api import merge_state_dicts_many
         from submerge.methods import get_method
-        from submerge.search import AffinePath, auto_search_kwargs, search_alpha
+        from submerge.search import affine_path, auto_search_kwargs, search_alpha
 
         if getattr(cand, "learn", None) is not None:
             self._run_adamerging(cand, res)
@@ -230,11 +230,7 @@ class SweepWorker:
             res.points.extend(sorted(pending, key=lambda p: p.scale))
             res.strategy = found.strategy
             return
-        at0, at1 = merge_state_dicts_many(cand.method, self.base, self.experts,
-                                          [{**cand.params, m.scale_param: 0.0}, {**cand.params, m.scale_param: 1.0}],
-                                          mp, **kw)
-        path = AffinePath(at0, at1)
-        del at0, at1
+        path = affine_path(cand.method, self.base, self.experts, cand.params, mp, **kw)
         for a in cand.scale:
             res.points.append(self._point(path(float(a)), float(a), cand.label))
         res.strategy = "list"
