@@ -101,3 +101,25 @@ def test_tall_masks_folder_rebuilds_each_task_model(family, tmp_path):
     assert any("TALL masks" in note for note in res.notes)
     with pytest.raises(submerge.errors.ConfigError, match="unknown task"):
         masks.mask(next(iter(masks.shapes)), "nope")
+
+
+def test_bench_tall_task_models_equal_the_masks_of_the_method():
+    """The bench scores each task's TALL model θ_0 + m_t ⊙ τ_MTL at every threshold from magnitudes computed
+    once, in reused buffers: bit for bit the model tall_masks gives."""
+    from types import SimpleNamespace
+
+    from submerge.bench.runner import _TallTask
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(5, generator=g)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    S = SimpleNamespace(base=base, experts=experts)
+    tau = {k: multitask_vector(torch.stack([e[k] - b for e in experts]), [1.0] * 3) for k, b in base.items()}
+    mtl = {k: b + tau[k] for k, b in base.items()}
+    for i in range(3):
+        task = _TallTask(S, tau, mtl, i)
+        for lam in (0.2, 0.4, 0.6):
+            got = task.state(lam)
+            for k, b in base.items():
+                keep = tall_masks(torch.stack([e[k] - b for e in experts]), tau[k], [lam] * 3)[i]
+                assert torch.equal(got[k], torch.where(keep, b + tau[k], b)), (i, lam, k)

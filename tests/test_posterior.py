@@ -163,6 +163,47 @@ def test_true_and_empirical_fisher_of_softmax_regression_match_closed_form():
     assert torch.allclose(many.tensors["weight"], true / n, rtol=0.1, atol=2e-3)
 
 
+class _Bag(nn.Module):
+    """Token ids -> embedding lookup (with a padding row) -> mean -> class logits; ``tied``: the logits also
+    read the embedding table (a weight used beside its lookup)."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(50, 6, padding_idx=0)
+        self.out = nn.Linear(6, 3)
+        self.tied = tied
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(0)
+        logits = self.out(h)
+        if self.tied:
+            logits = logits + (self.emb.weight[:3] @ h)
+        return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fisher_of_an_embedding_table_touches_its_rows_and_equals_the_dense_gradient(tied):
+    """Embedding tables take a row-sparse gradient in the Fisher (only the looked-up rows are squared and
+    added): bit for bit the dense computation, with repeated tokens and the padding row in the inputs."""
+    torch.manual_seed(0)
+    model = _Bag(tied)
+    examples = [torch.tensor([5, 7, 5, 0, 12, 5]), torch.tensor([3, 3, 49]), torch.tensor([0, 0, 7])]
+    got = fisher_diagonal(model, examples, lambda m, x: m(x), kind="true", progress=False)
+    assert not model.emb.sparse  # switched back
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x in examples:
+        lp = model(x)
+        for c, w in enumerate(lp.detach().exp().tolist()):
+            grads = torch.autograd.grad(lp[c], list(model.parameters()), retain_graph=True)
+            for (n, _), g in zip(model.named_parameters(), grads):
+                want[n].addcmul_(g, g, value=w)
+    for n in want:
+        assert torch.equal(got.tensors[n], want[n].div_(len(examples))), n
+    untouched = [r for r in range(50) if r not in (3, 5, 7, 12, 49)]
+    if not tied:
+        assert torch.equal(got.tensors["emb.weight"][untouched], torch.zeros(len(untouched), 6))
+
+
 def test_cli_fisher_then_yaml_posterior_merge(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 

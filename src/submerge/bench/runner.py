@@ -665,7 +665,7 @@ def _method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optiona
     if name == "tall_masks":
         return _tall_rows(S, params, test_correct, t0)
     if name in ("consensus_ta", "consensus_ties"):  # each task's TALL-mask threshold chosen on its own val
-        lambdas, _ = _tall_lambdas(S, params)
+        lambdas = _tall_lambdas(S, params)[0]
         model_params = [{"tall_lambda": lam} for lam in lambdas]
         params = {**params, "tall_lambda": dict(zip(S.names, lambdas))}
     if post == "surgery":
@@ -726,42 +726,58 @@ def _task_correct(S: BenchSession, state: dict, i: int, split: str) -> np.ndarra
         S.bb.reset()
 
 
-def _tall_task_state(S: BenchSession, tau: dict, i: int, lam: float) -> dict:
-    """Task ``i``'s TALL model ``θ_0 + m_i ⊙ τ_MTL`` at threshold ``lam``."""
-    from submerge.methods.consensus import tall_masks
+class _TallTask:
+    """Task ``i``'s TALL models ``θ_0 + m_i ⊙ τ_MTL`` for any threshold λ, ``m_i = |τ_i| > λ |τ_MTL − τ_i|``
+    (as :func:`submerge.methods.consensus.tall_masks`, bit for bit): both magnitudes are computed once per task,
+    not once per threshold, and each state is written into one set of reused buffers (score it, do not keep it)."""
 
-    out = {}
-    for n, b in S.base.items():
-        d = S.experts[i][n].float() - b.float()
-        keep = tall_masks(d.unsqueeze(0), tau[n], [lam])[0]
-        out[n] = torch.where(keep, b.float() + tau[n], b.float()).to(b.dtype)
-    return out
+    def __init__(self, S: BenchSession, tau: dict, mtl: dict, i: int):
+        self.S, self.mtl = S, mtl
+        self.mag, self.gap = {}, {}
+        for n, b in S.base.items():
+            d = S.experts[i][n].float() - b.float()
+            self.gap[n] = torch.sub(tau[n], d).abs_()
+            self.mag[n] = d.abs_()
+        self._scaled = {n: torch.empty_like(g) for n, g in self.gap.items()}
+        self._keep = {n: torch.empty(g.shape, dtype=torch.bool) for n, g in self.gap.items()}
+        self._out = {n: torch.empty_like(b) for n, b in S.base.items()}
+
+    def state(self, lam: float) -> dict:
+        for n, b in self.S.base.items():
+            g = self.gap[n]
+            torch.mul(g, float(torch.tensor(lam, dtype=g.dtype)), out=self._scaled[n])
+            torch.gt(self.mag[n], self._scaled[n], out=self._keep[n])
+            self._out[n].copy_(torch.where(self._keep[n], self.mtl[n], b.float()))
+        return self._out
 
 
-def _tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict]:
+def _tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict, dict]:
     """Per task, the TALL threshold on TALL_GRID whose task model ``θ_0 + m_t ⊙ τ_MTL`` scores best on that
     task's validation split (ties: the smaller), as the authors; ``τ_MTL`` the sum of the task vectors, or their
-    TIES merge (disjoint sum) when ``params`` has a ``density``.  Returns the thresholds and ``τ_MTL``."""
+    TIES merge (disjoint sum) when ``params`` has a ``density``.  Returns the thresholds, ``τ_MTL`` and
+    ``θ_0 + τ_MTL``."""
     from submerge.methods.consensus import multitask_vector
 
     density = params.get("density")
-    tau = {}
+    tau, mtl = {}, {}
     for n, b in S.base.items():
         deltas = torch.stack([e[n].float() - b.float() for e in S.experts])
         tau[n] = multitask_vector(deltas, [1.0] * len(S.experts), None if density is None else [density] * len(S.experts))
+        mtl[n] = b.float() + tau[n]
     chosen = []
     for i in range(len(S.tasks)):
-        scores = {lam: float(_task_correct(S, _tall_task_state(S, tau, i, lam), i, "val").mean()) for lam in TALL_GRID}
+        task = _TallTask(S, tau, mtl, i)
+        scores = {lam: float(_task_correct(S, task.state(lam), i, "val").mean()) for lam in TALL_GRID}
         chosen.append(max(scores, key=lambda lam: (scores[lam], -lam)))
-    return chosen, tau
+    return chosen, tau, mtl
 
 
 def _tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> tuple[list[dict], dict]:
     """TALL masks (compression with the task id): each task scored with its own masked model
     ``θ_0 + m_t ⊙ τ_MTL`` on its own test split; thresholds per task on val.  An oracle row (needs the task id)."""
-    lambdas, tau = _tall_lambdas(S, params)
+    lambdas, tau, mtl = _tall_lambdas(S, params)
     seconds = time.perf_counter() - t0
-    res = {t.name: _task_correct(S, _tall_task_state(S, tau, i, lam), i, "test")
+    res = {t.name: _task_correct(S, _TallTask(S, tau, mtl, i).state(lam), i, "test")
            for i, (t, lam) in enumerate(zip(S.tasks, lambdas))}
     label = "tall_masks (task id)"
     row, _ = S.test_row("tall_masks", "task id", {**params, "tall_lambda": dict(zip(S.names, lambdas))}, {}, None,
