@@ -11,7 +11,7 @@ import torch
 from submerge.config import MergeConfig, load_config, parse_config
 from submerge.errors import CheckpointError, ConfigError
 from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
-from submerge.methods import ModelPass, TensorContext, get_method
+from submerge.methods import ModelPass, TensorContext, get_method, kernels
 from submerge.device import parse_device
 from submerge.io import check_output_target, parse_size
 from submerge.io.lora import split_adapter_ref
@@ -241,6 +241,7 @@ def merge_state_dicts_many(
             out[name] = merged if lines is not None else merged.to(value.dtype)
     if lines is not None:
         _apply_lines(lines, outs, base, models, float_names, compute_dtype)
+    kernels.release_scratch()
     return outs
 
 

@@ -28,7 +28,7 @@ from submerge.device import parse_device
 from submerge.errors import ConfigError, NonFiniteError, SubmergeError
 from submerge.io import ShardWriter, atomic_folder, parse_size
 from submerge.io.files import copy_regular_file
-from submerge.methods import ModelPass, TensorContext
+from submerge.methods import ModelPass, TensorContext, kernels
 from submerge.plan import MergeOptions, MergePlan, TensorJob
 
 log = logging.getLogger("submerge")
@@ -276,6 +276,7 @@ class Executor:
                     finish(tmp)
         finally:
             plan.close()
+            kernels.release_scratch()
         seconds = time.perf_counter() - t0
         log.info("wrote %s: %d file(s), %.1f MB, in %.1f s (%.0f MB read)", out_dir, len(files),
                  writer.total_bytes / 1e6, seconds, bytes_read / 1e6)

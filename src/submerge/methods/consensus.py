@@ -51,8 +51,12 @@ def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas: Sequence[flo
 
 
 def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
-    """Entries used by at least ``k`` of the task masks ``[T, ...]``."""
-    return masks.sum(dim=0, dtype=torch.int32) >= k
+    """Entries used by at least ``k`` of the task masks ``[T, ...]`` (counted task by task: a sum over dim 0
+    would first widen the whole ``[T, ...]`` boolean stack to integers)."""
+    count = torch.zeros(masks.shape[1:], dtype=torch.int32, device=masks.device)
+    for m in masks:
+        count += m
+    return count >= k
 
 
 def multitask_vector(deltas: torch.Tensor, weight: Sequence[float], ties_density: Optional[Sequence[float]] = None
@@ -70,7 +74,7 @@ def multitask_vector(deltas: torch.Tensor, weight: Sequence[float], ties_density
 
 
 def _deltas(ctx: TensorContext) -> torch.Tensor:
-    return torch.stack([t - ctx.base for t in ctx.tensors])
+    return kernels.task_vectors(ctx)
 
 
 def _consensus(ctx: TensorContext, weight, tall_lambda, k, scale, density=None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from submerge.methods import kernels
 from submerge.methods.registry import Param, TensorContext, register_method
 
 
@@ -30,9 +31,17 @@ def model_stock(ctx: TensorContext, *, filter_wise: bool) -> torch.Tensor:
     else:
         w0 = base.reshape(1, -1)
     n = len(ctx.tensors)
-    offsets = torch.stack([x.reshape(w0.shape) - w0 for x in ctx.tensors])  # [N, rows, cols]
-    average = torch.stack([x.reshape(w0.shape) for x in ctx.tensors]).mean(dim=0)
+    inputs = [x.reshape(w0.shape) for x in ctx.tensors]
     ctx.tensors.clear()
+    # the mean of the inputs column block by column block (the same bits as one stack's mean), then the
+    # offsets stacked as the inputs are released: one [N, ...] stack in memory, not three
+    average = torch.empty_like(w0)
+    flat_avg = average.reshape(-1)
+    flat_in = [x.reshape(-1) for x in inputs]
+    for cols in kernels.column_blocks(flat_avg.numel(), n, itemsize=w0.element_size()):
+        flat_avg[cols] = torch.stack([x[cols] for x in flat_in]).mean(dim=0)
+    del flat_in
+    offsets = kernels.stack_released(inputs, w0)  # [N, rows, cols]
     norms = torch.linalg.vector_norm(offsets, dim=-1)  # [N, rows]
     gram = torch.einsum("irc,jrc->ijr", offsets, offsets)  # [N, N, rows]
     iu = torch.triu_indices(n, n, offset=1)

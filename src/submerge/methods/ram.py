@@ -15,22 +15,34 @@ def ram_merge(deltas: torch.Tensor, epsilon: float, r: float = 0.0, alpha: float
     """Merge stacked task vectors ``[T, ...]``: an entry changed (|delta| > epsilon) by exactly one model keeps
     that model's change times its lambda_t; an entry changed by several gets their mean change; unchanged
     entries are 0.  lambda_t = 1 + r * clamp(rho_t, 0, alpha), rho_t = (entries t shares with another model) /
-    (entries only t changed) — r = 0 gives plain RAM."""
+    (entries only t changed) — r = 0 gives plain RAM.  Computed in column blocks (every step is per entry or a
+    sum over the models), so the temporaries are a block's size, not ``[T, ...]``."""
     T = deltas.shape[0]
     flat = deltas.reshape(T, -1)
-    changed = flat.abs() > epsilon
-    count = changed.sum(0)
-    shared, unique = changed & (count > 1), changed & (count == 1)
+    blocks = kernels.column_blocks(flat.shape[1], T, itemsize=flat.element_size())
     zero = torch.zeros((), dtype=flat.dtype)
-    merged = torch.where(shared, flat, zero).sum(0) / count.clamp(min=1).to(flat.dtype)
-    only = torch.where(unique, flat, zero)
+    merged = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    n_shared = torch.zeros(T, dtype=torch.int64)
+    n_unique = torch.zeros(T, dtype=torch.int64)
+    unique_blocks = []
+    for cols in blocks:
+        part = flat[:, cols]
+        changed = part.abs() > epsilon
+        count = changed.sum(0)
+        shared, unique = changed & (count > 1), changed & (count == 1)
+        merged[cols] = torch.where(shared, part, zero).sum(0) / count.clamp(min=1).to(flat.dtype)
+        if r != 0.0:  # lambda_t needs every block's counts first: keep the (boolean) masks
+            n_shared += shared.sum(1)
+            n_unique += unique.sum(1)
+            unique_blocks.append(unique)
+        else:
+            merged[cols] += torch.where(unique, part, zero).sum(0)
     if r != 0.0:
-        n_shared = shared.sum(1).to(flat.dtype)
-        n_unique = unique.sum(1).to(flat.dtype)
-        rho = n_shared / n_unique.clamp(min=epsilon)
-        lam = 1 + r * rho.clamp(min=0, max=alpha)
-        only = only * lam[:, None]
-    return merged.add_(only.sum(0)).reshape(deltas.shape[1:])
+        rho = n_shared.to(flat.dtype) / n_unique.to(flat.dtype).clamp(min=epsilon)
+        lam = (1 + r * rho.clamp(min=0, max=alpha))[:, None]
+        for cols, unique in zip(blocks, unique_blocks):
+            merged[cols] += (torch.where(unique, flat[:, cols], zero) * lam).sum(0)
+    return merged.reshape(deltas.shape[1:])
 
 
 _VARIANT = ("per tensor, task vectors tau_t = model_t - base; an entry counts as changed by model t when "

@@ -28,21 +28,26 @@ def variance_across(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
 
 
 def sce_merge(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
-    """The SCE task-vector fusion of stacked deltas ``[T, ...]`` (modified in place)."""
+    """The SCE task-vector fusion of stacked deltas ``[T, ...]`` (modified in place).  After the per-model
+    weights (a mean over each model's whole task vector) every step is per entry or a sum over the models: it
+    runs in column blocks, so its temporaries are a block's size, not ``[T, ...]``."""
     T = deltas.shape[0]
     if select_topk < 1:
         var = variance_across(deltas)
         k = int(int(torch.count_nonzero(var)) * select_topk)
         keep = kernels.rank_window_mask(var.abs(), var.numel() - k, var.numel())  # the k largest variances
         deltas.mul_(keep)
-    sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agree = deltas.sign() == sign
     w = deltas.square().reshape(T, -1).mean(1)
     total = float(w.sum())
     w = torch.full_like(w, 1.0 / T) if abs(total) < 1e-6 else w / total
-    weights = agree.to(deltas.dtype).mul_(w.reshape((T,) + (1,) * (deltas.dim() - 1)))
-    merged = (deltas * weights).sum(0)
-    return merged.div_(weights.sum(0).clamp_(min=1e-6))
+    flat = deltas.reshape(T, -1)
+    merged = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for cols in kernels.column_blocks(flat.shape[1], T, itemsize=flat.element_size()):
+        part = flat[:, cols]
+        sign = torch.where(part.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+        weights = (part.sign() == sign).to(deltas.dtype).mul_(w[:, None])
+        merged[cols] = (part * weights).sum(0).div_(weights.sum(0).clamp_(min=1e-6))
+    return merged.reshape(deltas.shape[1:])
 
 
 @register_method(

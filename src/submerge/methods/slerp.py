@@ -7,6 +7,7 @@ import math
 import torch
 
 from submerge.errors import ConfigError
+from submerge.methods import kernels
 from submerge.methods.registry import Param, TensorContext, register_method
 
 
@@ -146,17 +147,20 @@ def nuslerp(ctx: TensorContext, *, weight: list[float], nuslerp_flatten: bool,
 def multislerp(ctx: TensorContext, *, weight: list[float], normalize_weights: bool, eps: float) -> torch.Tensor:
     if len(ctx.tensors) == 1:
         return ctx.tensors[0]
-    x = torch.stack(ctx.tensors)
-    ctx.tensors[:] = [None] * len(ctx.tensors)
-    if ctx.base is not None:
-        x.sub_(ctx.base)
+    # memory: one [T, ...] stack (the inputs released as copied) plus one temporary for the per-model dots;
+    # the sums over the models run in column blocks (same bits as whole)
+    x = kernels.stack_released(ctx.tensors, ctx.base)
     flat = x.reshape(x.shape[0], -1)
     w = torch.tensor(weight, dtype=x.dtype, device=x.device)
     if normalize_weights:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w[:, None]).sum(0)
+    blocks = kernels.column_blocks(flat.shape[1], flat.shape[0], itemsize=flat.element_size())
+    # the inputs are needed again only by the two-model fallback below
+    units = flat / (norms + eps) if x.shape[0] == 2 else flat.div_(norms + eps)
+    mean = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
+    for cols in blocks:
+        mean[cols] = (units[:, cols] * w[:, None]).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if x.shape[0] == 2:
@@ -166,8 +170,10 @@ def multislerp(ctx: TensorContext, *, weight: list[float], normalize_weights: bo
             f"multislerp: tensor {ctx.name}: the weighted mean direction of the inputs is zero (antipodal "
             f"inputs whose weights cancel); use other weights")
     mean = mean / mean_norm
-    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-    t_res = (tangent * w[:, None]).sum(0)
+    tangent = units.sub_((units * mean).sum(-1, keepdim=True) * mean)
+    t_res = torch.empty_like(mean)
+    for cols in blocks:
+        t_res[cols] = (tangent[:, cols] * w[:, None]).sum(0)
     t_norm = torch.linalg.vector_norm(t_res) + eps
     out = mean * torch.cos(t_norm) + t_res * (torch.sin(t_norm) / t_norm)
     out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
