@@ -404,3 +404,23 @@ def test_every_scaled_method_is_the_base_at_scale_zero(method):
                            stats=_stats_for(experts) if m.needs_stats else None)
     for k in sd0:
         assert torch.allclose(path(0.7)[k], at[k], atol=1e-6), (method, k)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 17, 64])
+def test_symmetric_gram_packs_in_half_and_unpacks_exactly(n):
+    from submerge.stats.gram import PackedLayerStats, compact, pack_symmetric, unpack_symmetric
+
+    x = torch.randn(50, n, dtype=torch.float64)
+    g = x.T @ x
+    g = (g + g.T) / 2  # exactly symmetric whatever the BLAS
+    size, rect, a21 = pack_symmetric(g)
+    assert torch.equal(unpack_symmetric(size, rect, a21), g)
+    if n >= 8:
+        assert rect.numel() + a21.numel() <= (n + 1) ** 2 // 2 + n + 1  # odd n: one padded row and column
+    st = compact(LayerStats(g, x.mean(0), 50))
+    assert torch.equal(st.gram, g) and st.d_in == n and st.count == 50
+    assert isinstance(st, PackedLayerStats) == (n > 2)
+    skew = g.clone()
+    if n > 2:
+        skew[0, 1] += 1.0
+        assert not isinstance(compact(LayerStats(skew, x.mean(0), 50)), PackedLayerStats)  # kept as given
