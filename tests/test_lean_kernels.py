@@ -136,3 +136,23 @@ def test_stack_released_drops_the_inputs_and_matches_stack():
     held = list(xs)
     got = kernels.stack_released(held, b)
     assert torch.equal(got, want) and held == [None, None, None]
+
+
+def test_fisher_merge_in_blocks_is_the_whole_tensor_formula():
+    from submerge.stats.fisher import FisherStats
+
+    base, models = _family(3)
+    g = torch.Generator().manual_seed(5)
+    fishers = [FisherStats({"w": torch.rand(base.shape, generator=g)}) for _ in models]
+    fishers[1] = FisherStats({})  # a model without a Fisher for this tensor
+    got = merge_state_dicts("fisher", None, [{"w": m} for m in models], {"epsilon": 1e-3},
+                            [{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}], stats=fishers)["w"]
+    H = [f.tensors.get("w") for f in fishers]
+    floor = 1e-3 * float(sum(float(h.mean()) for h in H if h is not None) / 2)
+    num = torch.zeros_like(base, dtype=torch.float64)
+    den = torch.zeros_like(num)
+    for t, h, w in zip(models, H, [1.0, 2.0, 0.5]):
+        f = (h.double() if h is not None else torch.zeros_like(num)) + floor
+        num.add_(f * t.double(), alpha=w)
+        den.add_(f, alpha=w)
+    assert torch.equal(got, (num / den).to(base.dtype))

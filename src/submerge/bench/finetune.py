@@ -84,6 +84,7 @@ def stop_training(backbone: Backbone, names: set[str]) -> dict[str, torch.Tensor
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+        p.grad = None  # the last step's gradients (a model's size) are not needed past training
     sd = model.state_dict()
     return {n: sd[n].detach().clone() for n in sorted(names)}
 

@@ -25,7 +25,7 @@ import torch
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
-from submerge.bench.finetune import Recipe, cache_key, finetune, multitask_finetune
+from submerge.bench.finetune import Recipe, cache_key, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
@@ -213,12 +213,19 @@ class BenchSession:
             self.ft_logs = dict(shared["ft_logs"])
         for i, t in enumerate(self.tasks if not shared else ()):
             state, info = self.train_expert(t, cfg.seed)
-            self.experts.append(state)
-            self.expert_keys.append(self.expert_key(t, cfg.seed))
+            key = self.expert_key(t, cfg.seed)
+            # a freshly trained expert is on disk already: read back once every expert is trained, so the
+            # training of the last ones does not run beside the first ones' weights (the phase's peak)
+            self.experts.append(state if info.get("cached") else None)
+            self.expert_keys.append(key)
             self.ft_logs[t.name] = info
+            del state
             release_memory()
             took = "cached" if info.get("cached") else "fine-tuned in {:.0f}s".format(info["seconds"])
             say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}")
+        for i, key in enumerate(self.expert_keys):
+            if self.experts[i] is None:
+                self.experts[i] = load_cached(self.cache / f"{key}.safetensors")[0]
         self.ft_val = self.reference_scores("finetuned", "val")
         say("fine-tuned val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
         self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}
