@@ -82,3 +82,20 @@ def test_streaming_kth_is_exact_over_chunks():
         for c in chunks:
             sel.add_pass2(c)
         assert sel.value() == torch.kthvalue(flat, rank).values.item()
+
+
+def test_release_drops_scratch_and_workers_and_the_pool_comes_back():
+    import numpy as np
+
+    from submerge.methods import kernels
+
+    big = [torch.randn(1 << 18) for _ in range(3)]
+    got = kernels.parallel_map(lambda x: kernels.magnitude_threshold(x, 0.1), big, sizes=[x.numel() for x in big],
+                               min_size=1)
+    assert [r.v for r in got] == [kernels.magnitude_threshold(x, 0.1).v for x in big]
+    kernels.release()
+    assert kernels._POOL is None and all(h.buf is None for h in kernels._SCRATCHES)
+    again = kernels.parallel_map(lambda x: float(np.abs(x.numpy()).max()), big, sizes=[x.numel() for x in big],
+                                 min_size=1)
+    assert again == [float(x.abs().max()) for x in big]
+    kernels.release()

@@ -241,7 +241,7 @@ def merge_state_dicts_many(
             out[name] = merged if lines is not None else merged.to(value.dtype)
     if lines is not None:
         _apply_lines(lines, outs, base, models, float_names, compute_dtype)
-    kernels.release_scratch()
+    kernels.release()
     return outs
 
 

@@ -276,7 +276,7 @@ class Executor:
                     finish(tmp)
         finally:
             plan.close()
-            kernels.release_scratch()
+            kernels.release()
         seconds = time.perf_counter() - t0
         log.info("wrote %s: %d file(s), %.1f MB, in %.1f s (%.0f MB read)", out_dir, len(files),
                  writer.total_bytes / 1e6, seconds, bytes_read / 1e6)

@@ -171,14 +171,14 @@ class _Scratch:
     buf = None
 
 
-_SCRATCHES: list[_Scratch] = []  # every thread's holder, so release_scratch can empty them from any thread
+_SCRATCHES: list[_Scratch] = []  # every thread's holder, so release() can empty them from any thread
 _SCRATCH_LOCK = threading.Lock()
 
 
 def _scratch(n: int, dtype):
     """A per-thread scratch array of ``n`` elements, reused between calls (a fresh multi-MB array costs
     more in page faults than the selection run on it); larger requests get a one-off array.  Kept until
-    :func:`release_scratch` (the end of each merge)."""
+    :func:`release` (the end of each merge)."""
     import numpy as np
 
     if n > _SCRATCH_MAX:
@@ -194,13 +194,20 @@ def _scratch(n: int, dtype):
     return buf[:n]
 
 
-def release_scratch() -> None:
-    """Drop every thread's scratch array (a call in progress keeps its own view alive).  Up to 8 pool threads
-    each kept one sized for the largest tensor selected (47 MB each for a 30k x 384 embedding table): a
-    bench run held 0.3-0.4 GB of them between merges."""
+def release() -> None:
+    """The end of a merge: drop every thread's scratch array (a call in progress keeps its own view alive) and
+    stop the worker threads of :func:`parallel_map`.  Up to 8 pool threads each kept a scratch array sized
+    for the largest tensor selected (47 MB each for a 30k x 384 embedding table: a bench run held 0.3-0.4 GB
+    of them between merges); and idle workers that had run torch ops (each with its own OpenMP team) made
+    MKL's SVD 2x slower for the rest of the process (TSV-M's merge after a TIES merge: 31 s -> 47 s)."""
+    global _POOL
     with _SCRATCH_LOCK:
         for holder in _SCRATCHES:
             holder.buf = None
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def magnitude_threshold(delta: torch.Tensor, density: float) -> TopK:
@@ -258,14 +265,20 @@ def parallel_map(fn: Callable, items: Sequence, sizes: Sequence[int] = (), min_s
         return [fn(x) for x in items]
     # all items at once (up to 8) when each is small enough that the copies a worker makes do not matter:
     # 3 selections on 2 cores finish in 1.5 rounds instead of 2; huge tensors: one worker per core
-    # (each worker keeps a scratch copy of the largest tensor it selected until release_scratch: 8 copies of an
+    # (each worker keeps a scratch copy of the largest tensor it selected until release(): 8 copies of an
     # 11.7M-entry embedding table were 0.4 GB)
     workers = min(len(items), 8) if max(sizes, default=0) <= 1 << 22 else min(len(items), torch.get_num_threads())
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers:
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="submerge-kernel")
         pool = _POOL
-    return list(pool.map(fn, items))
+    futures = []
+    for x in items:
+        try:
+            futures.append(pool.submit(fn, x))
+        except RuntimeError:  # another merge ended meanwhile and released the pool: run this item here
+            futures.append(None)
+    return [fn(x) if f is None else f.result() for f, x in zip(futures, items)]
 
 
 def consensus_merge_chunked(
