@@ -776,6 +776,7 @@ def _tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict, dic
         task = _TallTask(S, tau, mtl, i)
         scores = {lam: float(_task_correct(S, task.state(lam), i, "val").mean()) for lam in TALL_GRID}
         chosen.append(max(scores, key=lambda lam: (scores[lam], -lam)))
+        del task  # four model-sized buffers: gone before the next task's are made
     return chosen, tau, mtl
 
 
