@@ -88,10 +88,11 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        """The README's main job: text8's 8 tasks with experts on 2,000 training examples each (so they
+        """The README's main job: text8's 8 tasks with experts on 1,500 training examples each (so they
         interfere as text8's do) and small evaluation splits, 50 val / 150 test per task (chosen on validation,
-        benchmarks/results/quick_suite/), one method per family, coarse scale searches, no multitask row."""
-        base = dict(suite="quick", n_train=2000, n_val=50, n_test=150, lambda_grid=[0.25, 0.5, 0.75, 1.0],
+        benchmarks/results/quick_suite/, round 6), one method per family, coarse scale searches, no multitask
+        row."""
+        base = dict(suite="quick", n_train=1500, n_val=50, n_test=150, lambda_grid=[0.25, 0.5, 0.75, 1.0],
                     methods=list(QUICK_METHODS), search="coarse", multitask=False, esmpp_ranks=[8])
         base.update(kw)
         return cls(**base)
