@@ -424,3 +424,32 @@ def test_symmetric_gram_packs_in_half_and_unpacks_exactly(n):
     if n > 2:
         skew[0, 1] += 1.0
         assert not isinstance(compact(LayerStats(skew, x.mean(0), 50)), PackedLayerStats)  # kept as given
+
+
+@pytest.mark.parametrize("method", sorted(m.name for m in __import__("submerge.methods", fromlist=["list_methods"])
+                                          .list_methods()))
+def test_in_memory_merges_never_modify_the_callers_tensors(method):
+    """merge_state_dicts hands a method the callers' tensors uncopied when it declares inputs_read_only: every
+    registered method, flagged or not, leaves the base and the models it was given bit for bit unchanged."""
+    from submerge.errors import ConfigError
+    from submerge.methods import get_method
+    from submerge.stats.fisher import FisherStats
+
+    m = get_method(method)
+    base, experts = _tiny_family()
+    sd0, sds = base.state_dict(), [e.state_dict() for e in experts]
+    before = [{k: v.clone() for k, v in sd.items()} for sd in (sd0, *sds)]
+    params = {"weight": 1.0} if "weight" in m.param_names else {}
+    if method == "esm":
+        params["role_patterns"] = _role_rules()
+    stats = None
+    if m.needs_stats:
+        stats = ([FisherStats({k: torch.rand(v.shape) for k, v in sd0.items()}) for _ in sds]
+                 if m.stats_kind == "fisher" else _stats_for(experts))
+    try:
+        merge_state_dicts(method, sd0 if m.base_role != "ignored" else None, sds, params, stats=stats)
+    except ConfigError as e:
+        pytest.skip(f"{method} needs settings this generic test does not give: {e}")
+    for sd, ref in zip((sd0, *sds), before):
+        for k in ref:
+            assert torch.equal(sd[k], ref[k]), (method, k)

@@ -218,9 +218,11 @@ def merge_state_dicts_many(
             check_stats_kind(s, m.stats_kind, m.name, f"stats[{i}]")
     stats_of = (lambda name: LazyStats([(s, name) for s in stats])) if uses_stats else None
 
+    copy = not m.inputs_read_only  # a method that writes into its inputs gets copies, never the caller's tensors
+
     def read(name: str):
-        tensors = [sd[name].to(compute_dtype, copy=True) for sd in models]
-        b = base[name].to(compute_dtype, copy=True) if base is not None else None
+        tensors = [sd[name].to(compute_dtype, copy=copy) for sd in models]
+        b = base[name].to(compute_dtype, copy=copy) if base is not None else None
         return tensors, b
 
     state = None

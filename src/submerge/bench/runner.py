@@ -377,6 +377,7 @@ class BenchSession:
                                                "source": source}))
                 self.bb.reset()
             self._stats[key] = out
+            release_memory()  # the unpacked accumulators' pages, between the kept statistics
         return self._stats[key]
 
     def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0,
@@ -404,6 +405,7 @@ class BenchSession:
                     kind=kind, labels=labels, params=names, progress=False,
                     info={"task": t.name, "split": split}))
                 self.bb.reset()
+            release_memory()  # the gradients' pages, between the kept Fishers
             if experts is not None:
                 return out
             self._stats[key] = out

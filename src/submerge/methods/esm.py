@@ -409,6 +409,7 @@ def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
     params=[Param("reduce_non_diagonal_ratio", float, 0.95, low=0.0, high=1.0,
                   help="scale of the Gram matrices' off-diagonal entries")],
     needs_stats=True,
+    inputs_read_only=True,
 )
 def regmean(ctx: TensorContext, *, reduce_non_diagonal_ratio: float) -> torch.Tensor:
     tensors, stats = ctx.tensors, ctx.stats

@@ -148,6 +148,7 @@ def _fishers(ctx: TensorContext) -> list[Optional[torch.Tensor]]:
             Param("epsilon", float, 1e-6, low=0.0, help="Fisher floor, relative to the tensor's mean Fisher")],
     needs_stats=True,
     stats_kind="fisher",
+    inputs_read_only=True,
 )
 def fisher(ctx: TensorContext, *, weight: list[float], epsilon: float) -> torch.Tensor:
     H = _fishers(ctx)

@@ -211,6 +211,9 @@ class MergeMethod:
     # stage(tensors, base, bound params) may modify the inputs in place and returns ctx.staged (None: nothing
     # staged, the method does all the work); a method must give the same result with or without it
     stage: Optional[Callable[[list, Optional[torch.Tensor], dict], Any]] = None
+    # the method never writes into ctx.tensors or ctx.base: in-memory merges (merge_state_dicts) then pass the
+    # callers' tensors uncopied when they are in the compute dtype (default False: each input is copied)
+    inputs_read_only: bool = False
 
     @property
     def base_role(self) -> str:
@@ -305,6 +308,7 @@ def register_method(
     search: Optional[dict] = None,
     sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None,
     stage: Optional[Callable[[list, Optional[torch.Tensor], dict], Any]] = None,
+    inputs_read_only: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator registering a per-tensor merge function under ``name``.
 
@@ -338,6 +342,7 @@ def register_method(
             search=search,
             sidecar=sidecar,
             stage=stage,
+            inputs_read_only=inputs_read_only,
         )
         return func
 
