@@ -265,9 +265,8 @@ def parallel_map(fn: Callable, items: Sequence, sizes: Sequence[int] = (), min_s
         return [fn(x) for x in items]
     # all items at once (up to 8) when each is small enough that the copies a worker makes do not matter:
     # 3 selections on 2 cores finish in 1.5 rounds instead of 2; huge tensors: one worker per core
-    # (each worker keeps a scratch copy of the largest tensor it selected until release(): 8 copies of an
-    # 11.7M-entry embedding table were 0.4 GB)
-    workers = min(len(items), 8) if max(sizes, default=0) <= 1 << 22 else min(len(items), torch.get_num_threads())
+    # (each worker's scratch copy lives until release(), the end of the merge)
+    workers = min(len(items), 8) if max(sizes, default=0) <= 1 << 26 else min(len(items), torch.get_num_threads())
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers:
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="submerge-kernel")
