@@ -15,7 +15,8 @@ from submerge.layers import layer_role, parse_role_patterns
 from submerge.methods.esm import ESMState, esm_merge_matrix
 from submerge.stats.gram import essential_subspace
 from submerge.methods.subspace import iso_c_merge, iso_cts_merge, iso_cts_split, polar, truncated_svd, tsv_merge
-from submerge.search import AffinePath, search_alpha
+from submerge.methods import list_methods
+from submerge.search import AffinePath, affine_path, search_alpha
 
 
 def orth(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -380,8 +381,7 @@ def test_vit_recipe_gives_separate_qkv_the_essential_subspace():
     assert torch.allclose(stacked[k], tsv[k], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(m.name for m in __import__("submerge.methods", fromlist=["list_methods"])
-                                          .list_methods() if m.scale_param is not None))
+@pytest.mark.parametrize("method", sorted(m.name for m in list_methods() if m.scale_param is not None))
 def test_every_scaled_method_is_the_base_at_scale_zero(method):
     """search.affine_path takes θ(0) = θ_base without merging (half the merges of a scale search): every
     registered method with a searched scale must give the base, bit for bit, at scale 0."""
@@ -398,7 +398,7 @@ def test_every_scaled_method_is_the_base_at_scale_zero(method):
     for k, v in sd0.items():
         assert torch.equal(out[k], v), (method, k)
     # and the path built from the base alone is the merge at every scale
-    path = __import__("submerge.search", fromlist=["affine_path"]).affine_path(
+    path = affine_path(
         method, sd0, sds, extra, stats=_stats_for(experts) if m.needs_stats else None)
     at = merge_state_dicts(method, sd0, sds, {**extra, m.scale_param: 0.7},
                            stats=_stats_for(experts) if m.needs_stats else None)
@@ -426,8 +426,7 @@ def test_symmetric_gram_packs_in_half_and_unpacks_exactly(n):
         assert not isinstance(compact(LayerStats(skew, x.mean(0), 50)), PackedLayerStats)  # kept as given
 
 
-@pytest.mark.parametrize("method", sorted(m.name for m in __import__("submerge.methods", fromlist=["list_methods"])
-                                          .list_methods()))
+@pytest.mark.parametrize("method", sorted(m.name for m in list_methods()))
 def test_in_memory_merges_never_modify_the_callers_tensors(method):
     """merge_state_dicts hands a method the callers' tensors uncopied when it declares inputs_read_only: every
     registered method, flagged or not, leaves the base and the models it was given bit for bit unchanged."""

@@ -37,6 +37,11 @@ def cache_key(backbone: Backbone, task_fingerprint: str, n_train: int, recipe: R
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def cached_path(cache_dir: Path, key: str) -> Path:
+    """Where the fine-tune keyed ``key`` is cached."""
+    return Path(cache_dir) / f"{key}.safetensors"
+
+
 def load_cached(path: Optional[Path]) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
     """A cached fine-tune (tensors + its log, marked ``cached``), or None."""
     if path is None or not path.exists():
@@ -93,7 +98,7 @@ def finetune(backbone: Backbone, texts: list[str], labels: list[int], head: torc
              seed: int, cache_dir: Optional[Path] = None, key: Optional[str] = None,
              desc: str = "fine-tune", quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Returns the fine-tuned encoder tensors (trainable ones) and a log; cached by ``key``."""
-    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir and key else None
+    path = cached_path(cache_dir, key) if cache_dir and key else None
     cached = load_cached(path)
     if cached is not None:
         return cached

@@ -25,7 +25,7 @@ import torch
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
-from submerge.bench.finetune import Recipe, cache_key, finetune, load_cached, multitask_finetune
+from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
@@ -226,7 +226,7 @@ class BenchSession:
             say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}")
         for i, key in enumerate(self.expert_keys):
             if self.experts[i] is None:
-                self.experts[i] = load_cached(self.cache / f"{key}.safetensors")[0]
+                self.experts[i] = load_cached(cached_path(self.cache, key))[0]
         self.ft_val = self.reference_scores("finetuned", "val")
         say("fine-tuned val: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
         self.base = {n: bb.pretrained[n] for n in bb.trainable_names()}

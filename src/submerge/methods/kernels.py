@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -171,7 +172,7 @@ class _Scratch:
     buf = None
 
 
-_SCRATCHES: list[_Scratch] = []  # every thread's holder, so release() can empty them from any thread
+_SCRATCHES: "weakref.WeakSet[_Scratch]" = weakref.WeakSet()  # live threads' holders, for release() from any thread
 _SCRATCH_LOCK = threading.Lock()
 
 
@@ -187,7 +188,7 @@ def _scratch(n: int, dtype):
     if holder is None:
         holder = _LOCAL.scratch = _Scratch()
         with _SCRATCH_LOCK:
-            _SCRATCHES.append(holder)
+            _SCRATCHES.add(holder)
     buf = holder.buf
     if buf is None or buf.dtype != dtype or buf.size < n:
         buf = holder.buf = np.empty(max(n, 1 << 20), dtype=dtype)

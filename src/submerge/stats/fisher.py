@@ -207,7 +207,7 @@ def _add_rows_squared(acc: torch.Tensor, g: torch.Tensor, w: float) -> None:
     dense ``addcmul``; the other rows would add 0)."""
     rows, inverse = torch.unique(g._indices()[0], return_inverse=True)
     values = g._values().float()
-    summed = torch.zeros((rows.numel(),) + tuple(values.shape[1:]), dtype=values.dtype).index_add_(0, inverse, values)
+    summed = values.new_zeros((rows.numel(),) + tuple(values.shape[1:])).index_add_(0, inverse, values)
     acc[rows] = acc[rows].addcmul_(summed, summed, value=w)
 
 
