@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from submerge.io.ledger import one_run
 from submerge.config import MergeConfig, load_config, parse_config
 from submerge.errors import CheckpointError, ConfigError
 from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
@@ -39,6 +40,7 @@ def validate(config: ConfigLike) -> MergePlan:
     return plan
 
 
+@one_run
 def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[MergeOptions] = None,
           **kwargs: Any) -> MergeResult:
     """Merge the models of ``config`` (a YAML path, a dict or a MergeConfig) into ``out_dir``.

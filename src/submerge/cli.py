@@ -19,11 +19,21 @@ MAX_THREADS = 1024
 SEED = click.IntRange(min=0, max=2**63 - 1)
 
 
+MAX_MESSAGE = 1000  # characters of an error line; what an input holds is never echoed whole
+
+
 def _one_line(text: object) -> str:
     """A message as one printable line: whitespace (newlines included) collapsed, control characters escaped
-    (a file name may hold any of them)."""
-    chars = (" " if ch.isspace() else ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
-    return " ".join("".join(chars).split())
+    (a file name may hold any of them), and cut in the middle past :data:`MAX_MESSAGE` characters."""
+    raw = str(text)
+    if len(raw) > 4 * MAX_MESSAGE:  # a 20 MB value quoted by some check: cut before escaping it
+        raw = raw[: 2 * MAX_MESSAGE] + " " + raw[-2 * MAX_MESSAGE:]
+    chars = (" " if ch.isspace() else ch if ch.isprintable() else ascii(ch)[1:-1] for ch in raw)
+    line = " ".join("".join(chars).split())
+    if len(line) > MAX_MESSAGE:
+        half = MAX_MESSAGE // 2 - 20
+        line = f"{line[:half]} ...[{len(str(text)) - 2 * half} characters left out]... {line[-half:]}"
+    return line
 
 
 def _fail(e: BaseException) -> None:
@@ -53,10 +63,12 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
+        from submerge.io.ledger import run_scope
         from submerge.io.outdir import Terminated
 
         try:
-            return super().invoke(ctx)
+            with run_scope():  # every input the command reads is recorded (no OUT may hold one)
+                return super().invoke(ctx)
         except SubmergeError as e:
             _fail(e)
         except Terminated as e:

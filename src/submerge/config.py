@@ -389,22 +389,10 @@ def load_yaml_text(text: str, source: str) -> Any:
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML config file."""
+    from submerge.io.files import read_config_text
+
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a folder")
-    try:
-        data = p.read_bytes()[: MAX_CONFIG_BYTES + 1]
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p} ({e.strerror})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES // 2**20} MB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
-    return parse_config(load_yaml_text(text, str(p)), str(p))
+    return parse_config(load_yaml_text(read_config_text(p, limit=MAX_CONFIG_BYTES), str(p)), str(p))
 
 
 def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:

@@ -14,6 +14,7 @@ in the model card and the result, with their largest |Δ|.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from submerge.errors import CheckpointError, ConfigError
+from submerge.io.ledger import one_run
+from submerge.errors import CheckpointError, ConfigError, NonFiniteError
 
 LOWRANK_MIN_DIM = 1024
 
@@ -40,14 +42,25 @@ def _module_kinds(config_dir: Path) -> dict[str, str]:
     """Module name -> "linear" | "conv1d" | "embedding", from the architecture built on the meta device."""
     import transformers
 
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(config_dir)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_dir}: cannot read its config.json ({' '.join(str(e).split())[:200]})") from None
-    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    from submerge.io.pretrained import load_pretrained
+
+    cfg = load_pretrained(transformers.AutoConfig, config_dir, quiet=True)
+    archs = getattr(cfg, "architectures", None) or [None]
+    arch = archs[0] if isinstance(archs, (list, tuple)) else archs
+    if arch is not None and not isinstance(arch, str):
+        raise CheckpointError(f"{config_dir}: config.json's architectures {str(archs)[:120]} does not name a model "
+                              f"class")
     cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        model = cls._from_config(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{config_dir}: config.json's architectures names {arch!r}, which is not a "
+                              f"transformers model class")
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+    except Exception as e:  # a class for another config type, or a config the class cannot build
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{config_dir}: cannot build the model config.json describes "
+                              f"({arch or cfg.model_type}): {msg}") from None
     kinds = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -57,6 +70,14 @@ def _module_kinds(config_dir: Path) -> dict[str, str]:
         elif isinstance(module, torch.nn.Embedding):
             kinds[name] = "embedding"
     return kinds
+
+
+def _finite(t: torch.Tensor, model: Any, name: str) -> torch.Tensor:
+    """``t``, checked to hold no NaN or Inf (an adapter of non-finite factors would load, then break)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"model '{model}' tensor {name} holds {bad} NaN/Inf value(s); nothing was written")
+    return t
 
 
 def _svd(x: torch.Tensor, rank: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,6 +98,7 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
 
 
+@one_run
 def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: Union[str, Path], *,
                  rank: Union[int, str] = 16, energy: float = 0.9, embeddings: bool = False,
                  modules: Optional[str] = None, overwrite: bool = False, progress: bool = False,
@@ -121,7 +143,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
             if bi.shape != fi.shape:
                 raise CheckpointError(f"tensor {name}: base {list(bi.shape)}, fine-tune {list(fi.shape)} (not a "
                                       f"fine-tune of this base?)")
-            delta = f_ck.read(name).double() - b_ck.read(name).double()
+            delta = _finite(f_ck.read(name), finetuned, name).double() - _finite(b_ck.read(name), base, name).double()
             peak = float(delta.abs().max()) if delta.numel() else 0.0
             if peak == 0.0:
                 continue
@@ -136,6 +158,9 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
             root = s[:r].sqrt()
             b_f, a_f = u[:, :r] * root, root[:, None] * vh[:r]
             total = float((mat ** 2).sum())
+            if not (torch.isfinite(a_f).all() and torch.isfinite(b_f).all() and math.isfinite(total)):
+                raise NonFiniteError(f"tensor {name}: its LoRA factors are not finite (|Δ| up to {peak:.3g} "
+                                     f"overflows the SVD); nothing was written")
             kept[module] = float(((b_f @ a_f) ** 2).sum()) / total if total else 1.0
             ranks[module] = r
             prefix = f"base_model.model.{module}"

@@ -65,6 +65,9 @@ def load_tokenizer(path: Path, label: str, required: bool):
             raise CheckpointError(f"model '{label}' ({path}) has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                                   f"...): the merged vocabulary starts from this model's tokenizer")
         return None
+    from submerge.io.files import checked_folder
+
+    checked_folder(Path(path), f"model '{label}'")  # containment: transformers opens the files by itself
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:  # transformers raises many kinds for a missing/broken tokenizer

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
 from submerge.layers import layer_role, layer_structure, parse_role_patterns
 
@@ -225,6 +226,7 @@ def weight_matching(model: dict[str, torch.Tensor], reference: dict[str, torch.T
     return perms, report
 
 
+@one_run
 def align_model_dir(model: str, reference: str, out_dir: str, *, heads: Optional[int] = None,
                     residual: bool = False, max_iter: int = 100, seed: int = 0, overwrite: bool = False) -> dict:
     """``submerge align``: MODEL's units permuted to match REFERENCE, written to OUT (atomically) as MODEL's folder

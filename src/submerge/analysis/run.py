@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from submerge.io.ledger import one_run
 from submerge.errors import ConfigError
 
 log = logging.getLogger("submerge")
@@ -56,21 +57,22 @@ def _task_names(cfg, given: list[Optional[str]]) -> list[str]:
     return names
 
 
+@one_run
 def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration: Sequence[str] = (),
             scorer: Optional[str] = None, topk: float = 0.2, points: int = 5, pairs: bool = True,
             spectra: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the analyses of ``config`` into folder ``out_dir``; returns what ``analysis.json`` holds."""
-    from submerge.config import load_yaml_text, parse_config
+    from submerge.config import MAX_CONFIG_BYTES, load_yaml_text, parse_config
+    from submerge.io.files import read_config_text
     from submerge.io import check_output_target
     from submerge.plan import plan_merge, resolve_model_path
     from submerge.stats.load import load_stats
 
     t_start = time.perf_counter()
     cpath = Path(config)
-    if not cpath.is_file():
-        raise ConfigError(f"config file {cpath} does not exist")
     config_dir = cpath.resolve().parent
-    merge_raw, eval_raw, given_names = _split(load_yaml_text(cpath.read_text(encoding="utf-8"), str(cpath)), str(cpath))
+    text = read_config_text(cpath, limit=MAX_CONFIG_BYTES)
+    merge_raw, eval_raw, given_names = _split(load_yaml_text(text, str(cpath)), str(cpath))
     cfg = parse_config(merge_raw, str(cpath))
     if not cfg.models or cfg.slices is not None:
         raise ConfigError(f"{cpath}: analyze reads whole models: list them under 'models:' (no slices)")
@@ -176,7 +178,13 @@ def _eval_tasks(eval_raw: Any, cfg, tasks: list[str], config_dir: Path, scorer: 
     entries = [ModelEntry(n, str(m.model), {}) for n, m in zip(tasks, cfg.models)]
     block = dict(eval_raw) if isinstance(eval_raw, dict) else eval_raw
     if scorer is not None and isinstance(block, dict):
-        block["scorer"] = scorer if not scorer.startswith("python:") else {"python": scorer[len("python:"):].strip()}
+        if scorer.startswith("python:"):  # a file named on the command line is relative to the current folder
+            mod, sep, fn = scorer[len("python:"):].strip().rpartition(":")
+            if sep and mod.endswith(".py"):
+                mod = str(Path(mod).expanduser().absolute())
+            block["scorer"] = {"python": f"{mod}{sep}{fn}"}
+        else:
+            block["scorer"] = scorer
         if isinstance(block.get("tasks"), dict):
             block["tasks"] = {k: ({kk: vv for kk, vv in v.items() if kk != "scorer"} if isinstance(v, dict) else v)
                               for k, v in block["tasks"].items()}

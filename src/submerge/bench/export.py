@@ -22,6 +22,7 @@ from typing import Optional
 
 import yaml
 
+from submerge.io.ledger import one_run
 from submerge.bench.runner import BenchConfig, BenchSession, _params
 from submerge.io import atomic_folder
 from submerge.tune.scorers import HEAD_FILE
@@ -29,6 +30,7 @@ from submerge.tune.scorers import HEAD_FILE
 TUNE_METHODS = ("task_arithmetic", "ties", "tsv", "iso_cts", "esm")
 
 
+@one_run
 def export_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, overwrite: bool = False,
                  methods: tuple[str, ...] = TUNE_METHODS) -> Path:
     from transformers.utils import logging as hf_logging

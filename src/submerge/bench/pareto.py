@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from submerge.io.ledger import one_run
 from submerge.api import merge_state_dicts
 from submerge.bench.runner import BenchConfig, BenchSession
 from submerge.errors import ConfigError
@@ -71,6 +72,7 @@ def _extra_seed_experts(S: BenchSession, seed: int) -> list[dict]:
     return [S.train_expert(t, seed)[0] for t in S.tasks]
 
 
+@one_run
 def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
     """Sweep the weights, merge with each rule, score; multitask ground truth; JSON + Markdown + PNG."""
     t_start = time.perf_counter()

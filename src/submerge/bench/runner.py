@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from submerge.io.ledger import one_run
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
@@ -591,30 +593,74 @@ class _RowCache:
         tmp.replace(self.folder / name)
 
 
-def import_rows(S: "BenchSession", cache: _RowCache, path: str | Path, methods: Sequence[str]) -> list[str]:
-    """Put the rows of an earlier run's ``results.json`` into the row cache, so this run computes only the
-    methods (or rows: ``multitask``) it lacks and writes one results.json with all of them.  Refused unless
-    that run had the same settings (the config, less what only picks methods or prints), backbone, tasks and
-    the same experts — their per-example test correctness must equal this session's, which retrained experts
-    meet only when fine-tuning is reproducible.  Rows of a method whose own settings differ, and rows saved
-    without per-example correctness, are left out (computed again).  Returns the methods imported."""
+MAX_RESUME_BYTES = 256 * 1024 * 1024
+MAX_RESUME_ROWS = 10_000
+
+
+def read_resume(path: str | Path, cfg: "BenchConfig") -> dict:
+    """An earlier run's ``results.json``, read and checked before anything else of a run is done (no backbone,
+    data or expert is loaded for a file that cannot be used): a regular JSON file whose ``config`` holds this
+    run's settings (less what only picks methods or prints), whose ``rows`` are objects naming their
+    ``method`` and ``label``, and whose ``per_example`` maps to objects.  Returns the parsed file."""
+    from submerge.io.files import read_user_text
+
     path = Path(path)
+    where = f"--resume {path}"
     try:
-        old = json.loads(path.read_text())
-        old_cfg, old_rows, per = old["config"], old["rows"], old.get("per_example", {})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--resume {path}: not a readable bench results.json ({e})") from None
-    cfg = S.cfg
-    # the suite's name is not compared: a task list is "custom" in results.json; the tasks are compared below
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror})") from None
+    if size > MAX_RESUME_BYTES:
+        raise ConfigError(f"{where}: {size / 1e6:.0f} MB, larger than a bench results.json can be")
+    try:
+        old = json.loads(read_user_text(path, "--resume file"))
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: not a readable bench results.json (not valid JSON: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{where}: not a bench results.json (expected a JSON object)")
+    for key, kind in (("config", dict), ("rows", list), ("per_example", dict)):
+        if not isinstance(old.get(key), kind):
+            raise ConfigError(f"{where}: not a bench results.json ('{key}' must be a JSON "
+                              f"{'object' if kind is dict else 'list'}, got {type(old.get(key)).__name__})")
+    if len(old["rows"]) > MAX_RESUME_ROWS:
+        raise ConfigError(f"{where}: {len(old['rows'])} rows; a bench results.json holds at most {MAX_RESUME_ROWS}")
+    for i, row in enumerate(old["rows"]):
+        if not isinstance(row, dict) or not isinstance(row.get("method"), str) or not isinstance(row.get("label"), str):
+            raise ConfigError(f"{where}: rows[{i}] is not a row (an object with 'method' and 'label' strings)")
+    if not all(isinstance(v, dict) for v in old["per_example"].values()):
+        raise ConfigError(f"{where}: per_example must map to objects (per row / model, per task)")
+    # the suite's name is not compared: a task list is "custom" in results.json; the tasks are compared later
     mine = {k: v for k, v in _row_settings(asdict(cfg)).items() if k != "suite"}
-    theirs = {k: v for k, v in _row_settings(old_cfg).items() if k != "suite"}
+    theirs = {k: v for k, v in _row_settings(old["config"]).items() if k != "suite"}
     differ = sorted(k for k in set(mine) | set(theirs)
-                    if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
+                    if json.dumps(mine.get(k), sort_keys=True, default=str)
+                    != json.dumps(theirs.get(k), sort_keys=True, default=str))
     if differ:
-        raise ConfigError(f"--resume {path}: that run's settings differ from this one's in "
-                          + ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))
-    if old.get("tasks") != S.names or old.get("backbone", {}).get("sha256") != S.bb.fingerprint:
-        raise ConfigError(f"--resume {path}: another backbone or task list ({old.get('tasks')})")
+        raise ConfigError(f"{where}: that run's settings differ from this one's in "
+                          + ", ".join(f"{k} ({_shown(theirs.get(k))} there, {_shown(mine.get(k))} here)"
+                                      for k in differ[:6]) + (" ..." if len(differ) > 6 else ""))
+    old["_path"] = str(path)
+    return old
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}..."
+
+
+def import_rows(S: "BenchSession", cache: _RowCache, old: dict, methods: Sequence[str]) -> list[str]:
+    """Put the rows of an earlier run's ``results.json`` (read and checked by :func:`read_resume`) into the row
+    cache, so this run computes only the methods (or rows: ``multitask``) it lacks and writes one results.json
+    with all of them.  Refused unless that run had the same backbone, tasks and the same experts — their
+    per-example test correctness must equal this session's, which retrained experts meet only when
+    fine-tuning is reproducible.  Rows of a method whose own settings differ, and rows saved without
+    per-example correctness, are left out (computed again).  Returns the methods imported."""
+    path, cfg = old["_path"], S.cfg
+    old_cfg, old_rows, per = old["config"], old["rows"], old["per_example"]
+    backbone = old.get("backbone")
+    if old.get("tasks") != S.names or not isinstance(backbone, dict) or backbone.get("sha256") != S.bb.fingerprint:
+        raise ConfigError(f"--resume {path}: another backbone or task list ({_shown(old.get('tasks'))})")
     for which, scores in (("finetuned", S.ft_test), ("zeroshot", S.zs_test)):
         theirs_bits = per.get(which) or {}
         bad = [t for t in S.names if theirs_bits.get(t) != pack_correct(scores[t])]
@@ -638,7 +684,7 @@ def import_rows(S: "BenchSession", cache: _RowCache, path: str | Path, methods: 
         except (KeyError, TypeError, ValueError):
             continue
         if method == "multitask":  # how it was trained, as the fine-tuning log said
-            log = old.get("finetune_log", {}).get("multitask (all tasks jointly)")
+            log = (old.get("finetune_log") or {}).get("multitask (all tasks jointly)")
             rows = [{**r, "train_log": r.get("train_log", log or {})} for r in rows]
         cache.put(method, rows, correct_)
         imported.append(method)
@@ -926,6 +972,7 @@ def _stats_for(S: BenchSession, method: str):
     return S.fisher() if m.stats_kind == "fisher" else S.calibration()
 
 
+@one_run
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
               address: Optional[str] = None, actors: Optional[int] = None,
               resume: Optional[str | Path] = None) -> dict:
@@ -943,7 +990,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         from submerge.tune.backends import check_ray_address
 
         check_ray_address(address)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read
     S = BenchSession(cfg)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
@@ -957,8 +1004,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
         + (" (on Ray)" if backend == "ray" else ""))
     done_rows = _RowCache(S, cfg)
-    if resume is not None:
-        got = import_rows(S, done_rows, resume, methods)
+    if previous is not None:
+        got = import_rows(S, done_rows, previous, methods)
         say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
     found_rows: dict[str, Optional[tuple[list[dict], dict]]] = {}
     searched: dict[str, object] = {}
@@ -1069,6 +1116,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed run leaves no empty OUT
     tmp = out_dir / ".results.json.tmp"  # replaced whole: a --resume of the same file never sees half of it
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out_dir / "results.json")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io.ledger import record
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config / index / manifest files larger than this are not metadata
 
@@ -55,8 +56,11 @@ def checked_file(path: Path, folder: Optional[Path], what: str) -> Path:
 
     ``folder=None``: a file the user named directly (any regular file, symlinks followed).
     Returns ``path`` itself (its name keeps the suffix a format is told by; a HF cache blob has none);
-    raises :class:`CheckpointError` naming the file otherwise."""
+    raises :class:`CheckpointError` naming the file otherwise.  The file (and ``folder``) are recorded as
+    inputs of the open run (:mod:`submerge.io.ledger`)."""
     path = Path(path)
+    record(path)
+    record(folder)
     try:
         lst = os.lstat(path)
     except OSError as e:
@@ -77,6 +81,31 @@ def checked_file(path: Path, folder: Optional[Path], what: str) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{what}: {path} is {_kind(st.st_mode)}, not a regular file")
     return path
+
+
+def checked_folder(folder: Path, what: str) -> Path:
+    """``folder`` before it is handed to a library that reads files from it by itself (transformers'
+    ``from_pretrained``, PEFT): every entry the library could open is held to :func:`checked_file`'s rule — a
+    regular file, or a symlink to one inside the folder's bounds (FIFOs, devices, sockets and links out of the
+    folder are refused, naming the entry).  Sub-folders are not read by those loaders and are left alone.
+    The folder is recorded as an input of the open run."""
+    folder = Path(folder)
+    record(folder)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read folder {folder} ({e.strerror})") from None
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.is_symlink() and os.path.isdir(entry.path):
+            target = Path(os.path.realpath(entry.path))
+            bound = bounds_of(folder)
+            if target != bound and bound not in target.parents:
+                raise CheckpointError(f"{what}: {entry.path} is a symlink to {target}, outside the folder {folder}")
+            continue
+        checked_file(Path(entry.path), folder, what)
+    return folder
 
 
 def read_small_text(path: Path, folder: Optional[Path], what: str, limit: int = MAX_JSON_BYTES) -> str:
@@ -114,7 +143,8 @@ def file_sha256(path: Path) -> str:
 
 
 def read_user_text(path: Path, what: str = "input file") -> str:
-    """A UTF-8 text file the user named (calibration inputs, eval data), or a one-line :class:`ConfigError`."""
+    """A UTF-8 text file the user named (a config, calibration inputs, eval data), or a one-line
+    :class:`ConfigError`; recorded as an input of the open run."""
     try:
         checked_file(path, None, what)
         return path.read_bytes().decode("utf-8")
@@ -122,6 +152,30 @@ def read_user_text(path: Path, what: str = "input file") -> str:
         raise ConfigError(str(e)) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the inputs as UTF-8") from None
+
+
+def read_config_text(path: Path, what: str = "config file", limit: int = MAX_JSON_BYTES) -> str:
+    """A config file the user named (YAML), as text: a regular UTF-8 file under ``limit`` bytes, else one
+    :class:`ConfigError` line; recorded as an input of the open run."""
+    p = Path(path)
+    if not os.path.lexists(p):
+        raise ConfigError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a folder")
+    try:
+        checked_file(p, None, what)
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {p} ({e.strerror})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {p} is larger than {limit // 2**20} MB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
 
 
 def jsonl_values(text: str, path: Path) -> Iterator[tuple[int, Any]]:
@@ -133,23 +187,3 @@ def jsonl_values(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             yield i + 1, json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
-
-
-def write_files_atomically(folder: Path, writers: dict[str, Any]) -> None:
-    """Write files into an existing ``folder``: ``writers`` maps each file name to a function that writes the
-    file at a path it is given.  Every file is written under a temporary name first, then all are renamed in the
-    given order (put a manifest last), so a failure while writing leaves the folder as it was and a reader never
-    sees half a file.  Nothing else in the folder is touched."""
-    import uuid
-
-    tag = uuid.uuid4().hex[:8]
-    tmps = {name: folder / f".{name}.{tag}" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(tmps[name])
-        for name, tmp in tmps.items():
-            os.replace(tmp, folder / name)
-    finally:
-        for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()

@@ -8,6 +8,11 @@ without safetensors), ``config.json``, generation and tokenizer files.  ``HF_HUB
 from the cache alone.  :func:`preflight` checks every id of a config before any is downloaded, so a typo,
 a gated repo or an uncached id offline is one error naming it, before gigabytes of the others arrive.
 The resolved commit of each id is recorded (model card), so a merge is reproducible.
+
+Nothing in a reference or in the cache is taken as a path: a revision is a 40-hex commit or a branch or tag
+name (git's rules: no ``..``, no leading ``/`` or ``.``, no empty component); a ``refs/<name>`` file is a
+regular file holding a commit hash; and the snapshot folder must resolve inside that repository's cache
+folder.  Anything else is one error naming the id.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from pathlib import Path
 from typing import Optional
 
 from submerge.errors import CheckpointError
-from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES
+from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, read_small_text
 
-_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?:@(?P<rev>[A-Za-z0-9_.\-/]+))?$")
+_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?:@(?P<rev>.*))?$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_REF_PART_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 METADATA = ["config.json", "adapter_config.json", *GENERATION_FILES, *TOKENIZER_FILES]
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
@@ -38,11 +45,28 @@ class HubRef:
 
 def parse_hub_id(ref: str) -> Optional[HubRef]:
     """``org/name[@revision]`` as a :class:`HubRef`, or None for anything else (paths are never ids:
-    ``./x/y``, ``/x/y``, ``~/x``, ``x/y/z``, Windows paths)."""
+    ``./x/y``, ``/x/y``, ``~/x``, ``x/y/z``, Windows paths).  An id whose revision is not a commit, branch or
+    tag name (``org/x@/some/path``, ``org/x@../y``) is an error naming it."""
     m = _ID_RE.match(ref)
-    if not m or ".." in ref:
+    if not m or ".." in m.group("repo"):
         return None
-    return HubRef(m.group("repo"), m.group("rev"))
+    rev = m.group("rev")
+    if rev is not None and not valid_revision(rev):
+        shown = rev if len(rev) <= 80 else rev[:80] + "..."
+        raise CheckpointError(f"model '{ref[:200]}': revision {shown!r} is not a commit hash, branch or tag name "
+                              f"(letters, digits, '_', '-', '.', and '/' between parts)")
+    return HubRef(m.group("repo"), rev)
+
+
+def valid_revision(rev: str) -> bool:
+    """A 40-hex commit, or a branch / tag name by git's rules (``check-ref-format``, restricted to the
+    characters the Hub allows): never a path that leaves ``refs/``."""
+    if not rev or len(rev) > 255:
+        return False
+    if _COMMIT_RE.match(rev):
+        return True
+    parts = rev.split("/")
+    return all(_REF_PART_RE.match(p) and not p.endswith((".lock", ".")) and ".." not in p for p in parts)
 
 
 def offline() -> bool:
@@ -78,15 +102,39 @@ def _explain(ref: HubRef, e: Exception) -> CheckpointError:
                            f"a folder of that name would be used if it existed")
 
 
-def _cached_snapshot(ref: HubRef) -> Optional[Path]:
-    """The cached snapshot folder of ``ref`` (revision resolved through ``refs/``), without any network."""
-    from huggingface_hub import snapshot_download
+def repo_folder(ref: HubRef) -> Path:
+    """The repository's folder in the cache (``models--org--name``)."""
+    return cache_dir() / ("models--" + ref.repo_id.replace("/", "--"))
 
-    try:
-        return Path(snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=str(cache_dir()),
-                                      local_files_only=True))
-    except Exception:  # not cached (the library raises several types)
+
+def _cached_snapshot(ref: HubRef) -> Optional[Path]:
+    """The cached snapshot folder of ``ref`` (a branch or tag resolved through ``refs/``), without any network;
+    None when it is not cached.  The cache is read as data, never followed as paths (see the module doc)."""
+    repo = repo_folder(ref)
+    rev = ref.revision or "main"
+    if _COMMIT_RE.match(rev):
+        commit = rev
+    else:
+        ref_file = repo / "refs" / rev
+        if not os.path.lexists(ref_file):
+            return None
+        commit = read_small_text(ref_file, repo, f"model '{ref}'", limit=4096).strip()
+        if not _COMMIT_RE.match(commit):
+            shown = commit if len(commit) <= 60 else commit[:60] + "..."
+            raise CheckpointError(f"model '{ref}': the cache's {ref_file} holds {shown!r}, not a commit hash "
+                                  f"(a damaged Hugging Face cache?)")
+    snap = repo / "snapshots" / commit
+    if not snap.is_dir():
         return None
+    return _inside_repo(snap, repo, ref)
+
+
+def _inside_repo(snap: Path, repo: Path, ref: HubRef) -> Path:
+    real, bound = Path(os.path.realpath(snap)), Path(os.path.realpath(repo))
+    if bound not in real.parents:
+        raise CheckpointError(f"model '{ref}': its snapshot folder {snap} resolves to {real}, outside the "
+                              f"repository's cache folder {repo}; submerge reads a Hub model only from its cache")
+    return snap
 
 
 def preflight(ref: HubRef) -> None:
@@ -124,6 +172,7 @@ def resolve(ref: HubRef) -> Path:
                                           allow_patterns=METADATA + TORCH_BIN))
     except Exception as e:
         raise _explain(ref, e) from None
+    snap = _inside_repo(snap, repo_folder(ref), ref)
     if not _has_weights(snap):
         raise CheckpointError(f"model '{ref}': the repository has no safetensors or pytorch_model*.bin weights")
     return snap

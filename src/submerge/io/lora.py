@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,10 +62,13 @@ class LoraAdapter:
             raise CheckpointError(f"{what}: a DoRA adapter (use_dora); its magnitude vectors need the full weight norm "
                                   f"per column, which submerge does not implement — merge it with "
                                   f"peft's merge_and_unload() first")
-        self.alpha = float(cfg.get("lora_alpha", 8))
+        self.alpha = _number(cfg.get("lora_alpha", 8), f"{what}: {CONFIG_FILE}: lora_alpha")
+        self.r = _rank(cfg.get("r", 8), f"{what}: {CONFIG_FILE}: r")
         self.rslora = bool(cfg.get("use_rslora", False))
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-        self.alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+        self.alpha_pattern = _pattern(cfg.get("alpha_pattern"), "alpha_pattern", _number, what)
+        self.rank_pattern = _pattern(cfg.get("rank_pattern"), "rank_pattern", _rank, what)
+        self.target_modules = _targets(cfg.get("target_modules"), what)
         self.config = cfg
         weights = next((self.folder / f for f in WEIGHT_FILES if os.path.lexists(self.folder / f)), None)
         if weights is None:
@@ -90,6 +94,37 @@ class LoraAdapter:
         for module, slot in self.pairs.items():
             if "A" not in slot or "B" not in slot:
                 raise CheckpointError(f"{what}: module {module} has only one of lora_A / lora_B")
+            if not self.targeted(module):
+                raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {_short(cfg.get('target_modules'))} "
+                                      f"does not name module {module}, which the adapter's tensors hold (PEFT "
+                                      f"would not load it)")
+
+    def targeted(self, module: str) -> bool:
+        """Whether ``target_modules`` names ``module`` as PEFT matches it (a regex on the whole name, or a list of
+        names each matching the name's tail; None and ``all-linear`` target every linear layer)."""
+        t = self.target_modules
+        if t is None or t == "all-linear":
+            return True
+        if isinstance(t, str):
+            return re.fullmatch(t, module) is not None
+        return any(module == x or module.endswith("." + x) for x in t)
+
+    def rank_of(self, module: str) -> int:
+        """The rank the config gives ``module`` (``rank_pattern``, else ``r``): PEFT builds the layer at it."""
+        key = _pattern_key(list(self.rank_pattern), module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def update_shape(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The header shapes of ``module``'s lora_A and lora_B, checked to be a rank-r pair (no tensor read)."""
+        slot, what = self.pairs[module], f"adapter '{self.label}'"
+        a, b = (tuple(self._ckpt.tensors[slot[k]].shape) for k in ("A", "B"))
+        if len(a) != 2 or len(b) != 2 or b[1] != a[0]:
+            raise CheckpointError(f"{what}: module {module} has lora_A {list(a)} and lora_B {list(b)}, which do "
+                                  f"not multiply")
+        if a[0] != self.rank_of(module):
+            raise CheckpointError(f"{what}: module {module} has rank-{a[0]} lora_A/lora_B, but {CONFIG_FILE} gives "
+                                  f"it r = {self.rank_of(module)} (PEFT would not load it)")
+        return a, b
 
     def targets(self) -> dict[str, str]:
         """Base tensor name -> the module whose LoRA update it receives."""
@@ -99,6 +134,21 @@ class LoraAdapter:
         key = _pattern_key(list(self.alpha_pattern), module)
         alpha = float(self.alpha_pattern[key]) if key is not None else self.alpha
         return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def fits(self, module: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``s·B·A`` takes when added to a base weight of ``shape`` (see :meth:`delta`); an error when
+        it fits no orientation."""
+        a, b = self.update_shape(module)
+        d, dt = (b[0], a[1]), (a[1], b[0])
+        if self.pairs[module]["embedding"] or (self.fan_in_fan_out and dt == tuple(shape)):
+            d = dt
+        elif d != tuple(shape) and dt == tuple(shape):
+            d = dt
+        if d != tuple(shape):
+            raise CheckpointError(f"adapter '{self.label}': its update of {module} is {list(d)} (lora_B {list(b)} · "
+                                  f"lora_A {list(a)}), but the base model's {module}.weight is {list(shape)} (an "
+                                  f"adapter for another model?)")
+        return d
 
     def delta(self, module: str, shape: tuple[int, ...]) -> torch.Tensor:
         """``s·B·A`` of one module as a float32 tensor of the base weight's ``shape``."""
@@ -143,6 +193,7 @@ class AdaptedCheckpoint(Checkpoint):
             if not info.dtype.is_floating_point:
                 raise CheckpointError(f"adapter '{adapter_label}': {name} of '{base_label}' is {info.dtype}, "
                                       f"not a floating tensor (a quantized base?)")
+            self.adapter.fits(module, tuple(info.shape))  # shapes and ranks from the headers: validate sees them
         for name in self.adapter.full:
             if name not in self.tensors:
                 raise CheckpointError(f"adapter '{adapter_label}' stores {name}, which model '{base_label}' lacks")
@@ -164,6 +215,61 @@ class AdaptedCheckpoint(Checkpoint):
     def close(self) -> None:
         super().close()
         self.adapter.close()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite number (a JSON int or float), as PEFT needs ``lora_alpha`` to be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{where} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _rank(value: Any, where: str) -> int:
+    """A positive integer rank (PEFT refuses r <= 0 and builds layers of exactly this size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where} must be a positive integer, got {_short(value)}")
+    return value
+
+
+def _pattern(value: Any, name: str, check: Any, what: str) -> dict:
+    """``alpha_pattern`` / ``rank_pattern``: module-name patterns (regular expressions, as PEFT matches them)
+    mapped to numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what}: {CONFIG_FILE}: {name} must map module-name patterns to values, got "
+                              f"{_short(value)}")
+    out = {}
+    for key, v in value.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise CheckpointError(f"{what}: {CONFIG_FILE}: {name} key {_short(key)} is not a valid pattern ({e})") \
+                from None
+        out[key] = check(v, f"{what}: {CONFIG_FILE}: {name}[{_short(key)}]")
+    return out
+
+
+def _targets(value: Any, what: str) -> Any:
+    """``target_modules``: None, a regular expression, or a list of module names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {_short(value)} is not a valid regular "
+                                  f"expression ({e})") from None
+        return value
+    if isinstance(value, list) and all(isinstance(x, str) and x for x in value):
+        return list(value)
+    raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules must be a list of module names or a regular "
+                          f"expression, got {_short(value)}")
 
 
 def split_adapter_ref(ref: str) -> Optional[tuple[str, str]]:

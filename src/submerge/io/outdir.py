@@ -6,8 +6,10 @@ goes through :func:`atomic_folder`:
 1. :func:`check_output_target` refuses, before anything is read or written, an OUT that
    resolves to ``/``, the home folder (or one of its ancestors), the current folder or one
    of its ancestors, a mount point, an existing file, or a folder that equals, contains or
-   lies inside any input of the run (models, base, tokenizer source, calibration and
-   Fisher folders, the config file, input files);
+   lies inside any input of the run: the inputs a command names, and every file and folder
+   the run has read so far (:mod:`submerge.io.ledger`: models, eval data, scorer modules,
+   statistics, tokenizers, the config file ...).  The check is made again, against every
+   input read, just before the finished result replaces OUT;
 2. a lock (``.<name>.submerge-lock`` beside OUT, ``flock``) makes a second run into the same
    OUT fail at once instead of racing it;
 3. leftovers of killed runs (``.<name>.submerge-tmp-<pid>-*``, ``.<name>.submerge-old-<pid>-*``)
@@ -19,6 +21,10 @@ goes through :func:`atomic_folder`:
 
 SIGTERM and SIGHUP are turned into an exception while a folder is being written, so a
 killed run removes its temporary folder as Ctrl-C does.
+
+Files added to an existing folder (surgery modules and ESM++ experts beside a model) follow the same
+rules file by file (:func:`write_files_atomically`): a lock, leftovers of killed runs reported and
+removed, each file written under a temporary name and renamed in.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from submerge.errors import ConfigError, SubmergeError
+from submerge.io.ledger import recorded, run_scope
 
 log = logging.getLogger("submerge")
 
@@ -68,6 +75,7 @@ def check_output_target(out: PathLike, inputs: Iterable[Optional[PathLike]] = ()
                         what: str = "output folder") -> Path:
     """Refuse an OUT whose replacement could destroy anything but a previous output (see module doc).
 
+    ``inputs`` are joined by every input the open run has read so far (:func:`~submerge.io.ledger.recorded`).
     Returns OUT resolved (symlinks followed).  Inputs that do not exist are ignored here (their
     own checks report them)."""
     raw = os.fspath(out)
@@ -89,19 +97,25 @@ def check_output_target(out: PathLike, inputs: Iterable[Optional[PathLike]] = ()
             raise OutputError(f"refusing {shown}: it is a mount point")
         if not res.is_dir():
             raise OutputError(f"refusing {shown}: it exists and is not a folder")
-    for inp in inputs:
+    for inp in [*inputs, *recorded()]:
         if inp is None:
             continue
-        ip = _resolve(inp)
-        if not os.path.lexists(ip):
-            continue
-        if ip == res:
-            raise OutputError(f"refusing {shown}: it is an input of this run ({inp})")
-        if _inside(ip, res):
-            raise OutputError(f"refusing {shown}: it contains an input of this run ({inp})")
-        if _inside(res, ip):
-            raise OutputError(f"refusing {shown}: it lies inside an input of this run ({inp})")
+        # the input as named and as resolved: a symlinked file is safe only if neither lies in OUT
+        for ip in dict.fromkeys((_resolve(inp), Path(os.path.abspath(os.path.expanduser(os.fspath(inp)))))):
+            if not os.path.lexists(ip):
+                continue
+            if ip == res:
+                raise OutputError(f"refusing {shown}: it is an input of this run ({_short(inp)})")
+            if _inside(ip, res):
+                raise OutputError(f"refusing {shown}: it contains an input of this run ({_short(inp)})")
+            if _inside(res, ip):
+                raise OutputError(f"refusing {shown}: it lies inside an input of this run ({_short(inp)})")
     return res
+
+
+def _short(p: PathLike, limit: int = 300) -> str:
+    s = os.fspath(p)
+    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def _leftover_re(name: str) -> re.Pattern:
@@ -235,8 +249,17 @@ def atomic_folder(out: PathLike, overwrite: bool = False, what: str = "output fo
 
     ``out`` is checked (:func:`check_output_target`, with this run's ``inputs``), locked and
     cleaned of killed runs' leftovers first; an existing ``out`` is an error unless ``overwrite``,
-    and is replaced only after the new folder is complete.  On any error, Ctrl-C or SIGTERM the
-    temporary folder is removed and ``out`` is left as it was."""
+    and is replaced only after the new folder is complete, after a last check against every input the run
+    has read (the block runs in a :func:`~submerge.io.ledger.run_scope`).  On any error, Ctrl-C or SIGTERM
+    the temporary folder is removed and ``out`` is left as it was."""
+    with run_scope():
+        with _atomic_folder(out, overwrite, what, list(inputs), planned_bytes) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: PathLike, overwrite: bool, what: str, inputs: list,
+                   planned_bytes: int) -> Iterator[Path]:
     out = check_output_target(out, inputs, what)
     parent = out.parent
     try:
@@ -265,6 +288,7 @@ def atomic_folder(out: PathLike, overwrite: bool = False, what: str = "output fo
                     if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
                         raise OutputError(os_error_message(e, out)) from None
                     raise
+                check_output_target(out, inputs, what)  # every input read while writing counts too
                 _swap_in(tmp, out, aside, overwrite, what)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -285,3 +309,55 @@ def _swap_in(tmp: Path, out: Path, aside: Path, overwrite: bool, what: str) -> N
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def write_files_atomically(folder: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
+    """Write files into an existing ``folder``: ``writers`` maps each file name to a function that writes the
+    file at a path it is given.  Under a lock (``.<first name>.submerge-lock``), temporary files a killed run
+    left (``.<name>.submerge-tmp-<pid>-<id>``) are reported and removed; every file is written under such a
+    temporary name, then all are renamed in the given order (put a manifest last), so a failure, Ctrl-C or
+    SIGTERM while writing leaves the folder as it was and a reader never sees half a file.  Nothing else in
+    the folder is touched."""
+    folder = Path(folder)
+    names = list(writers)
+    with _lock(folder / names[0], "files in"):
+        for name in names:
+            for line in _recover_files(folder, name):
+                log.warning("%s: %s", folder, line)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmps = {name: folder / f".{name}{_TMP}{tag}" for name in names}
+        with terminate_as_exception():
+            try:
+                for name, write in writers.items():
+                    write(tmps[name])
+                for name, tmp in tmps.items():
+                    os.replace(tmp, folder / name)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+                    raise OutputError(os_error_message(e, folder)) from None
+                raise
+            finally:
+                for tmp in tmps.values():
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+
+
+def _recover_files(folder: Path, name: str) -> list[str]:
+    """Remove the temporary copies of file ``name`` that killed writers left in ``folder`` (their owner's pid
+    no longer runs); also the ``.<name>.<8 hex>`` copies of versions before the pid was part of the name."""
+    rx = _leftover_re(name)
+    legacy = re.compile(re.escape(f".{name}.") + r"[0-9a-f]{8}$")
+    done = []
+    for n in sorted(os.listdir(folder)):
+        m = rx.match(n)
+        if m is None and not legacy.match(n):
+            continue
+        pid = int(m.group(2)) if m is not None and m.group(2) else None
+        if pid is not None and _pid_alive(pid):
+            done.append(f"left {n} alone: a process with its owner's pid {pid} is running")
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / n)
+        done.append(f"removed {n}, an incomplete {name} left by an interrupted run"
+                    + (f" (pid {pid})" if pid is not None else ""))
+    return done

@@ -21,6 +21,7 @@ import torch
 
 from submerge.errors import CheckpointError
 from submerge.io.files import checked_file, is_plain_name, read_small_text
+from submerge.io.ledger import record
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -133,6 +134,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, label: Optional[str] = None):
         self.path = Path(path)
         self.label = label or str(path)
+        record(self.path)
         if not self.path.exists():
             raise CheckpointError(
                 f"model '{self.label}': path {self.path} does not exist (submerge reads local "

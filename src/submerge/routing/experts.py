@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from submerge.errors import CheckpointError, ConfigError
-from submerge.io.files import write_files_atomically
+from submerge.io.outdir import write_files_atomically
 
 log = logging.getLogger("submerge")
 

@@ -53,15 +53,17 @@ def load(folder: Union[str, Path], model_class: Any = None, *, mode: str = "rout
     ``model_class`` defaults to the architecture named in ``config.json`` (else ``AutoModel``)."""
     import transformers
 
+    from submerge.io.pretrained import load_pretrained
+
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
     experts = ExpertSet.load(folder, device=device)
     if model_class is None:
-        cfg = transformers.AutoConfig.from_pretrained(folder)
+        cfg = load_pretrained(transformers.AutoConfig, folder, quiet=True)
         arch = (getattr(cfg, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, arch, None) if arch else None
+        model_class = getattr(transformers, arch, None) if isinstance(arch, str) else None
         model_class = model_class or transformers.AutoModel
-    model = model_class.from_pretrained(folder, **from_pretrained).to(device).eval()
+    model = load_pretrained(model_class, folder, **from_pretrained).to(device).eval()
     attach(model, experts, mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule)
     return model

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
 
 SURGERY_FILE, SURGERY_INFO = "surgery.safetensors", "surgery.json"
@@ -67,7 +68,7 @@ class SurgerySet:
         pair or none; ``overwrite=False`` refuses a folder that already has them.  Nothing else is touched."""
         from safetensors.torch import save_file
 
-        from submerge.io.files import write_files_atomically
+        from submerge.io.outdir import write_files_atomically
 
         folder = Path(folder)
         if not overwrite:
@@ -247,6 +248,7 @@ def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -
     return handle
 
 
+@one_run
 def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[str, Union[str, Path]]],
                         inputs: Sequence[Union[str, Path, Sequence[str]]], *, rank: int = 16, steps: int = 500,
                         lr: float = 1e-3, n: int = 256, max_length: int = 128, batch_size: int = 16, seed: int = 0,
@@ -267,7 +269,8 @@ def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[st
 
     from submerge.device import parse_device
     from submerge.io import Checkpoint
-    from submerge.stats.inputs import effective_max_length, load_pretrained, read_inputs, text_batches
+    from submerge.io.pretrained import load_pretrained
+    from submerge.stats.inputs import effective_max_length, read_inputs, text_batches
 
     merged_dir = Path(merged_dir)
     if not experts:
@@ -294,7 +297,7 @@ def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[st
     sizes = {}
     for f in folders:
         try:
-            sizes[f] = getattr(AutoConfig.from_pretrained(f), "hidden_size", None)
+            sizes[f] = getattr(load_pretrained(AutoConfig, f, quiet=True), "hidden_size", None)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {f}/config.json: {str(e).splitlines()[0][:200]}") from None
     if len(set(sizes.values())) > 1:
@@ -343,14 +346,17 @@ def load_model(folder: Union[str, Path], model_class: Any = None, *, mode: str =
     defaults to the architecture in ``config.json`` (a classifier keeps its head), else ``AutoModel``."""
     import transformers
 
+    from submerge.io.pretrained import load_pretrained
+
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
     surgery = SurgerySet.load(folder)
     if model_class is None:
-        arch = (getattr(transformers.AutoConfig.from_pretrained(folder), "architectures", None) or [None])[0]
-        model_class = (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel
-    model = model_class.from_pretrained(folder, **from_pretrained).to(device).eval()
+        arch = (getattr(load_pretrained(transformers.AutoConfig, folder, quiet=True), "architectures", None)
+                or [None])[0]
+        model_class = (getattr(transformers, arch, None) if isinstance(arch, str) else None) or transformers.AutoModel
+    model = load_pretrained(model_class, folder, **from_pretrained).to(device).eval()
     surgery.down, surgery.up = surgery.down.to(device), surgery.up.to(device)
     surgery.prototypes = surgery.prototypes.to(device)
     attach_surgery(model, surgery, mode=mode)

@@ -32,7 +32,6 @@ _EXPORTS = {
     "check_stats_kind": "submerge.stats.load",
     "model_fingerprint": "submerge.stats.folder",
     "read_inputs": "submerge.stats.inputs",
-    "load_pretrained": "submerge.stats.inputs",
 }
 __all__ = list(_EXPORTS)
 

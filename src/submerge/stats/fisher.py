@@ -25,9 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
 from submerge.stats.folder import model_fingerprint, open_safetensors, read_manifest
-from submerge.stats.inputs import check_model_run, effective_max_length, load_pretrained, read_inputs
+from submerge.io.pretrained import load_pretrained
+from submerge.stats.inputs import check_model_run, effective_max_length, read_inputs
 
 FORMAT = "submerge-fisher/1"
 FISHER_FILE = "fisher.safetensors"
@@ -260,6 +262,7 @@ def _class_index(label: Any, config: Any, source: Path, i: int) -> int:
                       f"in 0..{n - 1} or one of its label names {sorted(l2i)[:8]}")
 
 
+@one_run
 def fisher_model_dir(
     model_dir: Union[str, Path],
     inputs: Union[str, Path],

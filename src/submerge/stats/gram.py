@@ -32,9 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
 from submerge.stats.folder import _is_pos_int, model_fingerprint, open_safetensors, read_manifest
-from submerge.stats.inputs import (check_model_run, check_token_ids, effective_max_length, load_pretrained,
+from submerge.io.pretrained import load_pretrained
+from submerge.stats.inputs import (check_model_run, check_token_ids, effective_max_length,
                                    read_inputs, tensor_batches, text_batches)
 
 log = logging.getLogger("submerge")
@@ -366,6 +368,7 @@ def collect_stats(
     return CalibrationStats(out, {k: v for k, v in aliases.items() if v in out}, meta)
 
 
+@one_run
 def calibrate_model_dir(
     model_dir: Union[str, Path],
     inputs: Union[str, Path, Sequence[str]],

@@ -116,29 +116,6 @@ def check_model_run(model_dir: Path, out_dir: Union[str, Path], inputs: Sequence
     return dev
 
 
-def load_pretrained(cls: Any, model_dir: Path, quiet: bool = False, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model_dir)`` (a transformers Auto class) with a one-line error for a broken
-    folder; ``quiet`` silences transformers' progress bars and warnings.  Weights are read in float32."""
-    from transformers.utils import logging as hf_logging
-
-    if cls.__name__.startswith("AutoModel"):
-        kwargs.setdefault("torch_dtype", torch.float32)
-    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if quiet:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    try:
-        return cls.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, json.JSONDecodeError) as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {model_dir} with transformers {cls.__name__}: {msg}") from None
-    finally:
-        if quiet:
-            hf_logging.set_verbosity(verbosity)
-            if bar:
-                hf_logging.enable_progress_bar()
-
-
 def check_token_ids(ids: torch.Tensor, model: Any, source: Any) -> None:
     cfg = getattr(model, "config", None)
     vocab = getattr(cfg, "vocab_size", None)

@@ -44,10 +44,33 @@ def check_ray_address(address: Optional[str]) -> None:
     if not host or not port.isdigit():
         raise ConfigError(f"--address {address!r}: give the Ray head as host:port (e.g. 10.0.0.1:6379) or auto")
     try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
+        grpc = _speaks_http2(host, int(port))
     except OSError as e:
         raise ConfigError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e})") from None
+    if not grpc:
+        raise ConfigError(f"--address {address}: something answers there, but not a Ray head (its GCS speaks "
+                          f"gRPC); give the port `ray start --head` printed (default 6379)")
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
+def _speaks_http2(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether the server at host:port answers an HTTP/2 connection preface with a SETTINGS frame, as every
+    gRPC server (a Ray head's GCS) must; bounded by ``timeout`` seconds.  Raises OSError when unreachable."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        try:
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except (socket.timeout, ConnectionResetError):
+            return False
+    return len(head) == 9 and head[3] == 4  # frame type 4: SETTINGS
 
 
 class LocalBackend:
@@ -89,6 +112,8 @@ class RayBackend:
 
         self.ray = ray
         self._own = False
+        self.actors: list = []
+        self._refs: Optional[tuple] = None
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address not in (None, "", "local"):
@@ -99,10 +124,14 @@ class RayBackend:
         self.gpus = int(res.get("GPU", 0))
         cpus = int(res.get("CPU", 1))
         self.cpus_per_actor = cpus_per_actor
-        self.n_actors = actors or max(1, cpus // cpus_per_actor)
+        room = max(1, cpus // cpus_per_actor)
+        if actors is not None and actors > room:
+            self.close()
+            raise ConfigError(f"--actors {actors}: the Ray cluster has {cpus} CPU(s), room for {room} actor(s) of "
+                              f"{cpus_per_actor} CPU each; the others would wait forever (ask for at most {room}, "
+                              f"or add nodes)")
+        self.n_actors = actors or room
         self.max_restarts = max_restarts
-        self.actors: list = []
-        self._refs: Optional[tuple] = None
         log.info("ray: %d CPU(s), %d GPU(s), %d actor(s)", cpus, self.gpus, self.n_actors)
 
     def compute_stats(self, jobs: Sequence[Callable[[], Any]]) -> list:

@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 
+from submerge.io.ledger import one_run
 from submerge.errors import ConfigError
 from submerge.tune.spec import Candidate, TuneSpec, load_tune, parse_tune
 from submerge.tune.worker import CandidateResult, Point
@@ -127,6 +128,7 @@ def _check_stats_sources(spec: TuneSpec) -> None:
                                   f"on the merged-in adapter)")
 
 
+@one_run
 def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: str = "local",
          address: Optional[str] = None, overwrite: bool = False, quiet: bool = False,
          cache_dir: Optional[Union[str, Path]] = None, threads: Optional[int] = None, actors: Optional[int] = None,

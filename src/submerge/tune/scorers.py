@@ -62,28 +62,50 @@ def mean_pooled(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def import_callable(spec: str, what: str = "python scorer") -> Callable:
-    """``module:function`` (or ``path/to/file.py:function``) as a callable, with a one-line error."""
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+def import_callable(spec: str, what: str = "python scorer", args: Sequence[str] = ("model", "task")) -> Callable:
+    """``module:function`` (or ``path/to/file.py:function``, a path relative to the current folder: give it
+    resolved) as a callable that can be called with ``args``, with a one-line error.  A file is read through
+    the same checks as every input (a regular file; recorded as an input of the run)."""
+    import inspect
+
+    mod_name, _, fn_name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    if not mod_name or not fn_name.isidentifier():
         raise ConfigError(f"{what} {spec!r}: write it as module:function (or path/to/file.py:function)")
-    mod_name, fn_name = spec.split(":")
     try:
         if mod_name.endswith(".py"):
-            p = Path(mod_name)
+            from submerge.io.files import checked_file
+
+            p = Path(mod_name).expanduser()
             if not p.is_file():
                 raise ConfigError(f"{what} {spec!r}: file {p} does not exist")
+            checked_file(p, None, what)
             s = importlib.util.spec_from_file_location(f"submerge_user_{p.stem}", p)
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
         else:
             module = importlib.import_module(mod_name)
+            origin = getattr(module, "__file__", None)
+            if origin:
+                from submerge.io.ledger import record
+
+                record(origin)
     except ConfigError:
         raise
-    except Exception as e:  # an ImportError, or the module raising while it imports
+    except Exception as e:  # an ImportError, a CheckpointError, or the module raising while it imports
         raise ConfigError(f"{what} {spec!r}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"{what} {spec!r}: {mod_name} has no function {fn_name!r}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {spec!r}: cannot read the signature of {fn_name}; wrap it in a Python "
+                          f"function {fn_name}({', '.join(args)})") from None
+    try:
+        sig.bind(*args)
+    except TypeError:
+        raise ConfigError(f"{what} {spec!r}: {fn_name}{sig} cannot be called as {fn_name}({', '.join(args)})") \
+            from None
     return fn
 
 
@@ -128,7 +150,7 @@ class TaskData:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        from submerge.stats.inputs import load_pretrained
+        from submerge.io.pretrained import load_pretrained
 
         tok = load_pretrained(AutoTokenizer, self.expert, quiet=True)
         if tok.pad_token is None and tok.eos_token is not None:
@@ -181,7 +203,9 @@ class ClassificationScorer(Scorer):
         self.embedding_head = self.head_file.is_file()
         self.model_class = "AutoModel" if self.embedding_head else "AutoModelForSequenceClassification"
 
-    def _rows(self) -> tuple[list[str], list[Any]]:
+    @cached_property
+    def rows(self) -> tuple[list[str], list[Any]]:
+        """The texts and raw labels of the data file (read once)."""
         t = self.task
         rows = read_jsonl(t.data, [t.field, t.label_field])
         if t.n:
@@ -192,19 +216,21 @@ class ClassificationScorer(Scorer):
         return [r[t.field] for r in rows], [r[t.label_field] for r in rows]
 
     def check(self) -> None:
-        self._rows()
+        self.labels  # the data file, its fields, and every label a class of the expert: before any model is loaded
 
     @cached_property
-    def data(self) -> tuple[list[str], torch.Tensor, list[int]]:
-        """Texts, label indices and token counts (a label is a class index or one of the class names)."""
-        texts, raw = self._rows()
+    def labels(self) -> list[int]:
+        """Each row's class index (a label is a class index or one of the class names of the expert)."""
+        _, raw = self.rows
         if self.embedding_head:
             names = json.loads(self.head_metadata.get("labels", "[]"))
             n = int(self.head.shape[0])
         else:
             from transformers import AutoConfig
 
-            cfg = AutoConfig.from_pretrained(self.task.expert)
+            from submerge.io.pretrained import load_pretrained
+
+            cfg = load_pretrained(AutoConfig, self.task.expert, quiet=True)
             n = int(cfg.num_labels)
             names = [cfg.id2label[i] for i in range(n)] if getattr(cfg, "id2label", None) else []
         index = {str(x): i for i, x in enumerate(names)}
@@ -215,16 +241,26 @@ class ClassificationScorer(Scorer):
             elif type(y) is int and 0 <= y < n:
                 labels.append(y)
             else:
-                raise ConfigError(f"{self.task.data}: label {y!r} of row {i + 1} is not a class of the expert "
+                shown = repr(y) if len(repr(y)) <= 80 else repr(y)[:80] + "..."
+                raise ConfigError(f"{self.task.data}: label {shown} of row {i + 1} is not a class of the expert "
                                   f"{self.task.expert} (an integer in 0..{n - 1} or one of {names[:8]})")
+        return labels
+
+    @cached_property
+    def data(self) -> tuple[list[str], torch.Tensor, list[int]]:
+        """Texts, label indices and token counts."""
+        texts, _ = self.rows
         t = self.task
         lengths = [len(x) for x in t.tokenizer(texts, truncation=True, max_length=t.max_length)["input_ids"]]
-        return texts, torch.tensor(labels), lengths
+        return texts, torch.tensor(self.labels), lengths
 
     @cached_property
     def head(self) -> torch.Tensor:
         from safetensors.torch import load_file
 
+        from submerge.io.files import checked_file
+
+        checked_file(self.head_file, self.task.expert, f"task {self.task.name}")
         return load_file(str(self.head_file))["weight"].float()
 
     @cached_property
@@ -232,6 +268,9 @@ class ClassificationScorer(Scorer):
         """The embedding head file's metadata (class names, the logit scale it was trained at)."""
         from safetensors import safe_open
 
+        from submerge.io.files import checked_file
+
+        checked_file(self.head_file, self.task.expert, f"task {self.task.name}")
         with safe_open(str(self.head_file), "pt") as f:
             return dict(f.metadata() or {})
 

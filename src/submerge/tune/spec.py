@@ -34,6 +34,7 @@ the file is read, before anything is loaded.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -151,29 +152,47 @@ def _abs(ref: str, config_dir: Path) -> str:
     return str(q.resolve()) if q.exists() else ref
 
 
+MAX_GRID = 10_000  # values one searched parameter may take
+MAX_CANDIDATES = 100_000  # candidates one search may list (each is at least one merge)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _values(name: str, v: Any, where: str) -> Union[str, list, Any]:
-    """A search value: a scalar (fixed), a list (searched), {range: [lo, hi], step|steps} (searched) or auto."""
+    """A search value: a scalar (fixed), a list (searched), {range: [lo, hi], step|steps} (searched) or auto.
+    A grid or list longer than :data:`MAX_GRID` values, or with a non-finite bound or step, is refused before
+    any value is made."""
     if isinstance(v, dict):
         bad = set(v) - {"range", "step", "steps"}
         if bad or "range" not in v or ("step" in v) == ("steps" in v):
             raise ConfigError(f"{where}: {name}: a grid is {{range: [low, high], step: S}} or "
-                              f"{{range: [low, high], steps: N}}, got {v}")
+                              f"{{range: [low, high], steps: N}}, got {_shown(v)}")
         lo, hi = v["range"] if isinstance(v["range"], list) and len(v["range"]) == 2 else (None, None)
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)) or hi < lo:
-            raise ConfigError(f"{where}: {name}: range must be [low, high] numbers, got {v['range']}")
+        if not all(_number(x) for x in (lo, hi)) or hi < lo:
+            raise ConfigError(f"{where}: {name}: range must be [low, high], finite numbers, got {_shown(v['range'])}")
         if "steps" in v:
             n = v["steps"]
             if type(n) is not int or n < 1:
-                raise ConfigError(f"{where}: {name}: steps must be a positive integer, got {n!r}")
+                raise ConfigError(f"{where}: {name}: steps must be a positive integer, got {_shown(n)}")
+            if n > MAX_GRID:
+                raise ConfigError(f"{where}: {name}: {n} steps; a grid takes at most {MAX_GRID} values")
             return [round(lo + (hi - lo) * i / max(n - 1, 1), 10) for i in range(n)] if n > 1 else [lo]
         step = v["step"]
-        if not isinstance(step, (int, float)) or step <= 0:
-            raise ConfigError(f"{where}: {name}: step must be a positive number, got {step!r}")
-        k = int(round((hi - lo) / step + 1e-9))
+        if not _number(step) or step <= 0:
+            raise ConfigError(f"{where}: {name}: step must be a positive finite number, got {_shown(step)}")
+        k = (hi - lo) / step
+        if not k < MAX_GRID:
+            raise ConfigError(f"{where}: {name}: range {_shown(v['range'])} with step {step:g} makes "
+                              f"{k + 1:.3g} values; a grid takes at most {MAX_GRID} (use a larger step)")
+        k = int(round(k + 1e-9))
         return [round(lo + step * i, 10) for i in range(k + 1)]
     if isinstance(v, list):
         if not v:
             raise ConfigError(f"{where}: {name}: an empty list")
+        if len(v) > MAX_GRID:
+            raise ConfigError(f"{where}: {name}: a list of {len(v)} values; a search takes at most {MAX_GRID}")
         return list(v)
     return v
 
@@ -231,6 +250,10 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
                 raise ConfigError(f"{where}: {k}: auto is for the method's scale ({m.scale_param or 'none'}) only")
         grid = {k: _values(k, v, where) for k, v in params.items()}
         searched = [k for k, v in grid.items() if isinstance(v, list)]
+        size = math.prod(len(grid[k]) for k in searched)
+        if len(out) + size > MAX_CANDIDATES:
+            raise ConfigError(f"{where}: the search lists {len(out) + size:,} candidates; at most "
+                              f"{MAX_CANDIDATES:,} (each is a merge): search fewer values")
         for combo in itertools.product(*[grid[k] for k in searched]):
             p = {**grid, **dict(zip(searched, combo))}
             try:
@@ -466,6 +489,11 @@ def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list
             scorer = f"python:{scorer['python']}"
         if not isinstance(scorer, str):
             raise ConfigError(f"eval.tasks.{e.name}: scorer is classification, lm_loss or {{python: module:function}}")
+        scorer = _scorer_file_in(scorer, config_dir)
+        options = s.get("options") or {}
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise ConfigError(f"eval.tasks.{e.name}: options must be a mapping of names to values (the python "
+                              f"scorer's task.options), got {_shown(options)}")
         data = Path(str(s["data"])).expanduser()
         data = data if data.is_absolute() else config_dir / data
         expert = Path(_abs(e.ref.split("+")[-1], config_dir))
@@ -478,13 +506,31 @@ def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list
             name=e.name, data=data, expert=expert, scorer=scorer, field=s.get("field") or "text",
             label_field=s.get("label_field") or "label", max_length=s.get("max_length", 128),
             batch_size=s.get("batch_size", 32), n=s.get("n"), model_class=s.get("model_class", "AutoModel"),
-            options=dict(s.get("options") or {})))
+            options=dict(options)))
     return out
 
 
+def _scorer_file_in(scorer: str, config_dir: Path) -> str:
+    """``python: file.py:function`` with a relative file resolved against the config's folder (as the eval data
+    are), so a config runs the same scorer wherever it is run from."""
+    if not scorer.startswith("python:"):
+        return scorer
+    mod, sep, fn = scorer[len("python:"):].strip().rpartition(":")
+    if sep and mod.endswith(".py") and not Path(mod).expanduser().is_absolute():
+        return f"python:{config_dir / mod}:{fn}"
+    return scorer
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as an error quotes it: its repr, cut to ``limit`` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def load_tune(path: Union[str, Path]) -> TuneSpec:
+    from submerge.config import MAX_CONFIG_BYTES
+    from submerge.io.files import read_config_text
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tune config {p} does not exist")
-    raw = load_yaml_text(p.read_text(encoding="utf-8"), str(p))
+    raw = load_yaml_text(read_config_text(p, "tune config", MAX_CONFIG_BYTES), str(p))
     return parse_tune(raw, p.resolve().parent, str(p))

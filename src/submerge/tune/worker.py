@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from submerge.errors import ConfigError
+from submerge.errors import ConfigError, SubmergeError
 
 log = logging.getLogger("submerge.tune")
 
@@ -71,8 +72,9 @@ def best_point(points: Sequence[Point]) -> Point:
     return max(points, key=lambda p: (p.objective, -(p.scale if p.scale is not None else 0.0)))
 
 
-class CandidateError(Exception):
-    """A candidate failed (its scorer raised, or its merge did): the message names the candidate."""
+class CandidateError(SubmergeError):
+    """A candidate failed (its scorer raised, or its merge did): the message names the candidate (one line when
+    it ends the run, as when an expert itself cannot be scored)."""
 
 
 class SweepWorker:
@@ -100,11 +102,13 @@ class SweepWorker:
     # ------------------------------------------------------------------ models
     def _model(self, i: int) -> torch.nn.Module:
         """The architecture that scores task ``i`` (one per model class and expert config, shared by tasks)."""
-        from submerge.stats.inputs import load_pretrained
+        from submerge.io.files import read_small_text
+        from submerge.io.pretrained import load_pretrained
 
         sc, task = self.scorers[i], self.tasks[i]
         cfg_file = Path(task.expert) / "config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        cfg = json.loads(read_small_text(cfg_file, cfg_file.parent, f"task {task.name}")) \
+            if os.path.lexists(cfg_file) else {}
         sig = {k: v for k, v in cfg.items() if k not in ("id2label", "label2id", "_name_or_path")}
         key = (sc.model_class, json.dumps(sig, sort_keys=True, default=str))
         if key not in self._models:
