@@ -401,3 +401,193 @@ def test_fuzz_calibrate_fisher_options(world, cmd, option, value):
     d = fresh(world)
     r = run([cmd, world["bert"], world["root"] / "texts.txt", d / "out", option, value, "-q"], d)
     assert_clean(r, d / "out")
+
+
+# ------------------------------------------------------------------------------ the surfaces of issue 28
+@pytest.fixture(scope="module")
+def world2(world):
+    """More inputs: a BERT expert with eval data and a tune config, a LoRA adapter on the Llama base, a Hub cache
+    holding the Llama fine-tune, analyze / surgery / align inputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+    root = world["root"] / "world2"
+    root.mkdir()
+    torch.manual_seed(1)
+    expert = BertForSequenceClassification.from_pretrained(world["bert"])
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expert.save_pretrained(root / "expert")
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (world["bert"] / f).exists():
+            shutil.copy(world["bert"] / f, root / "expert" / f)
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(["the good movie", "bad plot", "a fine plot", "bad"])]
+    (root / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(world["base"], torch_dtype=torch.float32),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(root / "adapter")
+    from test_hub import lay_out_cache
+
+    lay_out_cache(root / "hf", "org/m", world["fts"][0])
+    return {**world, "w2": root, "expert": root / "expert", "val": root / "val.jsonl", "adapter": root / "adapter",
+            "hf": root / "hf"}
+
+
+def tune_config(w) -> dict:
+    return {"base_model": str(w["bert"]),
+            "models": [{"model": str(w["expert"]), "name": "a"}, {"model": str(w["bert"]), "name": "b"}],
+            "search": [{"method": "task_arithmetic", "weight": 1.0, "lambda": [0.5, 1.0]}],
+            "eval": {"scorer": "classification", "max_length": 8, "tasks": {"a": {"data": str(w["val"])},
+                                                                            "b": {"data": str(w["val"])}}},
+            "objective": "mean"}
+
+
+COMMIT_HASH = "0123456789abcdef0123456789abcdef01234567"  # the commit test_hub's lay_out_cache writes
+TUNE_KEYS = ["search", "eval", "objective", "method", "lambda", "weight", "density", "scorer", "data", "options",
+             "field", "label_field", "max_length", "n", "batch_size", "range", "step", "steps", "strategy", "tasks",
+             "lines", "alpha", "python", "calibrate", "fisher", "name"]
+grid_values = st.one_of(json_values, st.fixed_dictionaries(
+    {"range": st.lists(st.floats(allow_nan=True) | st.integers(-10**15, 10**15), min_size=0, max_size=3),
+     "step": st.floats(allow_nan=True) | st.integers(-3, 10**9) | scalars}))
+
+
+def _containers(node) -> list:
+    out = [node] if isinstance(node, (dict, list)) else []
+    for v in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else []):
+        out += _containers(v)
+    return out
+
+
+@st.composite
+def mutated(draw, cfg: dict, keys: list[str], values=json_values):
+    """``cfg`` with 1-3 random edits anywhere in its tree: a key set to a value, a key removed, an item replaced."""
+    for _ in range(draw(st.integers(1, 3))):
+        target = draw(st.sampled_from(_containers(cfg)))
+        if isinstance(target, dict):
+            key = draw(st.sampled_from(keys + sorted(target)) | st.text(max_size=6))
+            if draw(st.booleans()) or key not in target:
+                target[key] = draw(values)
+            else:
+                target.pop(key)
+        elif target:
+            target[draw(st.integers(0, len(target) - 1))] = draw(values)
+    return cfg
+
+
+@given(data=st.data())
+@examples(25)
+def test_fuzz_tune_configs(world2, data):
+    d = fresh(world2)
+    cfg = data.draw(mutated(tune_config(world2), TUNE_KEYS, st.one_of(json_values, grid_values, st.sampled_from(
+        ["auto", "classification", "lm_loss", "os:system", str(world2["val"]), "/nonexistent", "worst"]))))
+    (d / "t.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    r = run(["tune", d / "t.yaml", d / "out", "-q"], d)
+    if r.exit_code == 1:  # some candidates failed, the others reported: every line is an error line
+        assert all(x.startswith("error: ") for x in r.output.splitlines() if x.strip()), r.output
+        return
+    assert_clean(r, d / "out")
+
+
+@given(rows=st.lists(st.one_of(json_values, st.fixed_dictionaries({"text": scalars, "label": scalars})),
+                     min_size=0, max_size=4) | st.binary(max_size=60))
+@examples(20)
+def test_fuzz_tune_eval_files(world2, rows):
+    d = fresh(world2)
+    data = rows if isinstance(rows, bytes) else "\n".join(json.dumps(r) for r in rows).encode()
+    (d / "val.jsonl").write_bytes(data)
+    cfg = tune_config(world2)
+    cfg["eval"]["tasks"]["a"]["data"] = str(d / "val.jsonl")
+    (d / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert_clean(run(["tune", d / "t.yaml", d / "out", "-q"], d), d / "out")
+
+
+ADAPTER_KEYS = ["r", "lora_alpha", "alpha_pattern", "rank_pattern", "target_modules", "use_rslora", "fan_in_fan_out",
+                "peft_type", "use_dora", "modules_to_save"]
+
+
+@given(data=st.data())
+@examples(30)
+def test_fuzz_adapter_configs_and_tensors(world2, data):
+    d = fresh(world2)
+    a = d / "adapter"
+    shutil.copytree(world2["adapter"], a)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    if data.draw(st.booleans()):
+        cfg = data.draw(mutated(cfg, ADAPTER_KEYS, st.one_of(json_values, st.sampled_from(
+            [0, -4, 10**9, "four", ["nope_proj"], {"(": 4}, {"q_proj": "x"}, "q_proj|v_proj", 2, 8]))))
+        (a / "adapter_config.json").write_text(json.dumps(cfg))
+    else:
+        from safetensors.torch import load_file
+
+        sd = load_file(a / "adapter_model.safetensors")
+        key = data.draw(st.sampled_from(sorted(sd)))
+        shape = data.draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
+        sd[key] = torch.zeros(shape)
+        save_file(sd, a / "adapter_model.safetensors")
+    (d / "c.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{world2['base']}+{a}", "parameters": {"weight": 1.0}}]}))
+    v = run(["validate", d / "c.yaml"], d)
+    assert_clean(v, d / "out")
+    m = run(["merge", d / "c.yaml", d / "out", "-q"], d)
+    assert_clean(m, d / "out")
+    assert (v.exit_code == 0) == (m.exit_code == 0), (v.output, m.output)  # validate sees what merge needs
+
+
+@given(revision=st.one_of(st.text(max_size=30), st.sampled_from(["main", "/etc", "../x", "a//b", COMMIT_HASH])),
+       ref_content=st.one_of(st.binary(max_size=60), st.sampled_from([COMMIT_HASH.encode(), b"../../../../x",
+                                                                        b"/etc", b""])))
+@examples(30)
+def test_fuzz_hub_revisions_and_ref_files(world2, revision, ref_content, monkeypatch):
+    d = fresh(world2)
+    home = d / "hf"
+    shutil.copytree(world2["hf"], home, symlinks=True)
+    (home / "hub" / "models--org--m" / "refs" / "main").write_bytes(ref_content)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = "org/m" + (f"@{revision}" if revision else "")
+    (d / "c.yaml").write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(world2["base"]),
+                                              "models": [{"model": ref, "parameters": {"weight": 1.0}}]}))
+    r = run(["merge", d / "c.yaml", d / "out", "-q"], d)
+    assert_clean(r, d / "out")
+    if r.exit_code == 0:  # only the cached commit, through the cache's own layout
+        assert COMMIT_HASH in (d / "out" / "README.md").read_text()
+
+
+@given(content=st.one_of(json_values, st.fixed_dictionaries(
+    {"config": json_values, "rows": st.lists(json_values, max_size=3) | json_values, "per_example": json_values})))
+@examples(25)
+def test_fuzz_bench_resume_files(world2, content):
+    d = fresh(world2)
+    (d / "old.json").write_text(json.dumps(content))
+    r = run(["bench", "--tasks", "rt_sentiment", "--backbone", d / "no-backbone", "--out", d / "res",
+             "--resume", d / "old.json", "-q"], d)
+    assert_clean(r, d / "res", ok=())
+
+
+@given(cmd=st.sampled_from(["analyze", "align", "surgery"]), data=st.data())
+@examples(30)
+def test_fuzz_analyze_align_surgery_options(world2, cmd, data):
+    d = fresh(world2)
+    if cmd == "analyze":
+        cfg = {"merge_method": "task_arithmetic", "base_model": str(world2["base"]),
+               "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in world2["fts"]]}
+        (d / "an.yaml").write_text(yaml.safe_dump(cfg))
+        option = data.draw(st.sampled_from(["--topk", "--points", "--scorer", "--calibration"]))
+        args = ["analyze", d / "an.yaml", d / "out", option, data.draw(numeric), "--no-spectra", "-q"]
+        out = d / "out"
+    elif cmd == "align":
+        option = data.draw(st.sampled_from(["--heads", "--max-iter", "--seed"]))
+        args = ["align", world2["fts"][0], world2["base"], d / "out", option, data.draw(numeric), "-q"]
+        out = d / "out"
+    else:
+        merged = d / "merged"
+        shutil.copytree(world2["bert"], merged)
+        option = data.draw(st.sampled_from(["--rank", "--steps", "--lr", "-n", "--max-length", "--batch-size",
+                                            "--seed", "--device", "--expert", "--inputs"]))
+        args = ["surgery", merged, "--expert", f"a={world2['expert']}", "--inputs", f"a={world2['root'] / 'texts.txt'}",
+                "--steps", "2", option, data.draw(numeric), "-q"]
+        out = merged / "surgery.safetensors"
+    assert_clean(run(args, d), out)
