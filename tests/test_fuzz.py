@@ -9,6 +9,7 @@ whole file runs in well under a minute on 2 cores and CI sees the same examples 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -463,6 +464,7 @@ def _containers(node) -> list:
 @st.composite
 def mutated(draw, cfg: dict, keys: list[str], values=json_values):
     """``cfg`` with 1-3 random edits anywhere in its tree: a key set to a value, a key removed, an item replaced."""
+    values = values.map(copy.deepcopy)  # a sampled list or dict is one object: never put it in twice
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(_containers(cfg)))
         if isinstance(target, dict):
@@ -535,7 +537,7 @@ def test_fuzz_adapter_configs_and_tensors(world2, data):
     assert (v.exit_code == 0) == (m.exit_code == 0), (v.output, m.output)  # validate sees what merge needs
 
 
-@given(revision=st.one_of(st.text(max_size=30), st.sampled_from(["main", "/etc", "../x", "a//b", COMMIT_HASH])),
+@given(revision=st.one_of(st.text(max_size=30), st.sampled_from(["main", "/etc", "../x", "a//b", "\0", COMMIT_HASH])),
        ref_content=st.one_of(st.binary(max_size=60), st.sampled_from([COMMIT_HASH.encode(), b"../../../../x",
                                                                         b"/etc", b""])))
 @examples(30)

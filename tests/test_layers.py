@@ -84,3 +84,20 @@ def test_the_graph_is_read():  # the checks above are not vacuous
     imports = _imports()
     assert "submerge.stats.gram" in imports and "submerge.stats.folder" in imports["submerge.stats.gram"]
     assert "submerge.layers" in imports["submerge.methods.esm"]
+
+
+def test_tensors_are_written_only_through_io():
+    """Every safetensors file a command delivers is written by submerge.io (ShardWriter, or save_tensors, which
+    checks each tensor finite first): no module elsewhere calls safetensors' save_file itself, so a new command
+    cannot forget the check.  The one exception is a method's scratch spill, which its own run reads back."""
+    scratch = {"submerge.methods.esm"}
+    bad = []
+    for path in SRC.rglob("*.py"):
+        mod = _module_of(path)
+        if mod.startswith("submerge.io") or mod in scratch:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "safetensors.torch" and \
+                    any(a.name in ("save_file", "save") for a in node.names):
+                bad.append(mod)
+    assert not bad, f"modules writing safetensors files directly (use submerge.io.writer.save_tensors): {bad}"

@@ -531,3 +531,19 @@ def test_a_killed_surgery_write_is_cleaned_by_the_next_run(tmp_path, caplog):
     assert "interrupted run" in caplog.text
     assert SurgerySet.load(tmp_path).tasks == ["a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, SURGERY_FILE, "surgery.json"])
+
+
+# ------------------------------------------------------------------ outputs other than merges are checked finite too
+def test_tensor_files_are_checked_finite_before_they_are_written(tmp_path):
+    from submerge.errors import NonFiniteError
+    from submerge.io.writer import save_tensors
+    from submerge.routing.surgery import SurgerySet
+
+    with pytest.raises(NonFiniteError, match="tensor b holds 1 NaN/Inf"):
+        save_tensors({"a": torch.zeros(2), "b": torch.tensor([0.0, float("nan")])}, tmp_path / "x.safetensors",
+                     "test")
+    assert not (tmp_path / "x.safetensors").exists()
+    s = SurgerySet(["a"], torch.full((1, 2, 4), float("inf")), torch.zeros(1, 4, 2), torch.zeros(1, 4), {})
+    with pytest.raises(NonFiniteError, match="surgery modules: tensor down"):
+        s.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []

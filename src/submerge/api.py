@@ -8,14 +8,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from submerge.io.ledger import one_run
 from submerge.config import MergeConfig, load_config, parse_config
+from submerge.device import parse_device
 from submerge.errors import CheckpointError, ConfigError
 from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
-from submerge.methods import ModelPass, TensorContext, get_method, kernels
-from submerge.device import parse_device
 from submerge.io import check_output_target, parse_size
+from submerge.io.ledger import one_run
 from submerge.io.lora import split_adapter_ref
+from submerge.methods import ModelPass, TensorContext, get_method, kernels
 from submerge.plan import MergePlan, plan_merge, resolve_model_path
 
 ConfigLike = Union[str, Path, dict, MergeConfig]
@@ -188,8 +188,8 @@ def merge_state_dicts_many(
     """Several merges of the same inputs that differ only in parameters the method's whole-model
     ``prepare`` pass does not read (e.g. its scale): the pass runs once, with the first set.  ``lines``:
     LiNeS on each (see :func:`merge_state_dicts`; with ``alpha`` auto, each set gets its own)."""
-    from submerge.stats.load import LazyStats, check_stats_kind, load_stats
     from submerge.methods.lines import Lines
+    from submerge.stats.load import LazyStats, check_stats_kind, load_stats
 
     m = get_method(method)
     lines = Lines.of(lines)

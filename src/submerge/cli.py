@@ -14,7 +14,6 @@ import click
 
 from submerge.errors import ConfigError, SubmergeError
 
-
 MAX_THREADS = 1024
 SEED = click.IntRange(min=0, max=2**63 - 1)
 
@@ -223,7 +222,7 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
               help="A task's unlabeled inputs (.txt / .jsonl / .json texts; repeat per task, same names).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="Rank of each task's module.")
 @click.option("--steps", type=click.IntRange(min=0), default=500, show_default=True, help="Adam steps per task.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, max=10, min_open=True), default=1e-3, show_default=True)
 @click.option("-n", "--n", "n", type=click.IntRange(min=1), default=256, show_default=True,
               help="Inputs per task (a seeded random subset).")
 @click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True)

@@ -320,6 +320,7 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     if _depth(raw) > MAX_DEPTH:
         raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+    refuse_nul(raw, source)
     _precheck(raw)
     try:
         return MergeConfig.model_validate(raw)
@@ -358,6 +359,23 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 64
 
 
+def refuse_nul(obj: Any, source: str) -> None:
+    """No string of a config may hold a NUL character: every path, id and name is handed to the OS or a
+    library that cannot take one (a traceback otherwise).  One line naming where it is."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        o, where = stack.pop()
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if isinstance(k, str) and "\0" in k:
+                    raise ConfigError(f"{source}: a key under '{where or '/'}' holds a NUL character")
+                stack.append((v, f"{where}.{k}" if where else str(k)))
+        elif isinstance(o, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(o))
+        elif isinstance(o, str) and "\0" in o:
+            raise ConfigError(f"{source}: '{where}' holds a NUL character, which no path, id or name may hold")
+
+
 def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     """Nesting depth of parsed YAML, iteratively (no recursion), stopping past ``limit``."""
     stack, deepest = [(obj, 1)], 0
@@ -384,6 +402,7 @@ def load_yaml_text(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: nested too deeply") from None
     if _depth(raw) > MAX_DEPTH:
         raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+    refuse_nul(raw, source)
     return raw
 
 

@@ -22,8 +22,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError, NonFiniteError
+from submerge.io.ledger import one_run
+from submerge.io.writer import save_tensors
 
 LOWRANK_MIN_DIM = 1024
 
@@ -104,7 +105,6 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
                  modules: Optional[str] = None, overwrite: bool = False, progress: bool = False,
                  finetuned_label: Optional[str] = None) -> ExtractResult:
     """Write the task vector ``finetuned − base`` as a PEFT LoRA adapter folder (see the module docstring)."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from submerge.io import atomic_folder, check_output_target
@@ -187,7 +187,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
         ft_bytes = sum(t.nbytes for t in f_ck.tensors.values())
         with atomic_folder(out_dir, overwrite, "adapter folder", inputs=[b_ck.path, f_ck.path],
                            planned_bytes=adapter_bytes) as tmp:
-            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            save_tensors(tensors, tmp / "adapter_model.safetensors", "extract-lora", {"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
             _card(tmp / "README.md", base, finetuned_label or finetuned, rank, energy, ranks, kept, left_out, adapter_bytes, ft_bytes,
                   revisions)

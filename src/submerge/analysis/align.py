@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
-from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io.ledger import one_run
+from submerge.io.writer import save_tensors
 from submerge.layers import layer_role, layer_structure, parse_role_patterns
 
 
@@ -234,8 +235,6 @@ def align_model_dir(model: str, reference: str, out_dir: str, *, heads: Optional
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from submerge.io import Checkpoint, atomic_folder, check_output_target
     from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file, copy_regular_file
 
@@ -263,8 +262,7 @@ def align_model_dir(model: str, reference: str, out_dir: str, *, heads: Optional
                    "paper": "Ainsworth et al., Git Re-Basin, ICLR 2023 (weight matching)",
                    "permutations": {k: v.tolist() for k, v in perms.items()}})
     with atomic_folder(out_dir, overwrite, "aligned model folder", inputs=[mpath, rpath]) as tmp:
-        save_file({k: v.contiguous() for k, v in aligned.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_tensors(aligned, tmp / "model.safetensors", "align", metadata={"format": "pt"})
         for f in ["config.json", *TOKENIZER_FILES, *GENERATION_FILES]:
             if (mpath / f).is_file():
                 copy_regular_file(checked_file(mpath / f, mpath, "model folder"), tmp / f)

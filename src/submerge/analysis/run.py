@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from submerge.io.ledger import one_run
 from submerge.errors import ConfigError
+from submerge.io.ledger import one_run
 
 log = logging.getLogger("submerge")
 
@@ -63,8 +63,8 @@ def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration:
             spectra: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the analyses of ``config`` into folder ``out_dir``; returns what ``analysis.json`` holds."""
     from submerge.config import MAX_CONFIG_BYTES, load_yaml_text, parse_config
-    from submerge.io.files import read_config_text
     from submerge.io import check_output_target
+    from submerge.io.files import read_config_text
     from submerge.plan import plan_merge, resolve_model_path
     from submerge.stats.load import load_stats
 

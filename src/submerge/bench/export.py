@@ -22,9 +22,10 @@ from typing import Optional
 
 import yaml
 
-from submerge.io.ledger import one_run
 from submerge.bench.runner import BenchConfig, BenchSession, _params
 from submerge.io import atomic_folder
+from submerge.io.ledger import one_run
+from submerge.io.writer import check_finite, save_tensors
 from submerge.tune.scorers import HEAD_FILE
 
 TUNE_METHODS = ("task_arithmetic", "ties", "tsv", "iso_cts", "esm")
@@ -49,7 +50,6 @@ def export_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, overwri
 
 
 def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSession, methods: tuple[str, ...]) -> None:
-    from safetensors.torch import save_file
 
     bb = S.bb
     with atomic_folder(out_dir, overwrite, "export folder") as tmp:
@@ -61,13 +61,14 @@ def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSessi
         for t, expert in zip(S.tasks, S.experts):
             d = tmp / "experts" / t.name
             bb.load(expert)
+            check_finite(bb.model.state_dict(), f"export expert {t.name}")
             bb.model.save_pretrained(d, safe_serialization=True)
             bb.tokenizer.save_pretrained(d)
             bb.reset()
-            save_file({"weight": S.heads[t.name].contiguous()}, str(d / HEAD_FILE),
-                      metadata={"format": "submerge-head/1", "pooling": "mean", "normalize": "true",
-                                "labels": json.dumps(list(t.class_names)),
-                                "logit_scale": str(cfg.recipe.logit_scale)})
+            save_tensors({"weight": S.heads[t.name]}, d / HEAD_FILE, f"export head {t.name}",
+                         metadata={"format": "submerge-head/1", "pooling": "mean", "normalize": "true",
+                                   "labels": json.dumps(list(t.class_names)),
+                                   "logit_scale": str(cfg.recipe.logit_scale)})
             texts, labels = S.splits[t.name].val
             with open(tmp / "data" / f"{t.name}.val.jsonl", "w") as f:
                 for x, y in zip(texts, labels):

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from submerge.bench.backbone import Backbone
+from submerge.io.writer import save_tensors
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def load_cached(path: Optional[Path]) -> Optional[tuple[dict[str, torch.Tensor],
 def save_cached(path: Path, state: dict[str, torch.Tensor], log: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
+    save_tensors(state, tmp, f"fine-tuned expert {path.stem}")
     tmp.rename(path)
     path.with_suffix(".json").write_text(json.dumps(log, indent=2))
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from submerge.io.ledger import one_run
 from submerge.api import merge_state_dicts
 from submerge.bench.runner import BenchConfig, BenchSession
 from submerge.errors import ConfigError
 from submerge.io import check_output_target
+from submerge.io.ledger import one_run
 
 RULES = ("isotropic", "diagonal", "mixture")
 

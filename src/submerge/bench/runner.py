@@ -23,15 +23,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from submerge.io.ledger import one_run
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
 from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
-from submerge.methods import get_method, list_methods
 from submerge.io import check_output_target
+from submerge.io.ledger import one_run
+from submerge.methods import get_method, list_methods
 from submerge.search import LAMBDA_GRID, auto_search_kwargs
 
 log = logging.getLogger("submerge.bench")

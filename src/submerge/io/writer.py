@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from submerge.errors import ConfigError, SubmergeError
+from submerge.errors import ConfigError, NonFiniteError, SubmergeError
 
 _UNITS = {
     "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -28,6 +28,25 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``tensors`` (an output of ``what``) when a floating tensor holds NaN or Inf, naming it."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{what}: tensor {name} holds {bad} NaN/Inf value(s); nothing was written")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: os.PathLike | str, what: str,
+                 metadata: dict[str, str] | None = None, *, check: bool = True) -> None:
+    """The one way a command writes a safetensors file (outside the streamed :class:`ShardWriter`): every floating
+    tensor is checked finite first (``check=False`` only for scratch files a run reads back itself)."""
+    from safetensors.torch import save_file
+
+    if check:
+        check_finite(tensors, what)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def parse_size(text: str | int) -> int:

@@ -190,9 +190,9 @@ class Spill:
         if self.folder is None:
             self._ram[name] = x
             return
+        path = self.folder / f"{len(self._files):06d}.safetensors"
         from safetensors.torch import save_file
 
-        path = self.folder / f"{len(self._files):06d}.safetensors"
         save_file({"t": x.contiguous()}, str(path))
         self._files[name] = path
 

@@ -21,10 +21,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.io.outdir import write_files_atomically
+from submerge.io.writer import save_tensors
 
 log = logging.getLogger("submerge")
 
@@ -104,7 +104,7 @@ class ExpertSet:
                             "bias": e.bias is not None, "layout": e.layout, "router": e.router_w is not None}
         manifest = {"format": FORMAT, "tasks": self.tasks, "rank": self.rank, "layers": layers, "info": self.info}
         text = json.dumps(manifest, indent=2) + "\n"
-        write_files_atomically(folder, {EXPERTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}),
+        write_files_atomically(folder, {EXPERTS_FILE: lambda p: save_tensors(tensors, p, "ESM++ experts", {"format": FORMAT}),
                                         MANIFEST_FILE: lambda p: p.write_text(text)})
         return folder
 
@@ -213,8 +213,8 @@ def build_experts(
     Layers whose role is routed but which lack statistics in some task are left unrouted (logged).
     ``prototype_stats``: per task, statistics whose mean inputs become the prototypes instead (e.g.
     collected in the merged model itself, which is what the router sees at inference)."""
-    from submerge.stats.load import load_stats
     from submerge.layers import parse_role_patterns
+    from submerge.stats.load import load_stats
 
     if len(stats) != len(models):
         raise ConfigError(f"build_experts: {len(models)} models but {len(stats)} calibration sources")

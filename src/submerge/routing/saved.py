@@ -11,6 +11,7 @@ from torch import nn
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.io import atomic_folder
+from submerge.io.writer import check_finite
 from submerge.routing.experts import ExpertSet
 from submerge.routing.runtime import Router, attach
 
@@ -35,6 +36,7 @@ def save(folder: Union[str, Path], model: Any, experts: ExpertSet, *, overwrite:
         router.detach()
     try:
         with atomic_folder(folder, overwrite) as tmp:
+            check_finite(model.state_dict(), "ESM++ save")
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io.ledger import one_run
+from submerge.io.writer import save_tensors
 
 SURGERY_FILE, SURGERY_INFO = "surgery.safetensors", "surgery.json"
+
+
+MAX_LR = 10.0  # Adam's step size: beyond this every step overflows float32
 
 
 def _refuse_existing(folder: Path) -> None:
@@ -66,8 +70,6 @@ class SurgerySet:
         """Write ``surgery.safetensors`` + ``surgery.json`` into ``folder`` (beside a merged model).  Each file
         is written under a temporary name and renamed, the manifest last, so a failure leaves either the old
         pair or none; ``overwrite=False`` refuses a folder that already has them.  Nothing else is touched."""
-        from safetensors.torch import save_file
-
         from submerge.io.outdir import write_files_atomically
 
         folder = Path(folder)
@@ -77,7 +79,7 @@ class SurgerySet:
                    "prototypes": self.prototypes.contiguous()}
         manifest = json.dumps({"tasks": self.tasks, "rank": int(self.down.shape[1]), "dim": int(self.down.shape[2]),
                                "info": self.info}, indent=2) + "\n"
-        write_files_atomically(folder, {SURGERY_FILE: lambda p: save_file(tensors, str(p)),
+        write_files_atomically(folder, {SURGERY_FILE: lambda p: save_tensors(tensors, p, "surgery modules"),
                                         SURGERY_INFO: lambda p: p.write_text(manifest)})
         return folder
 
@@ -284,8 +286,8 @@ def fit_surgery_folders(merged_dir: Union[str, Path], experts: Sequence[tuple[st
                        ("batch_size", batch_size)):
         if type(value) is not int or value < (0 if key == "steps" else 1):
             raise ConfigError(f"surgery: {key} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ConfigError(f"surgery: lr must be positive, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= MAX_LR):
+        raise ConfigError(f"surgery: lr must be in (0, {MAX_LR:g}] (Adam's step size), got {lr!r}")
     dev = parse_device(device)
     folders = [merged_dir] + [Path(p) for _, p in experts]
     for f in folders:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from submerge.errors import CheckpointError, ConfigError
+from submerge.io.writer import save_tensors
 
 MASKS_FILE, INFO_FILE = "tall_masks.safetensors", "tall_masks.json"
 _KEY = "tall_mask."  # key prefix in the mask file (never mistaken for a model tensor)
@@ -73,10 +74,8 @@ class TallMasks:
 
     def save(self, folder: Union[str, Path]) -> int:
         """Write the two files into ``folder``; returns the mask file's size in bytes."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
-        save_file({_KEY + k: v for k, v in self.packed.items()}, str(folder / MASKS_FILE))
+        save_tensors({_KEY + k: v for k, v in self.packed.items()}, folder / MASKS_FILE, "TALL masks")
         (folder / INFO_FILE).write_text(json.dumps({
             "tasks": self.tasks, "tall_lambda": self.lambdas, "shapes": self.shapes,
             "kept_fraction": self.kept_fraction(), "format": "numpy packbits along each flattened tensor, "

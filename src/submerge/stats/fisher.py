@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
-from submerge.stats.folder import model_fingerprint, open_safetensors, read_manifest
+from submerge.io.ledger import one_run
 from submerge.io.pretrained import load_pretrained
+from submerge.io.writer import save_tensors
+from submerge.stats.folder import model_fingerprint, open_safetensors, read_manifest
 from submerge.stats.inputs import check_model_run, effective_max_length, read_inputs
 
 FORMAT = "submerge-fisher/1"
@@ -79,7 +79,7 @@ class FisherStats:
 
         planned = sum(t.numel() * t.element_size() for t in self.tensors.values())
         with atomic_folder(path, overwrite, "Fisher folder", inputs=inputs, planned_bytes=planned) as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / FISHER_FILE))
+            save_tensors(self.tensors, tmp / FISHER_FILE, "Fisher statistics")
             (tmp / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **self.info}, indent=2) + "\n")
         return Path(path)
 

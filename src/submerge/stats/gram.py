@@ -32,12 +32,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from submerge.io.ledger import one_run
 from submerge.errors import CheckpointError, ConfigError
-from submerge.stats.folder import _is_pos_int, model_fingerprint, open_safetensors, read_manifest
+from submerge.io.ledger import one_run
 from submerge.io.pretrained import load_pretrained
-from submerge.stats.inputs import (check_model_run, check_token_ids, effective_max_length,
-                                   read_inputs, tensor_batches, text_batches)
+from submerge.io.writer import save_tensors
+from submerge.stats.folder import _is_pos_int, model_fingerprint, open_safetensors, read_manifest
+from submerge.stats.inputs import (
+    check_model_run,
+    check_token_ids,
+    effective_max_length,
+    read_inputs,
+    tensor_batches,
+    text_batches,
+)
 
 log = logging.getLogger("submerge")
 
@@ -161,7 +168,6 @@ class CalibrationStats:
     def save(self, path: Union[str, Path], overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
         """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically; ``inputs``:
         paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
-        from safetensors.torch import save_file
 
         from submerge.io import atomic_folder
 
@@ -177,7 +183,7 @@ class CalibrationStats:
         }
         planned = sum(t.numel() * t.element_size() for t in tensors.values())
         with atomic_folder(path, overwrite, "calibration folder", inputs=inputs, planned_bytes=planned) as tmp:
-            save_file(tensors, str(tmp / STATS_FILE))
+            save_tensors(tensors, tmp / STATS_FILE, "calibration statistics")
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(path)
 

@@ -99,9 +99,7 @@ def check_model_run(model_dir: Path, out_dir: Union[str, Path], inputs: Sequence
     """The checks ``submerge calibrate`` / ``fisher`` make before loading anything: the model folder,
     positive counts, the device, and an OUT that is safe to write (and absent unless ``overwrite``)."""
     from submerge.device import parse_device
-    from submerge.io import check_output_target
-
-    from submerge.io import Checkpoint
+    from submerge.io import Checkpoint, check_output_target
 
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"model folder {model_dir} does not exist")

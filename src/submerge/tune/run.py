@@ -30,8 +30,8 @@ from typing import Optional, Union
 
 import torch
 
-from submerge.io.ledger import one_run
 from submerge.errors import ConfigError
+from submerge.io.ledger import one_run
 from submerge.tune.spec import Candidate, TuneSpec, load_tune, parse_tune
 from submerge.tune.worker import CandidateResult, Point
 
@@ -56,8 +56,8 @@ def _cache_root(cache_dir: Optional[Union[str, Path]]) -> Path:
 def _stats_folder(kind: str, model_dir: Path, spec: dict, root: Path) -> Path:
     """Where one model's statistics are cached: keyed by the model's fingerprint, the inputs' content and
     every setting (as ``submerge calibrate`` fingerprints the model it ran on)."""
-    from submerge.stats.folder import model_fingerprint
     from submerge.io.files import file_sha256
+    from submerge.stats.folder import model_fingerprint
 
     blob = json.dumps({"kind": kind, "model": model_fingerprint(model_dir), "inputs": file_sha256(spec["inputs"]),
                        **{k: (str(v) if isinstance(v, Path) else v) for k, v in spec.items() if k != "inputs"}},

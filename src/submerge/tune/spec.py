@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from submerge.config import MergeConfig, load_yaml_text, parse_config
+from submerge.config import MergeConfig, load_yaml_text, parse_config, refuse_nul
 from submerge.errors import ConfigError, suggest
 
 TUNE_KEYS = ("search", "eval", "objective", "calibrate", "fisher")
@@ -287,7 +287,7 @@ def _adamerging_entries(entry: dict, where: str) -> list[dict]:
             raise ConfigError(f"{where}: granularity {g!r}: use task or layer (or a list of them)")
     if not all(isinstance(p, bool) for p in pluses):
         raise ConfigError(f"{where}: plus: true or false (AdaMerging++: TIES-processed task vectors), or a list")
-    for k, low, high, kind in (("steps", 1, None, int), ("batch_size", 1, None, int), ("lr", 0, None, float),
+    for k, low, high, kind in (("steps", 1, None, int), ("batch_size", 1, None, int), ("lr", 0, 10, float),
                                ("init", 0, 1, float), ("ties_density", 0, 1, float)):
         v = s[k]
         if isinstance(v, str):  # YAML reads 1e-3 (no dot) as a string
@@ -378,6 +378,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping")
+    refuse_nul(raw, source)
     if "merge_method" in raw:
         raise ConfigError(f"{source}: a tune config has no merge_method; list the methods to try under 'search:'")
     for k in ("search", "eval"):
