@@ -28,14 +28,14 @@ def _load(config: ConfigLike) -> tuple[MergeConfig, Optional[Path]]:
     return parse_config(config), None
 
 
-def validate(config: ConfigLike) -> MergePlan:
+def validate(config: ConfigLike, strict: bool = False) -> MergePlan:
     """Check a config against its checkpoints (files, tensors, shapes, parameters) without merging.
 
-    Returns the plan (its ``jobs`` list every output tensor); raises a
-    :class:`~submerge.errors.SubmergeError` describing the first problem.
+    Returns the plan (its ``jobs`` list every output tensor; ``ignored`` the settings mergekit ignores, which
+    ``strict=True`` makes errors); raises a :class:`~submerge.errors.SubmergeError` describing the first problem.
     """
     cfg, config_dir = _load(config)
-    plan = plan_merge(cfg, config_dir)
+    plan = plan_merge(cfg, config_dir, strict=strict)
     plan.close()
     return plan
 
@@ -68,7 +68,7 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
     parse_device(opts.device)
     if opts.lora_rank is not None:
         return _merge_as_lora(cfg, config_dir, out, opts, inputs)
-    plan = plan_merge(cfg, config_dir)
+    plan = plan_merge(cfg, config_dir, strict=opts.strict)
     try:
         executor = Executor(plan, opts)
     except BaseException:
@@ -125,7 +125,9 @@ def _with_abs_paths(cfg: MergeConfig, config_dir: Path) -> MergeConfig:
     for sl in raw.get("slices") or []:
         for src in sl["sources"]:
             src["model"] = fix(src["model"])
-    return parse_config(raw)
+    out = parse_config(raw)
+    out._ignored = list(cfg.ignored)  # the keys dropped when the file was read still belong to its card
+    return out
 
 
 def _base_ref(cfg: MergeConfig, config_dir: Optional[Path]) -> str:

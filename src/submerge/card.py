@@ -52,5 +52,8 @@ def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", see
     lines += ["", f"{len(plan.jobs)} tensors, in {len(files)} file(s): " + ", ".join(f"`{f}`" for f in files)]
     if plan.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]
+    if plan.ignored:
+        lines += ["", "## Ignored settings", "", "The config holds settings mergekit ignores; they were ignored here too:",
+                  ""] + [f"- {w}" for w in plan.ignored]
     lines += ["", "## Configuration", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
     path.write_text("\n".join(lines))

@@ -104,7 +104,9 @@ def main() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after a successful merge).")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB; mergekit's 5B = 5e9 bytes).")
-@click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64", "bfloat16", "float16"]))
+@click.option("--compute-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+              help="The dtype the merge math runs in (inputs are cast to it; the output takes the config's dtype).")
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch CPU threads.")
 @click.option("--random-seed", type=SEED, default=None, help="Seed for randomized methods (DARE, DELLA).")
@@ -112,12 +114,16 @@ def main() -> None:
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")
 @click.option("--lora-rank", default=None, help="Write the merge as a LoRA adapter on base_model at this rank "
               "(or 'auto': per layer the smallest rank keeping --lora-energy of the update).")
-@click.option("--lora-energy", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True)
+@click.option("--lora-energy", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
+              help="With --lora-rank auto: the share of each layer's ||dW||^2 the adapter keeps.")
+@click.option("--strict", is_flag=True, help="Settings mergekit ignores (unknown keys, parameters the method does "
+              "not read) are errors, not warnings.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compute_dtype: str,
           device: str, threads: Optional[int], random_seed: Optional[int], no_copy_tokenizer: bool,
-          no_prefetch: bool, lora_rank: Optional[str], lora_energy: float, quiet: bool, verbose: int) -> None:
+          no_prefetch: bool, lora_rank: Optional[str], lora_energy: float, strict: bool, quiet: bool,
+          verbose: int) -> None:
     """Merge the models described by CONFIG (mergekit-compatible YAML) into OUT_DIR."""
     from submerge.api import merge as run_merge
     from submerge.plan import MergeOptions
@@ -131,11 +137,13 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
     opts = MergeOptions(out_shard_size=out_shard_size, compute_dtype=compute_dtype, device=device,
                         threads=threads, random_seed=random_seed, overwrite=overwrite, quiet=quiet,
                         copy_tokenizer=not no_copy_tokenizer, prefetch=not no_prefetch, lora_rank=lora_rank,
-                        lora_energy=lora_energy)
+                        lora_energy=lora_energy, strict=strict)
     try:
         res = run_merge(config, out_dir, opts)
     except SubmergeError as e:
         _fail(e)
+    for warning in res.ignored:
+        click.echo(f"warning: {_one_line(warning)}", err=True)
     if not quiet:
         gbps = res.bytes_read / max(res.seconds, 1e-9) / 1e9
         click.echo(f"merged {res.tensors} tensors into {res.out_dir} in {res.seconds:.1f}s "
@@ -369,14 +377,14 @@ def extract_lora_cmd(base: str, finetuned: str, out_dir: str, rank: str, energy:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-def validate(config: str) -> None:
+@click.option("--strict", is_flag=True, help="Settings mergekit ignores are errors, not warnings.")
+def validate(config: str, strict: bool) -> None:
     """Check CONFIG (files, tensors, shapes, parameters) without merging."""
     from submerge.api import validate as run_validate
 
-    try:
-        plan = run_validate(config)
-    except SubmergeError as e:
-        _fail(e)
+    plan = run_validate(config, strict=strict)
+    for warning in plan.ignored:
+        click.echo(f"warning: {_one_line(warning)}", err=True)
     n_merge = sum(1 for j in plan.jobs if j.copy_from is None)
     click.echo(f"ok: {plan.method.name} over {len(plan.models)} model(s), {len(plan.jobs)} output "
                f"tensors ({n_merge} merged, {len(plan.jobs) - n_merge} copied), "

@@ -1,8 +1,10 @@
-"""The YAML merge configuration: mergekit-compatible, but strict.
+"""The YAML merge configuration: mergekit-compatible.
 
-A mergekit YAML for a method both tools have runs unchanged.  Unlike mergekit,
-unknown keys, misspelled parameters and parameters the method does not use are
-errors, with a suggestion.
+A mergekit YAML for a method both tools have runs unchanged.  What mergekit ignores (keys it does not know,
+such as a top-level ``name:``; parameters the method does not read) is ignored here too, with a warning that
+is printed and recorded in the model card (``--strict`` makes each one an error).  A key or parameter that is
+a likely misspelling of one the config or method does use stays an error, with a suggestion: mergekit would
+ignore it silently.
 
 Parameter values (``parameters:`` at the top level, per slice, or per model) may be
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from submerge.errors import ConfigError, suggest
 
@@ -182,6 +184,18 @@ class MergeConfig(_Strict):
     chat_template: Optional[str] = None  # a template name (chatml, llama3, mistral, alpaca), "auto" or a template
     lines: Optional[LinesConfig] = None  # LiNeS layer scaling of the merged update (task-vector methods)
     surgery: Optional[SurgeryConfig] = None  # Representation Surgery modules trained and written beside the merge
+    _ignored: list[str] = PrivateAttr(default_factory=list)  # keys mergekit ignores, ignored here with a warning
+
+    @property
+    def ignored(self) -> list[str]:
+        """What the config holds that mergekit ignores (and so does submerge): one warning each."""
+        return self._ignored
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _legacy_model_prefix(cls, v: Optional[str]) -> Optional[str]:
+        # older mergekit wrote a model as the tokenizer source with a "model:" prefix
+        return v[len("model:"):].strip() if isinstance(v, str) and v.startswith("model:") else v
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -270,46 +284,65 @@ _UNSUPPORTED = {
 }
 
 
-def _check_keys(obj: Any, level: str, where: str) -> None:
+def _check_keys(obj: Any, level: str, where: str, ignored: Optional[list[str]] = None) -> None:
+    """Unknown keys of ``obj`` are removed from it and reported in ``ignored`` (mergekit ignores them), with a
+    suggestion when one looks like a misspelled key; without ``ignored`` an unknown key is an error."""
     if not isinstance(obj, dict):
         return
-    for key in obj:
+    for key in list(obj):
         if key in _KEYS[level]:
             continue
         if key in _UNSUPPORTED:
             raise ConfigError(f"{where}: {_UNSUPPORTED[key]}")
-        raise ConfigError(f"{where}: unknown key '{key}'{suggest(str(key), _KEYS[level])}")
+        hint = suggest(str(key), _KEYS[level])
+        if ignored is None:
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        ignored.append(f"{where}: unknown key '{key}'{hint}; ignored, as mergekit ignores it")
+        del obj[key]
 
 
-def _check_rules(params: Any, where: str) -> None:
+def with_hints(message: str, ignored: list[str]) -> str:
+    """An error message followed by the ignored keys that look like misspellings (the likely cause)."""
+    typos = [w for w in ignored if "(did you mean" in w]
+    return message + (" (note: " + "; ".join(typos[:3]) + ")" if typos else "")
+
+
+def _check_rules(params: Any, where: str, ignored: list[str]) -> None:
     if not isinstance(params, dict):
         return
     for name, setting in params.items():
         rules = setting if isinstance(setting, list) else [setting]
         for j, rule in enumerate(rules):
             if isinstance(rule, dict):
-                _check_keys(rule, "rule", f"{where}.{name}[{j}]")
+                _check_keys(rule, "rule", f"{where}.{name}[{j}]", ignored)
 
 
 def _list(x: Any) -> list:
     return x if isinstance(x, list) else []  # other types are reported by pydantic, with their location
 
 
-def _precheck(raw: dict) -> None:
-    _check_keys(raw, "root", "config")
-    _check_rules(raw.get("parameters"), "parameters")
+def _precheck(raw: dict) -> tuple[dict, list[str]]:
+    """Keys checked before pydantic runs (friendly messages): returns a copy of ``raw`` without the keys
+    mergekit ignores, and a warning for each."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    ignored: list[str] = []
+    _check_keys(raw, "root", "config", ignored)
+    _check_rules(raw.get("parameters"), "parameters", ignored)
     for i, m in enumerate(_list(raw.get("models"))):
-        _check_keys(m, "model", f"models[{i}]")
+        _check_keys(m, "model", f"models[{i}]", ignored)
         if isinstance(m, dict):
-            _check_rules(m.get("parameters"), f"models[{i}].parameters")
+            _check_rules(m.get("parameters"), f"models[{i}].parameters", ignored)
     for i, s in enumerate(_list(raw.get("slices"))):
-        _check_keys(s, "slice", f"slices[{i}]")
+        _check_keys(s, "slice", f"slices[{i}]", ignored)
         if isinstance(s, dict):
-            _check_rules(s.get("parameters"), f"slices[{i}].parameters")
+            _check_rules(s.get("parameters"), f"slices[{i}].parameters", ignored)
             for j, src in enumerate(_list(s.get("sources"))):
-                _check_keys(src, "source", f"slices[{i}].sources[{j}]")
+                _check_keys(src, "source", f"slices[{i}].sources[{j}]", ignored)
                 if isinstance(src, dict):
-                    _check_rules(src.get("parameters"), f"slices[{i}].sources[{j}].parameters")
+                    _check_rules(src.get("parameters"), f"slices[{i}].sources[{j}].parameters", ignored)
+    return raw, ignored
 
 
 def parse_config(raw: Any, source: str = "config") -> MergeConfig:
@@ -321,9 +354,11 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
     if _depth(raw) > MAX_DEPTH:
         raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
     refuse_nul(raw, source)
-    _precheck(raw)
+    raw, ignored = _precheck(raw)
     try:
-        return MergeConfig.model_validate(raw)
+        cfg = MergeConfig.model_validate(raw)
+        cfg._ignored = ignored
+        return cfg
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
     except ValidationError as e:
@@ -331,7 +366,9 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msgs.append(f"{loc}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid config: " + "; ".join(msgs[:8])) from None
+        raise ConfigError(with_hints(f"{source}: invalid config: " + "; ".join(msgs[:8]), ignored)) from None
+    except ConfigError as e:  # a check of the model's own (model_post_init)
+        raise ConfigError(with_hints(str(e), ignored)) from None
 
 
 class _StrictLoader(yaml.SafeLoader):

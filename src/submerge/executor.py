@@ -51,6 +51,7 @@ class MergeResult:
     files: list[str]
     random_seed: Optional[int] = None
     notes: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # settings mergekit ignores, ignored with a warning
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -281,7 +282,7 @@ class Executor:
         log.info("wrote %s: %d file(s), %.1f MB, in %.1f s (%.0f MB read)", out_dir, len(files),
                  writer.total_bytes / 1e6, seconds, bytes_read / 1e6)
         return MergeResult(Path(out_dir), seconds, bytes_read, writer.total_bytes,
-                           len(plan.jobs), files, self.seed, list(plan.notes))
+                           len(plan.jobs), files, self.seed, list(plan.notes), list(plan.ignored))
 
     def _log_plan(self) -> None:
         """What ``-v`` shows before any tensor is read: the inputs as resolved, the work, the settings."""

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from submerge.config import MergeConfig, OutputSlice, InputSlice, evaluate_setting
+from submerge.config import InputSlice, MergeConfig, OutputSlice, evaluate_setting, with_hints
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
@@ -40,6 +40,7 @@ class MergeOptions:
     scale_note: str = ""  # how the scale (lambda / alpha) was chosen, for the model card
     lora_rank: Optional[int | str] = None  # write the merge as a LoRA adapter on the base (int rank or "auto")
     lora_energy: float = 0.9  # with lora_rank="auto": the share of each layer's ||dW||^2 kept
+    strict: bool = False  # what mergekit ignores (unknown keys, parameters the method does not read) is an error
 
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -73,6 +74,7 @@ class MergePlan:
     out_config: Optional[dict] = None
     tokenizer_model: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # settings mergekit ignores, ignored with a warning
     stats: dict[str, Any] = field(default_factory=dict)  # model key -> calibration StatsReader
     # (source file, name in the output, is a tokenizer file): checked to be regular files in their folder
     extra_files: list[tuple[Path, str, bool]] = field(default_factory=list)
@@ -154,9 +156,13 @@ class Planner:
         self.config_dir = config_dir
         self.method = get_method(config.merge_method)
         self.notes: list[str] = []
+        self.ignored: list[str] = list(config.ignored)  # what mergekit ignores: warnings (errors with strict)
 
     # ----------------------------------------------------------------- params
     def _check_parameter_names(self) -> None:
+        """Parameters the method does not read are ignored with a warning, as mergekit ignores them (a likely
+        misspelling of one it reads stays an error); a whole-merge parameter set per model is ignored the same
+        way (mergekit reads it only globally or per slice)."""
         m = self.method
         names = set(m.param_names)
         per_model = {p.name for p in m.params if p.per_model}
@@ -166,15 +172,17 @@ class Planner:
                 if key not in names:
                     hint = suggest(key, names)
                     used = ", ".join(sorted(names)) or "none"
-                    raise ConfigError(
-                        f"{where}: parameter '{key}' is not used by {m.name}{hint} "
-                        f"(its parameters: {used})"
-                    )
-                if model_scope and key not in per_model:
-                    raise ConfigError(
-                        f"{where}: parameter '{key}' of {m.name} applies to the whole merge; "
-                        f"set it under the top-level 'parameters' (or a slice's), not per model"
-                    )
+                    if hint:
+                        raise ConfigError(
+                            f"{where}: parameter '{key}' is not used by {m.name}{hint} (its parameters: {used}); "
+                            f"mergekit would ignore it silently: correct it, or remove it"
+                        )
+                    self.ignored.append(f"{where}: parameter '{key}' is not used by {m.name} (its parameters: "
+                                        f"{used}); ignored, as mergekit ignores it")
+                elif model_scope and key not in per_model:
+                    self.ignored.append(f"{where}: parameter '{key}' of {m.name} applies to the whole merge; set "
+                                        f"per model it is ignored, as mergekit ignores it (set it under the "
+                                        f"top-level 'parameters', or a slice's)")
 
         c = self.config
         check(c.parameters, "parameters", False)
@@ -394,6 +402,9 @@ class Planner:
         for name in post:
             add_job(name, same(name), len(slices) - 1, 0.0)
 
+        if vocab is None and c.slices is not None:
+            self._check_one_vocabulary(jobs, ref)
+
         # tensors that an input has but the reference lacks are an architecture mismatch
         if c.models is not None:
             for key, ckpt in models.items():
@@ -427,7 +438,7 @@ class Planner:
         global_params = {p.name: first.params[p.name] for p in m.params if not p.per_model} if first else {}
         plan = MergePlan(c, m, models, reference, jobs, global_params, out_config, tok, extra_files=extra,
                          revisions=dict(self.revisions), vocab=vocab, tokenizer=tokenizer,
-                         notes=list(self.notes))
+                         notes=list(self.notes), ignored=list(self.ignored))
         self._open_stats(plan)
         plan.surgery = self._surgery_inputs(models)
         return plan
@@ -452,6 +463,23 @@ class Planner:
         if len({name for name, _ in experts}) != len(experts):
             raise ConfigError("surgery: two merged models have the same folder name; surgery names tasks by it")
         return experts, files
+
+    def _check_one_vocabulary(self, jobs: list[TensorJob], ref: Checkpoint) -> None:
+        """Slices taking the input embeddings from one model and the output head from another must agree on the
+        vocabulary: a model whose ``embed_tokens`` and ``lm_head`` have different row counts does not load."""
+        from submerge.vocab import vocabulary_tensors
+
+        names = vocabulary_tensors(ref.config, [j.out_name for j in jobs])
+        rows = {}
+        for j in jobs:
+            if j.out_name in names and j.shape:
+                src = j.copy_from[0] if j.copy_from is not None else j.inputs[0][0]
+                rows[j.out_name] = (int(j.shape[0]), src)
+        if len({r for r, _ in rows.values()}) > 1:
+            shown = ", ".join(f"{n} {r} rows (from '{src}')" for n, (r, src) in rows.items())
+            raise ConfigError(f"the slices' models have different vocabularies: the output would have {shown}, a "
+                              f"model transformers cannot load; add a 'tokenizer:' block (source: union, or one of "
+                              f"the models) to give every token-indexed tensor one vocabulary")
 
     def _vocab_plan(self, models: dict[str, Checkpoint], ref: Checkpoint):
         """The merged vocabulary (``tokenizer:`` block or ``tokenizer_source``), or None where none is asked
@@ -596,5 +624,15 @@ class Planner:
                 )
 
 
-def plan_merge(config: MergeConfig, config_dir: Optional[Path] = None) -> MergePlan:
-    return Planner(config, config_dir).plan()
+def plan_merge(config: MergeConfig, config_dir: Optional[Path] = None, strict: bool = False) -> MergePlan:
+    """The plan of ``config`` (every model opened and checked, no tensor read).  ``strict``: a setting mergekit
+    ignores (see :attr:`MergePlan.ignored`) is an error instead of a warning."""
+    try:
+        plan = Planner(config, config_dir).plan()
+    except ConfigError as e:
+        raise ConfigError(with_hints(str(e), config.ignored)) from None
+    if strict and plan.ignored:
+        plan.close()
+        more = f" (and {len(plan.ignored) - 1} more)" if len(plan.ignored) > 1 else ""
+        raise ConfigError(f"{plan.ignored[0]}{more}; --strict makes this an error")
+    return plan
