@@ -126,14 +126,26 @@ def test_bf16_within_one_ulp_of_mergekit(case, family_bf16, tmp_path):
         assert _ulps(a[k], b[k]) <= 1.0, k
 
 
-def test_bf16_compute_dtype_reproduces_mergekit_bit_for_bit(family_bf16, tmp_path):
-    """mergekit's `dtype: bfloat16` computes in bf16; `--compute-dtype bfloat16` does the same ops."""
+# Where submerge reproduces mergekit's `dtype: bfloat16` tensors bit for bit on a bf16 family (README, "dtypes"):
+# with --compute-dtype bfloat16 (mergekit computes these in bf16) or with the default float32 math (mergekit
+# promotes these to float32 itself).  The other methods round in another order and differ by a few bf16 ulps
+# in up to a third of the entries; the README lists them.
+BF16_EXACT = [("task_arithmetic", "bfloat16"), ("task_arithmetic_slices", "bfloat16"), ("sce", "bfloat16"),
+              ("multislerp", "bfloat16"), ("multislerp_base", "bfloat16"), ("ram", "bfloat16"),
+              ("passthrough", "bfloat16"), ("linear_unnormalized", "float32"), ("passthrough", "float32")]
+
+
+@pytest.mark.parametrize("case, compute", BF16_EXACT, ids=[f"{c}-{d}" for c, d in BF16_EXACT])
+def test_bf16_configs_reproduce_mergekit_bit_for_bit_where_the_readme_says(case, compute, family_bf16, tmp_path):
     base, fts = family_bf16
-    cfg = dict(_cases(base, fts)["task_arithmetic"], merge_method="task_arithmetic", dtype="bfloat16")
-    mk, sm = _run_both(cfg, tmp_path, compute_dtype="bfloat16")
+    cfg = dict(_cases(base, fts)[case])
+    cfg.setdefault("merge_method", case)
+    cfg["dtype"] = "bfloat16"
+    mk, sm = _run_both(cfg, tmp_path, compute_dtype=compute)
     a, b = load_dir(mk), load_dir(sm)
+    assert set(a) == set(b)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
 
 
 def test_default_fp32_math_is_correctly_rounded(family_bf16, tmp_path):
