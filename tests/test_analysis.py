@@ -88,6 +88,35 @@ def test_weight_statistics_by_hand_and_chunking_changes_nothing():
     assert s["topk_iou"][0][1] == pytest.approx(1 / 3)
 
 
+def test_untouched_matrices_are_never_interference(tmp_path):
+    """A matrix no task changed (a pooler never trained) has zero task vectors: it is listed as untouched, has
+    no spectrum, and no pair overlap; a matrix only one task changed has no pair overlap either."""
+    from submerge.analysis.report import write_report
+
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(6, 5, generator=g) for n in ("enc.0.w", "pooler.w", "enc.1.w")}
+    e1 = {n: v + (0.1 * torch.randn(6, 5, generator=g) if n != "pooler.w" else 0) for n, v in base.items()}
+    e2 = {n: v + (0.1 * torch.randn(6, 5, generator=g) if n == "enc.0.w" else 0) for n, v in base.items()}
+    e2["enc.1.w"] = base["enc.1.w"] + 1e-9 * torch.randn(6, 5, generator=g)  # negligible
+    wa = WeightAnalyzer(["a", "b"], topk=0.2, spectra=True)
+    wa.set_names(list(base))
+    for n in base:
+        wa.add(n, base[n], [e1[n], e2[n]])
+    s = wa.summary()
+    assert s["untouched"] == ["pooler.w"]
+    by_name = {x["name"]: x for x in s["spectra"]}
+    assert "pooler.w" not in by_name  # no spectrum of a zero matrix
+    assert math.isnan(by_name["enc.1.w"]["overlap_left"])  # b left it untouched: no pair to compare
+    assert 0 <= by_name["enc.0.w"]["overlap_left"] <= 1
+    write_report({"config": "x", "tasks": ["a", "b"], "base": "b0", "merge_method": "task_arithmetic",
+                  "weights": {**s, "seconds": 0.0}, "per_tensor": [r.__dict__ for r in wa.records],
+                  "options": {"topk": 0.2}, "seconds": 0.0}, tmp_path)
+    md = (tmp_path / "analysis.md").read_text()
+    assert "Untouched by every task" in md and "`pooler.w`" in md
+    assert "least:" not in md and "a/b: sign conflict" in md  # two tasks: one pair, said once
+    assert "`enc.1.w`" not in md.split("Where tasks interfere most")[1].split("Untouched")[0]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _analyze_config(root: Path, tmp: Path, with_eval: bool = True) -> Path:
     cfg = {"merge_method": "task_arithmetic", "base_model": str(root / "base"), "parameters": {"lambda": 0.6},

@@ -135,6 +135,13 @@ def test_tiny_end_to_end(tmp_path):
     assert [r["label"] for r in again["rows"]] == [r["label"] for r in res["rows"]]
     assert [r["per_task"] for r in again["rows"]] == [r["per_task"] for r in res["rows"]]
     assert again["per_example"] == res["per_example"] and again["comparisons"] == res["comparisons"]
+    # the kept rows keep the time they took: the rerun's table says what it cost, not the seconds of the rerun
+    assert all(r.get("kept") for r in again["rows"] if r["method"] != "multitask")
+    assert again["seconds_compute"] == pytest.approx(res["seconds_compute"])
+    assert "were kept from earlier runs" in (tmp_path / "out2" / "results.md").read_text()
+    # a rerun into a folder holding results is refused unless asked for
+    with pytest.raises(ConfigError, match="already holds a results.json"):
+        run_bench(tmp_path / "out2", cfg)
     # --resume: an earlier results.json's rows are kept, only what it lacks is computed.  Here the surgery rows
     # are removed from it and the cache is new (experts fine-tuned again: reproducible, so accepted); surgery
     # starts from TA's kept val-tuned scale (no val scoring) and gives the same predictions as the full run.

@@ -18,6 +18,30 @@ MAX_THREADS = 1024
 SEED = click.IntRange(min=0, max=2**63 - 1)
 
 
+def _threads_option(fn):
+    """``--threads N``: torch's CPU pool (and BLAS/OpenMP inside it) for the whole command; by default the CPUs
+    this process may use (its affinity and cgroup CPU quota), never more, so a busy or limited machine is not
+    oversubscribed.  The command receives the count as ``threads`` when it takes that argument."""
+    import functools
+    import inspect
+
+    wants = "threads" in inspect.signature(fn).parameters
+
+    @functools.wraps(fn)
+    def wrapper(*args, threads=None, **kwargs):
+        from submerge.device import use_threads
+
+        n = use_threads(threads)
+        if wants:
+            kwargs["threads"] = n
+        return fn(*args, **kwargs)
+
+    return click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+                        help="CPU threads for torch and BLAS (default: the CPUs this process may use, from its "
+                             "affinity and cgroup quota). On a machine shared with other jobs, give each job its "
+                             "share (e.g. --threads 1 beside one other job on 2 cores).")(wrapper)
+
+
 MAX_MESSAGE = 1000  # characters of an error line; what an input holds is never echoed whole
 
 
@@ -100,6 +124,7 @@ def main() -> None:
 
 
 @main.command()
+@_threads_option
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after a successful merge).")
@@ -108,7 +133,6 @@ def main() -> None:
               type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
               help="The dtype the merge math runs in (inputs are cast to it; the output takes the config's dtype).")
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
-@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch CPU threads.")
 @click.option("--random-seed", type=SEED, default=None, help="Seed for randomized methods (DARE, DELLA).")
 @click.option("--no-copy-tokenizer", is_flag=True, help="Do not copy tokenizer files.")
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")
@@ -153,6 +177,7 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
 
 
 @main.command()
+@_threads_option
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -188,6 +213,7 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
 
 
 @main.command()
+@_threads_option
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -223,6 +249,7 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
 
 
 @main.command()
+@_threads_option
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--expert", "experts", multiple=True, required=True, metavar="NAME=FOLDER",
               help="A task's fine-tuned model, in task-id order (repeat per task).")
@@ -279,6 +306,7 @@ def surgery(merged_dir: str, experts: tuple, inputs: tuple, rank: int, steps: in
 
 
 @main.command()
+@_threads_option
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--calibration", multiple=True, help="A `submerge calibrate` folder per model, in model order "
@@ -312,6 +340,7 @@ def analyze(config: str, out_dir: str, calibration: tuple, scorer: Optional[str]
 
 
 @main.command()
+@_threads_option
 @click.argument("model", type=click.Path(file_okay=False))
 @click.argument("reference", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -344,6 +373,7 @@ def align(model: str, reference: str, out_dir: str, heads: Optional[int], residu
 
 
 @main.command("extract-lora")
+@_threads_option
 @click.argument("base")
 @click.argument("finetuned")
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -469,6 +499,7 @@ def demo(out: Optional[str], method: str) -> None:
 
 
 @main.command()
+@_threads_option
 @click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = text8's tasks, small splits).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
@@ -495,6 +526,7 @@ def demo(out: Optional[str], method: str) -> None:
                                                "default: start a local one.")
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --backend ray: how many actors (default: one per CPU of the cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in the output folder.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An earlier run's results.json with the same settings and experts: keep its rows, compute "
                    "only the methods it lacks, write one table with all (e.g. a method added since).")
@@ -502,7 +534,8 @@ def demo(out: Optional[str], method: str) -> None:
 def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool, seed: int, out: Optional[str],
           cache_dir: Optional[str], backbone: Optional[str], n_train: Optional[int], n_val: Optional[int],
           n_test: Optional[int], experts: Optional[str], multitask: Optional[bool], search: Optional[str],
-          backend: str, address: Optional[str], actors: Optional[int], resume: Optional[str], quiet: bool) -> None:
+          backend: str, address: Optional[str], actors: Optional[int], overwrite: bool, resume: Optional[str],
+          quiet: bool) -> None:
     """Fine-tune experts on real tasks, merge them with every method, write tables and plots.
 
     Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
@@ -518,12 +551,13 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     try:
-        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume)
+        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume, overwrite=overwrite)
     except SubmergeError as e:
         _fail(e)
 
 
 @main.command()
+@_threads_option
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -534,7 +568,6 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Ray: sweep actors (default: one per CPU).")
 @click.option("--cache-dir", default=None, help="Where computed statistics are cached (default "
               "~/.cache/submerge/calibration).")
-@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch CPU threads (local).")
 @click.option("--random-seed", type=SEED, default=0, show_default=True, help="Seed for randomized methods.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after a successful run).")
 @click.option("--quiet", "-q", is_flag=True)
@@ -563,6 +596,7 @@ def tune(config: str, out_dir: str, backend: str, address: Optional[str], actors
 
 
 @main.command("bench-export")
+@_threads_option
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--suite", default="quick", show_default=True, help="Task suite (quick, text8).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
@@ -590,6 +624,7 @@ def bench_export(out_dir: str, suite: str, tasks: Optional[str], seed: int, expe
 
 
 @main.command()
+@_threads_option
 @click.option("--tasks", default="rt_sentiment,rt_subjectivity", show_default=True,
               help="Comma-separated benchmark tasks (2 or 3 for a grid; more are sampled).")
 @click.option("--grid", type=click.IntRange(min=2, max=1001), default=21, show_default=True, help="Points per edge of the weight simplex.")

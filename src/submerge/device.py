@@ -24,3 +24,58 @@ def parse_device(spec: str) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"device {spec!r} is not supported: use cpu, cuda, cuda:N or mps")
     return dev
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may really use: its CPU affinity, capped by a cgroup CPU quota (a container's
+    ``--cpus``), at least 1.  ``os.cpu_count()`` counts the whole machine, and a torch pool sized by it
+    oversubscribes the cores a busy or limited machine gives this process."""
+    import math
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota() -> "float | None":
+    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None when unlimited."""
+    from pathlib import Path
+
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max" and float(text[1]) > 0:
+            return float(text[0]) / float(text[1])
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = float(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = float(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def use_threads(threads: "int | None" = None) -> int:
+    """Size torch's CPU thread pool (and, through it, MKL/OpenBLAS/OpenMP work) to ``threads``, default
+    :func:`available_cpus`; child processes (Ray workers, tokenizers) inherit the same limit through
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` unless the user set them.  Returns the count used."""
+    import os
+
+    n = int(threads) if threads else available_cpus()
+    torch.set_num_threads(n)
+    for var in _THREAD_VARS:
+        if var not in _USER_SET:
+            os.environ[var] = str(n)
+    return n
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_USER_SET = {v for v in _THREAD_VARS if v in __import__("os").environ}  # set before submerge was imported

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from submerge.analysis.weights import NEGLIGIBLE
+
 
 def _clean(x: Any) -> Any:
     """JSON-safe: NaN/inf as null, tensors dropped."""
@@ -21,6 +23,10 @@ def _clean(x: Any) -> Any:
 
 def _is_tensor(v: Any) -> bool:
     return type(v).__name__ == "Tensor"
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _fmt(x: Optional[float], nd: int = 3) -> str:
@@ -55,7 +61,11 @@ def _markdown(r: dict, figures: list[str]) -> str:
     sc = sorted(_pairs(tasks, w["sign_conflict"]), reverse=True)
     iou = sorted(_pairs(tasks, w["topk_iou"]), reverse=True)
     cos = sorted(_pairs(tasks, w["cosine"]))
-    if sc:
+    if len(sc) == 1:  # two tasks: one pair, said once
+        (v_s, a, b), (v_i, _, _), (v_c, _, _) = sc[0], iou[0], cos[0]
+        L += [f"- {a}/{b}: sign conflict (share of co-touched entries with opposite signs) {100 * v_s:.1f}%; "
+              f"top-{round(100 * w['topk'])}% mask overlap (IoU) {v_i:.3f}; cosine {v_c:.3f}.", ""]
+    elif sc:
         L += ["- Most sign conflict (share of co-touched entries with opposite signs): "
               + ", ".join(f"{a}/{b} {100 * v:.1f}%" for v, a, b in sc[:3])
               + f"; least: {sc[-1][1]}/{sc[-1][2]} {100 * sc[-1][0]:.1f}%.",
@@ -74,13 +84,21 @@ def _markdown(r: dict, figures: list[str]) -> str:
                  if x["chance_left"] and x["overlap_left"] is not None and math.isfinite(x["overlap_left"])]
         ratio.sort(key=lambda p: -p[0])
         er = sum(sum(x["effective_rank"]) / len(tasks) for x in sp) / len(sp)
+        both = [x for x in sp if _finite(x["overlap_left"]) and _finite(x["overlap_right"])]
+        n = max(len(both), 1)
         L += ["## Spectra", "",
               f"{len(sp)} matrices; mean effective rank of a task's update {er:.1f}; mean overlap of two tasks' "
-              f"top-k left singular subspaces {sum(x['overlap_left'] for x in sp) / len(sp):.3f} (right "
-              f"{sum(x['overlap_right'] for x in sp) / len(sp):.3f}) against {sum(x['chance_left'] for x in sp) / len(sp):.3f} "
-              f"for random subspaces.", "", "Where tasks interfere most (left overlap over chance):", ""]
+              f"top-k left singular subspaces {sum(x['overlap_left'] for x in both) / n:.3f} (right "
+              f"{sum(x['overlap_right'] for x in both) / n:.3f}) against {sum(x['chance_left'] for x in both) / n:.3f} "
+              f"for random subspaces (over the {len(both)} matrices two tasks both change).", "",
+              "Where tasks interfere most (left overlap over chance):", ""]
         L += [f"- `{x['name']}`: {x['overlap_left']:.3f} ({q:.1f}x chance, k = {x['k']})" for q, x in ratio[:5]]
         L += [""]
+    untouched = w.get("untouched") or []
+    if untouched:
+        L += [f"Untouched by every task (task vectors zero, or below {NEGLIGIBLE:g} of the weight's norm), so never "
+              f"counted as interference: {len(untouched)} tensor(s), "
+              + ", ".join(f"`{n}`" for n in untouched[:5]) + (" …" if len(untouched) > 5 else "") + ".", ""]
     e = r.get("essential")
     if e and e.get("layers"):
         L += ["## ESM's view (calibration statistics)", "",
@@ -165,11 +183,15 @@ def _plots(r: dict, out: Path) -> list[str]:
     w = r["weights"]
     tasks = w["tasks"]
     files = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    _heat(axes[0], w["cosine"], tasks, "cosine of task vectors", vmin=-1 if w["mean_cosine"] < 0 else 0, vmax=1)
-    _heat(axes[1], w["sign_conflict"], tasks, "sign conflict (co-touched entries)", fmt="{:.2f}", vmin=0, vmax=0.5,
-          cmap="magma")
-    _heat(axes[2], w["topk_iou"], tasks, f"top-{round(100 * w['topk'])}% mask IoU", vmin=0, vmax=1)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, im, label in (
+            (axes[0], _heat(axes[0], w["cosine"], tasks, "cosine of task vectors",
+                            vmin=-1 if w["mean_cosine"] < 0 else 0, vmax=1), "cosine"),
+            (axes[1], _heat(axes[1], w["sign_conflict"], tasks, "sign conflict (co-touched entries)", fmt="{:.2f}",
+                            vmin=0, vmax=0.5, cmap="magma"), "share of entries with opposite signs"),
+            (axes[2], _heat(axes[2], w["topk_iou"], tasks, f"top-{round(100 * w['topk'])}% mask IoU", vmin=0, vmax=1),
+             "intersection over union")):
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=8)
     _save(fig, out / "task_vectors.png", files)
 
     blocks = sorted(int(b) for b in w["norm_by_block"])
@@ -253,6 +275,9 @@ def _plots(r: dict, out: Path) -> list[str]:
                     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=mk, ms=3,
                             label=f"{who} ECE {c[who]['ece']:.3f}")
                 ax.set_title(t, fontsize=8)
+                ax.set_xlabel("confidence (max predicted probability)", fontsize=7)
+                ax.set_ylabel("accuracy in that confidence bin", fontsize=7)
+                ax.set(xlim=(0, 1), ylim=(0, 1))
                 ax.legend(fontsize=6)
             for ax in list(axes.flat)[n:]:
                 ax.axis("off")

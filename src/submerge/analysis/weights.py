@@ -79,6 +79,10 @@ class TensorRecord:
     mask_inter: list[list[int]]
     mask_union: list[list[int]]
     spectrum: Optional[dict] = None
+    touched: Optional[list[bool]] = None  # per task: its task vector is not negligible here (see NEGLIGIBLE)
+
+
+NEGLIGIBLE = 1e-6  # a task vector with ||tau|| <= this * ||base|| (or exactly zero) left the tensor untouched
 
 
 class _Deltas:
@@ -181,17 +185,25 @@ class WeightAnalyzer:
         union = sizes[:, None] + sizes[None, :] - inter
         self.last_vectors = None
         role = layer_role(name, self.rules)
+        bnorm = float(bflat.double().norm())
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        touched = [bool(x > 0 and x > NEGLIGIBLE * bnorm) for x in norms.tolist()]
         rec = TensorRecord(
             name=name, shape=list(base.shape), block=self._blocks.get(name), family=family_of(name),
             role=role[0] if role else None, norms=[float(x) for x in gram.diagonal().clamp(min=0).sqrt()],
             gram=gram.tolist(), sign_disagree=disagree.long().tolist(), both_nonzero=both.round().long().tolist(),
             conflict_entries=conflict, contested_entries=contested,
-            mask_inter=inter.round().long().tolist(), mask_union=union.round().long().tolist())
-        if self.spectra and base.dim() == 2 and min(base.shape) > 1 and not embedding:
+            mask_inter=inter.round().long().tolist(), mask_union=union.round().long().tolist(), touched=touched)
+        if self.spectra and base.dim() == 2 and min(base.shape) > 1 and not embedding and any(touched):
             sp = _spectrum(_Deltas(base, experts), self.svd_max, self.lowrank_q)
             k = sp["k"]
-            left = [[subspace_overlap(sp["u"][i], sp["u"][j]) for j in range(t)] for i in range(t)]
-            right = [[subspace_overlap(sp["v"][i], sp["v"][j]) for j in range(t)] for i in range(t)]
+
+            def overlap(vs: list, i: int, j: int) -> float:
+                # an untouched task's "subspace" is an arbitrary basis of a zero matrix: no overlap to measure
+                return subspace_overlap(vs[i], vs[j]) if touched[i] and touched[j] else float("nan")
+
+            left = [[overlap(sp["u"], i, j) for j in range(t)] for i in range(t)]
+            right = [[overlap(sp["v"], i, j) for j in range(t)] for i in range(t)]
             rec.spectrum = {
                 "k": k, "lowrank": sp["lowrank"],
                 "effective_rank": [effective_rank(x) for x in sp["s"]],
@@ -273,4 +285,6 @@ class WeightAnalyzer:
             "mean_cosine_by_block": {str(b): mean_off(c) for b, c in blocks.items()},
             "norm_by_block": {str(b): [math.sqrt(max(x, 0.0)) for x in v.tolist()] for b, v in sorted(norms_block.items())},
             "spectra": per_layer,
+            # tensors no task changed (zero or negligible task vectors): never counted as interference
+            "untouched": [r.name for r in recs if r.touched is not None and not any(r.touched)],
         }

@@ -62,6 +62,18 @@ def _same_prediction_notes(results: dict) -> list[str]:
     return notes
 
 
+def _run_time(results: dict) -> str:
+    """This run's wall time and, when rows or experts were kept from earlier runs, what the table cost in all."""
+    this = results["seconds_total"] / 60
+    kept = sum(1 for r in results["rows"] if r.get("kept"))
+    cached = sum(1 for v in results.get("finetune_log", {}).values() if isinstance(v, dict) and v.get("cached"))
+    if not kept and not cached or "seconds_compute" not in results:
+        return f"Run time {this:.1f} min."
+    return (f"Run time {this:.1f} min; {kept} of {len(results['rows'])} rows and {cached} of "
+            f"{len(results.get('finetune_log', {}))} fine-tuned models were kept from earlier runs, and the whole "
+            f"table took {results['seconds_compute'] / 60:.1f} min of merging, searching and fine-tuning to compute.")
+
+
 def markdown(results: dict) -> str:
     tasks = results["tasks"]
     zs, ft = results["zeroshot"], results["finetuned"]
@@ -75,7 +87,7 @@ def markdown(results: dict) -> str:
         f"fine-tuning; scales (λ, α) chosen on validation (max mean normalised accuracy); test touched once per "
         f"row. Accuracy in %, normalised = merged / fine-tuned per task, averaged, with its 95% bootstrap "
         f"interval over test examples. Rows best first; the best merged value per column in bold (reference rows, "
-        f"marked †, excluded). Run time {results['seconds_total'] / 60:.1f} min.",
+        f"marked †, excluded). {_run_time(results)}",
         "",
         *(["**Warnings:** " + " ".join(f"{w}." for w in results["warnings"]), ""] if results.get("warnings") else []),
         "## Absolute test accuracy",
@@ -186,21 +198,38 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     entries.sort(key=lambda e: -e[1])
     paths = []
 
-    # bars from 0, with each row's 95% interval: no truncated axis exaggerating gaps
-    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(entries) + 1.4))
+    # each row as a point with its 95% interval, on an axis spanning the rows (points, not bars: a bar's length
+    # would claim a zero the axis does not show); the value beside each interval, never under it
+    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(entries) + 1.8))
     y = np.arange(len(entries))[::-1]
     vals = np.array([100 * e[1] for e in entries])
     err = np.array([[100 * (e[1] - e[2][0]), 100 * (e[2][1] - e[1])] if e[2] else [0.0, 0.0] for e in entries]).T
-    ax.barh(y, vals, xerr=err, color=[colours[e[3]] for e in entries], ecolor="black", capsize=2,
-            error_kw={"lw": 0.8})
+    kinds = [e[3] for e in entries]
+    described = {"merge": "merged model (one set of weights for every task)",
+                 "oracle": "ESM++ told each input's true task: an upper bound, not a deployable merge",
+                 "multitask": "one model fine-tuned on all tasks jointly (reference)",
+                 "zeroshot": "references: zero-shot base and the fine-tuned experts (= 100)",
+                 "finetuned": "references: zero-shot base and the fine-tuned experts (= 100)"}
+    for kind in dict.fromkeys(kinds):
+        sel = [i for i, k in enumerate(kinds) if k == kind]
+        ax.errorbar(vals[sel], y[sel], xerr=err[:, sel], fmt="o", ms=5, color=colours[kind], ecolor=colours[kind],
+                    elinewidth=1.2, capsize=2, label=described[kind] if kind != "finetuned" or "zeroshot" not in kinds
+                    else None)
+    hi_end = vals + err[1]
+    for yi, v, end in zip(y, vals, hi_end):
+        ax.text(end + 0.4, yi, f"{v:.1f}", va="center", ha="left", fontsize=7,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.3})
     ax.set_yticks(y, [e[0] for e in entries], fontsize=8)
     ax.axvline(100, color="k", lw=0.8, ls="--")
-    for yi, v in zip(y, vals):
-        ax.text(min(v, 100) - 1, yi, f"{v:.1f}", va="center", ha="right", fontsize=7, color="white")
-    ax.set_xlim(0, 105)
-    ax.set_xlabel("normalised test accuracy (% of the fine-tuned experts), 95% bootstrap interval")
+    lo = float(np.min(vals - err[0]))
+    ax.set_xlim(max(0.0, np.floor(lo / 5) * 5 - 2), max(100.0, float(np.max(hi_end))) + 5)
+    ax.grid(axis="x", color="0.9")
+    ax.set_axisbelow(True)
+    ax.set_xlabel("normalised test accuracy (% of the fine-tuned experts), 95% bootstrap interval "
+                  "(the axis starts near the lowest row)")
     ax.set_title(f"{results['suite']}: {len(tasks)} tasks, seed {results['seed']}  († reference, not a merge)",
                  fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.07), frameon=False)
     fig.tight_layout()
     p = out_dir / "normalized_accuracy.png"
     fig.savefig(p, dpi=120, bbox_inches="tight")

@@ -975,8 +975,8 @@ def _stats_for(S: BenchSession, method: str):
 @one_run
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
               address: Optional[str] = None, actors: Optional[int] = None,
-              resume: Optional[str | Path] = None) -> dict:
-    """Run the benchmark into ``out_dir``.  ``backend="ray"`` computes the method rows on Ray actors
+              resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
+    """Run the benchmark into ``out_dir`` (an earlier run's results there are replaced only with ``overwrite``).  ``backend="ray"`` computes the method rows on Ray actors
     (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
     holding the session's experts and statistics from the object store; the rows are the local ones.
     ``resume``: an earlier run's results.json with the same settings and experts (see :func:`import_rows`):
@@ -984,6 +984,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     cfg = cfg or BenchConfig()
     out_dir = Path(out_dir)
     check_output_target(out_dir, what="results folder")
+    if (out_dir / "results.json").exists() and not overwrite:
+        raise ConfigError(f"results folder {out_dir} already holds a results.json (pass --overwrite to replace it, "
+                          f"or --out for another folder)")
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; use local or ray")
     if backend == "ray":
@@ -1012,6 +1015,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     for method in methods:
         hit = done_rows.get(method)
         if hit is not None:  # a killed run's finished methods are not redone
+            hit = ([{**r, "kept": True} for r in hit[0]], hit[1])  # computed earlier: its time is its own
             found_rows[method] = hit
             say(f"{method}: rows kept from an earlier run with the same settings")
             for r in hit[0]:  # its val-tuned scale, for "<method>+surgery"
@@ -1104,7 +1108,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         "rows": rows,
         "comparisons": comparisons,
         "seed": cfg.seed,
-        "config": {**asdict(cfg), "suite": suite, "recipe": asdict(cfg.recipe)},
+        # where the experts were cached changes no number (and is often a temporary path): not recorded
+        "config": {**{k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, "suite": suite,
+                   "recipe": asdict(cfg.recipe)},
         "warnings": list(S.warnings),
         # per test example, 1 = correct, packed (submerge.bench.evaluate.unpack_correct(hex, n_test)): any
         # paired comparison can be recomputed from results.json alone
@@ -1112,6 +1118,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
                         "finetuned": {k: pack_correct(v) for k, v in ft_test.items()},
                         "zeroshot": {k: pack_correct(v) for k, v in zs_test.items()}},
         "seconds_total": time.perf_counter() - S.t_start,
+        # what the table cost to compute, kept rows and cached experts at the time they took then
+        "seconds_compute": sum(float(r.get("seconds") or 0) for r in rows)
+        + sum(float(v.get("seconds") or 0) for v in S.ft_logs.values() if isinstance(v, dict)),
         **({"resumed_from": str(resume)} if resume is not None else {}),  # rows kept: their time is not in the total
         "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
