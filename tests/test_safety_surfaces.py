@@ -547,3 +547,50 @@ def test_tensor_files_are_checked_finite_before_they_are_written(tmp_path):
     with pytest.raises(NonFiniteError, match="surgery modules: tensor down"):
         s.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ issue 29's small things
+def test_cache_lists_and_clears_only_submerges_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    experts = tmp_path / ".cache" / "submerge" / "experts"
+    experts.mkdir(parents=True)
+    (experts / "e.safetensors").write_bytes(b"x" * 2_000_000)
+    hf = tmp_path / ".cache" / "huggingface"
+    hf.mkdir()
+    (hf / "keep").write_text("not ours")
+    r = run(["cache"])
+    assert r.exit_code == 0 and "experts" in r.output and "2.0 MB" in r.output and "(none yet)" in r.output
+    assert_one_line_error(run(["cache", "clear"]), "--yes")  # no terminal to ask: refused, nothing removed
+    assert experts.exists()
+    r = run(["cache", "clear", "experts", "--yes"])
+    assert r.exit_code == 0 and "removed 2.0 MB" in r.output
+    assert not experts.exists() and (hf / "keep").exists()
+
+
+def test_demo_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = run(["demo", "--method", "task_arithmetic"])
+    assert r.exit_code == 0, r.output
+    assert "finite=True" in r.output and "Writing model shards" not in r.output
+    assert list(tmp_path.iterdir()) == []
+    r = run(["demo", "--out", tmp_path / "kept"])
+    assert r.exit_code == 0 and (tmp_path / "kept" / "merged-ties" / "model.safetensors").exists()
+
+
+def test_extract_lora_output_is_readable_and_names_its_base_absolutely(llama_pair, tmp_path):
+    root, base, ft = llama_pair
+    r = run(["extract-lora", base.name, ft, tmp_path / "lora", "--rank", "2", "-q"], cwd=base.parent)
+    assert r.exit_code == 0, r.output
+    mode = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()
+    assert f"base_model: {base.resolve()}" in (tmp_path / "lora" / "README.md").read_text()
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(base.resolve())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

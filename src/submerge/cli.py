@@ -422,6 +422,34 @@ def validate(config: str, strict: bool) -> None:
 
 
 @main.command()
+@click.argument("action", type=click.Choice(["list", "clear"]), default="list")
+@click.argument("kind", type=click.Choice(["experts", "calibration", "all"]), default="all")
+@click.option("--yes", is_flag=True, help="With clear: do not ask.")
+def cache(action: str, kind: str, yes: bool) -> None:
+    """List the folders submerge keeps between runs and their sizes, or clear them (ACTION: list | clear; KIND:
+    experts (the benchmark's fine-tuned experts and finished rows), calibration (tune's statistics) or all).
+    Everything in them is recomputed when needed; Hugging Face's model cache is never touched."""
+    from submerge.io.caches import cache_sizes, clear_cache
+
+    sizes = cache_sizes()
+    shown = [k for k in sizes if kind in ("all", k)]
+    if action == "list":
+        for k in shown:
+            folder, n = sizes[k]
+            click.echo(f"{k:<12} {n / 1e6:>10.1f} MB  {folder}" + ("" if folder.exists() else "  (none yet)"))
+        click.echo(f"{'total':<12} {sum(sizes[k][1] for k in shown) / 1e6:>10.1f} MB")
+        return
+    total = sum(sizes[k][1] for k in shown)
+    if not yes and not sys.stdin.isatty():
+        raise click.UsageError("clear asks before removing anything; pass --yes to clear without asking")
+    if not yes and not click.confirm(f"remove {', '.join(str(sizes[k][0]) for k in shown)} "
+                                     f"({total / 1e6:.1f} MB)?", default=False):
+        click.echo("nothing removed")
+        return
+    click.echo(f"removed {clear_cache(kind) / 1e6:.1f} MB")
+
+
+@main.command()
 @click.argument("name", required=False)
 def methods(name: Optional[str]) -> None:
     """List merge methods with their parameters, defaults and papers (or describe NAME)."""
@@ -451,51 +479,63 @@ def methods(name: Optional[str]) -> None:
               help="Where to put the demo family and the merged model (default: a temp folder).")
 @click.option("--method", default="ties", show_default=True)
 def demo(out: Optional[str], method: str) -> None:
-    """Build a tiny Llama family, merge it with METHOD, reload the result with transformers."""
+    """Build a tiny Llama family (a base and 3 fine-tunes), merge it with --method (default ties) and reload the
+    result with transformers: a check that submerge works here, no data needed.  Without --out everything is
+    written to a temporary folder, removed at the end."""
+    import contextlib
+    import shutil
+
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from submerge.api import merge as run_merge
+    from submerge.methods import get_method
     from submerge.synthetic import make_family
 
+    m = get_method(method)
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="submerge-demo-"))
-    t0 = time.perf_counter()
-    base, fts = make_family(root / "family", n_finetunes=3)
-    click.echo(f"built a tiny Llama base + 3 fine-tunes in {root / 'family'} ({time.perf_counter() - t0:.1f}s)")
-    config = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts],
-        "parameters": {"normalize": True},
-        "dtype": "float32",
-    }
-    from submerge.methods import get_method
-
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bars, one per tiny model
     try:
-        m = get_method(method)
-    except SubmergeError as e:
-        _fail(e)
-    for mdl in config["models"]:
-        mdl["parameters"] = {k: v for k, v in mdl["parameters"].items() if k in m.param_names}
-    config["parameters"] = {k: v for k, v in config["parameters"].items() if k in m.param_names}
-    if "t" in m.param_names:
-        config["parameters"]["t"] = 0.5
-        config["models"] = config["models"][:1]
-    cfg_path = root / f"{method}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    out_dir = root / f"merged-{method}"
-    try:
+        t0 = time.perf_counter()
+        base, fts = make_family(root / "family", n_finetunes=3)
+        click.echo(f"built a tiny Llama base + 3 fine-tunes ({time.perf_counter() - t0:.1f}s)")
+        config = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        }
+        for mdl in config["models"]:
+            mdl["parameters"] = {k: v for k, v in mdl["parameters"].items() if k in m.param_names}
+        config["parameters"] = {k: v for k, v in config["parameters"].items() if k in m.param_names}
+        if "t" in m.param_names:
+            config["parameters"]["t"] = 0.5
+            config["models"] = config["models"][:1]
+        cfg_path = root / f"{method}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        out_dir = root / f"merged-{method}"
         res = run_merge(cfg_path, out_dir, overwrite=True, random_seed=0, quiet=True)
-    except SubmergeError as e:
-        _fail(e)
-    model = AutoModelForCausalLM.from_pretrained(out_dir)
-    ids = torch.arange(16).reshape(1, 16) % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(ids).logits
-    click.echo(f"merged with {method} in {res.seconds:.2f}s -> {out_dir}")
-    click.echo(f"reloaded with transformers: logits {list(logits.shape)}, finite={bool(torch.isfinite(logits).all())}")
-    click.echo(f"config: {cfg_path}")
+        model = AutoModelForCausalLM.from_pretrained(out_dir)
+        ids = torch.arange(16).reshape(1, 16) % model.config.vocab_size
+        with torch.no_grad():
+            logits = model(ids).logits
+        click.echo(f"merged with {method} in {res.seconds:.2f}s")
+        click.echo(f"reloaded with transformers: logits {list(logits.shape)}, "
+                   f"finite={bool(torch.isfinite(logits).all())}")
+        if out:
+            click.echo(f"family, config and merge in {root} (config: {cfg_path})")
+        else:
+            click.echo("written to a temporary folder, now removed (--out DIR keeps the family, config and merge)")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        if not out:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(root)
 
 
 @main.command()

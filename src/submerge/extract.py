@@ -121,6 +121,9 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
         raise ConfigError(f"modules: bad regex {modules!r} ({e})") from None
     paths, revisions = resolve_model_refs([str(base), str(finetuned)], None)
     bpath, fpath = paths[str(base)], paths[str(finetuned)]
+    # the card and adapter_config.json name the base as a reader can find it: a Hub id as written, a local
+    # folder by its absolute path (a path relative to where extract-lora ran means nothing elsewhere)
+    base_name = str(base) if str(base) in revisions or isinstance(bpath, tuple) else str(Path(bpath).resolve())
     check_output_target(out_dir, [bpath, fpath] if not isinstance(bpath, tuple) else [*bpath, fpath], "adapter folder")
     if Path(out_dir).exists() and not overwrite:
         raise ConfigError(f"adapter folder {out_dir} already exists (pass --overwrite to replace it)")
@@ -181,7 +184,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
             "alpha_pattern": {m: r for m, r in ranks.items() if r != top},
             "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
             "modules_to_save": None, "lora_dropout": 0.0, "init_lora_weights": True, "task_type": None,
-            "base_model_name_or_path": str(base),
+            "base_model_name_or_path": base_name,
         }
         adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         ft_bytes = sum(t.nbytes for t in f_ck.tensors.values())
@@ -189,8 +192,8 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
                            planned_bytes=adapter_bytes) as tmp:
             save_tensors(tensors, tmp / "adapter_model.safetensors", "extract-lora", {"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-            _card(tmp / "README.md", base, finetuned_label or finetuned, rank, energy, ranks, kept, left_out, adapter_bytes, ft_bytes,
-                  revisions)
+            _card(tmp / "README.md", base_name, finetuned_label or finetuned, rank, energy, ranks, kept, left_out,
+                  adapter_bytes, ft_bytes, revisions)
     finally:
         b_ck.close()
         f_ck.close()

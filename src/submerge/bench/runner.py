@@ -30,6 +30,7 @@ from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, lo
 from submerge.bench.tasks import SUITES, get_task
 from submerge.errors import ConfigError
 from submerge.io import check_output_target
+from submerge.io.caches import cache_folder
 from submerge.io.ledger import one_run
 from submerge.methods import get_method, list_methods
 from submerge.search import LAMBDA_GRID, auto_search_kwargs
@@ -183,7 +184,7 @@ class BenchSession:
         or scored again."""
         cfg = self.cfg = cfg or BenchConfig()
         self.t_start = time.perf_counter()
-        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "submerge" / "experts"
+        self.cache = cache_folder("experts", cfg.cache_dir)
         names = self.names = cfg.tasks or SUITES.get(cfg.suite)
         if not names:
             raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")

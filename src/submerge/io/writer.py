@@ -47,6 +47,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: os.PathLike | str, what
     if check:
         check_finite(tensors, what)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; outputs are readable as others are
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def parse_size(text: str | int) -> int:

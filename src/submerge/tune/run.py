@@ -50,7 +50,9 @@ class TuneResult:
 
 
 def _cache_root(cache_dir: Optional[Union[str, Path]]) -> Path:
-    return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "submerge" / "calibration"
+    from submerge.io.caches import cache_folder
+
+    return cache_folder("calibration", cache_dir)
 
 
 def _stats_folder(kind: str, model_dir: Path, spec: dict, root: Path) -> Path:
