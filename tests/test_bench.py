@@ -407,3 +407,27 @@ def test_bench_export_then_tune_reproduces_the_bench_search(tmp_path):
     points = res.report["candidates"][0]["points"]
     assert {p["scale"]: p["objective"] for p in points} == pytest.approx(found.curve, abs=1e-12)
     assert res.winner["params"]["lambda"] == found.alpha
+
+
+def test_run_estimate_weights_each_step_by_its_expected_cost():
+    """What is left = the expected cost of the steps not done, at this run's measured speed: kept steps cost
+    nothing and say nothing about speed; an unknown method is expected to cost the median."""
+    import time
+
+    from submerge.bench.estimate import RunEstimate
+
+    est = RunEstimate(2, ["cheap", "dear", "unknown"], t_start=time.perf_counter(),
+                      costs={"finetune": 10.0, "methods": {"cheap": 1.0, "dear": 100.0}})
+    assert est.method_cost["unknown"] == pytest.approx(50.5)
+    assert est.left() == pytest.approx(2 * 10 + 1 + 100 + 50.5)
+    est.expert_done(20.0)  # twice as slow as measured
+    assert est.speed == pytest.approx(2.0) and est.left() == pytest.approx(2 * (10 + 151.5))
+    est.expert_done(None)  # cached: no time, no speed information
+    assert est.speed == pytest.approx(2.0)
+    est.method_done("cheap", None)  # kept from an earlier run
+    assert est.left() == pytest.approx(2 * 150.5)
+    assert "methods 1/3" in est.line() and "min left" in est.line()
+    est.method_done("dear", 50.0)  # (20 + 50) s for (10 + 100) expected
+    assert est.speed == pytest.approx(70 / 110) and est.left() == pytest.approx(70 / 110 * 50.5)
+    est.method_done("unknown", 30.0)
+    assert est.left() == 0 and est.line().endswith("done]")

@@ -1,14 +1,12 @@
 """Merge configs people published in their models' cards (the "Configuration" section mergekit writes), run
 unchanged: submerge accepts what mergekit 0.1.5 accepts, warns about (and ignores, as mergekit does) the keys
 and parameters mergekit ignores, and gives mergekit's tensors.  Each config's Hub ids resolve to small stand-in
-models of one Llama-like architecture (4 layers: a slice's layer_range is cut to them) laid out in a Hub cache.
+models of one Llama-like architecture (2 layers: a slice's layer_range is cut to them) laid out in a Hub cache.
 To compare tensors without 16-bit rounding noise both tools also run each config with ``dtype: float32``, and
 DELLA configs with every entry kept (the two tools draw from different random streams)."""
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 import textwrap
 
@@ -248,11 +246,11 @@ CONFIGS = {
         slices:
           - sources:
               - model: arcee-ai/Llama-3.1-SuperNova-Lite
-                layer_range: [0, 4]
+                layer_range: [0, 2]
               - model: DreadPoor/Heart_Stolen-8B-Model_Stock
-                layer_range: [0, 4]
+                layer_range: [0, 2]
               - model: Dampfinchen/Llama-3.1-8B-Ultra-Instruct
-                layer_range: [0, 4]
+                layer_range: [0, 2]
         merge_method: model_stock
         base_model: arcee-ai/Llama-3.1-SuperNova-Lite
         dtype: bfloat16
@@ -288,7 +286,7 @@ CONFIGS = {
     """, []),
 }
 
-LAYERS = 4
+LAYERS = 2
 HUB_ID = re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*\b")
 ADAPTER = "nbeerbower/Mistral-Nemo-12B-abliterated-LORA"
 

@@ -17,29 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import submerge
-from submerge.cli import main
-from submerge.errors import CheckpointError, ConfigError
+from submerge.errors import CheckpointError
 from submerge.io import OutputError, check_output_target
 from submerge.io.ledger import recorded, run_scope
 from test_hub import COMMIT, lay_out_cache
 from test_safety import assert_one_line_error, snapshot
+from test_safety import run_cli as run
 from test_tune import _config, cls_family  # noqa: F401 (the fixture is used by name)
 
 TASKS = ("sentiment", "animal")
-
-
-def run(args, cwd=None):
-    old = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        return CliRunner().invoke(main, [str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 def cli_subprocess(args, cwd, env=None, timeout=120):

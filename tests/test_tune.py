@@ -414,6 +414,16 @@ def ray_session():
     ray.shutdown()
 
 
+def test_ray_actors_beyond_what_the_cluster_can_place_are_refused(ray_session):
+    """Actors the cluster has no CPU for would wait forever: refused in one line naming the cluster's size."""
+    from submerge.errors import ConfigError
+    from submerge.tune.backends import RayBackend
+
+    with pytest.raises(ConfigError, match="--actors 3: the Ray cluster has 2 CPU"):
+        RayBackend(actors=3)
+    assert RayBackend(actors=2).n_actors == 2
+
+
 def test_ray_gives_the_local_table_survives_a_killed_worker_and_names_a_failing_candidate(cls_family, tmp_path,
                                                                                           ray_session):
     """One sweep on a local Ray instance: a worker dies mid-sweep (Ray restarts it and retries its candidate) and

@@ -18,6 +18,9 @@ MAX_THREADS = 1024
 SEED = click.IntRange(min=0, max=2**63 - 1)
 
 
+_LONG_COMMANDS = ("bench", "tune", "pareto", "bench_export", "analyze")  # minutes: worth a note on a busy machine
+
+
 def _threads_option(fn):
     """``--threads N``: torch's CPU pool (and BLAS/OpenMP inside it) for the whole command; by default the CPUs
     this process may use (its affinity and cgroup CPU quota), never more, so a busy or limited machine is not
@@ -31,7 +34,12 @@ def _threads_option(fn):
     def wrapper(*args, threads=None, **kwargs):
         from submerge.device import use_threads
 
+        from submerge.device import busy_note
+
         n = use_threads(threads)
+        note = busy_note(n) if fn.__name__ in _LONG_COMMANDS else None
+        if note:
+            click.echo(f"note: {note}", err=True)
         if wants:
             kwargs["threads"] = n
         return fn(*args, **kwargs)
@@ -682,10 +690,11 @@ def bench_export(out_dir: str, suite: str, tasks: Optional[str], seed: int, expe
 @click.option("--fisher-n", type=click.IntRange(min=1), default=None, help="Inputs per task for each expert's Fisher (default 64).")
 @click.option("--cache-dir", default=None)
 @click.option("--out", "out", default=None, help="Output folder (default: bench-results/pareto-<tasks>).")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in the output folder.")
 @click.option("--quiet", "-q", is_flag=True)
 def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, multitask: str, split: str, seed: int,
            quick: bool, n_train: Optional[int], n_test: Optional[int], fisher_n: Optional[int],
-           cache_dir: Optional[str], out: Optional[str], quiet: bool) -> None:
+           cache_dir: Optional[str], out: Optional[str], overwrite: bool, quiet: bool) -> None:
     """Preview task trade-offs: sweep task weights, merge with posterior rules, plot the fronts (PNG)."""
     from submerge.bench.pareto import ParetoConfig, run_pareto
     from submerge.bench.runner import BenchConfig
@@ -700,7 +709,7 @@ def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, 
                        bench=bench)
     out_dir = Path(out) if out else Path("bench-results") / f"pareto-{'-'.join(names)}-seed{seed}"
     try:
-        res = run_pareto(out_dir, cfg)
+        res = run_pareto(out_dir, cfg, overwrite=overwrite)
     except SubmergeError as e:
         _fail(e)
     if not quiet:

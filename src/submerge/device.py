@@ -79,3 +79,22 @@ def use_threads(threads: "int | None" = None) -> int:
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _USER_SET = {v for v in _THREAD_VARS if v in __import__("os").environ}  # set before submerge was imported
+
+
+def busy_note(threads: int) -> "str | None":
+    """A line to print before a long run when other work already keeps this machine's CPUs busy (the 1-minute
+    load average, less this process, over :func:`available_cpus`): torch's and BLAS's thread pools then fight
+    the other jobs for cores, and small linear algebra slows down by up to 10x.  None when the machine is quiet."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus = available_cpus()
+    if load < cpus - 0.5 or load < 1.0:
+        return None
+    share = max(1, cpus - round(load))
+    return (f"the machine is busy (load {load:.1f} on {cpus} CPUs) and this run uses {threads} thread(s): expect it "
+            f"to take longer than the README's quiet-machine times" + (
+                f"; --threads {share} leaves the other jobs their cores" if share < threads else ""))

@@ -28,6 +28,9 @@ class NonFiniteError(SubmergeError):
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?)' for the closest choice, or ''."""
+    """Return ' (did you mean X?)' for the closest choice, or ''.  A word longer than any name could be (a value
+    pasted where a name belongs) gets no suggestion: difflib's cost grows with its length."""
+    if len(word) > 200:
+        return ""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""

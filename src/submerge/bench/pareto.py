@@ -73,12 +73,15 @@ def _extra_seed_experts(S: BenchSession, seed: int) -> list[dict]:
 
 
 @one_run
-def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
-    """Sweep the weights, merge with each rule, score; multitask ground truth; JSON + Markdown + PNG."""
+def run_pareto(out_dir: str | Path, cfg: ParetoConfig, overwrite: bool = False) -> dict:
+    """Sweep the weights, merge with each rule, score; multitask ground truth; JSON + Markdown + PNG (an earlier
+    run's results in ``out_dir`` are replaced only with ``overwrite``)."""
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_target(out_dir, what="results folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "pareto.json").exists() and not overwrite:
+        raise ConfigError(f"results folder {out_dir} already holds a pareto.json (pass --overwrite to replace it, "
+                          f"or --out for another folder)")
     bad = set(cfg.rules) - set(RULES)
     if bad:
         raise ConfigError(f"unknown rule(s) {sorted(bad)}; use {list(RULES)}")
@@ -137,6 +140,7 @@ def run_pareto(out_dir: str | Path, cfg: ParetoConfig) -> dict:
                "gaps": gaps_to_truth(fronts, truth, S.names), "timing": timing,
                "finetune_seconds": ft_seconds, "config": {**asdict(cfg), "bench": None},
                "seconds_total": time.perf_counter() - t_start}
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed run leaves no empty OUT
     (out_dir / "pareto.json").write_text(json.dumps(results, indent=2))
     plot_fronts(results, out_dir / "pareto.png")
     (out_dir / "pareto.md").write_text(markdown(results))

@@ -25,6 +25,7 @@ import torch
 
 from submerge.api import merge_state_dicts
 from submerge.bench.backbone import Backbone
+from submerge.bench.estimate import RunEstimate
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
 from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
@@ -178,10 +179,11 @@ class BenchSession:
     number comes from the same protocol.
     """
 
-    def __init__(self, cfg: Optional[BenchConfig] = None, shared: Optional[dict] = None):
+    def __init__(self, cfg: Optional[BenchConfig] = None, shared: Optional[dict] = None,
+                 estimate: Optional[RunEstimate] = None):
         """``shared``: what :meth:`share` returned in another process (a Ray actor of ``bench --backend
         ray``): its experts, reference scores and statistics are taken as they are, nothing is fine-tuned
-        or scored again."""
+        or scored again.  ``estimate``: the run's estimate, told as each expert is ready."""
         cfg = self.cfg = cfg or BenchConfig()
         self.t_start = time.perf_counter()
         self.cache = cache_folder("experts", cfg.cache_dir)
@@ -226,7 +228,10 @@ class BenchSession:
             del state
             release_memory()
             took = "cached" if info.get("cached") else "fine-tuned in {:.0f}s".format(info["seconds"])
-            say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}")
+            if estimate is not None:
+                estimate.expert_done(None if info.get("cached") else info["seconds"])
+            say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: {took}"
+                + (f" {estimate.line()}" if estimate is not None else ""))
         for i, key in enumerate(self.expert_keys):
             if self.experts[i] is None:
                 self.experts[i] = load_cached(cached_path(self.cache, key))[0]
@@ -995,7 +1000,10 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
 
         check_ray_address(address)
     previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read
-    S = BenchSession(cfg)
+    planned = applicable_methods(len(cfg.tasks or SUITES.get(cfg.suite) or ()), cfg.methods)
+    estimate = RunEstimate(len(cfg.tasks or SUITES.get(cfg.suite) or ()),
+                           planned + (["multitask"] if cfg.multitask else []))
+    S = BenchSession(cfg, estimate=estimate)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
     methods = applicable_methods(len(tasks), cfg.methods)
@@ -1004,7 +1012,6 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     method_of = {n: get_method(split_row_name(n)[0]) for n in methods}
     kind = {n: method_of[n].stats_kind if method_of[n].uses_stats(_params(n)) else "" for n in methods}
     methods.sort(key=lambda n: {"": 0, "fisher": 1}.get(kind[n], 2))
-    t_methods = time.perf_counter()
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
         + (" (on Ray)" if backend == "ray" else ""))
     done_rows = _RowCache(S, cfg)
@@ -1018,6 +1025,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         if hit is not None:  # a killed run's finished methods are not redone
             hit = ([{**r, "kept": True} for r in hit[0]], hit[1])  # computed earlier: its time is its own
             found_rows[method] = hit
+            estimate.method_done(method, None)
             say(f"{method}: rows kept from an earlier run with the same settings")
             for r in hit[0]:  # its val-tuned scale, for "<method>+surgery"
                 if r.get("setting") == "val-tuned" and r.get("alpha") is not None:
@@ -1028,11 +1036,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         found_rows[method] = got
         if got is not None:
             done_rows.put(method, *got)
-        n_done = sum(n in found_rows for n in methods)
-        spent = time.perf_counter() - t_methods
-        left = spent / max(1, n_done - (len(methods) - len(todo))) * (len(methods) - n_done)
-        say(f"[{S.clock()}] {n_done}/{len(methods)} methods done ({method}: {seconds:.0f}s)"
-            + (f", about {left / 60:.0f} min left" if left > 0 else ""))
+        estimate.method_done(method, seconds)
+        say(f"[{S.clock()}] {method}: {seconds:.0f}s {estimate.line()}")
 
     if backend == "ray" and todo:
         from submerge.bench.parallel import ray_method_rows
@@ -1075,8 +1080,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         S.ft_logs["multitask (all tasks jointly)"] = info
         test_correct[label] = res
         rows.append(row)
+        estimate.method_done("multitask", None if info.get("cached") else info.get("seconds"))
         say(f"[{S.clock()}] {label}: norm {100 * row['avg_norm']:.1f} "
-            f"({'cached' if info.get('cached') else 'trained in {:.0f}s'.format(info['seconds'])})")
+            f"({'cached' if info.get('cached') else 'trained in {:.0f}s'.format(info['seconds'])}) {estimate.line()}")
     ft_test, zs_test, splits = S.ft_test, S.zs_test, S.splits
     zs = {k: float(v.mean()) for k, v in zs_test.items()}
     ft = {k: float(v.mean()) for k, v in ft_test.items()}
