@@ -18,9 +18,6 @@ MAX_THREADS = 1024
 SEED = click.IntRange(min=0, max=2**63 - 1)
 
 
-_LONG_COMMANDS = ("bench", "tune", "pareto", "bench_export", "analyze")  # minutes: worth a note on a busy machine
-
-
 def _threads_option(fn):
     """``--threads N``: torch's CPU pool (and BLAS/OpenMP inside it) for the whole command; by default the CPUs
     this process may use (its affinity and cgroup CPU quota), never more, so a busy or limited machine is not
@@ -34,12 +31,7 @@ def _threads_option(fn):
     def wrapper(*args, threads=None, **kwargs):
         from submerge.device import use_threads
 
-        from submerge.device import busy_note
-
         n = use_threads(threads)
-        note = busy_note(n) if fn.__name__ in _LONG_COMMANDS else None
-        if note:
-            click.echo(f"note: {note}", err=True)
         if wants:
             kwargs["threads"] = n
         return fn(*args, **kwargs)

@@ -29,7 +29,8 @@ from submerge.bench.estimate import RunEstimate
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
 from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
-from submerge.errors import ConfigError
+from submerge.device import busy_note
+from submerge.errors import ConfigError, quoted
 from submerge.io import check_output_target
 from submerge.io.caches import cache_folder
 from submerge.io.ledger import one_run
@@ -644,15 +645,10 @@ def read_resume(path: str | Path, cfg: "BenchConfig") -> dict:
                     != json.dumps(theirs.get(k), sort_keys=True, default=str))
     if differ:
         raise ConfigError(f"{where}: that run's settings differ from this one's in "
-                          + ", ".join(f"{k} ({_shown(theirs.get(k))} there, {_shown(mine.get(k))} here)"
+                          + ", ".join(f"{k} ({quoted(theirs.get(k))} there, {quoted(mine.get(k))} here)"
                                       for k in differ[:6]) + (" ..." if len(differ) > 6 else ""))
     old["_path"] = str(path)
     return old
-
-
-def _shown(value: object, limit: int = 80) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else f"{r[:limit]}..."
 
 
 def import_rows(S: "BenchSession", cache: _RowCache, old: dict, methods: Sequence[str]) -> list[str]:
@@ -666,7 +662,7 @@ def import_rows(S: "BenchSession", cache: _RowCache, old: dict, methods: Sequenc
     old_cfg, old_rows, per = old["config"], old["rows"], old["per_example"]
     backbone = old.get("backbone")
     if old.get("tasks") != S.names or not isinstance(backbone, dict) or backbone.get("sha256") != S.bb.fingerprint:
-        raise ConfigError(f"--resume {path}: another backbone or task list ({_shown(old.get('tasks'))})")
+        raise ConfigError(f"--resume {path}: another backbone or task list ({quoted(old.get('tasks'))})")
     for which, scores in (("finetuned", S.ft_test), ("zeroshot", S.zs_test)):
         theirs_bits = per.get(which) or {}
         bad = [t for t in S.names if theirs_bits.get(t) != pack_correct(scores[t])]
@@ -982,7 +978,8 @@ def _stats_for(S: BenchSession, method: str):
 def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
               address: Optional[str] = None, actors: Optional[int] = None,
               resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
-    """Run the benchmark into ``out_dir`` (an earlier run's results there are replaced only with ``overwrite``).  ``backend="ray"`` computes the method rows on Ray actors
+    """Run the benchmark into ``out_dir`` (an earlier run's results there are replaced only with ``overwrite``).
+    ``backend="ray"`` computes the method rows on Ray actors
     (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
     holding the session's experts and statistics from the object store; the rows are the local ones.
     ``resume``: an earlier run's results.json with the same settings and experts (see :func:`import_rows`):
@@ -1003,6 +1000,9 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     planned = applicable_methods(len(cfg.tasks or SUITES.get(cfg.suite) or ()), cfg.methods)
     estimate = RunEstimate(len(cfg.tasks or SUITES.get(cfg.suite) or ()),
                            planned + (["multitask"] if cfg.multitask else []))
+    note = None if cfg.quiet else busy_note(torch.get_num_threads())
+    if note:  # after every check: a refused run prints its one error line only
+        print(f"note: {note}", flush=True)
     S = BenchSession(cfg, estimate=estimate)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from submerge.errors import CheckpointError
+from submerge.errors import CheckpointError, quoted
 from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, read_small_text
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?:@(?P<rev>.*))?$")
@@ -52,8 +52,7 @@ def parse_hub_id(ref: str) -> Optional[HubRef]:
         return None
     rev = m.group("rev")
     if rev is not None and not valid_revision(rev):
-        shown = rev if len(rev) <= 80 else rev[:80] + "..."
-        raise CheckpointError(f"model '{ref[:200]}': revision {shown!r} is not a commit hash, branch or tag name "
+        raise CheckpointError(f"model '{ref[:200]}': revision {quoted(rev)} is not a commit hash, branch or tag name "
                               f"(letters, digits, '_', '-', '.', and '/' between parts)")
     return HubRef(m.group("repo"), rev)
 
@@ -120,8 +119,7 @@ def _cached_snapshot(ref: HubRef) -> Optional[Path]:
             return None
         commit = read_small_text(ref_file, repo, f"model '{ref}'", limit=4096).strip()
         if not _COMMIT_RE.match(commit):
-            shown = commit if len(commit) <= 60 else commit[:60] + "..."
-            raise CheckpointError(f"model '{ref}': the cache's {ref_file} holds {shown!r}, not a commit hash "
+            raise CheckpointError(f"model '{ref}': the cache's {ref_file} holds {quoted(commit)}, not a commit hash "
                                   f"(a damaged Hugging Face cache?)")
     snap = repo / "snapshots" / commit
     if not snap.is_dir():

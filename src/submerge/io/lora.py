@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from submerge.errors import CheckpointError
+from submerge.errors import CheckpointError, quoted
 from submerge.io.files import checked_file, read_small_text
 from submerge.io.reader import Checkpoint, TensorInfo
 
@@ -95,7 +95,7 @@ class LoraAdapter:
             if "A" not in slot or "B" not in slot:
                 raise CheckpointError(f"{what}: module {module} has only one of lora_A / lora_B")
             if not self.targeted(module):
-                raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {_short(cfg.get('target_modules'))} "
+                raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {quoted(cfg.get('target_modules'))} "
                                       f"does not name module {module}, which the adapter's tensors hold (PEFT "
                                       f"would not load it)")
 
@@ -217,22 +217,17 @@ class AdaptedCheckpoint(Checkpoint):
         self.adapter.close()
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
-
-
 def _number(value: Any, where: str) -> float:
     """A finite number (a JSON int or float), as PEFT needs ``lora_alpha`` to be."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CheckpointError(f"{where} must be a finite number, got {_short(value)}")
+        raise CheckpointError(f"{where} must be a finite number, got {quoted(value)}")
     return float(value)
 
 
 def _rank(value: Any, where: str) -> int:
     """A positive integer rank (PEFT refuses r <= 0 and builds layers of exactly this size)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{where} must be a positive integer, got {_short(value)}")
+        raise CheckpointError(f"{where} must be a positive integer, got {quoted(value)}")
     return value
 
 
@@ -243,15 +238,15 @@ def _pattern(value: Any, name: str, check: Any, what: str) -> dict:
         return {}
     if not isinstance(value, dict):
         raise CheckpointError(f"{what}: {CONFIG_FILE}: {name} must map module-name patterns to values, got "
-                              f"{_short(value)}")
+                              f"{quoted(value)}")
     out = {}
     for key, v in value.items():
         try:
             re.compile(rf"(.*\.)?({key})$")
         except re.error as e:
-            raise CheckpointError(f"{what}: {CONFIG_FILE}: {name} key {_short(key)} is not a valid pattern ({e})") \
+            raise CheckpointError(f"{what}: {CONFIG_FILE}: {name} key {quoted(key)} is not a valid pattern ({e})") \
                 from None
-        out[key] = check(v, f"{what}: {CONFIG_FILE}: {name}[{_short(key)}]")
+        out[key] = check(v, f"{what}: {CONFIG_FILE}: {name}[{quoted(key)}]")
     return out
 
 
@@ -263,13 +258,13 @@ def _targets(value: Any, what: str) -> Any:
         try:
             re.compile(value)
         except re.error as e:
-            raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {_short(value)} is not a valid regular "
+            raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules {quoted(value)} is not a valid regular "
                                   f"expression ({e})") from None
         return value
     if isinstance(value, list) and all(isinstance(x, str) and x for x in value):
         return list(value)
     raise CheckpointError(f"{what}: {CONFIG_FILE}: target_modules must be a list of module names or a regular "
-                          f"expression, got {_short(value)}")
+                          f"expression, got {quoted(value)}")
 
 
 def split_adapter_ref(ref: str) -> Optional[tuple[str, str]]:

@@ -105,17 +105,13 @@ def check_output_target(out: PathLike, inputs: Iterable[Optional[PathLike]] = ()
             if not os.path.lexists(ip):
                 continue
             if ip == res:
-                raise OutputError(f"refusing {shown}: it is an input of this run ({_short(inp)})")
+                raise OutputError(f"refusing {shown}: it is an input of this run ({inp})")
             if _inside(ip, res):
-                raise OutputError(f"refusing {shown}: it contains an input of this run ({_short(inp)})")
+                raise OutputError(f"refusing {shown}: it contains an input of this run ({inp})")
             if _inside(res, ip):
-                raise OutputError(f"refusing {shown}: it lies inside an input of this run ({_short(inp)})")
+                raise OutputError(f"refusing {shown}: it lies inside an input of this run ({inp})")
     return res
 
-
-def _short(p: PathLike, limit: int = 300) -> str:
-    s = os.fspath(p)
-    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def _leftover_re(name: str) -> re.Pattern:
@@ -242,6 +238,12 @@ def os_error_message(e: OSError, where: Path) -> str:
     return f"cannot write {where}: {e.strerror or e}"
 
 
+def _raise_disk_error(e: OSError, where: Path) -> None:
+    """A full, read-only or forbidden disk while writing is one line (:class:`OutputError`); other errors pass."""
+    if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        raise OutputError(os_error_message(e, where)) from None
+
+
 @contextlib.contextmanager
 def atomic_folder(out: PathLike, overwrite: bool = False, what: str = "output folder", *,
                   inputs: Iterable[Optional[PathLike]] = (), planned_bytes: int = 0) -> Iterator[Path]:
@@ -285,8 +287,7 @@ def _atomic_folder(out: PathLike, overwrite: bool, what: str, inputs: list,
                 try:
                     yield tmp
                 except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-                        raise OutputError(os_error_message(e, out)) from None
+                    _raise_disk_error(e, out)
                     raise
                 check_output_target(out, inputs, what)  # every input read while writing counts too
                 _swap_in(tmp, out, aside, overwrite, what)
@@ -333,8 +334,7 @@ def write_files_atomically(folder: Path, writers: dict[str, Callable[[Path], Any
                 for name, tmp in tmps.items():
                     os.replace(tmp, folder / name)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-                    raise OutputError(os_error_message(e, folder)) from None
+                _raise_disk_error(e, folder)
                 raise
             finally:
                 for tmp in tmps.values():

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from submerge.errors import ConfigError
+from submerge.errors import ConfigError, quoted
 
 HEAD_FILE = "submerge_head.safetensors"
 BUILTIN = ("classification", "lm_loss")
@@ -241,8 +241,7 @@ class ClassificationScorer(Scorer):
             elif type(y) is int and 0 <= y < n:
                 labels.append(y)
             else:
-                shown = repr(y) if len(repr(y)) <= 80 else repr(y)[:80] + "..."
-                raise ConfigError(f"{self.task.data}: label {shown} of row {i + 1} is not a class of the expert "
+                raise ConfigError(f"{self.task.data}: label {quoted(y)} of row {i + 1} is not a class of the expert "
                                   f"{self.task.expert} (an integer in 0..{n - 1} or one of {names[:8]})")
         return labels
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from submerge.config import MergeConfig, load_yaml_text, parse_config, refuse_nul
-from submerge.errors import ConfigError, suggest
+from submerge.errors import ConfigError, quoted, suggest
 
 TUNE_KEYS = ("search", "eval", "objective", "calibrate", "fisher")
 MODEL_KEYS = ("name", "calibrate", "fisher")
@@ -168,23 +168,23 @@ def _values(name: str, v: Any, where: str) -> Union[str, list, Any]:
         bad = set(v) - {"range", "step", "steps"}
         if bad or "range" not in v or ("step" in v) == ("steps" in v):
             raise ConfigError(f"{where}: {name}: a grid is {{range: [low, high], step: S}} or "
-                              f"{{range: [low, high], steps: N}}, got {_shown(v)}")
+                              f"{{range: [low, high], steps: N}}, got {quoted(v)}")
         lo, hi = v["range"] if isinstance(v["range"], list) and len(v["range"]) == 2 else (None, None)
         if not all(_number(x) for x in (lo, hi)) or hi < lo:
-            raise ConfigError(f"{where}: {name}: range must be [low, high], finite numbers, got {_shown(v['range'])}")
+            raise ConfigError(f"{where}: {name}: range must be [low, high], finite numbers, got {quoted(v['range'])}")
         if "steps" in v:
             n = v["steps"]
             if type(n) is not int or n < 1:
-                raise ConfigError(f"{where}: {name}: steps must be a positive integer, got {_shown(n)}")
+                raise ConfigError(f"{where}: {name}: steps must be a positive integer, got {quoted(n)}")
             if n > MAX_GRID:
                 raise ConfigError(f"{where}: {name}: {n} steps; a grid takes at most {MAX_GRID} values")
             return [round(lo + (hi - lo) * i / max(n - 1, 1), 10) for i in range(n)] if n > 1 else [lo]
         step = v["step"]
         if not _number(step) or step <= 0:
-            raise ConfigError(f"{where}: {name}: step must be a positive finite number, got {_shown(step)}")
+            raise ConfigError(f"{where}: {name}: step must be a positive finite number, got {quoted(step)}")
         k = (hi - lo) / step
         if not k < MAX_GRID:
-            raise ConfigError(f"{where}: {name}: range {_shown(v['range'])} with step {step:g} makes "
+            raise ConfigError(f"{where}: {name}: range {quoted(v['range'])} with step {step:g} makes "
                               f"{k + 1:.3g} values; a grid takes at most {MAX_GRID} (use a larger step)")
         k = int(round(k + 1e-9))
         return [round(lo + step * i, 10) for i in range(k + 1)]
@@ -494,7 +494,7 @@ def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list
         options = s.get("options") or {}
         if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
             raise ConfigError(f"eval.tasks.{e.name}: options must be a mapping of names to values (the python "
-                              f"scorer's task.options), got {_shown(options)}")
+                              f"scorer's task.options), got {quoted(options)}")
         data = Path(str(s["data"])).expanduser()
         data = data if data.is_absolute() else config_dir / data
         expert = Path(_abs(e.ref.split("+")[-1], config_dir))
@@ -521,11 +521,6 @@ def _scorer_file_in(scorer: str, config_dir: Path) -> str:
         return f"python:{config_dir / mod}:{fn}"
     return scorer
 
-
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value as an error quotes it: its repr, cut to ``limit`` characters."""
-    r = repr(value)
-    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
 
 
 def load_tune(path: Union[str, Path]) -> TuneSpec:
