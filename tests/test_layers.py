@@ -101,3 +101,24 @@ def test_tensors_are_written_only_through_io():
                     any(a.name in ("save_file", "save") for a in node.names):
                 bad.append(mod)
     assert not bad, f"modules writing safetensors files directly (use submerge.io.writer.save_tensors): {bad}"
+
+
+def test_no_private_name_crosses_a_unit_and_nothing_imports_the_package_face():
+    """A ``_name`` is its unit's own business: no other unit imports it.  The package face (``submerge``'s
+    ``__init__``) re-exports the public API for users; modules inside the package import what they need from
+    where it lives (``submerge.version`` for the version), never from the face above them."""
+    bad = []
+    for path in SRC.rglob("*.py"):
+        mod = _module_of(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            if node.module == "submerge" and mod != "submerge":
+                bad.append(f"{mod} imports {[a.name for a in node.names]} from the package face")
+            elif node.module.startswith("submerge.") and _group(node.module) != _group(mod):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                if private:
+                    bad.append(f"{mod} imports private {private} from {node.module}")
+        if '__import__("submerge")' in path.read_text():
+            bad.append(f"{mod} reaches the package face through __import__")
+    assert not bad, bad

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from submerge._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from submerge.version import __version__  # noqa: F401
 
 _EXPORTS = {
     "merge": "submerge.api",

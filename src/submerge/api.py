@@ -91,7 +91,7 @@ def _merge_as_lora(cfg: MergeConfig, config_dir: Optional[Path], out: Path, opts
         raise ConfigError("--lora-rank writes the merge as an adapter on the base_model; the config names none")
     full = out.parent / f".{out.name}.submerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        res = merge(cfg if config_dir is None else _with_abs_paths(cfg, config_dir), full,
+        res = merge(cfg if config_dir is None else with_abs_paths(cfg, config_dir), full,
                     dataclasses.replace(opts, lora_rank=None, overwrite=False, write_card=True))
         ext = extract_lora(_base_ref(cfg, config_dir), full, out, rank=opts.lora_rank, energy=opts.lora_energy,
                            overwrite=opts.overwrite, progress=not opts.quiet,
@@ -108,7 +108,7 @@ def _merge_as_lora(cfg: MergeConfig, config_dir: Optional[Path], out: Path, opts
                                files=["adapter_model.safetensors", "adapter_config.json", "README.md"])
 
 
-def _with_abs_paths(cfg: MergeConfig, config_dir: Path) -> MergeConfig:
+def with_abs_paths(cfg: MergeConfig, config_dir: Path) -> MergeConfig:
     """Relative model paths of a config file, made absolute (the merge runs from a dict)."""
     raw = cfg.model_dump(exclude_none=True)
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", seed: Optional[int],
                      files: list[str]) -> None:
-    from submerge import __version__
+    from submerge.version import __version__
 
     m = plan.method
     cfg = plan.config

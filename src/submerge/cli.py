@@ -162,10 +162,7 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
                         threads=threads, random_seed=random_seed, overwrite=overwrite, quiet=quiet,
                         copy_tokenizer=not no_copy_tokenizer, prefetch=not no_prefetch, lora_rank=lora_rank,
                         lora_energy=lora_energy, strict=strict)
-    try:
-        res = run_merge(config, out_dir, opts)
-    except SubmergeError as e:
-        _fail(e)
+    res = run_merge(config, out_dir, opts)
     for warning in res.ignored:
         click.echo(f"warning: {_one_line(warning)}", err=True)
     if not quiet:
@@ -201,12 +198,9 @@ def calibrate(model_dir: str, inputs: str, out_dir: str, n: int, max_length: int
     from submerge.stats.gram import calibrate_model_dir
 
     _setup_logging(0, quiet)
-    try:
-        st = calibrate_model_dir(model_dir, inputs, out_dir, n=n, max_length=max_length, batch_size=batch_size,
-                                 seed=seed, task=task, layers=layers, source=source, field_name=field_name,
-                                 device=device, overwrite=overwrite, progress=not quiet)
-    except SubmergeError as e:
-        _fail(e)
+    st = calibrate_model_dir(model_dir, inputs, out_dir, n=n, max_length=max_length, batch_size=batch_size,
+                             seed=seed, task=task, layers=layers, source=source, field_name=field_name,
+                             device=device, overwrite=overwrite, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {out_dir}: {len(st.layers)} layers (+{len(st.aliases)} sharing an input), "
                    f"{st.info.get('n_inputs')} inputs, {st.info.get('tokens')} tokens, {st.info.get('seconds')}s")
@@ -237,12 +231,9 @@ def fisher(model_dir: str, inputs: str, out_dir: str, n: int, kind: str, label_f
     from submerge.stats.fisher import fisher_model_dir
 
     _setup_logging(0, quiet)
-    try:
-        st = fisher_model_dir(model_dir, inputs, out_dir, n=n, kind=kind, label_field=label_field,
-                              field_name=field_name, max_length=max_length, seed=seed, task=task, device=device,
-                              overwrite=overwrite, progress=not quiet)
-    except SubmergeError as e:
-        _fail(e)
+    st = fisher_model_dir(model_dir, inputs, out_dir, n=n, kind=kind, label_field=label_field,
+                          field_name=field_name, max_length=max_length, seed=seed, task=task, device=device,
+                          overwrite=overwrite, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {out_dir}: {kind} Fisher of {len(st.tensors)} tensors on {st.info['n_examples']} inputs "
                    f"in {st.info['seconds']}s")
@@ -277,28 +268,25 @@ def surgery(merged_dir: str, experts: tuple, inputs: tuple, rank: int, steps: in
     from submerge.routing.surgery import fit_surgery_folders
 
     _setup_logging(0, quiet)
-    try:
-        pairs = {}
-        for what, items in (("--expert", experts), ("--inputs", inputs)):
-            got = {}
-            for item in items:
-                name, sep, value = item.partition("=")
-                if not sep or not name or not value:
-                    raise ConfigError(f"{what} {item!r}: expected NAME={'FOLDER' if what == '--expert' else 'FILE'}")
-                if name in got:
-                    raise ConfigError(f"{what}: task {name!r} given twice")
-                got[name] = value
-            pairs[what] = got
-        if set(pairs["--expert"]) != set(pairs["--inputs"]):
-            raise ConfigError(f"--expert names {sorted(pairs['--expert'])} and --inputs names "
-                              f"{sorted(pairs['--inputs'])} differ: each task needs both")
-        order = list(pairs["--expert"])
-        s = fit_surgery_folders(merged_dir, [(k, pairs["--expert"][k]) for k in order],
-                                [pairs["--inputs"][k] for k in order], rank=rank, steps=steps, lr=lr, n=n,
-                                max_length=max_length, batch_size=batch_size, seed=seed, field_name=field_name,
-                                device=device, overwrite=overwrite, progress=not quiet)
-    except SubmergeError as e:
-        _fail(e)
+    pairs = {}
+    for what, items in (("--expert", experts), ("--inputs", inputs)):
+        got = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise ConfigError(f"{what} {item!r}: expected NAME={'FOLDER' if what == '--expert' else 'FILE'}")
+            if name in got:
+                raise ConfigError(f"{what}: task {name!r} given twice")
+            got[name] = value
+        pairs[what] = got
+    if set(pairs["--expert"]) != set(pairs["--inputs"]):
+        raise ConfigError(f"--expert names {sorted(pairs['--expert'])} and --inputs names "
+                          f"{sorted(pairs['--inputs'])} differ: each task needs both")
+    order = list(pairs["--expert"])
+    s = fit_surgery_folders(merged_dir, [(k, pairs["--expert"][k]) for k in order],
+                            [pairs["--inputs"][k] for k in order], rank=rank, steps=steps, lr=lr, n=n,
+                            max_length=max_length, batch_size=batch_size, seed=seed, field_name=field_name,
+                            device=device, overwrite=overwrite, progress=not quiet)
     if not quiet:
         gaps = ", ".join(f"{t} {b:.4f} -> {a:.4f}" for t, (b, a) in zip(s.tasks, s.info["l1_before_after"]))
         click.echo(f"wrote {merged_dir}/surgery.safetensors: {len(s.tasks)} tasks, rank {rank}; "
@@ -330,11 +318,8 @@ def analyze(config: str, out_dir: str, calibration: tuple, scorer: Optional[str]
     from submerge.analysis.run import analyze as run_analyze
 
     _setup_logging(0, quiet)
-    try:
-        res = run_analyze(config, out_dir, calibration=calibration, scorer=scorer, topk=topk, points=points,
-                          pairs=not no_pairs, spectra=not no_spectra, overwrite=overwrite, progress=not quiet)
-    except SubmergeError as e:
-        _fail(e)
+    res = run_analyze(config, out_dir, calibration=calibration, scorer=scorer, topk=topk, points=points,
+                      pairs=not no_pairs, spectra=not no_spectra, overwrite=overwrite, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {out_dir}: analysis.json, analysis.md and PNGs ({res['seconds']} s)")
 
@@ -361,11 +346,8 @@ def align(model: str, reference: str, out_dir: str, heads: Optional[int], residu
     from submerge.analysis.align import align_model_dir
 
     _setup_logging(0, quiet)
-    try:
-        rep = align_model_dir(model, reference, out_dir, heads=heads, residual=residual, max_iter=max_iter,
-                              seed=seed, overwrite=overwrite)
-    except SubmergeError as e:
-        _fail(e)
+    rep = align_model_dir(model, reference, out_dir, heads=heads, residual=residual, max_iter=max_iter,
+                          seed=seed, overwrite=overwrite)
     if not quiet:
         moved = sum(rep["moved"].values())
         click.echo(f"wrote {out_dir}: {len(rep['groups'])} permutation groups, {moved} units moved, "
@@ -455,10 +437,7 @@ def methods(name: Optional[str]) -> None:
     """List merge methods with their parameters, defaults and papers (or describe NAME)."""
     from submerge.methods import get_method, list_methods
 
-    try:
-        chosen = [get_method(name)] if name else list_methods()
-    except SubmergeError as e:
-        _fail(e)
+    chosen = [get_method(name)] if name else list_methods()
     for m in chosen:
         click.echo(f"{m.name}  —  {m.pretty_name}")
         click.echo(f"  paper:   {m.paper} ({m.url})")
@@ -590,10 +569,7 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(suite=suite, **kw)
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
-    try:
-        run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume, overwrite=overwrite)
-    except SubmergeError as e:
-        _fail(e)
+    run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume, overwrite=overwrite)
 
 
 @main.command()
@@ -700,10 +676,7 @@ def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, 
                        multitask=[float(x) for x in multitask.split(",") if x.strip()], split=split, seed=seed,
                        bench=bench)
     out_dir = Path(out) if out else Path("bench-results") / f"pareto-{'-'.join(names)}-seed{seed}"
-    try:
-        res = run_pareto(out_dir, cfg, overwrite=overwrite)
-    except SubmergeError as e:
-        _fail(e)
+    res = run_pareto(out_dir, cfg, overwrite=overwrite)
     if not quiet:
         click.echo(f"wrote {out_dir}/pareto.json, pareto.md, pareto.png in {res['seconds_total'] / 60:.1f} min")
         for rule, g in res["gaps"].items():

@@ -203,7 +203,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
 def _card(path: Path, base: Any, finetuned: Any, rank: Any, energy: float, ranks: dict[str, int],
           kept: dict[str, float], left_out: dict[str, float], adapter_bytes: int, ft_bytes: int,
           revisions: dict[str, str]) -> None:
-    from submerge import __version__
+    from submerge.version import __version__
 
     mean_kept = sum(kept.values()) / len(kept)
     worst = min(kept, key=kept.get)

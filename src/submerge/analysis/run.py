@@ -173,7 +173,7 @@ def _sayer(progress: bool):
 def _eval_tasks(eval_raw: Any, cfg, tasks: list[str], config_dir: Path, scorer: Optional[str]) -> list:
     from submerge.tune.scorers import make_scorer
     from submerge.tune.spec import ModelEntry
-    from submerge.tune.spec import _eval_tasks as parse_eval
+    from submerge.tune.spec import eval_tasks as parse_eval
 
     entries = [ModelEntry(n, str(m.model), {}) for n, m in zip(tasks, cfg.models)]
     block = dict(eval_raw) if isinstance(eval_raw, dict) else eval_raw
@@ -204,14 +204,14 @@ def _read_all(ckpt) -> dict:
 def _scored(cfg, cpath: Path, config_dir: Path, plan, base_key: str, keys: list[str], tasks: list[str],
             eval_tasks: list, tmp: Path, points: int, pairs: bool, say) -> dict:
     from submerge.analysis.paths import Evaluator, analyze_paths
-    from submerge.api import _with_abs_paths, merge
+    from submerge.api import merge, with_abs_paths
     from submerge.io import Checkpoint
     from submerge.plan import MergeOptions
     from submerge.tune.worker import SweepWorker
 
     say(f"merging with {cfg.merge_method} (as `submerge merge` does) for the scored analyses")
     merged_dir = tmp / ".merged"
-    res = merge(_with_abs_paths(cfg, config_dir), merged_dir, MergeOptions(quiet=True, write_card=False, copy_tokenizer=False))
+    res = merge(with_abs_paths(cfg, config_dir), merged_dir, MergeOptions(quiet=True, write_card=False, copy_tokenizer=False))
     with Checkpoint(merged_dir, label="merge") as ck:
         merged = _read_all(ck)
     import shutil

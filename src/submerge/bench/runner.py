@@ -36,6 +36,7 @@ from submerge.io.caches import cache_folder
 from submerge.io.ledger import one_run
 from submerge.methods import get_method, list_methods
 from submerge.search import LAMBDA_GRID, auto_search_kwargs
+from submerge.version import __version__
 
 log = logging.getLogger("submerge.bench")
 
@@ -573,7 +574,7 @@ class _RowCache:
         self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys]).encode()).hexdigest()[:8]
                        for m, keys in METHOD_SETTINGS.items()}
         blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.bb.fingerprint,
-                           "version": __import__("submerge").__version__}, sort_keys=True, default=str)
+                           "version": __version__}, sort_keys=True, default=str)
         self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.sizes = {t.name: len(S.splits[t.name].test[0]) for t in S.tasks}
 
@@ -1129,7 +1130,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         "seconds_compute": sum(float(r.get("seconds") or 0) for r in rows)
         + sum(float(v.get("seconds") or 0) for v in S.ft_logs.values() if isinstance(v, dict)),
         **({"resumed_from": str(resume)} if resume is not None else {}),  # rows kept: their time is not in the total
-        "versions": {"submerge": __import__("submerge").__version__, "torch": torch.__version__,
+        "versions": {"submerge": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed run leaves no empty OUT

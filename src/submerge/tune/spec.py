@@ -439,7 +439,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
     # the merge part alone must be a valid config (any method): keys, dtypes, tokenizer block
     parse_config({**merge, "merge_method": "linear"}, source)
     candidates = _candidates(raw["search"], [e.parameters for e in entries])
-    tasks = _eval_tasks(raw["eval"], entries, config_dir)
+    tasks = eval_tasks(raw["eval"], entries, config_dir)
     for t in tasks:
         make_scorer(t).check()  # data files and fields, scorer imports: before any model is loaded
     if any(c.learn is not None for c in candidates):
@@ -450,7 +450,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
     return TuneSpec(merge, entries, candidates, tasks, _objective(raw.get("objective"), names), config_dir, raw)
 
 
-def _eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list:
+def eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list:
     from submerge.tune.scorers import TaskData
 
     if not isinstance(block, dict) or "tasks" not in block:
