@@ -16,7 +16,6 @@ config's ``calibration:`` entry (or ``stats=`` in the Python API), one tensor at
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -24,11 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from submerge.errors import CheckpointError, ConfigError
+from submerge.errors import ConfigError
 from submerge.io.ledger import one_run
 from submerge.io.pretrained import load_pretrained
-from submerge.io.writer import save_tensors
-from submerge.stats.folder import model_fingerprint, open_safetensors, read_manifest
+from submerge.stats.folder import model_fingerprint, open_folder, save_folder
 from submerge.stats.inputs import check_model_run, effective_max_length, read_inputs
 
 FORMAT = "submerge-fisher/1"
@@ -75,13 +73,8 @@ class FisherStats:
     def save(self, path: Union[str, Path], overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
         """Write ``fisher.safetensors`` + ``fisher.json`` into folder ``path`` (atomically; ``inputs``:
         paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
-        from submerge.io import atomic_folder
-
-        planned = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        with atomic_folder(path, overwrite, "Fisher folder", inputs=inputs, planned_bytes=planned) as tmp:
-            save_tensors(self.tensors, tmp / FISHER_FILE, "Fisher statistics")
-            (tmp / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **self.info}, indent=2) + "\n")
-        return Path(path)
+        return save_folder(path, self.tensors, FISHER_FILE, MANIFEST_FILE, {"format": FORMAT, **self.info}, "Fisher",
+                           overwrite, inputs)
 
 
 class FisherReader(FisherStats):
@@ -89,12 +82,7 @@ class FisherReader(FisherStats):
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
-        mpath = self.path / MANIFEST_FILE
-        if not mpath.exists() or not (self.path / FISHER_FILE).exists():
-            raise CheckpointError(f"{self.path} is not a Fisher folder (needs {MANIFEST_FILE} and {FISHER_FILE}; "
-                                  f"create one with `submerge fisher`)")
-        manifest = read_manifest(mpath, FORMAT, self.path)
-        self._file = open_safetensors(self.path / FISHER_FILE, self.path)
+        manifest, self._file = open_folder(self.path, FISHER_FILE, MANIFEST_FILE, FORMAT, "Fisher", "submerge fisher")
         self._shapes = {k: list(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
         super().__init__({}, {k: v for k, v in manifest.items() if k != "format"})
 

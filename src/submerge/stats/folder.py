@@ -6,13 +6,38 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from submerge.errors import CheckpointError
 
 
 def _is_pos_int(v: Any) -> bool:
     return type(v) is int and v > 0
+
+
+def save_folder(path: Union[str, Path], tensors: dict, tensor_file: str, manifest_file: str, manifest: dict,
+                kind: str, overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
+    """Write a statistics folder atomically (:func:`submerge.io.atomic_folder`; ``inputs``: paths it must not
+    replace or contain): the tensors (checked finite) into ``tensor_file``, then the JSON manifest."""
+    from submerge.io import atomic_folder
+    from submerge.io.writer import save_tensors
+
+    planned = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_folder(path, overwrite, f"{kind} folder", inputs=inputs, planned_bytes=planned) as tmp:
+        save_tensors(tensors, tmp / tensor_file, f"{kind} statistics")
+        (tmp / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(path)
+
+
+def open_folder(path: Path, tensor_file: str, manifest_file: str, fmt: str, kind: str, command: str) -> tuple[dict, Any]:
+    """A statistics folder's checked manifest and its tensor file opened lazily (one-line errors naming the
+    command that makes such a folder)."""
+    mpath = path / manifest_file
+    if not mpath.exists() or not (path / tensor_file).exists():
+        raise CheckpointError(f"{path} is not a {kind} folder (needs {manifest_file} and {tensor_file}; create one "
+                              f"with `{command}`)")
+    manifest = read_manifest(mpath, fmt, path)
+    return manifest, open_safetensors(path / tensor_file, path)
 
 
 def read_manifest(path: Path, fmt: str, folder: Path) -> dict:

@@ -18,7 +18,6 @@ mean input.  Since the output shift of an update is ``ΔO = X ΔWᵀ``, the PCA 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -35,8 +34,7 @@ from tqdm.auto import tqdm
 from submerge.errors import CheckpointError, ConfigError
 from submerge.io.ledger import one_run
 from submerge.io.pretrained import load_pretrained
-from submerge.io.writer import save_tensors
-from submerge.stats.folder import _is_pos_int, model_fingerprint, open_safetensors, read_manifest
+from submerge.stats.folder import _is_pos_int, model_fingerprint, open_folder, save_folder
 from submerge.stats.inputs import (
     check_model_run,
     check_token_ids,
@@ -168,24 +166,17 @@ class CalibrationStats:
     def save(self, path: Union[str, Path], overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
         """Write ``stats.safetensors`` + ``manifest.json`` into folder ``path`` (atomically; ``inputs``:
         paths this folder must not replace or contain, see :func:`submerge.io.atomic_folder`)."""
-
-        from submerge.io import atomic_folder
-
         tensors = {}
         for name, st in self.layers.items():
-            tensors[f"{name}.gram"] = st.gram.contiguous()
-            tensors[f"{name}.mean"] = st.mean.contiguous()
+            tensors[f"{name}.gram"] = st.gram
+            tensors[f"{name}.mean"] = st.mean
         manifest = {
             "format": FORMAT,
             **self.info,
             "layers": {n: {"d_in": st.d_in, "count": st.count, "layout": st.layout} for n, st in self.layers.items()},
             "aliases": self.aliases,
         }
-        planned = sum(t.numel() * t.element_size() for t in tensors.values())
-        with atomic_folder(path, overwrite, "calibration folder", inputs=inputs, planned_bytes=planned) as tmp:
-            save_tensors(tensors, tmp / STATS_FILE, "calibration statistics")
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        return Path(path)
+        return save_folder(path, tensors, STATS_FILE, MANIFEST_FILE, manifest, "calibration", overwrite, inputs)
 
 
 class StatsReader(CalibrationStats):
@@ -194,10 +185,8 @@ class StatsReader(CalibrationStats):
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         mpath = self.path / MANIFEST_FILE
-        if not mpath.exists() or not (self.path / STATS_FILE).exists():
-            raise CheckpointError(f"{self.path} is not a calibration folder (needs {MANIFEST_FILE} and "
-                                  f"{STATS_FILE}; create one with `submerge calibrate`)")
-        manifest = read_manifest(mpath, FORMAT, self.path)
+        manifest, self._file = open_folder(self.path, STATS_FILE, MANIFEST_FILE, FORMAT, "calibration",
+                                           "submerge calibrate")
         layers, aliases = manifest.get("layers"), manifest.get("aliases", {})
         if not (isinstance(layers, dict) and all(
                 isinstance(m, dict) and _is_pos_int(m.get("d_in")) and _is_pos_int(m.get("count"))
@@ -207,7 +196,6 @@ class StatsReader(CalibrationStats):
         if not (isinstance(aliases, dict) and all(isinstance(v, str) and v in layers for v in aliases.values())):
             raise CheckpointError(f"{mpath}: corrupt manifest ('aliases' must name recorded layers)")
         self._meta = layers
-        self._file = open_safetensors(self.path / STATS_FILE, self.path)
         keys = set(self._file.keys())
         lost = [n for n in layers if f"{n}.gram" not in keys or f"{n}.mean" not in keys]
         if lost:
