@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -200,7 +200,6 @@ class MergeMethod:
     optional_base: bool = False  # a base_model, when given, is ctx.base (nuslerp, multislerp); else ctx.base is None
     base_as_input: bool = False  # a base_model, when given, is merged as one more input (mergekit's karcher)
     copy_when: Optional[Callable[[dict], bool]] = None  # per tensor (bound params): the output is input 0 unchanged
-    aliases: dict = field(default_factory=dict)
     scale_param: Optional[str] = None  # a global parameter the output is affine in (searched by search_alpha)
     needs_stats: bool = False  # needs per-model calibration statistics (``calibration:`` in the config)
     stats_kind: str = "calibration"  # which: "calibration" (Gram, submerge calibrate) or "fisher" (submerge fisher)
@@ -284,66 +283,17 @@ class MergeMethod:
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register_method(
-    *,
-    name: str,
-    pretty_name: str,
-    paper: str,
-    url: str,
-    variant: str,
-    params: Sequence[Param] = (),
-    needs_base: bool = False,
-    min_models: int = 1,
-    max_models: Optional[int] = None,
-    randomized: bool = False,
-    prepare: Optional[Callable[[ModelPass, dict], Any]] = None,
-    prepare_when: Optional[Callable[[dict], bool]] = None,
-    optional_base: bool = False,
-    base_as_input: bool = False,
-    copy_when: Optional[Callable[[dict], bool]] = None,
-    scale_param: Optional[str] = None,
-    needs_stats: bool = False,
-    stats_kind: str = "calibration",
-    stats_when: Optional[Callable[[dict], bool]] = None,
-    search: Optional[dict] = None,
-    sidecar: Optional[Callable[[dict, Sequence[str]], Sidecar]] = None,
-    stage: Optional[Callable[[list, Optional[torch.Tensor], dict], Any]] = None,
-    inputs_read_only: bool = False,
-) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Decorator registering a per-tensor merge function under ``name``.
-
-    ``min_models``/``max_models`` count the non-base models.
-    """
+def register_method(*, name: str, params: Sequence[Param] = (), **spec: Any
+                    ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator registering a per-tensor merge function under ``name``: ``spec`` sets the other fields of
+    :class:`MergeMethod` (``pretty_name``, ``paper``, ``url`` and ``variant`` are required; the rest have the
+    defaults documented there; an unknown field is a TypeError at import).  ``min_models``/``max_models`` count
+    the non-base models."""
 
     def wrap(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice")
-        _REGISTRY[name] = MergeMethod(
-            name=name,
-            func=func,
-            pretty_name=pretty_name,
-            paper=paper,
-            url=url,
-            variant=variant,
-            params=tuple(params),
-            needs_base=needs_base,
-            min_models=min_models,
-            max_models=max_models,
-            randomized=randomized,
-            prepare=prepare,
-            prepare_when=prepare_when,
-            optional_base=optional_base,
-            base_as_input=base_as_input,
-            copy_when=copy_when,
-            scale_param=scale_param,
-            needs_stats=needs_stats,
-            stats_kind=stats_kind,
-            stats_when=stats_when,
-            search=search,
-            sidecar=sidecar,
-            stage=stage,
-            inputs_read_only=inputs_read_only,
-        )
+        _REGISTRY[name] = MergeMethod(name=name, func=func, params=tuple(params), **spec)
         return func
 
     return wrap
