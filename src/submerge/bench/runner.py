@@ -522,39 +522,6 @@ def _add_router(S: BenchSession, found, experts, stats, kind: str) -> float:
 
 
 
-def _router_row(S: BenchSession, found, experts, stats, kind: str, r: int, build_s: float, ov: dict, n_test: int,
-                static_s: float, test_correct: dict) -> dict:
-    """ESM++ at rank ``r`` routed by a linear router (``gaussian``: from the calibration statistics; ``trained``:
-    on the calibration inputs of each task run through the static merge), instead of the cosine rule."""
-    from submerge.routing.routers import gaussian_router, train_router
-
-    t0 = time.perf_counter()
-    if kind == "gaussian":
-        gaussian_router(experts, stats)
-    elif kind == "trained":
-        batches = [[dict(S.bb.tokenize(S.sample(t.name, S.cfg.calib_split, S.cfg.calib_n)[0]))] for t in S.tasks]
-        S.bb.load(found.state)
-        try:
-            train_router(S.bb.model, experts, batches)
-        finally:
-            S.bb.reset()
-    else:
-        raise ConfigError(f"unknown ESM++ router {kind!r}; use gaussian or trained")
-    router_s = time.perf_counter() - t0
-    res, report, secs = S.evaluate_routed(found.state, experts, "test", "route")
-    label = f"esm_pp r={r} (routed, {kind} router)"
-    row, _ = S.test_row("esm_pp", f"r={r}, route, {kind} router", {"rank": r, "alpha": found.alpha, "router": kind},
-                        found.state, found.alpha, build_s + router_s, label=label, res=res)
-    row["overhead"] = ov
-    row["ms_per_example"] = 1000 * secs / n_test
-    row["static_ms_per_example"] = 1000 * static_s / n_test
-    row["routing"] = report.to_dict()
-    test_correct[label] = res
-    S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  routing acc {report.accuracy:.3f}  "
-          f"{row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
-    return row
-
-
 def _row_settings(cfg: dict) -> dict:
     """The settings (a config as a dict) that change every method's numbers: less what only picks methods or
     prints, and less the settings one method alone reads (``METHOD_SETTINGS``: they key that method's rows)."""
