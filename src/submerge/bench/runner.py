@@ -521,7 +521,6 @@ def _add_router(S: BenchSession, found, experts, stats, kind: str) -> float:
     return time.perf_counter() - t0
 
 
-
 def _row_settings(cfg: dict) -> dict:
     """The settings (a config as a dict) that change every method's numbers: less what only picks methods or
     prints, and less the settings one method alone reads (``METHOD_SETTINGS``: they key that method's rows)."""
