@@ -162,7 +162,7 @@ def test_union_rows_follow_the_rule(vocab_family, tmp_path):
 def test_chat_template_by_name_and_string(vocab_family, tmp_path):
     from transformers import AutoTokenizer
 
-    from submerge.vocab import CHAT_TEMPLATES
+    from submerge.engine.vocab import CHAT_TEMPLATES
 
     base, p = vocab_family
     models = [{"model": str(p["ft2"]), "parameters": {"weight": 1.0}}, {"model": str(base), "parameters": {"weight": 1.0}}]
@@ -226,7 +226,7 @@ def test_base_source_with_new_tokens_and_sources(vocab_family, tmp_path):
 
 
 def test_chat_template_names_match_the_templates():
-    from submerge.config import CHAT_TEMPLATE_NAMES
-    from submerge.vocab import CHAT_TEMPLATES
+    from submerge.engine.config import CHAT_TEMPLATE_NAMES
+    from submerge.engine.vocab import CHAT_TEMPLATES
 
     assert set(CHAT_TEMPLATE_NAMES) == set(CHAT_TEMPLATES)

@@ -8,15 +8,15 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from submerge.config import MergeConfig, load_config, parse_config
+from submerge.engine.config import MergeConfig, load_config, parse_config
 from submerge.device import parse_device
 from submerge.errors import CheckpointError, ConfigError
-from submerge.executor import Executor, MergeOptions, MergeResult, tensor_seed
+from submerge.engine.executor import Executor, MergeOptions, MergeResult, tensor_seed
 from submerge.io import check_output_target, parse_size
 from submerge.io.ledger import one_run
 from submerge.io.lora import split_adapter_ref
 from submerge.methods import ModelPass, TensorContext, get_method, kernels
-from submerge.plan import MergePlan, plan_merge, resolve_model_path
+from submerge.engine.plan import MergePlan, plan_merge, resolve_model_path
 
 ConfigLike = Union[str, Path, dict, MergeConfig]
 

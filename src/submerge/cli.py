@@ -150,7 +150,7 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
           verbose: int) -> None:
     """Merge the models described by CONFIG (mergekit-compatible YAML) into OUT_DIR."""
     from submerge.api import merge as run_merge
-    from submerge.plan import MergeOptions
+    from submerge.engine.plan import MergeOptions
 
     _setup_logging(verbose, quiet)
     if lora_rank is not None and lora_rank != "auto":

@@ -109,7 +109,7 @@ def extract_lora(base: Union[str, Path], finetuned: Union[str, Path], out_dir: U
 
     from submerge.io import atomic_folder, check_output_target
     from submerge.io.lora import open_checkpoint
-    from submerge.plan import resolve_model_refs
+    from submerge.engine.plan import resolve_model_refs
 
     if rank != "auto" and (type(rank) is not int or rank < 1):
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}")

@@ -62,10 +62,10 @@ def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration:
             scorer: Optional[str] = None, topk: float = 0.2, points: int = 5, pairs: bool = True,
             spectra: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the analyses of ``config`` into folder ``out_dir``; returns what ``analysis.json`` holds."""
-    from submerge.config import MAX_CONFIG_BYTES, load_yaml_text, parse_config
+    from submerge.engine.config import MAX_CONFIG_BYTES, load_yaml_text, parse_config
     from submerge.io import check_output_target
     from submerge.io.files import read_config_text
-    from submerge.plan import plan_merge, resolve_model_path
+    from submerge.engine.plan import plan_merge, resolve_model_path
     from submerge.stats.load import load_stats
 
     t_start = time.perf_counter()
@@ -206,7 +206,7 @@ def _scored(cfg, cpath: Path, config_dir: Path, plan, base_key: str, keys: list[
     from submerge.analysis.paths import Evaluator, analyze_paths
     from submerge.api import merge, with_abs_paths
     from submerge.io import Checkpoint
-    from submerge.plan import MergeOptions
+    from submerge.engine.plan import MergeOptions
     from submerge.tune.worker import SweepWorker
 
     say(f"merging with {cfg.merge_method} (as `submerge merge` does) for the scored analyses")

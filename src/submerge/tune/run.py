@@ -88,7 +88,7 @@ def _compute_stats(kind: str, model_dir: str, spec: dict, folder: str, task: str
 def _load_tensors(plan) -> tuple[Optional[dict], list[dict]]:
     """The base and each model's merged tensors, read once through the executor's reader (Hub ids, adapters,
     shards, dtypes handled as in a merge), in the compute dtype."""
-    from submerge.executor import Executor, MergeOptions
+    from submerge.engine.executor import Executor, MergeOptions
 
     cfg = plan.config
     keys = [m.model for m in cfg.models]
@@ -143,7 +143,7 @@ def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: 
     """
     from submerge.api import config_inputs
     from submerge.io import check_output_target
-    from submerge.plan import plan_merge
+    from submerge.engine.plan import plan_merge
     from submerge.tune.backends import check_ray_address, make_backend
 
     t_start = time.perf_counter()
@@ -307,9 +307,9 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
 
 def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path, overwrite: bool, quiet: bool,
            inputs: list, report: dict, random_seed: int) -> None:
-    from submerge.executor import Executor, MergeOptions
+    from submerge.engine.executor import Executor, MergeOptions
     from submerge.methods import get_method
-    from submerge.plan import plan_merge
+    from submerge.engine.plan import plan_merge
     from submerge.tune.report import append_card, write_markdown, write_plot
 
     m = get_method(cand.method)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from submerge.config import MergeConfig, load_yaml_text, parse_config, refuse_nul
+from submerge.engine.config import MergeConfig, load_yaml_text, parse_config, refuse_nul
 from submerge.errors import ConfigError, quoted, suggest
 
 TUNE_KEYS = ("search", "eval", "objective", "calibrate", "fisher")
@@ -524,7 +524,7 @@ def _scorer_file_in(scorer: str, config_dir: Path) -> str:
 
 
 def load_tune(path: Union[str, Path]) -> TuneSpec:
-    from submerge.config import MAX_CONFIG_BYTES
+    from submerge.engine.config import MAX_CONFIG_BYTES
     from submerge.io.files import read_config_text
 
     p = Path(path)

@@ -125,7 +125,7 @@ class TokenizerConfig(_Strict):
         return v
 
 
-CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral", "alpaca")  # templates in submerge.vocab.CHAT_TEMPLATES
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral", "alpaca")  # templates in submerge.engine.vocab.CHAT_TEMPLATES
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", "fp64": "float64", "double": "float64"}

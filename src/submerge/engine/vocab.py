@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from submerge.config import TokenSetting, TokenSource, token_source_model
+from submerge.engine.config import TokenSetting, TokenSource, token_source_model
 from submerge.errors import CheckpointError, ConfigError, suggest
 
 log = logging.getLogger(__name__)

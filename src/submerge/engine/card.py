@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from submerge.plan import MergeOptions, MergePlan
+    from submerge.engine.plan import MergeOptions, MergePlan
 
 
 def write_model_card(path: Path, plan: "MergePlan", options: "MergeOptions", seed: Optional[int],

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from submerge.config import InputSlice, MergeConfig, OutputSlice, evaluate_setting, with_hints
+from submerge.engine.config import InputSlice, MergeConfig, OutputSlice, evaluate_setting, with_hints
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
@@ -79,7 +79,7 @@ class MergePlan:
     # (source file, name in the output, is a tokenizer file): checked to be regular files in their folder
     extra_files: list[tuple[Path, str, bool]] = field(default_factory=list)
     revisions: dict[str, str] = field(default_factory=dict)  # Hub id as written -> "repo@commit" it resolved to
-    vocab: Optional[Any] = None  # a submerge.vocab.VocabPlan when the vocabularies are merged
+    vocab: Optional[Any] = None  # a submerge.engine.vocab.VocabPlan when the vocabularies are merged
     tokenizer: Optional[Any] = None  # a tokenizer object to save (built vocabulary or chat template), else files
     surgery: Optional[tuple[list[tuple[str, Path]], list[Path]]] = None  # (task name, expert folder), input files
 
@@ -467,7 +467,7 @@ class Planner:
     def _check_one_vocabulary(self, jobs: list[TensorJob], ref: Checkpoint) -> None:
         """Slices taking the input embeddings from one model and the output head from another must agree on the
         vocabulary: a model whose ``embed_tokens`` and ``lm_head`` have different row counts does not load."""
-        from submerge.vocab import vocabulary_tensors
+        from submerge.engine.vocab import vocabulary_tensors
 
         names = vocabulary_tensors(ref.config, [j.out_name for j in jobs])
         rows = {}
@@ -484,7 +484,7 @@ class Planner:
     def _vocab_plan(self, models: dict[str, Checkpoint], ref: Checkpoint):
         """The merged vocabulary (``tokenizer:`` block or ``tokenizer_source``), or None where none is asked
         for or where re-indexing would change nothing (every input already has the output vocabulary)."""
-        from submerge.vocab import build_vocab_plan, vocabulary_tensors
+        from submerge.engine.vocab import build_vocab_plan, vocabulary_tensors
 
         c = self.config
         source = c.vocab_source
@@ -517,7 +517,7 @@ class Planner:
 
     def _output_tokenizer(self, models: dict[str, Checkpoint], tok: str, vocab):
         """The tokenizer object to save (a merged vocabulary and/or a chat template), or None: copy files."""
-        from submerge.vocab import load_tokenizer, resolve_chat_template
+        from submerge.engine.vocab import load_tokenizer, resolve_chat_template
 
         c = self.config
         tokenizer = vocab.tokenizer if vocab is not None else None

@@ -23,13 +23,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from submerge.card import write_model_card
+from submerge.engine.card import write_model_card
 from submerge.device import parse_device
 from submerge.errors import ConfigError, NonFiniteError, SubmergeError
 from submerge.io import ShardWriter, atomic_folder, parse_size
 from submerge.io.files import copy_regular_file
 from submerge.methods import ModelPass, TensorContext, kernels
-from submerge.plan import MergeOptions, MergePlan, TensorJob
+from submerge.engine.plan import MergeOptions, MergePlan, TensorJob
 
 log = logging.getLogger("submerge")
 
