@@ -417,7 +417,7 @@ def ray_session():
 def test_ray_actors_beyond_what_the_cluster_can_place_are_refused(ray_session):
     """Actors the cluster has no CPU for would wait forever: refused in one line naming the cluster's size."""
     from submerge.errors import ConfigError
-    from submerge.tune.backends import RayBackend
+    from submerge.evaluate.backends import RayBackend
 
     with pytest.raises(ConfigError, match="--actors 3: the Ray cluster has 2 CPU"):
         RayBackend(actors=3)
@@ -480,7 +480,7 @@ def test_adamerging_learned_by_tune(cls_family, tmp_path):
     a config that re-merges to it."""
     import submerge
     from submerge.methods.adamerging import Coefficients, learn, merge_with
-    from submerge.tune.scorers import length_sorted_batches
+    from submerge.evaluate.scorers import length_sorted_batches
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root = cls_family

@@ -1,7 +1,7 @@
 """Measurements that need a scorer: loss and score along paths between models, barrier heights, the merge's
 retention per task, and calibration (expected calibration error, reliability diagrams).
 
-A task's scorer is ``submerge tune``'s (:mod:`submerge.tune.scorers`), run on the validation data of the
+A task's scorer is ``submerge tune``'s (:mod:`submerge.evaluate.scorers`), run on the validation data of the
 config's ``eval:`` block:
 
 * ``classification`` — loss is the cross-entropy of the logits, score the accuracy; probabilities give the
@@ -81,11 +81,11 @@ def fit_scale(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class Evaluator:
-    """Scores state dicts task by task through a :class:`~submerge.tune.worker.SweepWorker`, caching results by
+    """Scores state dicts task by task through a :class:`~submerge.evaluate.worker.SweepWorker`, caching results by
     (model label, task); keeps what the paths, retention and calibration need."""
 
     def __init__(self, worker):
-        from submerge.tune.scorers import ClassificationScorer, LMLossScorer
+        from submerge.evaluate.scorers import ClassificationScorer, LMLossScorer
 
         self.worker = worker
         self.names = [t.name for t in worker.tasks]

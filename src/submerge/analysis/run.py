@@ -63,9 +63,9 @@ def analyze(config: Union[str, Path], out_dir: Union[str, Path], *, calibration:
             spectra: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the analyses of ``config`` into folder ``out_dir``; returns what ``analysis.json`` holds."""
     from submerge.engine.config import MAX_CONFIG_BYTES, load_yaml_text, parse_config
+    from submerge.engine.plan import plan_merge, resolve_model_path
     from submerge.io import check_output_target
     from submerge.io.files import read_config_text
-    from submerge.engine.plan import plan_merge, resolve_model_path
     from submerge.stats.load import load_stats
 
     t_start = time.perf_counter()
@@ -171,11 +171,11 @@ def _sayer(progress: bool):
 
 
 def _eval_tasks(eval_raw: Any, cfg, tasks: list[str], config_dir: Path, scorer: Optional[str]) -> list:
-    from submerge.tune.scorers import make_scorer
-    from submerge.tune.spec import ModelEntry
-    from submerge.tune.spec import eval_tasks as parse_eval
+    from submerge.evaluate.scorers import make_scorer
+    from submerge.evaluate.tasks import TaskRef
+    from submerge.evaluate.tasks import eval_tasks as parse_eval
 
-    entries = [ModelEntry(n, str(m.model), {}) for n, m in zip(tasks, cfg.models)]
+    entries = [TaskRef(n, str(m.model)) for n, m in zip(tasks, cfg.models)]
     block = dict(eval_raw) if isinstance(eval_raw, dict) else eval_raw
     if scorer is not None and isinstance(block, dict):
         if scorer.startswith("python:"):  # a file named on the command line is relative to the current folder
@@ -205,9 +205,9 @@ def _scored(cfg, cpath: Path, config_dir: Path, plan, base_key: str, keys: list[
             eval_tasks: list, tmp: Path, points: int, pairs: bool, say) -> dict:
     from submerge.analysis.paths import Evaluator, analyze_paths
     from submerge.api import merge, with_abs_paths
-    from submerge.io import Checkpoint
     from submerge.engine.plan import MergeOptions
-    from submerge.tune.worker import SweepWorker
+    from submerge.evaluate.worker import SweepWorker
+    from submerge.io import Checkpoint
 
     say(f"merging with {cfg.merge_method} (as `submerge merge` does) for the scored analyses")
     merged_dir = tmp / ".merged"

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from submerge.bench.data import SETUP_HINT, BenchDataError
+from submerge.evaluate.scorers import length_sorted_batches, mean_pooled
 from submerge.io.files import file_sha256 as sha256_of_file
-from submerge.tune.scorers import length_sorted_batches, mean_pooled
 
 # sentence-transformers/all-MiniLM-L6-v2 at HF revision 1110a243, as published
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"

@@ -23,10 +23,10 @@ from typing import Optional
 import yaml
 
 from submerge.bench.runner import BenchConfig, BenchSession, _params
+from submerge.evaluate.scorers import HEAD_FILE
 from submerge.io import atomic_folder
 from submerge.io.ledger import one_run
 from submerge.io.writer import check_finite, save_tensors
-from submerge.tune.scorers import HEAD_FILE
 
 TUNE_METHODS = ("task_arithmetic", "ties", "tsv", "iso_cts", "esm")
 

@@ -7,7 +7,7 @@ and the task data from the same packages, nothing fine-tuned or scored again) an
 (:func:`~submerge.bench.runner._method_rows`, the code the local run uses), so the rows are the local rows.
 ESM++ runs in the same call as ESM (its experts sit on ESM's val-tuned merge).  Methods finish in any
 order; each is cached as it arrives (a stopped run resumes), and the table keeps the method order.
-Scheduling, restarts and retries are Ray's (:class:`~submerge.tune.backends.RayBackend`).
+Scheduling, restarts and retries are Ray's (:class:`~submerge.evaluate.backends.RayBackend`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def ray_method_rows(S, methods: Sequence[str], finished: Callable[[str, object, 
     """Compute ``methods``' rows on Ray; ``finished(method, rows_or_None, seconds)`` as each arrives.
     ``alphas``: ``{"alpha:<method>": scale}`` of methods whose rows were kept (``+surgery`` rows start there)."""
     from submerge.bench.runner import _stats_for
-    from submerge.tune.backends import RayBackend
+    from submerge.evaluate.backends import RayBackend
 
     units = units_of(methods)
     for m in methods:  # every statistic once, here, before the actors start

@@ -820,7 +820,7 @@ def _tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> 
 
 def _val_batches(S: BenchSession) -> list[list[dict]]:
     """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted)."""
-    from submerge.tune.scorers import length_sorted_batches
+    from submerge.evaluate.scorers import length_sorted_batches
 
     bb = S.bb
     out = []
@@ -901,8 +901,8 @@ def _adamerging_rows(S: BenchSession, test_correct: dict) -> tuple[list[dict], d
     """AdaMerging task-wise, layer-wise and AdaMerging++ layer-wise: coefficients learned by entropy minimisation
     on each task's *unlabeled validation* inputs (batches of 16, length-sorted, visited in a seeded order),
     through each task's frozen head; then one test scoring per variant."""
+    from submerge.evaluate.scorers import mean_pooled
     from submerge.methods.adamerging import learn, merge_with
-    from submerge.tune.scorers import mean_pooled
 
     cfg, bb = S.cfg, S.bb
     scale = cfg.recipe.logit_scale
@@ -960,7 +960,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; use local or ray")
     if backend == "ray":
-        from submerge.tune.backends import check_ray_address
+        from submerge.evaluate.backends import check_ray_address
 
         check_ray_address(address)
     previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read

@@ -1,7 +1,7 @@
 """``submerge tune``: the method and its parameters chosen on the user's own validation data, locally or on Ray.
 
-:func:`tune` runs a tune config (see :mod:`submerge.tune.spec`); scorers are in :mod:`submerge.tune.scorers`,
-the evaluation engine in :mod:`submerge.tune.worker`, the backends in :mod:`submerge.tune.backends`.
+:func:`tune` runs a tune config (see :mod:`submerge.tune.spec`); how candidates are scored (the eval block,
+scorers, the sweep worker, local and Ray backends) is :mod:`submerge.evaluate`, shared with bench and analysis.
 """
 
 from submerge.tune.run import TuneResult, tune

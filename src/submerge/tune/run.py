@@ -31,9 +31,9 @@ from typing import Optional, Union
 import torch
 
 from submerge.errors import ConfigError
+from submerge.evaluate.worker import CandidateResult, Point
 from submerge.io.ledger import one_run
 from submerge.tune.spec import Candidate, TuneSpec, load_tune, parse_tune
-from submerge.tune.worker import CandidateResult, Point
 
 log = logging.getLogger("submerge.tune")
 
@@ -142,9 +142,9 @@ def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: 
     :class:`~submerge.errors.SubmergeError` on bad input before any expensive work.
     """
     from submerge.api import config_inputs
-    from submerge.io import check_output_target
     from submerge.engine.plan import plan_merge
-    from submerge.tune.backends import check_ray_address, make_backend
+    from submerge.evaluate.backends import check_ray_address, make_backend
+    from submerge.io import check_output_target
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -308,8 +308,8 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
 def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path, overwrite: bool, quiet: bool,
            inputs: list, report: dict, random_seed: int) -> None:
     from submerge.engine.executor import Executor, MergeOptions
-    from submerge.methods import get_method
     from submerge.engine.plan import plan_merge
+    from submerge.methods import get_method
     from submerge.tune.report import append_card, write_markdown, write_plot
 
     m = get_method(cand.method)

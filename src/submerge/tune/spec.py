@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 
 from submerge.engine.config import MergeConfig, load_yaml_text, parse_config, refuse_nul
 from submerge.errors import ConfigError, quoted, suggest
+from submerge.evaluate.tasks import eval_tasks, known_keys, resolve_ref
 
 TUNE_KEYS = ("search", "eval", "objective", "calibrate", "fisher")
 MODEL_KEYS = ("name", "calibrate", "fisher")
@@ -48,7 +49,6 @@ CALIBRATE_KEYS = {"inputs": None, "n": 32, "max_length": 128, "batch_size": 8, "
                   "layers": None}
 FISHER_KEYS = {"inputs": None, "n": 256, "kind": "true", "label_field": None, "field": None, "max_length": 128,
                "seed": 0}
-EVAL_KEYS = ("data", "scorer", "field", "label_field", "max_length", "batch_size", "n", "model_class", "options")
 STRATEGIES = ("auto", "grid", "golden", "coarse")
 
 
@@ -144,12 +144,6 @@ class TuneSpec:
         if lines is not None:
             raw["lines"] = dict(lines)
         return parse_config(raw, "tune winner")
-
-
-def _abs(ref: str, config_dir: Path) -> str:
-    p = Path(ref).expanduser()
-    q = p if p.is_absolute() else config_dir / p
-    return str(q.resolve()) if q.exists() else ref
 
 
 MAX_GRID = 10_000  # values one searched parameter may take
@@ -356,16 +350,10 @@ def _objective(obj: Any, names: list[str]) -> dict:
     raise ConfigError(f"objective: {obj!r}; use mean, worst or {{weighted: {{task: weight}}}}")
 
 
-def _known_keys(block: dict, allowed: Any, where: str) -> None:
-    bad = sorted(set(block) - set(allowed))
-    if bad:
-        raise ConfigError(f"{where}: unknown key {bad[0]!r}{suggest(bad[0], allowed)}; keys: {sorted(allowed)}")
-
-
 def _stats_spec(block: Any, defaults: dict, where: str, config_dir: Path) -> dict:
     if not isinstance(block, dict):
         raise ConfigError(f"{where}: expected a mapping of {sorted(defaults)}")
-    _known_keys(block, defaults, where)
+    known_keys(block, defaults, where)
     spec = {**defaults, **block}
     if spec.get("inputs") is not None:
         p = Path(str(spec["inputs"])).expanduser()
@@ -374,7 +362,7 @@ def _stats_spec(block: Any, defaults: dict, where: str, config_dir: Path) -> dic
 
 
 def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneSpec:
-    from submerge.tune.scorers import make_scorer
+    from submerge.evaluate.scorers import make_scorer
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping")
@@ -400,7 +388,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
         name = str(mdl.get("name") or Path(ref.split("+")[0].split("@")[0]).name)
         stats: dict[str, StatsJob] = {}
         if mdl.get("calibration"):
-            folder = Path(_abs(str(mdl["calibration"]), config_dir))
+            folder = Path(resolve_ref(str(mdl["calibration"]), config_dir))
             from submerge.stats.fisher import is_fisher_folder
 
             kind = "fisher" if is_fisher_folder(folder) else "calibration"
@@ -412,7 +400,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
         if "fisher" in mdl:
             f = mdl["fisher"]
             if isinstance(f, str):
-                stats["fisher"] = StatsJob("fisher", folder=Path(_abs(f, config_dir)))
+                stats["fisher"] = StatsJob("fisher", folder=Path(resolve_ref(f, config_dir)))
             else:
                 stats["fisher"] = StatsJob("fisher", spec=_stats_spec(
                     {**{k: v for k, v in fis_defaults.items() if k != "inputs" or v is not None}, **(f or {})},
@@ -424,9 +412,9 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
         entries.append(ModelEntry(name, ref, dict(params)))
         entries[-1].stats = stats
         c = {k: v for k, v in mdl.items() if k not in MODEL_KEYS}
-        c["model"] = _abs(ref, config_dir) if "+" not in ref else "+".join(_abs(r, config_dir) for r in ref.split("+"))
+        c["model"] = resolve_ref(ref, config_dir) if "+" not in ref else "+".join(resolve_ref(r, config_dir) for r in ref.split("+"))
         if c.get("calibration"):
-            c["calibration"] = _abs(str(c["calibration"]), config_dir)
+            c["calibration"] = resolve_ref(str(c["calibration"]), config_dir)
         clean.append(c)
     names = [e.name for e in entries]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -435,7 +423,7 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
     merge["models"] = clean
     if merge.get("base_model"):
         b = str(merge["base_model"])
-        merge["base_model"] = _abs(b, config_dir)
+        merge["base_model"] = resolve_ref(b, config_dir)
     # the merge part alone must be a valid config (any method): keys, dtypes, tokenizer block
     parse_config({**merge, "merge_method": "linear"}, source)
     candidates = _candidates(raw["search"], [e.parameters for e in entries])
@@ -448,79 +436,6 @@ def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneS
             raise ConfigError(f"search: adamerging learns from the entropy of each task's class predictions; "
                               f"task(s) {other} are not scored by classification (give coefficients: FILE instead)")
     return TuneSpec(merge, entries, candidates, tasks, _objective(raw.get("objective"), names), config_dir, raw)
-
-
-def eval_tasks(block: Any, entries: list[ModelEntry], config_dir: Path) -> list:
-    from submerge.tune.scorers import TaskData
-
-    if not isinstance(block, dict) or "tasks" not in block:
-        raise ConfigError("eval: give 'tasks:' (per task: data, and optionally scorer, field, label_field)")
-    defaults = {k: v for k, v in block.items() if k != "tasks"}
-    _known_keys(defaults, [k for k in EVAL_KEYS if k != "data"] + ["tasks"], "eval")
-    tasks = block["tasks"]
-    names = [e.name for e in entries]
-    if isinstance(tasks, list):
-        if len(tasks) != len(entries):
-            raise ConfigError(f"eval.tasks lists {len(tasks)} task(s) for {len(entries)} models; give one per "
-                              f"model (in order) or a mapping by task name ({names})")
-        by_name = dict(zip(names, tasks))
-    elif isinstance(tasks, dict):
-        unknown = [k for k in tasks if k not in names]
-        if unknown:
-            raise ConfigError(f"eval.tasks: {unknown[0]!r} is not a task{suggest(str(unknown[0]), names)}; "
-                              f"tasks (the models' names): {names}")
-        missing = [n for n in names if n not in tasks]
-        if missing:
-            raise ConfigError(f"eval.tasks: no eval data for task(s) {missing}: every model is scored on its "
-                              f"own task")
-        by_name = tasks
-    else:
-        raise ConfigError("eval.tasks: a list (one per model, in order) or a mapping by task name")
-    out = []
-    for e in entries:
-        spec = by_name[e.name]
-        if isinstance(spec, str):
-            spec = {"data": spec}
-        if not isinstance(spec, dict) or "data" not in spec:
-            raise ConfigError(f"eval.tasks.{e.name}: give 'data: <file>'")
-        _known_keys(spec, EVAL_KEYS, f"eval.tasks.{e.name}")
-        s = {**defaults, **spec}
-        scorer = s.get("scorer", "classification")
-        if isinstance(scorer, dict) and set(scorer) == {"python"}:
-            scorer = f"python:{scorer['python']}"
-        if not isinstance(scorer, str):
-            raise ConfigError(f"eval.tasks.{e.name}: scorer is classification, lm_loss or {{python: module:function}}")
-        scorer = _scorer_file_in(scorer, config_dir)
-        options = s.get("options") or {}
-        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-            raise ConfigError(f"eval.tasks.{e.name}: options must be a mapping of names to values (the python "
-                              f"scorer's task.options), got {quoted(options)}")
-        data = Path(str(s["data"])).expanduser()
-        data = data if data.is_absolute() else config_dir / data
-        expert = Path(_abs(e.ref.split("+")[-1], config_dir))
-        for k in ("max_length", "batch_size"):
-            if k in s and (type(s[k]) is not int or s[k] < 1):
-                raise ConfigError(f"eval.tasks.{e.name}: {k} must be a positive integer, got {s[k]!r}")
-        if s.get("n") is not None and (type(s["n"]) is not int or s["n"] < 1):
-            raise ConfigError(f"eval.tasks.{e.name}: n must be a positive integer, got {s['n']!r}")
-        out.append(TaskData(
-            name=e.name, data=data, expert=expert, scorer=scorer, field=s.get("field") or "text",
-            label_field=s.get("label_field") or "label", max_length=s.get("max_length", 128),
-            batch_size=s.get("batch_size", 32), n=s.get("n"), model_class=s.get("model_class", "AutoModel"),
-            options=dict(options)))
-    return out
-
-
-def _scorer_file_in(scorer: str, config_dir: Path) -> str:
-    """``python: file.py:function`` with a relative file resolved against the config's folder (as the eval data
-    are), so a config runs the same scorer wherever it is run from."""
-    if not scorer.startswith("python:"):
-        return scorer
-    mod, sep, fn = scorer[len("python:"):].strip().rpartition(":")
-    if sep and mod.endswith(".py") and not Path(mod).expanduser().is_absolute():
-        return f"python:{config_dir / mod}:{fn}"
-    return scorer
-
 
 
 def load_tune(path: Union[str, Path]) -> TuneSpec:

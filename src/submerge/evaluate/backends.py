@@ -1,6 +1,6 @@
 """Where the sweep runs: in this process (``local``) or on a Ray cluster (``ray``).
 
-Both run the same :class:`~submerge.tune.worker.SweepWorker` over the same candidates and return the same
+Both run the same :class:`~submerge.evaluate.worker.SweepWorker` over the same candidates and return the same
 results.  On Ray:
 
 * each expert's calibration / Fisher statistics are Ray tasks (one per expert; a GPU each when the cluster
@@ -86,7 +86,7 @@ class LocalBackend:
         return [fn() for fn in jobs]
 
     def start(self, worker_args: dict) -> None:
-        from submerge.tune.worker import SweepWorker
+        from submerge.evaluate.worker import SweepWorker
 
         self.worker = SweepWorker(**worker_args, threads=self.threads)
 
@@ -165,7 +165,7 @@ class RayBackend:
         return scores
 
     def run(self, candidates: Sequence, on_result: Callable) -> None:
-        from submerge.tune.worker import CandidateResult
+        from submerge.evaluate.worker import CandidateResult
 
         def failed(cand, e: Exception):  # the actor died more often than Ray may restart it
             return CandidateResult(cand.index, cand.label,
@@ -220,7 +220,7 @@ class _RayWorker:
     def __init__(self, args: dict, threads: int):
         import ray
 
-        from submerge.tune.worker import SweepWorker
+        from submerge.evaluate.worker import SweepWorker
 
         args = dict(args)
         for k in ("base", "experts"):

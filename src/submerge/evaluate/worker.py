@@ -79,13 +79,13 @@ class CandidateError(SubmergeError):
 
 class SweepWorker:
     """Scores merged state dicts on every task.  ``base`` / ``experts``: state dicts (tensor name -> tensor) of
-    the merged tensors; ``tasks``: :class:`~submerge.tune.scorers.TaskData` (one per expert);
+    the merged tensors; ``tasks``: :class:`~submerge.evaluate.scorers.TaskData` (one per expert);
     ``stats``: per statistics kind, one source per expert (folders or objects)."""
 
     def __init__(self, base: Optional[dict], experts: list[dict], tasks: list, objective: dict,
                  stats: Optional[dict[str, list]] = None, model_params: Optional[list[dict]] = None,
                  random_seed: int = 0, threads: Optional[int] = None):
-        from submerge.tune.scorers import make_scorer
+        from submerge.evaluate.scorers import make_scorer
 
         if threads:
             torch.set_num_threads(threads)

@@ -1,0 +1,8 @@
+"""Evaluation below bench, tune and analysis: how a merged model is scored on a task's validation data.
+
+* :mod:`.tasks` — the ``eval:`` block (per task: data, scorer, options), checked before any model is read;
+* :mod:`.scorers` — classification (the task's own head), ``lm_loss``, ``python:`` scorers, and the batching and
+  pooling helpers every scorer shares (the benchmark's too);
+* :mod:`.worker` — the sweep worker: merges a candidate in memory and scores it on every task;
+* :mod:`.backends` — where a sweep runs: in this process, or on Ray actors.
+"""
