@@ -582,3 +582,29 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_thread_count_follows_what_the_process_may_use(monkeypatch):
+    """--threads' default: the CPU affinity, capped by a cgroup quota; torch and BLAS child processes follow."""
+    import torch
+
+    from submerge import device
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(device, "_cgroup_quota", lambda: None)
+    assert device.available_cpus() == 4
+    monkeypatch.setattr(device, "_cgroup_quota", lambda: 1.5)  # a container limited to 1.5 CPUs
+    assert device.available_cpus() == 2
+    monkeypatch.setattr(device, "_cgroup_quota", lambda: 0.2)
+    assert device.available_cpus() == 1
+    before = torch.get_num_threads()
+    monkeypatch.setattr(device, "_USER_SET", set())
+    for var in device._THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    try:
+        assert device.use_threads(1) == 1 and torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+        r = run(["merge", "--help"])
+        assert "--threads" in r.output and "affinity" in r.output
+    finally:
+        torch.set_num_threads(before)
