@@ -174,6 +174,14 @@ def zero_shot_warnings(correct: dict, labels: dict) -> list[str]:
     return out
 
 
+def suite_tasks(cfg: BenchConfig) -> list[str]:
+    """The task names a config runs: its ``tasks``, else its suite's."""
+    names = cfg.tasks or SUITES.get(cfg.suite)
+    if not names:
+        raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
+    return list(names)
+
+
 class BenchSession:
     """Everything a benchmark run shares: backbone, tasks, splits, heads, experts, scorers.
 
@@ -189,9 +197,7 @@ class BenchSession:
         cfg = self.cfg = cfg or BenchConfig()
         self.t_start = time.perf_counter()
         self.cache = cache_folder("experts", cfg.cache_dir)
-        names = self.names = cfg.tasks or SUITES.get(cfg.suite)
-        if not names:
-            raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
+        names = self.names = suite_tasks(cfg)
         self.tasks = [get_task(n) for n in names]
         bb = self.bb = Backbone(cfg.backbone, max_len=cfg.recipe.max_len)
         say = self.say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
@@ -964,16 +970,15 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
 
         check_ray_address(address)
     previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read
-    planned = applicable_methods(len(cfg.tasks or SUITES.get(cfg.suite) or ()), cfg.methods)
-    estimate = RunEstimate(len(cfg.tasks or SUITES.get(cfg.suite) or ()),
-                           planned + (["multitask"] if cfg.multitask else []))
+    n_tasks = len(suite_tasks(cfg))
+    methods = applicable_methods(n_tasks, cfg.methods)
+    estimate = RunEstimate(n_tasks, methods + (["multitask"] if cfg.multitask else []))
     note = None if cfg.quiet else busy_note(torch.get_num_threads())
     if note:  # after every check: a refused run prints its one error line only
         print(f"note: {note}", flush=True)
     S = BenchSession(cfg, estimate=estimate)
     say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
     rows, test_correct = [], {}
-    methods = applicable_methods(len(tasks), cfg.methods)
     # methods that read the same statistics run one after the other, so each kind is held only while used
     # (Fisher and calibration statistics alive together made the peak of a quick run)
     method_of = {n: get_method(split_row_name(n)[0]) for n in methods}

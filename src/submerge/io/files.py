@@ -69,11 +69,7 @@ def checked_file(path: Path, folder: Optional[Path], what: str) -> Path:
     if stat.S_ISLNK(lst.st_mode):
         target = Path(os.path.realpath(path))
         if folder is not None:
-            bound = bounds_of(folder)
-            if target != bound and bound not in target.parents:
-                raise CheckpointError(f"{what}: {path} is a symlink to {target}, outside the model folder "
-                                      f"{folder}; submerge follows symlinks only within the folder (or its "
-                                      f"Hugging Face cache repository)")
+            _link_within(path, target, folder, what)
     try:
         st = os.stat(target)
     except OSError as e:
@@ -81,6 +77,14 @@ def checked_file(path: Path, folder: Optional[Path], what: str) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{what}: {path} is {_kind(st.st_mode)}, not a regular file")
     return path
+
+
+def _link_within(path: Path, target: Path, folder: Path, what: str) -> None:
+    """A symlink of ``folder`` may point only inside the folder's bounds (:func:`bounds_of`)."""
+    bound = bounds_of(folder)
+    if target != bound and bound not in target.parents:
+        raise CheckpointError(f"{what}: {path} is a symlink to {target}, outside the model folder {folder}; submerge "
+                              f"follows symlinks only within the folder (or its Hugging Face cache repository)")
 
 
 def checked_folder(folder: Path, what: str) -> Path:
@@ -99,10 +103,7 @@ def checked_folder(folder: Path, what: str) -> Path:
         if entry.is_dir(follow_symlinks=False):
             continue
         if entry.is_symlink() and os.path.isdir(entry.path):
-            target = Path(os.path.realpath(entry.path))
-            bound = bounds_of(folder)
-            if target != bound and bound not in target.parents:
-                raise CheckpointError(f"{what}: {entry.path} is a symlink to {target}, outside the folder {folder}")
+            _link_within(Path(entry.path), Path(os.path.realpath(entry.path)), folder, what)
             continue
         checked_file(Path(entry.path), folder, what)
     return folder

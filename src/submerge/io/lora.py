@@ -135,38 +135,26 @@ class LoraAdapter:
         alpha = float(self.alpha_pattern[key]) if key is not None else self.alpha
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
-    def fits(self, module: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape ``s·B·A`` takes when added to a base weight of ``shape`` (see :meth:`delta`); an error when
-        it fits no orientation."""
+    def transposed(self, module: str, shape: tuple[int, ...]) -> bool:
+        """Whether ``s·B·A`` is added transposed to a base weight of ``shape`` (embeddings; ``fan_in_fan_out``
+        layers such as GPT-2's Conv1D, also where the flag is set per layer type, as PEFT corrects it when it
+        loads); an error when the update fits the weight in no orientation.  From the headers: no tensor read."""
         a, b = self.update_shape(module)
-        d, dt = (b[0], a[1]), (a[1], b[0])
-        if self.pairs[module]["embedding"] or (self.fan_in_fan_out and dt == tuple(shape)):
-            d = dt
-        elif d != tuple(shape) and dt == tuple(shape):
-            d = dt
-        if d != tuple(shape):
+        d, dt, shape = (b[0], a[1]), (a[1], b[0]), tuple(shape)
+        flip = self.pairs[module]["embedding"] or (self.fan_in_fan_out and dt == shape) or (d != shape and dt == shape)
+        if (dt if flip else d) != shape:
             raise CheckpointError(f"adapter '{self.label}': its update of {module} is {list(d)} (lora_B {list(b)} · "
                                   f"lora_A {list(a)}), but the base model's {module}.weight is {list(shape)} (an "
                                   f"adapter for another model?)")
-        return d
+        return flip
 
     def delta(self, module: str, shape: tuple[int, ...]) -> torch.Tensor:
         """``s·B·A`` of one module as a float32 tensor of the base weight's ``shape``."""
         slot = self.pairs[module]
         a = self._ckpt.read(slot["A"]).float()
         b = self._ckpt.read(slot["B"]).float()
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise CheckpointError(f"adapter '{self.label}': module {module} has lora_A {list(a.shape)} and lora_B "
-                                  f"{list(b.shape)}, which do not multiply")
         d = (b @ a) * self.scaling(module, a.shape[0])
-        if slot["embedding"] or (self.fan_in_fan_out and tuple(d.T.shape) == tuple(shape)):
-            d = d.T
-        elif tuple(d.shape) != tuple(shape) and tuple(d.T.shape) == tuple(shape):
-            d = d.T  # fan_in_fan_out set per layer type, as PEFT corrects it when it loads (Conv1D vs Linear)
-        if tuple(d.shape) != tuple(shape):
-            raise CheckpointError(f"adapter '{self.label}': its update of {module} is {list(d.shape)}, but the base "
-                                  f"model's {module}.weight is {list(shape)} (an adapter for another model?)")
-        return d
+        return d.T if self.transposed(module, shape) else d
 
     def read_full(self, name: str) -> torch.Tensor:
         return self._ckpt.read(self.full[name])
@@ -193,7 +181,7 @@ class AdaptedCheckpoint(Checkpoint):
             if not info.dtype.is_floating_point:
                 raise CheckpointError(f"adapter '{adapter_label}': {name} of '{base_label}' is {info.dtype}, "
                                       f"not a floating tensor (a quantized base?)")
-            self.adapter.fits(module, tuple(info.shape))  # shapes and ranks from the headers: validate sees them
+            self.adapter.transposed(module, tuple(info.shape))  # shapes and ranks checked: validate sees them
         for name in self.adapter.full:
             if name not in self.tensors:
                 raise CheckpointError(f"adapter '{adapter_label}' stores {name}, which model '{base_label}' lacks")
