@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from submerge.api import merge_state_dicts_many
+from submerge.engine.memory import merge_state_dicts_many
 from submerge.errors import ConfigError
 from submerge.methods import get_method
 

@@ -8,7 +8,6 @@ the current tensor is merged, and full shards are written on another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,11 +24,12 @@ from tqdm.auto import tqdm
 
 from submerge.engine.card import write_model_card
 from submerge.device import parse_device
-from submerge.errors import ConfigError, NonFiniteError, SubmergeError
+from submerge.errors import ConfigError, NonFiniteError
 from submerge.io import ShardWriter, atomic_folder, parse_size
 from submerge.io.files import copy_regular_file
-from submerge.methods import ModelPass, TensorContext, kernels
+from submerge.methods import ModelPass, kernels
 from submerge.engine.plan import MergeOptions, MergePlan, TensorJob
+from submerge.engine.step import TensorStep, dtype_name, numeric_params
 
 log = logging.getLogger("submerge")
 
@@ -52,21 +52,6 @@ class MergeResult:
     random_seed: Optional[int] = None
     notes: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # settings mergekit ignores, ignored with a warning
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _numeric_params(job: TensorJob) -> dict:
-    """A job's parameters without the string-valued ones, for error messages."""
-    return {k: v for k, v in job.params.items() if not isinstance(v, str)}
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed: reproducible whatever order tensors are merged in."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _check_input_finite(x: torch.Tensor, key: str, name: str) -> None:
@@ -195,36 +180,12 @@ class Executor:
 
     def merge_tensor(self, job: TensorJob, tensors: list[torch.Tensor], base: Optional[torch.Tensor],
                      state, stats: Optional[list] = None, rescale: bool = True, staged=None) -> torch.Tensor:
-        """One output tensor by the method (then LiNeS' scale of its update, unless ``rescale`` is False);
-        ``staged``: what the method's ``stage`` hook returned for these inputs."""
-        lines_scale = self._lines_scales.get(job.out_name) if rescale else None
-        base_keep = base.clone() if lines_scale is not None and lines_scale != 1 else None
-        gen_device = self.device if self.device.type != "mps" else torch.device("cpu")
-        generator = torch.Generator(device=gen_device)
-        if self.seed is not None:
-            generator.manual_seed(tensor_seed(self.seed, job.out_name))
-        ctx = TensorContext(job.out_name, tensors, base, generator, state,
-                            [k for k, _ in job.inputs],
-                            stats=stats, staged=staged)
-        try:
-            out = self.plan.method(ctx, **job.params)
-        except RuntimeError as e:
-            if "overflow" not in str(e):
-                raise
-            raise NonFiniteError(
-                f"merged tensor {job.out_name} has NaN/Inf value(s): the {self.plan.method.name} merge "
-                f"overflowed the compute dtype {_dtype_name(self.compute_dtype)} ({e}); check the weights and "
-                f"scales ({_numeric_params(job)}) or use --compute-dtype float64; nothing was written") from None
-        if out.shape != job.shape:
-            raise SubmergeError(
-                f"{self.plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
-                f"expected {list(job.shape)}"
-            )
-        if base_keep is not None:
-            from submerge.methods.lines import rescale_
-
-            out = rescale_(out, base_keep, lines_scale)
-        return out
+        """One output tensor by the shared per-tensor step (then LiNeS' scale of its update, unless ``rescale``
+        is False); ``staged``: what the method's ``stage`` hook returned for these inputs."""
+        step = TensorStep(self.plan.method, self.seed, self.device, state)
+        return step(job.out_name, tensors, base, job.params, model_names=[k for k, _ in job.inputs], stats=stats,
+                    staged=staged, shape=job.shape,
+                    lines_scale=self._lines_scales.get(job.out_name) if rescale else None)
 
     def _lines_schedule(self, state) -> dict[str, float]:
         """LiNeS' scale per merged tensor; with ``alpha: auto`` one streamed pass first merges every tensor
@@ -299,8 +260,8 @@ class Executor:
         copied = sum(j.copy_from is not None for j in plan.jobs)
         log.info("%s: %d output tensors (%d merged, %d copied), %.1f MB to read; compute %s on %s, %d thread(s); "
                  "output dtype %s, shards up to %s; global parameters %s", plan.method.name, len(plan.jobs),
-                 len(plan.jobs) - copied, copied, plan.input_bytes() / 1e6, _dtype_name(self.compute_dtype),
-                 self.device, torch.get_num_threads(), _dtype_name(self.out_dtype) if self.out_dtype else "as input",
+                 len(plan.jobs) - copied, copied, plan.input_bytes() / 1e6, dtype_name(self.compute_dtype),
+                 self.device, torch.get_num_threads(), dtype_name(self.out_dtype) if self.out_dtype else "as input",
                  opt.out_shard_size, plan.global_params or "none")
         for note in plan.notes:
             log.info("note: %s", note)
@@ -339,7 +300,7 @@ class Executor:
                         del keep, keep_base
                     log.debug("%s %s from %d input(s)%s, %s: %.3f s", job.out_name, list(job.shape),
                               len(job.inputs), " + base" if job.base is not None else "",
-                              _numeric_params(job) or "no parameters", time.perf_counter() - t_job)
+                              numeric_params(job.params) or "no parameters", time.perf_counter() - t_job)
                 writer.add(job.out_name, out)
                 del out, data
                 bytes_read += size
@@ -350,17 +311,10 @@ class Executor:
             plan.notes.extend(side.finish(tmp, n_params, writer.total_bytes))
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._write_metadata(tmp, files)
-        if plan.surgery is not None:  # trained on the written model, inside the folder that is renamed into place
-            from submerge.routing.surgery import fit_surgery_folders
-
-            sc = plan.config.surgery
-            experts, inputs = plan.surgery
-            done = fit_surgery_folders(tmp, experts, inputs, rank=sc.rank, steps=sc.steps, lr=sc.lr, n=sc.n,
-                                       max_length=sc.max_length, batch_size=sc.batch_size, seed=sc.seed,
-                                       field_name=sc.field, device=str(self.device), progress=not opt.quiet)
-            plan.notes.append("Representation Surgery: " + ", ".join(
-                f"{t} L1 {b:.4f} -> {a:.4f}" for t, (b, a) in zip(done.tasks, done.info["l1_before_after"]))
-                + " (surgery.safetensors; submerge.routing.surgery.load_model)")
+        for hook in plan.post_merge:  # post-merge work (Representation Surgery) on the written model, inside the
+            note = hook(tmp, device=str(self.device), progress=not opt.quiet)  # folder renamed into place
+            if note:
+                plan.notes.append(note)
         return bytes_read, files
 
     def _check_finite(self, job: TensorJob, merged: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -379,12 +333,12 @@ class Executor:
         if math.isfinite(peak):
             bad = int((merged.abs() > limit).sum())
             cause = (f"its values (largest |x| = {peak:.3g}) exceed the range of the output dtype "
-                     f"{_dtype_name(out_dtype)} (max {limit:.3g}); use a wider dtype or smaller weights/scales")
+                     f"{dtype_name(out_dtype)} (max {limit:.3g}); use a wider dtype or smaller weights/scales")
         else:
             bad = int((~torch.isfinite(merged)).sum())
             cause = (f"the {self.plan.method.name} merge overflowed or divided by ~0 in the compute dtype "
-                     f"{_dtype_name(merged.dtype)} (inputs are finite); check the weights and scales "
-                     f"({_numeric_params(job)}) or use --compute-dtype float64")
+                     f"{dtype_name(merged.dtype)} (inputs are finite); check the weights and scales "
+                     f"({numeric_params(job.params)}) or use --compute-dtype float64")
         what = "value(s) that would be Inf" if math.isfinite(peak) else "NaN/Inf value(s)"
         raise NonFiniteError(f"merged tensor {job.out_name} has {bad} {what}: {cause}; nothing was written")
 

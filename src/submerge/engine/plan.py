@@ -81,7 +81,7 @@ class MergePlan:
     revisions: dict[str, str] = field(default_factory=dict)  # Hub id as written -> "repo@commit" it resolved to
     vocab: Optional[Any] = None  # a submerge.engine.vocab.VocabPlan when the vocabularies are merged
     tokenizer: Optional[Any] = None  # a tokenizer object to save (built vocabulary or chat template), else files
-    surgery: Optional[tuple[list[tuple[str, Path]], list[Path]]] = None  # (task name, expert folder), input files
+    post_merge: list = field(default_factory=list)  # hooks run on the written model (submerge.engine.hooks)
 
     @property
     def inputs(self) -> list[Path]:
@@ -440,11 +440,15 @@ class Planner:
                          revisions=dict(self.revisions), vocab=vocab, tokenizer=tokenizer,
                          notes=list(self.notes), ignored=list(self.ignored))
         self._open_stats(plan)
-        plan.surgery = self._surgery_inputs(models)
+        surgery = self._surgery_hook(models)
+        if surgery is not None:
+            plan.post_merge.append(surgery)
         return plan
 
-    def _surgery_inputs(self, models: dict[str, Checkpoint]):
+    def _surgery_hook(self, models: dict[str, Checkpoint]):
         """``surgery:`` — each merged model's folder (its task) and its unlabeled inputs file, checked now."""
+        from submerge.engine.hooks import SurgeryHook
+
         c = self.config
         if c.surgery is None:
             return None
@@ -462,7 +466,7 @@ class Planner:
             files.append(f)
         if len({name for name, _ in experts}) != len(experts):
             raise ConfigError("surgery: two merged models have the same folder name; surgery names tasks by it")
-        return experts, files
+        return SurgeryHook(c.surgery, experts, files)
 
     def _check_one_vocabulary(self, jobs: list[TensorJob], ref: Checkpoint) -> None:
         """Slices taking the input embeddings from one model and the output head from another must agree on the

@@ -197,7 +197,7 @@ class SweepWorker:
         return res
 
     def _run(self, cand, res: CandidateResult) -> None:
-        from submerge.api import merge_state_dicts_many
+        from submerge.engine.memory import merge_state_dicts_many
         from submerge.methods import get_method
         from submerge.search import affine_path, auto_search_kwargs, search_alpha
 
@@ -268,7 +268,7 @@ class SweepWorker:
     def _run_lines(self, cand, res: CandidateResult, lines: dict, mp: list, kw: dict) -> None:
         """A candidate with LiNeS: beta fixed (one merge), a list (along the affine path in beta: the merge is
         affine in beta, alpha auto or fixed not depending on it) or auto (search_alpha's beta search)."""
-        from submerge.api import merge_state_dicts_many
+        from submerge.engine.memory import merge_state_dicts_many
         from submerge.search import AffinePath, search_alpha
 
         fixed = {k: v for k, v in lines.items() if k != "beta"}
