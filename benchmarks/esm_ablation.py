@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from submerge.bench.evaluate import paired_diff_ci
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.search import search_alpha
 
 VIT = {"recipe": "vit"}

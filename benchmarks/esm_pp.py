@@ -23,7 +23,7 @@ import torch
 
 from submerge.api import merge_state_dicts
 from submerge.bench.evaluate import paired_diff_ci
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.routing import build_experts
 
 # name -> (rank, routed roles, routing options, mode)

@@ -70,18 +70,20 @@ def main() -> None:
     a = ap.parse_args()
     from submerge.api import merge_state_dicts
     from submerge.bench.evaluate import correct
-    from submerge.bench.runner import BenchConfig, BenchSession, _RowCache, _stats_for
+    from submerge.bench.cache import RowCache
+    from submerge.bench.presets import stats_for
+    from submerge.bench.session import BenchConfig, BenchSession
     from submerge.routing import attach, build_experts
 
     t_start = time.perf_counter()
     cfg = BenchConfig(suite="text8", seed=a.seed, quiet=True)
     S = BenchSession(cfg)
     names = S.names
-    cached = _RowCache(S, cfg).get("esm")
+    cached = RowCache(S, cfg).get("esm")
     if cached is None:
         raise SystemExit("run `submerge bench` on text8 first (this script reuses its val-tuned ESM scale)")
     alpha = next(r["alpha"] for r in cached[0] if r["setting"] == "val-tuned")
-    stats = _stats_for(S, "esm")
+    stats = stats_for(S, "esm")
     state = merge_state_dicts("esm", S.base, S.experts, {"alpha": alpha}, stats=stats)
     experts = build_experts(state, S.experts, stats, rank=a.rank, tasks=names)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from submerge.bench.pareto import _extra_seed_experts
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.methods import ModelPass
 from submerge.methods.posterior import _mixture_prepare, _prior
 

@@ -19,7 +19,7 @@ import torch
 
 from submerge.api import merge_state_dicts
 from submerge.bench.pareto import _extra_seed_experts, _scores, simplex_grid
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 
 HERE = Path(__file__).resolve().parent
 

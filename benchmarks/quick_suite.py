@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from submerge.bench.finetune import Recipe
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.bench.tasks import SUITES
 from submerge.search import search_alpha
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from submerge.bench.export import TUNE_METHODS, export_bench
-from submerge.bench.runner import BenchConfig, BenchSession, run_bench
+from submerge.bench.run import run_bench
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.search import LAMBDA_GRID
 from submerge.tune import tune
 

@@ -43,15 +43,15 @@ def test_splits_are_seeded_disjoint_and_sized():
 
 def _run_counting_scorings(out, cfg):
     """run_bench, and how many times it scored a model on a task's split."""
-    from submerge.bench import runner
+    from submerge.bench import adaptive, session
 
     calls = []
-    real = runner.correct
-    runner.correct = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = session.correct
+    session.correct = adaptive.correct = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         return run_bench(out, cfg), len(calls)
     finally:
-        runner.correct = real
+        session.correct = adaptive.correct = real
 
 
 def test_tiny_end_to_end(tmp_path):
@@ -152,7 +152,7 @@ def test_tiny_end_to_end(tmp_path):
         del partial["per_example"]["rows"][lab]
     (tmp_path / "partial.json").write_text(json.dumps(partial))
     cfg3 = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache3"))
-    from submerge.bench import runner
+    from submerge.bench import session as runner
 
     val_scorings = []
     real_val = runner.BenchSession.val_score
@@ -282,7 +282,7 @@ def _data_based_rows_local_and_on_ray(tmp_path):
 
 
 def test_ray_calls_keep_esm_pp_with_esm():
-    from submerge.bench.parallel import units_of
+    from submerge.bench.ray import units_of
 
     assert units_of(["ties", "esm", "regmean", "esm_pp"]) == [["ties"], ["esm", "esm_pp"], ["regmean"]]
     assert units_of(["esm_pp", "tsv"]) == [["esm_pp"], ["tsv"]]  # ESM cached: ESM++ searches ESM itself
@@ -345,7 +345,7 @@ def test_task_labels_are_checked_and_numpy_indices_accepted():
 def test_zero_shot_below_majority_is_flagged():
     import numpy as np
 
-    from submerge.bench.runner import zero_shot_warnings
+    from submerge.bench.session import zero_shot_warnings
 
     labels = {"a": [0, 0, 0, 1], "b": [0, 1, 0, 1]}  # majority 0.75 and 0.5
     correct = {"a": np.array([1, 1, 0, 0]), "b": np.array([1, 1, 0, 0])}  # 0.5 and 0.5
@@ -357,7 +357,7 @@ def test_zero_shot_below_majority_is_flagged():
 def test_expert_suites_are_a_bench_option():
     from click.testing import CliRunner
 
-    from submerge.bench.runner import EXPERT_SUITES
+    from submerge.bench.session import EXPERT_SUITES
     from submerge.cli import bench, main
 
     choices = next(p.type.choices for p in bench.params if p.name == "experts")
@@ -388,7 +388,7 @@ def test_bench_export_then_tune_reproduces_the_bench_search(tmp_path):
     import yaml
 
     from submerge.bench.export import export_bench
-    from submerge.bench.runner import BenchSession
+    from submerge.bench.session import BenchSession
     from submerge.search import auto_search_kwargs, search_alpha
     from submerge.tune import tune
 

@@ -108,7 +108,7 @@ def test_bench_tall_task_models_equal_the_masks_of_the_method():
     once, in reused buffers: bit for bit the model tall_masks gives."""
     from types import SimpleNamespace
 
-    from submerge.bench.runner import _TallTask
+    from submerge.bench.adaptive import _TallTask
 
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(5, generator=g)}

@@ -87,15 +87,15 @@ def test_streaming_kth_is_exact_over_chunks():
 def test_release_drops_scratch_and_workers_and_the_pool_comes_back():
     import numpy as np
 
-    from submerge.methods import kernels
+    from submerge.methods import kernels, workspace
 
     big = [torch.randn(1 << 18) for _ in range(3)]
-    got = kernels.parallel_map(lambda x: kernels.magnitude_threshold(x, 0.1), big, sizes=[x.numel() for x in big],
+    got = workspace.parallel_map(lambda x: kernels.magnitude_threshold(x, 0.1), big, sizes=[x.numel() for x in big],
                                min_size=1)
     assert [r.v for r in got] == [kernels.magnitude_threshold(x, 0.1).v for x in big]
-    kernels.release()
-    assert kernels._POOL is None and all(h.buf is None for h in kernels._SCRATCHES)
-    again = kernels.parallel_map(lambda x: float(np.abs(x.numpy()).max()), big, sizes=[x.numel() for x in big],
+    workspace.release()
+    assert workspace._POOL is None and all(h.buf is None for h in workspace._SCRATCHES)
+    again = workspace.parallel_map(lambda x: float(np.abs(x.numpy()).max()), big, sizes=[x.numel() for x in big],
                                  min_size=1)
     assert again == [float(x.abs().max()) for x in big]
-    kernels.release()
+    workspace.release()

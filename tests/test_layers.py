@@ -1,7 +1,7 @@
 """The package's layers, read from the source: no module imports one above it, and no two import each other.
 
-Bottom to top: errors/_lazy/version, io, layers/device, stats, routing, methods, engine (config, plan, executor,
-card, vocab), api/search/extract, evaluate (tasks, scorers, sweep worker, backends), tune/bench/analysis (none
+Bottom to top: errors/_lazy/version, io, layers/device, stats, routing, methods, engine (config, plan, step,
+executor, memory, hooks, card, vocab), api/search/extract, evaluate (tasks, scorers, sweep worker, backends), tune/bench/analysis (none
 importing another), cli.  An import inside a function counts the same as one at
 the top (it is a dependency too)."""
 
@@ -80,7 +80,13 @@ def test_lower_layers_never_import_higher_ones():
         "submerge.bench": {"submerge.tune", "submerge.analysis"},
         "submerge.analysis": {"submerge.tune", "submerge.bench"},
     }
-    modules_below = {"submerge.engine.card": {"submerge.engine.executor"}}  # inside a unit
+    modules_below = {  # inside a unit
+        "submerge.engine.card": {"submerge.engine.executor"},
+        "submerge.engine.step": {"submerge.engine.executor", "submerge.engine.memory", "submerge.engine.plan"},
+        "submerge.methods.kernels": {"submerge.methods.registry"},  # pure tensor kernels: no engine state
+        "submerge.bench.session": {"submerge.bench.rows", "submerge.bench.adaptive", "submerge.bench.run",
+                                   "submerge.bench.ray", "submerge.bench.cache"},
+    }
     bad = []
     for mod, deps in _imports().items():
         for d in deps:
@@ -131,3 +137,31 @@ def test_no_private_name_crosses_a_unit_and_nothing_imports_the_package_face():
         if '__import__("submerge")' in path.read_text():
             bad.append(f"{mod} reaches the package face through __import__")
     assert not bad, bad
+
+
+def test_no_module_cycles_inside_a_unit():
+    """Inside a unit too, modules form layers (``bench``: session -> presets -> adaptive -> rows -> cache -> ray ->
+    run): no module imports one that imports it back, however far round.  A package's ``__init__`` (its face,
+    re-exporting its modules) is not a module of the graph."""
+    imports = _imports()
+    packages = {m for m in imports if (SRC.parent / m.replace(".", "/") / "__init__.py").exists()}
+    graph = {m: {d for d in deps if d not in packages and d != m and d in imports}
+             for m, deps in imports.items() if m not in packages}
+    colour: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(u: str) -> None:
+        colour[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if colour.get(v) == 1:
+                raise AssertionError("module import cycle: " + " -> ".join(stack[stack.index(v):] + [v]))
+            if colour.get(v) is None:
+                visit(v)
+        stack.pop()
+        colour[u] = 2
+
+    for u in sorted(graph):
+        if colour.get(u) is None:
+            visit(u)
+    assert "submerge.bench.rows" in graph and "submerge.bench.adaptive" in graph["submerge.bench.rows"]

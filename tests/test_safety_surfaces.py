@@ -410,7 +410,7 @@ def test_bench_resume_is_checked_before_anything_is_loaded(tmp_path, content, fr
 def test_bench_resume_of_another_configuration_names_the_setting(tmp_path):
     from dataclasses import asdict
 
-    from submerge.bench.runner import BenchConfig
+    from submerge.bench.session import BenchConfig
 
     cfg = asdict(BenchConfig(tasks=["rt_sentiment"]))
     cfg["n_train"] = 7

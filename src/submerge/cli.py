@@ -559,7 +559,8 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
 
     Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
     a rerun only merges and scores."""
-    from submerge.bench.runner import EXPERT_SUITES, BenchConfig, run_bench
+    from submerge.bench.run import run_bench
+    from submerge.bench.session import EXPERT_SUITES, BenchConfig
 
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
                                 methods=methods.split(",") if methods else None, seed=seed,
@@ -630,7 +631,7 @@ def bench_export(out_dir: str, suite: str, tasks: Optional[str], seed: int, expe
     then reproduces the benchmark's val-tuned rows.  Experts come from the benchmark's cache (fine-tuned first
     when missing)."""
     from submerge.bench.export import export_bench
-    from submerge.bench.runner import EXPERT_SUITES, BenchConfig
+    from submerge.bench.session import EXPERT_SUITES, BenchConfig
 
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None, seed=seed, cache_dir=cache_dir,
                                 quiet=quiet, recipe=EXPERT_SUITES[experts] if experts else None).items()
@@ -665,7 +666,7 @@ def pareto(tasks: str, grid: int, samples: int, rules: str, mixture_seeds: str, 
            cache_dir: Optional[str], out: Optional[str], overwrite: bool, quiet: bool) -> None:
     """Preview task trade-offs: sweep task weights, merge with posterior rules, plot the fronts (PNG)."""
     from submerge.bench.pareto import ParetoConfig, run_pareto
-    from submerge.bench.runner import BenchConfig
+    from submerge.bench.session import BenchConfig
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     kw = {k: v for k, v in dict(n_train=n_train, n_test=n_test, fisher_n=fisher_n, cache_dir=cache_dir,

@@ -5,6 +5,7 @@ Public API: :class:`Task`, :func:`register_task`, :func:`get_task`, :class:`Benc
 """
 
 from submerge.bench.tasks import SUITES, Task, get_task, list_tasks, register_task
-from submerge.bench.runner import BenchConfig, run_bench
+from submerge.bench.run import run_bench
+from submerge.bench.session import BenchConfig
 
 __all__ = ["Task", "register_task", "get_task", "list_tasks", "SUITES", "BenchConfig", "run_bench"]

@@ -22,7 +22,8 @@ from typing import Optional
 
 import yaml
 
-from submerge.bench.runner import BenchConfig, BenchSession, _params
+from submerge.bench.presets import row_params
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.evaluate.scorers import HEAD_FILE
 from submerge.io import atomic_folder
 from submerge.io.ledger import one_run
@@ -82,7 +83,7 @@ def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSessi
             tasks[t.name] = {"data": f"data/{t.name}.val.jsonl"}
         search = []
         for m in methods:
-            entry = {"method": m, **_params(m)}
+            entry = {"method": m, **row_params(m)}
             entry[{"task_arithmetic": "lambda", "ties": "lambda"}.get(m, "alpha")] = "auto"
             search.append(entry)
         config = {

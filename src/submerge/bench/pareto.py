@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from submerge.api import merge_state_dicts
-from submerge.bench.runner import BenchConfig, BenchSession
+from submerge.bench.session import BenchConfig, BenchSession
 from submerge.errors import ConfigError
 from submerge.io import check_output_target
 from submerge.io.ledger import one_run

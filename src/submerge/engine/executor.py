@@ -27,7 +27,7 @@ from submerge.device import parse_device
 from submerge.errors import ConfigError, NonFiniteError
 from submerge.io import ShardWriter, atomic_folder, parse_size
 from submerge.io.files import copy_regular_file
-from submerge.methods import ModelPass, kernels
+from submerge.methods import ModelPass, workspace
 from submerge.engine.plan import MergeOptions, MergePlan, TensorJob
 from submerge.engine.step import TensorStep, dtype_name, numeric_params
 
@@ -238,7 +238,7 @@ class Executor:
                     finish(tmp)
         finally:
             plan.close()
-            kernels.release()
+            workspace.release()
         seconds = time.perf_counter() - t0
         log.info("wrote %s: %d file(s), %.1f MB, in %.1f s (%.0f MB read)", out_dir, len(files),
                  writer.total_bytes / 1e6, seconds, bytes_read / 1e6)

@@ -13,7 +13,7 @@ import torch
 
 from submerge.engine.step import TensorStep
 from submerge.errors import CheckpointError, ConfigError
-from submerge.methods import ModelPass, get_method, kernels
+from submerge.methods import ModelPass, get_method, workspace
 
 
 def merge_state_dicts_many(
@@ -88,7 +88,7 @@ def merge_state_dicts_many(
             out[name] = merged if lines is not None else merged.to(value.dtype)
     if lines is not None:
         apply_lines(lines, outs, base, models, float_names, compute_dtype)
-    kernels.release()
+    workspace.release()
     return outs
 
 

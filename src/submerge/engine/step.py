@@ -54,6 +54,7 @@ class TensorStep:
                  model_names: Sequence[str] = (), stats: Optional[Sequence[Any]] = None, staged: Any = None,
                  shape: Optional[Sequence[int]] = None, lines_scale: Optional[float] = None) -> torch.Tensor:
         """The merged tensor (in the compute dtype), then LiNeS' ``lines_scale`` of its update when given."""
+        dtype = tensors[0].dtype  # the method may consume its inputs (ctx.tensors[i] = None)
         keep = base.clone() if lines_scale is not None and lines_scale != 1 else None
         ctx = TensorContext(name, tensors, base, self.generator(name), self.state, list(model_names),
                             stats=stats, staged=staged)
@@ -64,7 +65,7 @@ class TensorStep:
                 raise
             raise NonFiniteError(
                 f"merged tensor {name} has NaN/Inf value(s): the {self.method.name} merge overflowed the compute "
-                f"dtype {dtype_name(tensors[0].dtype)} ({e}); check the weights and scales "
+                f"dtype {dtype_name(dtype)} ({e}); check the weights and scales "
                 f"({numeric_params(params)}) or use --compute-dtype float64; nothing was written") from None
         if shape is not None and tuple(out.shape) != tuple(shape):
             raise SubmergeError(f"{self.method.name} returned shape {list(out.shape)} for {name}, "

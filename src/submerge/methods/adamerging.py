@@ -280,7 +280,7 @@ def _load_coefficients(mp: ModelPass, gparams: dict) -> Coefficients:
             "clamp [0, 1], task- or layer-wise; AdaMerging++ = TIES-processed task vectors, top-20%, recorded in the "
             "file and applied here). Models in the file's task order. No defaults: 'coefficients' is required.",
     params=[Param("coefficients", str, help="JSON file of learned coefficients (Coefficients.save)")],
-    needs_base=True, prepare=_load_coefficients,
+    needs_base=True, prepare=_load_coefficients, evaluation="learned",
 )
 def adamerging(ctx: TensorContext, coefficients: str) -> torch.Tensor:
     coef: Coefficients = ctx.state

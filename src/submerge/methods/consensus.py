@@ -90,7 +90,7 @@ def _consensus(ctx: TensorContext, weight, tall_lambda, k, scale, density=None) 
             "entries at least k masks use; theta = base + lambda * consensus * tau_MTL. Defaults: weight=1, "
             "tall_lambda=0.4 (middle of the authors' grid 0.2..0.6; choose it per task on validation), k=2, lambda=1 "
             "(choose on validation, the paper's grid 0.1..1.0).",
-    params=[_WEIGHT, _TALL_LAMBDA, _K, _LAMBDA], needs_base=True,
+    params=[_WEIGHT, _TALL_LAMBDA, _K, _LAMBDA], needs_base=True, per_task_params=("tall_lambda",),
     scale_param="lambda", search={"grid": [round(0.1 * i, 2) for i in range(1, 11)]},
 )
 def consensus_ta(ctx: TensorContext, weight: list[float], tall_lambda: list[float], k: int, **scale: float
@@ -105,7 +105,7 @@ def consensus_ta(ctx: TensorContext, weight: list[float], tall_lambda: list[floa
             "masks against it from the untrimmed tau_t; keep the entries at least k masks use; theta = base + "
             "lambda * consensus * tau_MTL. Defaults: density=0.2 (the authors' top-20%), weight=1, tall_lambda=0.4, "
             "k=2, lambda=1 (choose on validation).",
-    params=[_WEIGHT, _DENSITY, _TALL_LAMBDA, _K, _LAMBDA], needs_base=True,
+    params=[_WEIGHT, _DENSITY, _TALL_LAMBDA, _K, _LAMBDA], needs_base=True, per_task_params=("tall_lambda",),
     scale_param="lambda", search={"grid": [round(0.1 * i, 2) for i in range(1, 11)]},
 )
 def consensus_ties(ctx: TensorContext, weight: list[float], density: list[float], tall_lambda: list[float], k: int,
@@ -152,7 +152,8 @@ class TallSidecar(Sidecar):
             "as packed bits (+ tall_masks.json). Task t's model is base + m_t * (output - base) "
             "(submerge.routing.tall). Defaults: weight=1, tall_lambda=0.4 (the authors choose each task's on its "
             "validation accuracy from 0.2..0.6; submerge bench does).",
-    params=[_WEIGHT, _TALL_LAMBDA], needs_base=True, sidecar=TallSidecar,
+    params=[_WEIGHT, _TALL_LAMBDA], needs_base=True, sidecar=TallSidecar, evaluation="task_id",
+    per_task_params=("tall_lambda",),
 )
 def tall_masks_method(ctx: TensorContext, weight: list[float], tall_lambda: list[float]) -> torch.Tensor:
     return multitask_vector(_deltas(ctx), weight).add_(ctx.base)

@@ -73,7 +73,7 @@ class ExpertSidecar(Sidecar):
 
 
 @register_method(
-    name="esm_pp",
+    name="esm_pp", evaluation="routed", builds_on="esm",
     pretty_name="ESM++ (ESM + low-rank residual experts with prototype routing)",
     paper="Li et al., ESM++ (journal extension of Model Merging in the Essential Subspace, arXiv 2606.19164); "
           "code github.com/kiddo127/ESM (ESM-ViT/esmpp.py, ESM-RoBERTa merge.py::esm_pp)",

@@ -213,6 +213,20 @@ class MergeMethod:
     # the method never writes into ctx.tensors or ctx.base: in-memory merges (merge_state_dicts) then pass the
     # callers' tensors uncopied when they are in the compute dtype (default False: each input is copied)
     inputs_read_only: bool = False
+    # how a benchmark or a tuning run evaluates the method (what it declares, so no caller dispatches on its name):
+    # "static" (one merged model), "routed" (a static merge plus experts chosen per input: ESM++),
+    # "task_id" (one model per task, needs the task id: TALL masks), "learned" (coefficients learned on unlabeled
+    # inputs first: AdaMerging)
+    evaluation: str = "static"
+    builds_on: Optional[str] = None  # a method whose val-tuned merge this one starts from (ESM++: esm)
+    per_task_params: tuple[str, ...] = ()  # per-model parameters chosen on each task's own validation split
+
+    def __post_init__(self):
+        if self.evaluation not in ("static", "routed", "task_id", "learned"):
+            raise ValueError(f"{self.name}: evaluation must be static, routed, task_id or learned")
+        unknown = [p for p in self.per_task_params if p not in {q.name for q in self.params if q.per_model}]
+        if unknown:
+            raise ValueError(f"{self.name}: per_task_params {unknown} are not per-model parameters")
 
     @property
     def base_role(self) -> str:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from submerge.errors import ConfigError
-from submerge.methods import kernels
+from submerge.methods import kernels, workspace
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
 
 _WEIGHT = Param("weight", float, per_model=True, help="scale of this model's task vector")
@@ -147,7 +147,7 @@ def _trim_rules(tensors: list, base: torch.Tensor, density: Optional[list[float]
 
     # each model's task vector and threshold are independent (numpy's introselect releases the GIL):
     # side by side, one per core
-    return kernels.parallel_map(rule_of, range(len(tensors)), sizes=[t.numel() for t in tensors],
+    return workspace.parallel_map(rule_of, range(len(tensors)), sizes=[t.numel() for t in tensors],
                                 min_size=1 << 18)
 
 

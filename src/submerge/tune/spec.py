@@ -212,7 +212,7 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
                               f"{suggest(str(name), [x.name for x in list_methods()])}") from None
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             raise ConfigError(f"{where}: {name} cannot merge {n_models} models")
-        if name == "adamerging" and "coefficients" not in entry:
+        if m.evaluation == "learned" and "coefficients" not in entry:  # learned here, from the eval texts
             for learn in _adamerging_entries(entry, where):
                 out.append(Candidate(len(out), name, {}, None, None, "learn", learn=learn))
             continue
