@@ -405,11 +405,12 @@ def validate(config: str, strict: bool) -> None:
 
 @main.command()
 @click.argument("action", type=click.Choice(["list", "clear"]), default="list")
-@click.argument("kind", type=click.Choice(["experts", "calibration", "all"]), default="all")
+@click.argument("kind", type=click.Choice(["experts", "calibration", "llm", "all"]), default="all")
 @click.option("--yes", is_flag=True, help="With clear: do not ask.")
 def cache(action: str, kind: str, yes: bool) -> None:
     """List the folders submerge keeps between runs and their sizes, or clear them (ACTION: list | clear; KIND:
-    experts (the benchmark's fine-tuned experts and finished rows), calibration (tune's statistics) or all).
+    experts (the benchmark's fine-tuned experts and finished rows), calibration (tune's statistics), llm (the LLM
+    suite's backbone folder, experts and rows) or all).
     Everything in them is recomputed when needed; Hugging Face's model cache is never touched."""
     from submerge.io.caches import cache_sizes, clear_cache
 

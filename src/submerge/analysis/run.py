@@ -171,7 +171,7 @@ def _sayer(progress: bool):
 
 
 def _eval_tasks(eval_raw: Any, cfg, tasks: list[str], config_dir: Path, scorer: Optional[str]) -> list:
-    from submerge.evaluate.scorers import make_scorer
+    from submerge.evaluate.registry import make_scorer
     from submerge.evaluate.tasks import TaskRef
     from submerge.evaluate.tasks import eval_tasks as parse_eval
 

@@ -6,6 +6,8 @@ Sources (installed by ``scripts/setup-bench.sh``):
   Rotten Tomatoes critic snippets and plot synopses, 2016 presidential debates.
 * Debian ``wordnet-base`` (WordNet 3.0): glosses and lexicographer files.
 * Debian ``fortunes``, ``fortunes-de``, ``fortunes-es``, ``fortunes-it``, ``fortunes-br``.
+* Debian ``dict-freedict-eng-deu``, ``dict-freedict-eng-fra`` (FreeDict bilingual dictionaries, dictd format) and
+  ``iso-codes`` (ISO 3166-1 countries): the LLM suite's short-answer tasks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from submerge.errors import SubmergeError
 SETUP_HINT = "run the set-up step first: bash scripts/setup-bench.sh"
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
+DICTD_DIR = Path("/usr/share/dictd")
+ISO_CODES_DIR = Path("/usr/share/iso-codes/json")
 
 
 class BenchDataError(SubmergeError):
@@ -152,3 +156,88 @@ FORTUNE_LANGUAGES = {
                                     "leggi", "luttazzi", "paolotedeschi")],
     "Portuguese": ["brasil"],
 }
+
+
+_DICTD_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _dictd_number(text: str) -> int:
+    value = 0
+    for ch in text:
+        value = value * 64 + _DICTD_B64[ch]
+    return value
+
+
+_MARKUP = re.compile(r"<[^>]*>|\[[^\]]*\]|\([^)]*\)")
+
+
+@lru_cache(maxsize=None)
+def freedict_words(pair: str) -> dict[str, str]:
+    """English headword -> its translation, from the FreeDict dictionary ``pair`` (``"eng-deu"``): single
+    lower-case words whose first entry (their first sense) translates to one term (no numbered senses, no
+    alternatives), so one gold answer is the answer.  Grammatical notes (``<neut>``, ``[med.]``) are dropped."""
+    index = _need(DICTD_DIR / f"freedict-{pair}.index", f"FreeDict {pair} dictionary")
+    data = gzip.open(_need(DICTD_DIR / f"freedict-{pair}.dict.dz", f"FreeDict {pair} dictionary")).read()
+    entries: dict[str, list[str]] = {}
+    for line in index.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3 or not re.fullmatch(r"[a-z]{3,}", parts[0]):
+            continue
+        start, size = _dictd_number(parts[1]), _dictd_number(parts[2])
+        entries.setdefault(parts[0], []).append(data[start:start + size].decode("utf-8", "replace"))
+    out = {}
+    for word, bodies in entries.items():  # the first entry is the word's first sense
+        lines = [ln for ln in bodies[0].splitlines()[1:] if ln.strip()]  # the first line is the headword
+        if not lines or lines[0][:1].isspace() or re.match(r"\d+\.", lines[0]):
+            continue
+        term = " ".join(_MARKUP.sub(" ", lines[0]).split())
+        if term and "," not in term and ";" not in term and len(term.split()) == 1 and term.lower() != word:
+            out[word] = term
+    return out
+
+
+@lru_cache(maxsize=None)
+def wordnet_counts() -> dict[str, int]:
+    """Lemma -> how often its senses are tagged in WordNet's SemCor concordance (``cntlist.rev``, summed over
+    senses): how common a word is in running text."""
+    counts: dict[str, int] = {}
+    with open(_need(WORDNET_DIR / "cntlist.rev", "WordNet"), encoding="latin-1") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3:
+                lemma = parts[0].split("%", 1)[0]
+                counts[lemma] = counts.get(lemma, 0) + int(parts[2])
+    return counts
+
+
+@lru_cache(maxsize=None)
+def wordnet_definitions() -> tuple[tuple[str, str], ...]:
+    """(definition, word): each single-word noun's most frequent sense (the first synset ``index.noun`` lists),
+    with its gloss as in :func:`wordnet_glosses`; a reverse dictionary's questions and answers."""
+    first: dict[str, str] = {}
+    with open(_need(WORDNET_DIR / "index.noun", "WordNet"), encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue
+            fields = line.split()
+            if re.fullmatch(r"[a-z]{3,}", fields[0]):
+                first[fields[0]] = fields[-int(fields[2])]  # synset offsets close the line, most frequent first
+    glosses: dict[str, str] = {}
+    with open(_need(WORDNET_DIR / "data.noun", "WordNet"), encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(" ") or "|" not in line:
+                continue
+            fields, gloss = line.split("|", 1)
+            glosses[fields.split()[0]] = gloss.split('; "')[0].strip().strip(";").strip()
+    return tuple((glosses[off], w) for w, off in sorted(first.items())
+                 if off in glosses and len(glosses[off].split()) >= 3 and w not in glosses[off].lower())
+
+
+@lru_cache(maxsize=None)
+def iso_countries() -> tuple[tuple[str, str, str], ...]:
+    """(name, alpha-2, alpha-3) of every ISO 3166-1 country, by its common name where it has one."""
+    import json
+
+    path = _need(ISO_CODES_DIR / "iso_3166-1.json", "iso-codes country list")
+    rows = json.loads(path.read_text(encoding="utf-8"))["3166-1"]
+    return tuple((r.get("common_name", r["name"]), r["alpha_2"], r["alpha_3"]) for r in rows)

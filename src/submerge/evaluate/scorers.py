@@ -38,7 +38,6 @@ import torch
 from submerge.errors import ConfigError, quoted
 
 HEAD_FILE = "submerge_head.safetensors"
-BUILTIN = ("classification", "lm_loss")
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> Iterator[list[int]]:
@@ -397,17 +396,3 @@ class PythonScorer(Scorer):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{self.spec} returned {value!r}; a scorer returns a finite number (higher is better)")
         return float(value), {}
-
-
-def make_scorer(task: TaskData) -> Scorer:
-    spec = task.scorer
-    if spec == "classification":
-        return ClassificationScorer(task)
-    if spec == "lm_loss":
-        return LMLossScorer(task)
-    if spec.startswith("python:"):
-        return PythonScorer(task, spec[len("python:"):].strip())
-    from submerge.errors import suggest
-
-    raise ConfigError(f"unknown scorer {spec!r}{suggest(spec, BUILTIN)}; use classification, lm_loss or "
-                      f"python: module:function")

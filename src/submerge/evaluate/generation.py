@@ -1,0 +1,238 @@
+"""Scoring a chat model by what it generates, without a generate loop.
+
+Greedy decoding from a prompt returns exactly the gold answer (and then stops) when, at every answer position
+— the end-of-turn token included — the most likely next token given the prompt and the gold prefix *is* the gold
+token.  So one teacher-forced forward pass per batch decides exact match for every example at once, and the same
+pass gives the gold answer's token negative log-likelihood (the ``lm_loss`` view).  Only the hidden states at
+answer positions go through the output head (a 49k-word head over every prompt token would cost a fifth of the
+pass).  Exact match is in token space: the gold answer's own tokenization must be the one decoding produces
+(``tests/test_generation.py`` checks this against ``model.generate`` on real examples).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional, Sequence
+
+import torch
+
+from submerge.errors import ConfigError
+from submerge.evaluate.scorers import Scorer, TaskData, length_sorted_batches, read_jsonl
+
+MATCH_MODES = ("exact", "contains", "regex")
+
+
+def _ids(out) -> list[int]:
+    """apply_chat_template's token ids, whether it returned a list or a BatchEncoding."""
+    if isinstance(out, (list, tuple)):
+        return list(out)
+    return list(out["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt: str, system: Optional[str] = None) -> list[int]:
+    """The chat-formatted conversation up to where the assistant's answer starts (the generation prompt)."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends the assistant's turn (the chat model's end-of-sequence for generation)."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no end-of-sequence token: a generated answer has no end to score")
+    return int(tokenizer.eos_token_id)
+
+
+def answer_example(tokenizer, prompt: str, answer: str, system: Optional[str] = None) -> tuple[list[int], int]:
+    """(token ids of prompt + answer + end of turn, where the answer starts)."""
+    head = prompt_ids(tokenizer, prompt, system)
+    tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+    return head + tail, len(head)
+
+
+@dataclass
+class AnswerBatch:
+    """Right-padded examples and, flattened over the batch, each answer token: the (row, column) whose output
+    predicts it, the token, and which example (row) it belongs to."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, (seq, start) in enumerate(examples):
+        if not 0 < start < len(seq):
+            raise ValueError(f"example {i}: the answer must start after the prompt and hold one token or more")
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        rows += [i] * (len(seq) - start)
+        cols += range(start - 1, len(seq) - 1)
+        targets += seq[start:]
+    return AnswerBatch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
+def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
+    """The next-token logits at every answer position (``[n answer tokens, vocabulary]``, float32).  The
+    decoder runs on the whole batch; only the answer positions go through the output head, unless the model
+    post-processes its logits (soft-capping), when the model's own forward is used."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    plain = head is not None and decoder is not None and \
+        getattr(model.config, "final_logit_softcapping", None) is None and \
+        getattr(model.config, "logit_scale", None) in (None, 1, 1.0)
+    if plain:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return head(hidden[batch.rows, batch.cols]).float()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[batch.rows, batch.cols].float()
+
+
+def answer_loss(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
+    """Mean NLL of the answer tokens (what fine-tuning on answers minimises)."""
+    return torch.nn.functional.cross_entropy(answer_logits(model, batch), batch.targets)
+
+
+@torch.no_grad()
+def teacher_forced(model: torch.nn.Module, batch: AnswerBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example: exact match of greedy decoding (bool), summed NLL of its answer tokens, their count."""
+    logits = answer_logits(model, batch)
+    hit = (logits.argmax(-1) == batch.targets).float()
+    nll = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none").double()
+    exact = torch.ones(batch.size).scatter_reduce(0, batch.rows, hit, reduce="amin")
+    nll_sum = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, batch.rows, nll)
+    count = torch.zeros(batch.size, dtype=torch.long).index_add_(0, batch.rows, torch.ones_like(batch.rows))
+    return exact.bool(), nll_sum, count
+
+
+def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                  system: Optional[str] = None, batch_size: int = 32, max_tokens: int = 4096,
+                  encoded: Optional[list[tuple[list[int], int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, exact match (bool) and mean answer-token NLL, in input order; batches sorted by length.
+    ``encoded``: the examples already through :func:`answer_example`."""
+    examples = encoded if encoded is not None else [answer_example(tokenizer, p, a, system)
+                                                     for p, a in zip(prompts, answers)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
+    exact = torch.zeros(len(examples), dtype=torch.bool)
+    nll = torch.zeros(len(examples), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in length_sorted_batches([len(e[0]) for e in examples], batch_size, max_tokens):
+            e, s, c = teacher_forced(model, collate([examples[i] for i in idx], pad))
+            exact[idx] = e
+            nll[idx] = s / c
+    finally:
+        model.train(was_training)
+    return exact, nll
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], system: Optional[str] = None,
+                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers by ``model.generate`` (left-padded batches), decoded without special tokens."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            heads = [prompt_ids(tokenizer, p, system) for p in prompts[i:i + batch_size]]
+            width = max(map(len, heads))
+            ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
+            mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=end_of_turn_id(tokenizer), pad_token_id=pad)
+            out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+class GenerationScorer(Scorer):
+    """``scorer: generation``: a chat model answering the eval file's prompts (``.jsonl`` rows with ``field``,
+    default ``prompt``, and ``label_field``, default ``answer``).  ``options.match``: ``exact`` (default; greedy
+    output equals the answer, decided by one teacher-forced pass), ``contains`` (the answer occurs in the greedy
+    output) or ``regex`` (the output matches ``options.pattern``, with ``{answer}`` standing for the escaped
+    answer); ``options.system`` a system prompt, ``options.max_new_tokens`` (default 32) for the generating
+    modes.  Score: the fraction matched; details also hold the answers' mean token NLL."""
+
+    model_class = "AutoModelForCausalLM"
+
+    def __init__(self, task: TaskData):
+        super().__init__(task)
+        opts = task.options
+        self.match = opts.get("match", "exact")
+        if self.match not in MATCH_MODES:
+            raise ConfigError(f"eval task {task.name}: options.match must be one of {list(MATCH_MODES)}, "
+                              f"got {self.match!r}")
+        self.system = opts.get("system")
+        if self.system is not None and not isinstance(self.system, str):
+            raise ConfigError(f"eval task {task.name}: options.system must be a string")
+        self.max_new_tokens = opts.get("max_new_tokens", 32)
+        if type(self.max_new_tokens) is not int or not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"eval task {task.name}: options.max_new_tokens must be an integer in 1..4096")
+        self.pattern = opts.get("pattern")
+        if self.match == "regex":
+            if not isinstance(self.pattern, str):
+                raise ConfigError(f"eval task {task.name}: match: regex needs options.pattern (a string)")
+            try:
+                re.compile(self.pattern.replace("{answer}", "x"))
+            except re.error as e:
+                raise ConfigError(f"eval task {task.name}: options.pattern is not a regular expression ({e})") \
+                    from None
+
+    @cached_property
+    def rows(self) -> tuple[list[str], list[str]]:
+        t = self.task
+        prompt_field = t.field if t.field != "text" else "prompt"
+        answer_field = t.label_field if t.label_field != "label" else "answer"
+        rows = read_jsonl(t.data, [prompt_field, answer_field])
+        for i, r in enumerate(rows):
+            if not isinstance(r[prompt_field], str) or not isinstance(r[answer_field], str) or not r[answer_field]:
+                raise ConfigError(f"{t.data}: row {i + 1}: {prompt_field!r} and {answer_field!r} must be strings "
+                                  f"(a non-empty answer)")
+        rows = rows[: t.n] if t.n else rows
+        return [r[prompt_field] for r in rows], [r[answer_field] for r in rows]
+
+    def check(self) -> None:
+        self.rows  # noqa: B018  (read and checked now)
+
+    @cached_property
+    def encoded(self) -> list[tuple[list[int], int]]:
+        prompts, answers = self.rows
+        tok = self.task.tokenizer
+        return [answer_example(tok, p, a, self.system) for p, a in zip(prompts, answers)]
+
+    def _matches(self, outputs: list[str], answers: list[str]) -> list[bool]:
+        if self.match == "contains":
+            return [a.strip() in o for o, a in zip(outputs, answers)]
+        return [re.search(self.pattern.replace("{answer}", re.escape(a.strip())), o) is not None
+                for o, a in zip(outputs, answers)]
+
+    def score(self, model):
+        prompts, answers = self.rows
+        tok = self.task.tokenizer
+        exact, nll = score_answers(model, tok, prompts, answers, self.system, self.task.batch_size,
+                                   self.task.options.get("max_tokens", 4096), encoded=self.encoded)
+        details = {"n": len(answers), "exact_match": float(exact.double().mean()), "nll": float(nll.mean()),
+                   "perplexity": math.exp(float(nll.mean()))}
+        if self.match == "exact":
+            return details["exact_match"], details
+        outputs = generate_answers(model, tok, prompts, self.system, self.max_new_tokens, self.task.batch_size)
+        hits = self._matches(outputs, answers)
+        details[self.match] = sum(hits) / len(hits)
+        return details[self.match], details
