@@ -361,10 +361,14 @@ def test_expert_suites_are_a_bench_option():
     from submerge.cli import bench, main
 
     choices = next(p.type.choices for p in bench.params if p.name == "experts")
-    assert list(choices) == list(EXPERT_SUITES)
+    assert list(choices) == list(EXPERT_SUITES) + ["lora", "full"]  # the last two: the LLM suite's recipes
     assert (EXPERT_SUITES["default"].lr, EXPERT_SUITES["lr3e-4"].lr) == (1e-4, 3e-4)
     out = CliRunner().invoke(main, ["bench", "--experts", "lr1"])
     assert out.exit_code == 2 and "is not one of 'default', 'lr3e-4'" in out.output
+    out = CliRunner().invoke(main, ["bench", "--experts", "lora"])
+    assert out.exit_code == 2 and "LLM-suite recipe" in out.output
+    out = CliRunner().invoke(main, ["bench", "--suite", "llm", "--experts", "lr3e-4"])
+    assert out.exit_code == 2 and "encoder-suite recipe" in out.output
 
 
 def test_embed_batches_by_token_count_and_matches_unbatched():

@@ -520,7 +520,9 @@ def demo(out: Optional[str], method: str) -> None:
 
 @main.command()
 @_threads_option
-@click.option("--suite", default="text8", show_default=True, help="Task suite (text8; quick = text8's tasks, small splits).")
+@click.option("--suite", default="text8", show_default=True,
+              help="Task suite (text8; quick = text8's tasks, small splits; llm = the chat-LLM suite, SmolLM2-135M "
+                   "scored by what it generates).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
 @click.option("--quick", is_flag=True, help="The README's main job: the quick suite (text8's 8 tasks, small evaluation "
@@ -532,9 +534,9 @@ def demo(out: Optional[str], method: str) -> None:
 @click.option("--n-train", type=click.IntRange(min=1), default=None)
 @click.option("--n-val", type=click.IntRange(min=1), default=None)
 @click.option("--n-test", type=click.IntRange(min=1), default=None)
-@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default=None,
+@click.option("--experts", type=click.Choice(["default", "lr3e-4", "lora", "full"]), default=None,
               help="Expert suite: the default fine-tuning recipe (lr 1e-4) or the ESM ablation's second suite "
-                   "(lr 3e-4).")
+                   "(lr 3e-4); with --suite llm: lora (rank 16 on every linear layer, the default) or full.")
 @click.option("--multitask/--no-multitask", default=None,
               help="Add the reference row of one model fine-tuned on all tasks jointly (default: on, off with --quick).")
 @click.option("--search", type=click.Choice(["full", "coarse"]), default=None,
@@ -560,6 +562,12 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
 
     Experts, their scores and the multitask model are cached in ~/.cache/submerge/experts (--cache-dir):
     a rerun only merges and scores."""
+    if suite == "llm":
+        _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n_val, n_test, experts, multitask,
+                   search, backend, resume, overwrite, quiet)
+        return
+    if experts in ("lora", "full"):
+        raise click.UsageError(f"--experts {experts} is an LLM-suite recipe (--suite llm)")
     from submerge.bench.run import run_bench
     from submerge.bench.session import EXPERT_SUITES, BenchConfig
 
@@ -572,6 +580,28 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume, overwrite=overwrite)
+
+
+def _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n_val, n_test, experts, multitask,
+               search, backend, resume, overwrite, quiet) -> None:
+    """``bench --suite llm``: the chat-LLM suite (submerge.bench.llm)."""
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.run import run_llm_bench
+    from submerge.bench.llm.session import LLMBenchConfig
+
+    for flag, value in (("--quick", quick), ("--backend ray", backend == "ray"), ("--resume", resume)):
+        if value:
+            raise click.UsageError(f"{flag} is not available with --suite llm yet")
+    if experts not in (None, "lora", "full"):
+        raise click.UsageError(f"--experts {experts} is an encoder-suite recipe; the LLM suite takes lora or full")
+    kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
+                                methods=methods.split(",") if methods else None, seed=seed, cache_dir=cache_dir,
+                                n_train=n_train, n_val=n_val, n_test=n_test, quiet=quiet, multitask=multitask,
+                                search=search, recipe=LLMRecipe.full() if experts == "full" else None).items()
+          if v is not None}
+    cfg = LLMBenchConfig(**kw)
+    name = f"llm{'-full' if experts == 'full' else ''}-seed{seed}"
+    run_llm_bench(Path(out) if out else Path("bench-results") / name, cfg, overwrite=overwrite, backbone=backbone)
 
 
 @main.command()

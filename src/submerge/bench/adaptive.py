@@ -88,15 +88,6 @@ def _add_router(S: BenchSession, found, experts, stats, kind: str) -> float:
 TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
-def _task_correct(S: BenchSession, state: dict, i: int, split: str) -> np.ndarray:
-    """Per-example correctness of ``state`` on task ``i``'s ``split`` only."""
-    t = S.tasks[i]
-    S.bb.load(state)
-    try:
-        return correct(S.bb, *getattr(S.splits[t.name], split), S.heads[t.name])
-    finally:
-        S.bb.reset()
-
 class _TallTask:
     """Task ``i``'s TALL models ``θ_0 + m_i ⊙ τ_MTL`` for any threshold λ, ``m_i = |τ_i| > λ |τ_MTL − τ_i|``
     (as :func:`submerge.methods.consensus.tall_masks`, bit for bit): both magnitudes are computed once per task,
@@ -137,7 +128,7 @@ def tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict, dict
     chosen = []
     for i in range(len(S.tasks)):
         task = _TallTask(S, tau, mtl, i)
-        scores = {lam: float(_task_correct(S, task.state(lam), i, "val").mean()) for lam in TALL_GRID}
+        scores = {lam: float(S.task_correct(task.state(lam), i, "val").mean()) for lam in TALL_GRID}
         chosen.append(max(scores, key=lambda lam: (scores[lam], -lam)))
         del task  # four model-sized buffers: gone before the next task's are made
     return chosen, tau, mtl
@@ -147,7 +138,7 @@ def tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> t
     ``θ_0 + m_t ⊙ τ_MTL`` on its own test split; thresholds per task on val.  An oracle row (needs the task id)."""
     lambdas, tau, mtl = tall_lambdas(S, params)
     seconds = time.perf_counter() - t0
-    res = {t.name: _task_correct(S, _TallTask(S, tau, mtl, i).state(lam), i, "test")
+    res = {t.name: S.task_correct(_TallTask(S, tau, mtl, i).state(lam), i, "test")
            for i, (t, lam) in enumerate(zip(S.tasks, lambdas))}
     label = "tall_masks (task id)"
     row, _ = S.test_row("tall_masks", "task id", {**params, "tall_lambda": dict(zip(S.names, lambdas))}, {}, None,

@@ -35,10 +35,10 @@ class RowCache:
         # a setting only one method reads keys that method's file alone (so adding one keeps the others' rows)
         self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys]).encode()).hexdigest()[:8]
                        for m, keys in METHOD_SETTINGS.items()}
-        blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.bb.fingerprint,
+        blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.fingerprint,
                            "version": __version__}, sort_keys=True, default=str)
         self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
-        self.sizes = {t.name: len(S.splits[t.name].test[0]) for t in S.tasks}
+        self.sizes = {name: S.test_size(name) for name in S.names}
 
     def get(self, method: str) -> Optional[tuple[list[dict], dict]]:
         path = self.folder / f"{method}{self.suffix.get(method, '')}.json"
@@ -124,7 +124,7 @@ def import_rows(S: "BenchSession", cache: RowCache, old: dict, methods: Sequence
     path, cfg = old["_path"], S.cfg
     old_cfg, old_rows, per = old["config"], old["rows"], old["per_example"]
     backbone = old.get("backbone")
-    if old.get("tasks") != S.names or not isinstance(backbone, dict) or backbone.get("sha256") != S.bb.fingerprint:
+    if old.get("tasks") != S.names or not isinstance(backbone, dict) or backbone.get("sha256") != S.fingerprint:
         raise ConfigError(f"--resume {path}: another backbone or task list ({quoted(old.get('tasks'))})")
     for which, scores in (("finetuned", S.ft_test), ("zeroshot", S.zs_test)):
         theirs_bits = per.get(which) or {}

@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,38 +32,25 @@ from submerge.version import __version__
 log = logging.getLogger("submerge.bench")
 
 
-@one_run
-def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
-              address: Optional[str] = None, actors: Optional[int] = None,
-              resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
-    """Run the benchmark into ``out_dir`` (an earlier run's results there are replaced only with ``overwrite``).
-    ``backend="ray"`` computes the method rows on Ray actors
-    (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
-    holding the session's experts and statistics from the object store; the rows are the local ones.
-    ``resume``: an earlier run's results.json with the same settings and experts (see :func:`import_rows`):
-    its rows are kept and only the missing methods are computed (adding a method to a published table)."""
-    cfg = cfg or BenchConfig()
+def check_results_folder(out_dir: str | Path, overwrite: bool) -> Path:
+    """A results folder a bench may write: not a dangerous folder or an input, and an earlier run's results.json
+    there replaced only with ``overwrite``."""
     out_dir = Path(out_dir)
     check_output_target(out_dir, what="results folder")
     if (out_dir / "results.json").exists() and not overwrite:
         raise ConfigError(f"results folder {out_dir} already holds a results.json (pass --overwrite to replace it, "
                           f"or --out for another folder)")
-    if backend not in ("local", "ray"):
-        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
-    if backend == "ray":
-        from submerge.evaluate.backends import check_ray_address
+    return out_dir
 
-        check_ray_address(address)
-    previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read
-    n_tasks = len(suite_tasks(cfg))
-    methods = applicable_methods(n_tasks, cfg.methods)
-    estimate = RunEstimate(n_tasks, methods + (["multitask"] if cfg.multitask else []))
-    note = None if cfg.quiet else busy_note(torch.get_num_threads())
-    if note:  # after every check: a refused run prints its one error line only
-        print(f"note: {note}", flush=True)
-    S = BenchSession(cfg, estimate=estimate)
-    say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
+
+def method_table(S, methods: Sequence[str], done_rows: RowCache, estimate: RunEstimate, backend: str = "local",
+                 address: Optional[str] = None, actors: Optional[int] = None) -> tuple[list[dict], dict]:
+    """Every method's rows and per-example test correctness, in ``methods``' order, for any suite's session
+    (:class:`~submerge.bench.session.SuiteSession`): rows kept in ``done_rows`` are not redone, each finished
+    method is put there as it finishes, and methods reading the same statistics run one after the other."""
+    say = S.say
     rows, test_correct = [], {}
+    methods = list(methods)
     # methods that read the same statistics run one after the other, so each kind is held only while used
     # (Fisher and calibration statistics alive together made the peak of a quick run)
     method_of = {n: get_method(split_row_name(n)[0]) for n in methods}
@@ -71,10 +58,6 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
     methods.sort(key=lambda n: {"": 0, "fisher": 1}.get(kind[n], 2))
     say(f"[{S.clock()}] merging with {len(methods)} methods: {', '.join(methods)}"
         + (" (on Ray)" if backend == "ray" else ""))
-    done_rows = RowCache(S, cfg)
-    if previous is not None:
-        got = import_rows(S, done_rows, previous, methods)
-        say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
     found_rows: dict[str, Optional[tuple[list[dict], dict]]] = {}
     searched: dict[str, object] = {}
     for method in methods:
@@ -119,6 +102,105 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         if found_rows.get(method) is not None:
             rows += found_rows[method][0]
             test_correct.update(found_rows[method][1])
+    return rows, test_correct
+
+
+def comparisons(test_correct: dict, ft_test: dict, zs_test: dict) -> dict:
+    """Every row against the strongest static baseline (TSV-M) and against task arithmetic, both val-tuned, on
+    the normalised score (paired over test examples), and the experts against the base."""
+    out = {}
+    order = list(ft_test)
+    ft_norm = [float(ft_test[k].mean()) for k in order]
+    for ref in ("tsv (val-tuned)", "task_arithmetic (val-tuned)"):
+        if ref not in test_correct:
+            continue
+        for label, res in test_correct.items():
+            if label != ref:
+                d, lo, hi = paired_diff_ci([res[k] for k in order], [test_correct[ref][k] for k in order], ft_norm)
+                out[f"{label} - {ref}"] = {"norm_diff": d, "ci95": [lo, hi]}
+    d, lo, hi = paired_diff_ci([ft_test[k] for k in order], [zs_test[k] for k in order])
+    out["finetuned - zeroshot (abs)"] = {"abs_diff": d, "ci95": [lo, hi]}
+    return out
+
+
+def results_body(S, cfg, rows: list[dict], test_correct: dict, resume: Optional[str | Path] = None) -> dict:
+    """What every suite's results.json holds besides its backbone and tasks: the references with their intervals,
+    the rows, the paired comparisons, the settings, every row's per-example test correctness, times, versions."""
+    ft_test, zs_test = S.ft_test, S.zs_test
+    suite = cfg.suite if not cfg.tasks else "custom"
+    return {
+        "zeroshot": {k: float(v.mean()) for k, v in zs_test.items()},
+        "zeroshot_ci": {k: bootstrap_ci(v) for k, v in zs_test.items()},
+        "finetuned": {k: float(v.mean()) for k, v in ft_test.items()},
+        "finetuned_ci": {k: bootstrap_ci(v) for k, v in ft_test.items()},
+        "finetune_log": S.ft_logs,
+        "rows": rows,
+        "comparisons": comparisons(test_correct, ft_test, zs_test),
+        "seed": cfg.seed,
+        # where the experts were cached changes no number (and is often a temporary path): not recorded
+        "config": {**{k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, "suite": suite,
+                   "recipe": asdict(cfg.recipe)},
+        "warnings": list(S.warnings),
+        # per test example, 1 = correct, packed (submerge.bench.evaluate.unpack_correct(hex, n_test)): any
+        # paired comparison can be recomputed from results.json alone
+        "per_example": {"rows": {label: {k: pack_correct(v) for k, v in res.items()}
+                                 for label, res in test_correct.items()},
+                        "finetuned": {k: pack_correct(v) for k, v in ft_test.items()},
+                        "zeroshot": {k: pack_correct(v) for k, v in zs_test.items()}},
+        "seconds_total": time.perf_counter() - S.t_start,
+        # what the table cost to compute, kept rows and cached experts at the time they took then
+        "seconds_compute": sum(float(r.get("seconds") or 0) for r in rows)
+        + sum(float(v.get("seconds") or 0) for v in S.ft_logs.values() if isinstance(v, dict)),
+        **({"resumed_from": str(resume)} if resume is not None else {}),  # rows kept: their time is not in the total
+        "versions": {"submerge": __version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+    }
+
+
+def write_results(results: dict, out_dir: Path) -> None:
+    """results.json (replaced whole: a --resume of the same file never sees half of it), then the report."""
+    from submerge.bench.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed run leaves no empty OUT
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out_dir / "results.json")
+    write_report(results, out_dir)
+
+
+@one_run
+def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: str = "local",
+              address: Optional[str] = None, actors: Optional[int] = None,
+              resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
+    """Run the benchmark into ``out_dir`` (an earlier run's results there are replaced only with ``overwrite``).
+    ``backend="ray"`` computes the method rows on Ray actors
+    (``address``: a running cluster, else a local one; ``actors``: how many, default one per CPU), each
+    holding the session's experts and statistics from the object store; the rows are the local ones.
+    ``resume``: an earlier run's results.json with the same settings and experts (see :func:`import_rows`):
+    its rows are kept and only the missing methods are computed (adding a method to a published table)."""
+    cfg = cfg or BenchConfig()
+    out_dir = check_results_folder(out_dir, overwrite)
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
+    if backend == "ray":
+        from submerge.evaluate.backends import check_ray_address
+
+        check_ray_address(address)
+    previous = read_resume(resume, cfg) if resume is not None else None  # before any model or data is read
+    n_tasks = len(suite_tasks(cfg))
+    methods = applicable_methods(n_tasks, cfg.methods)
+    estimate = RunEstimate(n_tasks, methods + (["multitask"] if cfg.multitask else []))
+    note = None if cfg.quiet else busy_note(torch.get_num_threads())
+    if note:  # after every check: a refused run prints its one error line only
+        print(f"note: {note}", flush=True)
+    S = BenchSession(cfg, estimate=estimate)
+    say, tasks, names, bb = S.say, S.tasks, S.names, S.bb
+    done_rows = RowCache(S, cfg)
+    if previous is not None:
+        got = import_rows(S, done_rows, previous, methods)
+        say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
+    rows, test_correct = method_table(S, methods, done_rows, estimate, backend=backend, address=address,
+                                      actors=actors)
     if cfg.multitask:
         label = "multitask (joint fine-tuning)"
         hit = done_rows.get("multitask")  # its row is kept with the methods' (the model may be gone)
@@ -140,22 +222,7 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
         estimate.method_done("multitask", None if info.get("cached") else info.get("seconds"))
         say(f"[{S.clock()}] {label}: norm {100 * row['avg_norm']:.1f} "
             f"({'cached' if info.get('cached') else 'trained in {:.0f}s'.format(info['seconds'])}) {estimate.line()}")
-    ft_test, zs_test, splits = S.ft_test, S.zs_test, S.splits
-    zs = {k: float(v.mean()) for k, v in zs_test.items()}
-    ft = {k: float(v.mean()) for k, v in ft_test.items()}
-    ft_norm = [ft[k] for k in ft]
-    comparisons = {}
-    order = list(ft)
-    # every row against the strongest static baseline (TSV-M) and against task arithmetic, both val-tuned
-    for ref in ("tsv (val-tuned)", "task_arithmetic (val-tuned)"):
-        if ref not in test_correct:
-            continue
-        for label, res in test_correct.items():
-            if label != ref:
-                d, lo, hi = paired_diff_ci([res[k] for k in order], [test_correct[ref][k] for k in order], ft_norm)
-                comparisons[f"{label} - {ref}"] = {"norm_diff": d, "ci95": [lo, hi]}
-    d, lo, hi = paired_diff_ci([ft_test[k] for k in ft], [zs_test[k] for k in ft])
-    comparisons["finetuned - zeroshot (abs)"] = {"abs_diff": d, "ci95": [lo, hi]}
+    splits = S.splits
     suite = cfg.suite if not cfg.tasks else "custom"
     results = {
         "suite": suite,
@@ -166,35 +233,8 @@ def run_bench(out_dir: str | Path, cfg: Optional[BenchConfig] = None, backend: s
                                "n_val": len(splits[t.name].val[0]), "n_test": len(splits[t.name].test[0]),
                                "majority_test": float(np.bincount(splits[t.name].test[1]).max() / len(splits[t.name].test[1])),
                                "source": t.source, "license": t.license} for t in tasks},
-        "zeroshot": zs, "zeroshot_ci": {k: bootstrap_ci(v) for k, v in zs_test.items()},
-        "finetuned": ft, "finetuned_ci": {k: bootstrap_ci(v) for k, v in ft_test.items()},
-        "finetune_log": S.ft_logs,
-        "rows": rows,
-        "comparisons": comparisons,
-        "seed": cfg.seed,
-        # where the experts were cached changes no number (and is often a temporary path): not recorded
-        "config": {**{k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, "suite": suite,
-                   "recipe": asdict(cfg.recipe)},
-        "warnings": list(S.warnings),
-        # per test example, 1 = correct, packed (submerge.bench.evaluate.unpack_correct(hex, n_test)): any
-        # paired comparison can be recomputed from results.json alone
-        "per_example": {"rows": {label: {k: pack_correct(v) for k, v in res.items()} for label, res in test_correct.items()},
-                        "finetuned": {k: pack_correct(v) for k, v in ft_test.items()},
-                        "zeroshot": {k: pack_correct(v) for k, v in zs_test.items()}},
-        "seconds_total": time.perf_counter() - S.t_start,
-        # what the table cost to compute, kept rows and cached experts at the time they took then
-        "seconds_compute": sum(float(r.get("seconds") or 0) for r in rows)
-        + sum(float(v.get("seconds") or 0) for v in S.ft_logs.values() if isinstance(v, dict)),
-        **({"resumed_from": str(resume)} if resume is not None else {}),  # rows kept: their time is not in the total
-        "versions": {"submerge": __version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        **results_body(S, cfg, rows, test_correct, resume),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed run leaves no empty OUT
-    tmp = out_dir / ".results.json.tmp"  # replaced whole: a --resume of the same file never sees half of it
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out_dir / "results.json")
-    from submerge.bench.report import write_report
-
-    write_report(results, out_dir)
+    write_results(results, out_dir)
     say(f"wrote {out_dir}/results.json, results.md and plots in {results['seconds_total'] / 60:.1f} min")
     return results

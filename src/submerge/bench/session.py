@@ -122,7 +122,64 @@ def suite_tasks(cfg: BenchConfig) -> list[str]:
         raise ConfigError(f"unknown suite {cfg.suite!r}; known: {sorted(SUITES)}")
     return list(names)
 
-class BenchSession:
+
+class SuiteSession:
+    """What every suite's session shares (the encoder suite's :class:`BenchSession`, the LLM suite's
+    ``LLMSession``): the clock, the reference scores' test views, validation scoring and the test rows.  A
+    session provides ``t_start``, ``names``, ``tasks``, ``cfg``, ``base``, ``experts``, ``say``,
+    ``reference_scores(which, split)``, ``evaluate(state, split)`` (per task, per-example 0/1 arrays),
+    ``task_correct(state, i, split)``, ``ft_val_mean``, ``fingerprint``, ``test_size(task)``, ``_stats``."""
+
+    def clock(self) -> str:
+        """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
+        s = int(time.perf_counter() - self.t_start)
+        return f"{s // 60}:{s % 60:02d}, {_rss_text()}"
+
+    # Test scores of the references are computed when first asked for: a script that chooses something on
+    # validation (benchmarks/quick_suite.py) never touches test.
+    @property
+    def zs_test(self) -> dict[str, np.ndarray]:
+        return self.reference_scores("zeroshot", "test")
+
+    @property
+    def ft_test(self) -> dict[str, np.ndarray]:
+        return self.reference_scores("finetuned", "test")
+
+    def val_norm(self, res: dict[str, np.ndarray]) -> float:
+        return float(np.mean([res[k].mean() / self.ft_val_mean[k] for k in res]))
+
+    def val_score(self, state: dict[str, torch.Tensor]) -> float:
+        return self.val_norm(self.evaluate(state, "val"))
+
+    def drop_stats(self, kind: str) -> None:
+        """Forget the cached statistics of ``kind`` (``fisher`` or calibration): the caller holds what it needs."""
+        for key in [k for k in self._stats if (k[0] == "fisher") == (kind == "fisher")]:
+            del self._stats[key]
+
+    def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
+                 curve: Optional[dict] = None, label: Optional[str] = None,
+                 res: Optional[dict] = None, reference: Optional[str] = None) -> tuple[dict, dict]:
+        res = self.evaluate(state, "test") if res is None else res
+        per = {k: float(v.mean()) for k, v in res.items()}
+        ft_mean = [max(self.ft_test[k].mean(), 1e-9) for k in res]
+        _, lo, hi = paired_diff_ci(list(res.values()), [np.zeros_like(v) for v in res.values()], ft_mean)
+        row = {
+            "method": method, "setting": setting, "label": label or f"{method} ({setting})", "params": params,
+            "alpha": alpha, "per_task": per,
+            "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
+            "avg_abs": float(np.mean(list(per.values()))),
+            "avg_norm": float(np.mean([per[k] / m for k, m in zip(per, ft_mean)])),
+            "avg_norm_ci": [lo, hi],
+            "seconds": seconds,
+        }
+        if reference:
+            row["reference"] = reference
+        if curve:
+            row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
+        return row, res
+
+
+class BenchSession(SuiteSession):
     """Everything a benchmark run shares: backbone, tasks, splits, heads, experts, scorers.
 
     Used by :func:`run_bench` and by scripts in ``benchmarks/`` (ablations) so that every
@@ -196,21 +253,6 @@ class BenchSession:
         self.ft_test  # noqa: B018  (computed now, so the copy carries it)
         return {"experts": self.experts, "expert_keys": self.expert_keys, "ft_logs": self.ft_logs,
                 "scores": dict(self._scores), "stats": dict(self._stats)}
-
-    def clock(self) -> str:
-        """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
-        s = int(time.perf_counter() - self.t_start)
-        return f"{s // 60}:{s % 60:02d}, {_rss_text()}"
-
-    # Test scores of the references are computed when first asked for: a script that chooses something on
-    # validation (benchmarks/quick_suite.py) never touches test.
-    @property
-    def zs_test(self) -> dict[str, np.ndarray]:
-        return self.reference_scores("zeroshot", "test")
-
-    @property
-    def ft_test(self) -> dict[str, np.ndarray]:
-        return self.reference_scores("finetuned", "test")
 
     def expert_key(self, task, seed: int) -> str:
         return cache_key(self.bb, task.fingerprint(), len(self.splits[task.name].train[0]), self.cfg.recipe, seed)
@@ -305,11 +347,22 @@ class BenchSession:
             self.bb.reset()
         return res, (rec.report() if mode != "oracle" else None), seconds
 
-    def val_norm(self, res: dict[str, np.ndarray]) -> float:
-        return float(np.mean([res[k].mean() / self.ft_val_mean[k] for k in res]))
+    def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
+        """Per-example correctness of ``state`` on task ``i``'s ``split`` only."""
+        t = self.tasks[i]
+        self.bb.load(state)
+        try:
+            return correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
+        finally:
+            self.bb.reset()
 
-    def val_score(self, state: dict[str, torch.Tensor]) -> float:
-        return self.val_norm(self.evaluate(state, "val"))
+    @property
+    def fingerprint(self) -> str:
+        """The backbone's: what the cached rows and a resumed run must share."""
+        return self.bb.fingerprint
+
+    def test_size(self, task: str) -> int:
+        return len(self.splits[task].test[0])
 
     def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
                     seed: int = 0) -> list:
@@ -367,29 +420,3 @@ class BenchSession:
             self._stats[key] = out
         return self._stats[key]
 
-    def drop_stats(self, kind: str) -> None:
-        """Forget the cached statistics of ``kind`` (``fisher`` or calibration): the caller holds what it needs."""
-        for key in [k for k in self._stats if (k[0] == "fisher") == (kind == "fisher")]:
-            del self._stats[key]
-
-    def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
-                 curve: Optional[dict] = None, label: Optional[str] = None,
-                 res: Optional[dict] = None, reference: Optional[str] = None) -> tuple[dict, dict]:
-        res = self.evaluate(state, "test") if res is None else res
-        per = {k: float(v.mean()) for k, v in res.items()}
-        ft_mean = [max(self.ft_test[k].mean(), 1e-9) for k in res]
-        _, lo, hi = paired_diff_ci(list(res.values()), [np.zeros_like(v) for v in res.values()], ft_mean)
-        row = {
-            "method": method, "setting": setting, "label": label or f"{method} ({setting})", "params": params,
-            "alpha": alpha, "per_task": per,
-            "per_task_ci": {k: bootstrap_ci(v) for k, v in res.items()},
-            "avg_abs": float(np.mean(list(per.values()))),
-            "avg_norm": float(np.mean([per[k] / m for k, m in zip(per, ft_mean)])),
-            "avg_norm_ci": [lo, hi],
-            "seconds": seconds,
-        }
-        if reference:
-            row["reference"] = reference
-        if curve:
-            row["val_curve"] = {str(k): v for k, v in sorted(curve.items())}
-        return row, res

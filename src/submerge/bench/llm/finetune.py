@@ -1,0 +1,154 @@
+"""Experts of the LLM suite: the chat model fine-tuned on one skill's training answers (the loss on the answer tokens
+and the end of turn only, under the chat template), by LoRA (PEFT, rank 16 on every linear layer of the decoder:
+how most people fine-tune LLMs) or in full.
+
+A LoRA expert is kept as a PEFT adapter folder and read back as a dense model through the engine's own LoRA path
+(:class:`~submerge.io.lora.AdaptedCheckpoint`, as ``base+adapter`` in a merge config); a full expert as its
+tensors.  Both are cached by backbone, task data, split size, recipe and seed, so a rerun trains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from submerge.bench.llm.backbone import ChatModel
+from submerge.errors import ConfigError
+from submerge.evaluate.generation import answer_example, answer_loss, collate
+
+LOG_FILE = "submerge_finetune.json"  # written last: a folder holding it is a finished expert
+
+
+@dataclass(frozen=True)
+class LLMRecipe:
+    """How an expert is trained: ``kind`` lora or full, AdamW at ``lr`` (linear warm-up over the first 10 %,
+    then linear decay), ``steps`` batches of ``batch_size`` training answers drawn with a seeded shuffle."""
+
+    kind: str = "lora"
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    steps: int = 120
+    batch_size: int = 16
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("lora", "full"):
+            raise ConfigError(f"LLM expert kind must be lora or full, got {self.kind!r}")
+
+    @classmethod
+    def full(cls, **kw) -> "LLMRecipe":
+        return cls(**{"kind": "full", "lr": 5e-5, **kw})
+
+
+def expert_key(cm: ChatModel, task_fingerprints: Sequence[str], n_train: int, recipe: LLMRecipe, seed: int) -> str:
+    blob = json.dumps({"backbone": cm.fingerprint, "tasks": list(task_fingerprints), "n": n_train,
+                       "recipe": asdict(recipe), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _batches(n: int, recipe: LLMRecipe, seed: int) -> list[list[int]]:
+    """``steps`` batches of example indices: seeded passes over a shuffled order (every example once per pass)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(recipe.steps):
+        while len(order) < recipe.batch_size:
+            idx = list(range(n))
+            rng.shuffle(idx)
+            order += idx
+        out.append(order[:recipe.batch_size])
+        order = order[recipe.batch_size:]
+    return out
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+
+
+def train_expert(cm: ChatModel, examples: Sequence[tuple[str, str]], recipe: LLMRecipe, seed: int, folder: Path,
+                 desc: str = "fine-tune", quiet: bool = False) -> dict[str, torch.Tensor]:
+    """Fine-tune from the pre-trained weights on ``examples`` ((prompt, answer) pairs), write the expert into
+    ``folder`` (atomically) and return its dense trainable tensors.  A finished ``folder`` is read, not retrained."""
+    if (folder / LOG_FILE).is_file():
+        return load_expert(cm, folder)
+    if not examples:
+        raise ConfigError(f"{desc}: no training examples")
+    from submerge.io import atomic_folder
+
+    torch.manual_seed(seed)
+    cm.reset()
+    encoded = [answer_example(cm.tokenizer, p, a) for p, a in examples]
+    model = cm.model
+    if recipe.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = _schedule(opt, recipe.steps)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    pad = cm.tokenizer.pad_token_id
+    try:
+        for idx in tqdm(_batches(len(encoded), recipe, seed), desc=desc, disable=quiet, dynamic_ncols=True):
+            loss = answer_loss(model, collate([encoded[i] for i in idx], pad))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        model.eval()
+        log = {"kind": recipe.kind, "steps": recipe.steps, "seconds": time.perf_counter() - t0,
+               "loss_first_last": [losses[0], losses[-1]], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+               "n_train": len(encoded), "recipe": asdict(recipe), "seed": seed}
+        with atomic_folder(folder, overwrite=folder.exists(), what="LLM expert folder") as tmp:
+            if recipe.kind == "lora":
+                model.save_pretrained(tmp)
+            else:
+                from submerge.io.writer import save_tensors
+
+                names = cm.trainable_names()
+                state = cm.model.state_dict()
+                save_tensors({k: state[k].detach().contiguous() for k in names}, tmp / "model.safetensors")
+            (tmp / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    finally:
+        if recipe.kind == "lora":
+            model.unload()  # the LoRA layers out of the shared model: it is the plain backbone again
+        cm.reset()
+    return load_expert(cm, folder)
+
+
+def load_expert(cm: ChatModel, folder: Path) -> dict[str, torch.Tensor]:
+    """An expert's dense trainable tensors: a LoRA adapter folder applied to the backbone by the engine's LoRA
+    reader (``base+adapter``), or a full expert's tensors."""
+    names = cm.trainable_names()
+    if (folder / "adapter_config.json").is_file():
+        from submerge.io.lora import AdaptedCheckpoint
+
+        ckpt = AdaptedCheckpoint(cm.path, folder, f"{cm.path}+{folder}")
+        try:
+            return {k: ckpt.read(k).float() for k in names}
+        finally:
+            ckpt.close()
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    return {k: state[k] for k in names}
+
+
+def expert_log(folder: Path) -> dict:
+    return json.loads((folder / LOG_FILE).read_text())

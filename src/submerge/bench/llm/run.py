@@ -1,0 +1,115 @@
+"""`submerge bench --suite llm`: the chat LLM fine-tuned per skill (LoRA by default), merged with every method the
+suite runs, each merge scored by what it generates; the same rows, row cache, comparisons and report as the
+encoder suite (:mod:`submerge.bench.run`), plus each row's answer NLL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from submerge.bench.cache import RowCache
+from submerge.bench.estimate import RunEstimate
+from submerge.bench.llm.finetune import expert_log, train_expert
+from submerge.bench.llm.session import LLMBenchConfig, LLMSession
+from submerge.bench.presets import applicable_methods, split_row_name
+from submerge.bench.run import check_results_folder, method_table, results_body, write_results
+from submerge.device import busy_note
+from submerge.errors import ConfigError
+from submerge.io.ledger import one_run
+from submerge.methods import get_method
+
+# Every static method family that can merge the experts, with its LiNeS row; the methods that are more than one
+# static merge (ESM++, TALL masks, AdaMerging, Surgery) and the Fisher-based ones are not on this suite yet.
+LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
+               "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
+               "regmean", "esm")
+
+
+def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
+    """The suite's rows: ``names`` (checked) or :data:`LLM_METHODS`; rows the LLM suite cannot compute yet are
+    refused by name, with the reason."""
+    methods = applicable_methods(n_tasks, names or list(LLM_METHODS))
+    for row in methods:
+        name, post = split_row_name(row)
+        m = get_method(name)
+        if post == "surgery" or m.evaluation != "static" or m.stats_kind == "fisher":
+            raise ConfigError(f"{row}: not on the LLM suite yet (it runs static merges, +lines and calibration-"
+                              f"based methods; routed, learned, task-id and Fisher rows are encoder-suite only)")
+    return methods
+
+
+def task_info(S: LLMSession) -> dict:
+    out = {}
+    for t in S.tasks:
+        sp = S.splits[t.name]
+        answers = Counter(a for _, a in sp.test)
+        out[t.name] = {"skill": t.skill, "n_train": len(sp.train), "n_val": len(sp.val), "n_test": len(sp.test),
+                       "distinct_answers_test": len(answers),
+                       "majority_test": answers.most_common(1)[0][1] / max(1, len(sp.test)),
+                       "source": t.source, "license": t.license}
+    return out
+
+
+def multitask_row(S: LLMSession, done_rows: RowCache) -> tuple[dict, dict, dict]:
+    """One model fine-tuned on every skill's training answers jointly, by the experts' recipe with as many steps
+    as all experts together (each skill's answers seen as often as by its expert)."""
+    label = "multitask (joint fine-tuning)"
+    hit = done_rows.get("multitask")
+    if hit is not None:
+        (row,), res = hit[0], hit[1][label]
+        return {**row, "kept": True}, res, {**row.get("train_log", {}), "cached": True}
+    cfg = S.cfg
+    recipe = dataclasses.replace(cfg.recipe, steps=cfg.recipe.steps * len(S.tasks))
+    examples = [ex for t in S.tasks for ex in S.splits[t.name].train]
+    key = S.expert_key([t.fingerprint() for t in S.tasks], len(examples), cfg.seed) + "-mt"
+    folder = S.cache / "experts" / key
+    t0 = time.perf_counter()
+    state = train_expert(S.cm, examples, recipe, cfg.seed, folder, desc=f"{recipe.kind} multitask", quiet=cfg.quiet)
+    info = expert_log(folder)
+    row, res = S.test_row("multitask", "joint fine-tuning", {"steps": recipe.steps}, state, None,
+                          time.perf_counter() - t0, label=label, reference="multitask")
+    row["train_log"] = info
+    done_rows.put("multitask", [row], {label: res})
+    return row, res, info
+
+
+@one_run
+def run_llm_bench(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, overwrite: bool = False,
+                  backbone: Optional[str | Path] = None) -> dict:
+    """Run the LLM suite into ``out_dir``; ``backbone``: another local chat model folder instead of SmolLM2."""
+    cfg = cfg or LLMBenchConfig()
+    out_dir = check_results_folder(out_dir, overwrite)
+    methods = llm_methods(len(cfg.task_names), cfg.methods)
+    estimate = RunEstimate(len(cfg.task_names), methods + (["multitask"] if cfg.multitask else []))
+    note = None if cfg.quiet else busy_note(torch.get_num_threads())
+    if note:
+        print(f"note: {note}", flush=True)
+    S = LLMSession(cfg, backbone)
+    done_rows = RowCache(S, cfg)
+    rows, test_correct = method_table(S, methods, done_rows, estimate)
+    if cfg.multitask:
+        row, res, info = multitask_row(S, done_rows)
+        S.ft_logs["multitask (all tasks jointly)"] = info
+        test_correct[row["label"]] = res
+        rows.append(row)
+        S.say(f"[{S.clock()}] {row['label']}: norm {100 * row['avg_norm']:.1f}")
+    results = {
+        "suite": cfg.suite if not cfg.tasks else "llm-custom",
+        "backbone": {"name": S.cm.name, "path": str(S.cm.path), "sha256": S.fingerprint,
+                     "params": S.cm.n_params(list(S.cm.pretrained))},
+        "tasks": S.names,
+        "task_info": task_info(S),
+        "metric": "exact match of greedy decoding (teacher-forced), per test example; avg_nll: answer token NLL",
+        **results_body(S, cfg, rows, test_correct),
+        "zeroshot_nll": {k: float(v.mean()) for k, v in (S.zs_test.nll or {}).items()},
+        "finetuned_nll": {k: float(v.mean()) for k, v in (S.ft_test.nll or {}).items()},
+    }
+    write_results(results, out_dir)
+    S.say(f"wrote {out_dir}/results.json, results.md and plots in {results['seconds_total'] / 60:.1f} min")
+    return results

@@ -1,0 +1,229 @@
+"""The LLM suite's session: the chat model, the skills and their seeded splits, one expert per skill (LoRA or full
+fine-tuning, cached), the reference scores (base and experts) and the statistics data-based methods read.  It
+speaks the same protocol as the encoder suite's session (:class:`~submerge.bench.session.SuiteSession`), so every
+merge method's rows come from the same code (:func:`~submerge.bench.rows.method_rows`): scales chosen on
+validation, test touched once per reported model.
+
+Scores are exact match of greedy decoding (per test example, 0/1) and the gold answers' mean token NLL, both from
+one teacher-forced pass per batch (:mod:`submerge.evaluate.generation`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from submerge.bench.evaluate import pack_correct, unpack_correct
+from submerge.bench.llm.backbone import ChatModel
+from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
+from submerge.bench.llm.tasks import GenSplit, get_llm_task
+from submerge.bench.session import SuiteSession, release_memory
+from submerge.evaluate.generation import answer_example, score_answers
+from submerge.io.caches import cache_folder
+
+# The candidate skills; the suite is chosen from them on validation (benchmarks/results/llm/README.md)
+LLM_CANDIDATES = ("translate_de", "translate_fr", "country_code", "reverse_dictionary", "sentiment", "language",
+                  "arithmetic")
+
+
+@dataclass
+class LLMBenchConfig:
+    suite: str = "llm"
+    tasks: Optional[list[str]] = None
+    methods: Optional[list[str]] = None
+    seed: int = 0
+    n_train: int = 800
+    n_val: int = 50
+    n_test: int = 150
+    recipe: LLMRecipe = field(default_factory=LLMRecipe)
+    lambda_grid: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    search: str = "coarse"         # α search of the α methods: "coarse" (about 6 points) or "full"
+    cache_dir: Optional[str] = None
+    quiet: bool = False
+    calib_n: int = 32              # calibration conversations per task for data-based methods (ESM, RegMean)
+    calib_split: str = "train"
+    calib_source: str = "finetuned"
+    eval_batch: int = 32
+    multitask: bool = True         # the reference row: one model fine-tuned on all skills jointly
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks or LLM_CANDIDATES)
+
+
+class Scores(dict):
+    """Per task, per-example exact match; ``nll``: per task, the per-example answer NLLs of the same pass."""
+
+    nll: Optional[dict[str, np.ndarray]] = None
+
+
+class LLMSession(SuiteSession):
+    """Everything an LLM-suite run shares; ``path``: another local chat model folder instead of SmolLM2."""
+
+    def __init__(self, cfg: Optional[LLMBenchConfig] = None, path: Optional[str | Path] = None):
+        cfg = self.cfg = cfg or LLMBenchConfig()
+        self.t_start = time.perf_counter()
+        self.cache = cache_folder("llm", cfg.cache_dir)
+        say = self.say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+        self.cm = ChatModel(path, cfg.cache_dir)
+        self.names = cfg.task_names
+        self.tasks = [get_llm_task(n) for n in self.names]
+        say(f"backbone {self.cm.name}: {self.cm.n_params() / 1e6:.1f}M parameters merged; "
+            f"skills: {', '.join(self.names)}")
+        self.splits: dict[str, GenSplit] = {t.name: t.split(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+                                            for t in self.tasks}
+        self.warnings: list[str] = []
+        for t in self.tasks:
+            sp = self.splits[t.name]
+            got = (len(sp.train), len(sp.val), len(sp.test))
+            if got != (cfg.n_train, cfg.n_val, cfg.n_test):
+                self.warnings.append(f"task {t.name}: splits train/val/test = {got[0]}/{got[1]}/{got[2]} instead "
+                                     f"of {cfg.n_train}/{cfg.n_val}/{cfg.n_test} (too few examples)")
+        for w in self.warnings:
+            say(f"warning: {w}")
+        self._encoded: dict[tuple[str, str], list] = {}
+        self._scores: dict = {}
+        self._stats: dict = {}
+        self.base = {n: self.cm.pretrained[n] for n in self.cm.trainable_names()}
+        self.zs_val = self.reference_scores("zeroshot", "val")
+        say("base val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_val.items()))
+        self.experts, self.expert_keys, self.ft_logs = [], [], {}
+        for i, t in enumerate(self.tasks):
+            key = self.expert_key([t.fingerprint()], len(self.splits[t.name].train), cfg.seed)
+            folder = self.cache / "experts" / key
+            cached = (folder / "submerge_finetune.json").is_file()
+            self.experts.append(train_expert(self.cm, self.splits[t.name].train, cfg.recipe, cfg.seed, folder,
+                                             desc=f"{cfg.recipe.kind} {t.name}", quiet=cfg.quiet))
+            self.expert_keys.append(key)
+            self.ft_logs[t.name] = {**expert_log(folder), "cached": cached}
+            release_memory()
+            say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: "
+                + ("cached" if cached else f"trained in {self.ft_logs[t.name]['seconds']:.0f}s"))
+        self.ft_val = self.reference_scores("finetuned", "val")
+        say("expert val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
+        self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def fingerprint(self) -> str:
+        return self.cm.fingerprint
+
+    def test_size(self, task: str) -> int:
+        return len(self.splits[task].test)
+
+    def expert_key(self, fingerprints: Sequence[str], n_train: int, seed: int) -> str:
+        return expert_key(self.cm, fingerprints, n_train, self.cfg.recipe, seed)
+
+    def encoded(self, task: str, split: str) -> list:
+        if (task, split) not in self._encoded:
+            self._encoded[(task, split)] = [answer_example(self.cm.tokenizer, p, a)
+                                            for p, a in getattr(self.splits[task], split)]
+        return self._encoded[(task, split)]
+
+    def _score_task(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = getattr(self.splits[task], split)
+        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, [p for p, _ in rows], [a for _, a in rows],
+                                   batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split))
+        return exact.numpy(), nll.numpy()
+
+    def evaluate(self, state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
+        """Per task, per-example exact match of ``state`` on ``split`` (with the NLLs: :class:`Scores`)."""
+        self.cm.load(state)
+        try:
+            both = {t: self._score_task(t, split) for t in self.names}
+        finally:
+            self.cm.reset()
+        exact = Scores({t: e for t, (e, _) in both.items()})
+        exact.nll = {t: n for t, (_, n) in both.items()}
+        return exact
+
+    def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
+        self.cm.load(state)
+        try:
+            return self._score_task(self.names[i], split)[0]
+        finally:
+            self.cm.reset()
+
+    def reference_scores(self, which: str, split: str) -> dict[str, np.ndarray]:
+        """Per-example exact match of the base (``"zeroshot"``) or each skill's expert on its own skill
+        (``"finetuned"``) on ``split``; kept on disk, keyed by backbone, task data, split and model."""
+        if (which, split) in self._scores:
+            return self._scores[(which, split)]
+        out, nll = Scores(), {}
+        for i, t in enumerate(self.tasks):
+            model = "base" if which == "zeroshot" else self.expert_keys[i]
+            n = len(getattr(self.splits[t.name], split))
+            blob = json.dumps({"backbone": self.fingerprint, "task": t.fingerprint(), "model": model, "split": split,
+                               "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test]},
+                              sort_keys=True)
+            path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+            hit = json.loads(path.read_text()) if path.exists() else None
+            if hit is not None and hit.get("n") == n:
+                out[t.name] = unpack_correct(hit["correct"], n)
+                nll[t.name] = np.asarray(hit["nll"])
+                continue
+            if which == "finetuned":
+                self.cm.load(self.experts[i])
+            try:
+                out[t.name], nll[t.name] = self._score_task(t.name, split)
+            finally:
+                self.cm.reset()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"n": n, "correct": pack_correct(out[t.name]), "nll": nll[t.name].tolist(),
+                                       "task": t.name, "model": model, "split": split}))
+            tmp.replace(path)
+        out.nll = nll
+        self._scores[(which, split)] = out
+        return out
+
+    def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
+                 curve: Optional[dict] = None, label: Optional[str] = None,
+                 res: Optional[dict] = None, reference: Optional[str] = None) -> tuple[dict, dict]:
+        """The encoder suite's row, plus each skill's mean answer NLL (the ``lm_loss`` view)."""
+        row, res = super().test_row(method, setting, params, state, alpha, seconds, curve, label, res, reference)
+        nll = getattr(res, "nll", None)
+        if nll is not None:
+            row["per_task_nll"] = {k: float(v.mean()) for k, v in nll.items()}
+            row["avg_nll"] = float(np.mean(list(row["per_task_nll"].values())))
+        return row, res
+
+    # ------------------------------------------------------------------ statistics
+    def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
+                    seed: int = 0) -> list:
+        """Per skill, activation statistics of ``n`` whole conversations (prompt and gold answer) of ``split``,
+        run through the skill's expert (``source="finetuned"``) or the base model."""
+        from submerge.stats.gram import collect_stats
+
+        n = n or self.cfg.calib_n
+        split = split or self.cfg.calib_split
+        source = source or self.cfg.calib_source
+        key = (n, split, source, seed)
+        if key not in self._stats:
+            out = []
+            pad = self.cm.tokenizer.pad_token_id
+            for t, expert in zip(self.tasks, self.experts):
+                rows = self.encoded(t.name, split)
+                idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+                seqs = [rows[i][0] for i in idx]
+                width = max(map(len, seqs))
+                batch = {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+                         "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
+                if source == "finetuned":
+                    self.cm.load(expert)
+                try:
+                    out.append(collect_stats(self.cm.model, [batch], progress=False,
+                                             info={"task": t.name, "n_inputs": len(seqs), "split": split,
+                                                   "source": source}))
+                finally:
+                    self.cm.reset()
+            self._stats[key] = out
+            release_memory()
+        return self._stats[key]
