@@ -5,7 +5,7 @@ For every candidate skill: the base model's val exact match, its LoRA expert's (
 the skills that pass, task arithmetic's val-tuned normalised val score (interference).  Nothing here touches a test
 split.  Writes benchmarks/results/llm/selection.json (and prints a table).
 
-    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 120] [--threads 2]
+    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 40] [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-val", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tasks", default=",".join(LLM_CANDIDATES))

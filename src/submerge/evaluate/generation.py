@@ -32,10 +32,14 @@ def _ids(out) -> list[int]:
     return list(out["input_ids"])
 
 
-def prompt_ids(tokenizer, prompt: str, system: Optional[str] = None) -> list[int]:
-    """The chat-formatted conversation up to where the assistant's answer starts (the generation prompt)."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-        [{"role": "user", "content": prompt}]
+def prompt_ids(tokenizer, prompt: str, system: Optional[str] = None,
+               shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The chat-formatted conversation up to where the assistant's answer starts (the generation prompt);
+    ``shots``: (question, answer) demonstrations asked and answered first, as earlier turns."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for q, a in shots:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": prompt})
     return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
@@ -46,9 +50,10 @@ def end_of_turn_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def answer_example(tokenizer, prompt: str, answer: str, system: Optional[str] = None) -> tuple[list[int], int]:
+def answer_example(tokenizer, prompt: str, answer: str, system: Optional[str] = None,
+                   shots: Sequence[tuple[str, str]] = ()) -> tuple[list[int], int]:
     """(token ids of prompt + answer + end of turn, where the answer starts)."""
-    head = prompt_ids(tokenizer, prompt, system)
+    head = prompt_ids(tokenizer, prompt, system, shots)
     tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
     return head + tail, len(head)
 
@@ -89,6 +94,8 @@ def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """The next-token logits at every answer position (``[n answer tokens, vocabulary]``, float32).  The
     decoder runs on the whole batch; only the answer positions go through the output head, unless the model
     post-processes its logits (soft-capping), when the model's own forward is used."""
+    if hasattr(model, "get_base_model"):  # a PEFT model: its adapters sit inside the wrapped model's layers
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     plain = head is not None and decoder is not None and \

@@ -1,8 +1,9 @@
 """The ``eval:`` block of a tune or analyze config: per task, its validation data and how it is scored.
 
 Each entry names a task (``name``) and its expert (``ref``, as written in the config); the block gives every
-task a data file, a scorer (``classification``, ``lm_loss``, ``generation`` or ``{python: file.py:function}``, a relative file
-resolved against the config's folder, as the data are) and its options, checked here before any model is read.
+task a data file, a scorer (``classification``, ``lm_loss``, ``generation`` or ``{python: file.py:function}``, a
+relative file resolved against the config's folder, as the data are) and its options, checked here before any model
+is read.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def eval_tasks(block: Any, entries: Sequence[Any], config_dir: Path) -> list:
         if isinstance(scorer, dict) and set(scorer) == {"python"}:
             scorer = f"python:{scorer['python']}"
         if not isinstance(scorer, str):
-            raise ConfigError(f"eval.tasks.{e.name}: scorer is classification, lm_loss, generation or {{python: module:function}}")
+            raise ConfigError(f"eval.tasks.{e.name}: scorer is classification, lm_loss, generation or "
+                              f"{{python: module:function}}")
         scorer = _scorer_file_in(scorer, config_dir)
         options = s.get("options") or {}
         if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):

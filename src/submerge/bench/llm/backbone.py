@@ -59,7 +59,20 @@ def smollm_folder(cache_dir: Optional[str | Path] = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if not tokenizer.chat_template:
             raise BenchDataError(f"{gguf} carries no chat template")
-        model.save_pretrained(tmp)
+        # transformers will not save a model it loaded from GGUF (it counts as quantised): the de-quantised
+        # tensors go through submerge's writer, the config without the quantisation entry
+        from submerge.io.writer import save_tensors
+
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # the input embedding, stored once
+        save_tensors({k: v.detach().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                     "LLM backbone", metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / DONE_FILE).write_text(json.dumps({"source": SMOLLM_NAME, "gguf_sha256": SMOLLM_SHA256,
                                                  "architecture": type(model).__name__,

@@ -48,7 +48,7 @@ def task_info(S: LLMSession) -> dict:
     out = {}
     for t in S.tasks:
         sp = S.splits[t.name]
-        answers = Counter(a for _, a in sp.test)
+        answers = Counter(q.answer for q in sp.test)
         out[t.name] = {"skill": t.skill, "n_train": len(sp.train), "n_val": len(sp.val), "n_test": len(sp.test),
                        "distinct_answers_test": len(answers),
                        "majority_test": answers.most_common(1)[0][1] / max(1, len(sp.test)),

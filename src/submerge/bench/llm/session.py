@@ -40,6 +40,7 @@ class LLMBenchConfig:
     methods: Optional[list[str]] = None
     seed: int = 0
     n_train: int = 800
+    shots: int = 1                 # demonstrations before each question (earlier chat turns; see GenTask.split)
     n_val: int = 50
     n_test: int = 150
     recipe: LLMRecipe = field(default_factory=LLMRecipe)
@@ -77,7 +78,7 @@ class LLMSession(SuiteSession):
         self.tasks = [get_llm_task(n) for n in self.names]
         say(f"backbone {self.cm.name}: {self.cm.n_params() / 1e6:.1f}M parameters merged; "
             f"skills: {', '.join(self.names)}")
-        self.splits: dict[str, GenSplit] = {t.name: t.split(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+        self.splits: dict[str, GenSplit] = {t.name: t.split(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.shots)
                                             for t in self.tasks}
         self.warnings: list[str] = []
         for t in self.tasks:
@@ -123,13 +124,13 @@ class LLMSession(SuiteSession):
 
     def encoded(self, task: str, split: str) -> list:
         if (task, split) not in self._encoded:
-            self._encoded[(task, split)] = [answer_example(self.cm.tokenizer, p, a)
-                                            for p, a in getattr(self.splits[task], split)]
+            self._encoded[(task, split)] = [answer_example(self.cm.tokenizer, q.prompt, q.answer, shots=q.shots)
+                                            for q in getattr(self.splits[task], split)]
         return self._encoded[(task, split)]
 
     def _score_task(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = getattr(self.splits[task], split)
-        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, [p for p, _ in rows], [a for _, a in rows],
+        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, [q.prompt for q in rows], [q.answer for q in rows],
                                    batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split))
         return exact.numpy(), nll.numpy()
 

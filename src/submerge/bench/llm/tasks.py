@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from submerge.bench import data
 from submerge.errors import ConfigError, suggest
@@ -21,11 +21,20 @@ from submerge.errors import ConfigError, suggest
 Example = tuple[str, str, str]  # (prompt, answer, group)
 
 
+class Question(NamedTuple):
+    """One question as asked: its prompt, the gold answer, and the demonstrations asked and answered before it
+    in the same chat (earlier turns)."""
+
+    prompt: str
+    answer: str
+    shots: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass
 class GenSplit:
-    train: list[tuple[str, str]]
-    val: list[tuple[str, str]]
-    test: list[tuple[str, str]]
+    train: list[Question]
+    val: list[Question]
+    test: list[Question]
 
 
 @dataclass
@@ -53,9 +62,12 @@ class GenTask:
             h.update(f"{p}\x00{a}\x00{g}\x01".encode())
         return h.hexdigest()[:16]
 
-    def split(self, seed: int, n_train: int, n_val: int, n_test: int) -> GenSplit:
+    def split(self, seed: int, n_train: int, n_val: int, n_test: int, shots: int = 1) -> GenSplit:
         """Test, val and train drawn from disjoint groups (a seeded shuffle of the groups; each group's
-        examples stay together); a split is short when the task has too few examples."""
+        examples stay together); a split is short when the task has too few examples.  Every question is asked
+        after ``shots`` demonstrations: other training questions with their answers, drawn per question (seeded),
+        as earlier turns of the chat — so the base model sees the answer format (a 135M chat model asked for
+        "the word only" still answers in a sentence), and experts and merges are asked the same way."""
         by_group: dict[str, list[tuple[str, str]]] = {}
         for p, a, g in self.examples():
             by_group.setdefault(g, []).append((p, a))
@@ -69,7 +81,21 @@ class GenTask:
             if part == 3:
                 break
             out[part].extend(by_group[g])
-        return GenSplit(train=out[2][:n_train], val=out[1][:n_val], test=out[0][:n_test])
+        test, val, train = out[0][:n_test], out[1][:n_val], out[2][:n_train]
+        if shots and len(train) <= shots:
+            raise ConfigError(f"LLM task {self.name}: {len(train)} training questions, too few for {shots} "
+                              f"demonstration(s) each")
+
+        def asked(rows: list[tuple[str, str]], split: str) -> list[Question]:
+            qs = []
+            for i, (p, a) in enumerate(rows):
+                rng = random.Random(f"{self.name}:{seed}:{split}:{i}")
+                pool = [j for j in rng.sample(range(len(train)), min(len(train), shots + 1))
+                        if split != "train" or j != i][:shots]
+                qs.append(Question(p, a, tuple(train[j] for j in pool)))
+            return qs
+
+        return GenSplit(train=asked(train, "train"), val=asked(val, "val"), test=asked(test, "test"))
 
 
 REPLY_WORD = "Reply with the {what} only."
