@@ -33,7 +33,7 @@ class RowCache:
     def __init__(self, S: "BenchSession", cfg: BenchConfig):
         settings = row_settings(asdict(cfg))
         # a setting only one method reads keys that method's file alone (so adding one keeps the others' rows)
-        self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys]).encode()).hexdigest()[:8]
+        self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k, None) for k in keys]).encode()).hexdigest()[:8]
                        for m, keys in METHOD_SETTINGS.items()}
         blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.fingerprint,
                            "version": __version__}, sort_keys=True, default=str)

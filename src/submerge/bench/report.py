@@ -79,18 +79,23 @@ def markdown(results: dict) -> str:
     zs, ft = results["zeroshot"], results["finetuned"]
     rows = ordered_rows(results)
     merged = [r for r in rows if not r.get("reference")]
+    llm = "metric" in results  # the LLM suite: exact match of generated answers
+    protocol = (f"Chat LLM asked one-shot questions under its chat template; experts fine-tuned per skill "
+                f"({results['config']['recipe']['kind']}); score = {results['metric']}"
+                if llm else "Frozen zero-shot heads; encoder-only fine-tuning")
+    what = "exact match" if llm else "accuracy"
     lines = [
         f"# submerge bench — suite `{results['suite']}`, seed {results['seed']}",
         "",
         f"Backbone: `{backbone_name(results)}` (sha256 {results['backbone']['sha256'][:12]}…, "
-        f"{results['backbone']['params'] / 1e6:.1f}M parameters). Frozen zero-shot heads; encoder-only "
-        f"fine-tuning; scales (λ, α) chosen on validation (max mean normalised accuracy); test touched once per "
-        f"row. Accuracy in %, normalised = merged / fine-tuned per task, averaged, with its 95% bootstrap "
+        f"{results['backbone']['params'] / 1e6:.1f}M parameters). {protocol}; scales (λ, α) chosen on validation "
+        f"(max mean normalised {what}); test touched once per "
+        f"row. {what.capitalize()} in %, normalised = merged / fine-tuned per task, averaged, with its 95% bootstrap "
         f"interval over test examples. Rows best first; the best merged value per column in bold (reference rows, "
         f"marked †, excluded). {_run_time(results)}",
         "",
         *(["**Warnings:** " + " ".join(f"{w}." for w in results["warnings"]), ""] if results.get("warnings") else []),
-        "## Absolute test accuracy",
+        f"## Absolute test {what}",
         "",
         "| method | setting | scale | " + " | ".join(tasks) + " | avg | norm [95% CI] |",
         "|---|---|---:|" + "---:|" * len(tasks) + "---:|---|",
@@ -107,7 +112,7 @@ def markdown(results: dict) -> str:
         ci = r.get("avg_norm_ci")
         return f"{c} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else c
 
-    lines.append("| zero-shot (pre-trained) † | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
+    lines.append(f"| {'base (one-shot)' if llm else 'zero-shot (pre-trained)'} † | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
                  f" | {_fmt(sum(zs.values()) / len(zs))} | {_fmt(sum(zs[t] / ft[t] for t in tasks) / len(tasks))} |")
     lines.append("| fine-tuned experts † | – | – | " + " | ".join(_fmt(ft[t]) for t in tasks) +
                  f" | {_fmt(sum(ft.values()) / len(ft))} | 100.0 |")
@@ -126,7 +131,19 @@ def markdown(results: dict) -> str:
     notes = _same_prediction_notes(results)
     if notes:
         lines += [""] + [f"Note: {n}" for n in notes]
-    lines += ["", "## Normalised test accuracy (merged / fine-tuned)", "",
+    if any(r.get("per_task_nll") for r in rows):
+        zn, fn = results.get("zeroshot_nll", {}), results.get("finetuned_nll", {})
+        lines += ["", "## Gold answers' mean token NLL on test (nats; lower is better)", "",
+                  "| method | setting | " + " | ".join(tasks) + " | avg |", "|---|---|" + "---:|" * len(tasks) + "---:|"]
+        for name, d in (("base (one-shot) †", zn), ("fine-tuned experts †", fn)):
+            if d:
+                lines.append(f"| {name} | – | " + " | ".join(f"{d[t]:.3f}" for t in tasks)
+                             + f" | {sum(d.values()) / len(d):.3f} |")
+        for r in rows:
+            if r.get("per_task_nll"):
+                lines.append(f"| {r['method']}{' †' if r.get('reference') else ''} | {r['setting']} | "
+                             + " | ".join(f"{r['per_task_nll'][t]:.3f}" for t in tasks) + f" | {r['avg_nll']:.3f} |")
+    lines += ["", f"## Normalised test {what} (merged / fine-tuned)", "",
               "| method | setting | " + " | ".join(tasks) + " | avg |",
               "|---|---|" + "---:|" * len(tasks) + "---:|"]
     for r in rows:
@@ -150,13 +167,15 @@ def markdown(results: dict) -> str:
             for t, row in zip(rep["tasks"], rep["confusion"]):
                 tot = max(sum(row), 1)
                 lines.append(f"| {t} | " + " | ".join(f"{100 * c / tot:.1f}" for c in row) + " |")
-    lines += ["", "## Tasks (95% bootstrap interval of the fine-tuned test accuracy)", "",
-              "| task | classes | train | val | test | majority | zero-shot | fine-tuned [95% CI] |",
+    lines += ["", f"## Tasks (95% bootstrap interval of the fine-tuned test {what})", "",
+              f"| task | {'distinct answers' if llm else 'classes'} | train | val | test | majority | "
+              f"{'base' if llm else 'zero-shot'} | fine-tuned [95% CI] |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for t in tasks:
         i = results["task_info"][t]
         lo, hi = results["finetuned_ci"][t]
-        lines.append(f"| {t} | {len(i['classes'])} | {i['n_train']} | {i['n_val']} | {i['n_test']} | "
+        n_classes = len(i["classes"]) if "classes" in i else i.get("distinct_answers_test", "–")
+        lines.append(f"| {t} | {n_classes} | {i['n_train']} | {i['n_val']} | {i['n_test']} | "
                      f"{_fmt(i['majority_test'])} | {_fmt(zs[t])} | {_fmt(ft[t])} [{_fmt(lo)}, {_fmt(hi)}] |")
     if results.get("comparisons"):
         lines += ["", "## Paired differences (bootstrap over test examples, 95% CI, normalised points)", "",

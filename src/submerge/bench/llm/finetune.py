@@ -91,6 +91,10 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
     cm.reset()
     encoded = [answer_example(cm.tokenizer, q.prompt, q.answer, shots=q.shots) for q in examples]
     model = cm.model
+    grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    if recipe.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
     if recipe.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -130,6 +134,9 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
     finally:
         if recipe.kind == "lora":
             model.unload()  # the LoRA layers out of the shared model: it is the plain backbone again
+        for n, p in cm.model.named_parameters():  # PEFT froze them; a full fine-tune thawed them
+            p.requires_grad_(grad_before.get(n, False))
+            p.grad = None
         cm.reset()
     return load_expert(cm, folder)
 

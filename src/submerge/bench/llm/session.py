@@ -132,7 +132,7 @@ class LLMSession(SuiteSession):
         rows = getattr(self.splits[task], split)
         exact, nll = score_answers(self.cm.model, self.cm.tokenizer, [q.prompt for q in rows], [q.answer for q in rows],
                                    batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split))
-        return exact.numpy(), nll.numpy()
+        return exact.numpy().astype(np.float64), nll.numpy()
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
         """Per task, per-example exact match of ``state`` on ``split`` (with the NLLs: :class:`Scores`)."""

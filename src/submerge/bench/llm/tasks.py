@@ -180,6 +180,14 @@ LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
 ]}
 
 
+def register_llm_task(task: GenTask) -> GenTask:
+    """Add a skill to the LLM suite's registry (a name already there is an error)."""
+    if task.name in LLM_TASKS:
+        raise ConfigError(f"LLM task {task.name!r} is registered already")
+    LLM_TASKS[task.name] = task
+    return task
+
+
 def get_llm_task(name: str) -> GenTask:
     try:
         return LLM_TASKS[name]

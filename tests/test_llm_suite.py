@@ -1,0 +1,99 @@
+"""The LLM suite's machinery on a tiny chat Llama built here: skills' splits, LoRA and full experts (the LoRA one read
+back through the engine's base+adapter path), and a whole `run_llm_bench` table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from submerge.bench.llm.tasks import LLM_TASKS, GenTask, register_llm_task
+from submerge.errors import ConfigError
+from test_generation import WORDS, chat_tokenizer, tiny_llama
+
+
+def _echo_task(name: str, k: int) -> GenTask:
+    """Questions from one half of the vocabulary, answered by one word: a skill a tiny model learns in a few steps,
+    and two of them (one per half) that a merge can keep apart or confuse."""
+    def build():
+        rows = []
+        for i in range(60):
+            words = [WORDS[k * 20 + (i * 7 + j * 3) % 20] for j in range(3)]
+            rows.append((" ".join(words), WORDS[30 + k], f"{name}{i}"))
+        return rows
+
+    return GenTask(name, f"answer w{30 + k}", build, "generated", "-")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    tiny_llama(3).save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    for name, k in (("echo_first", 0), ("echo_last", 1)):
+        if name not in LLM_TASKS:
+            register_llm_task(_echo_task(name, k))
+    return folder
+
+
+def test_splits_are_disjoint_seeded_and_every_question_has_a_training_demonstration():
+    task = GenTask("groups", "-", lambda: [(f"q{i}", f"a{i % 5}", f"g{i // 2}") for i in range(40)])
+    sp = task.split(0, 10, 6, 8, shots=2)
+    assert (len(sp.train), len(sp.val), len(sp.test)) == (10, 6, 8)
+    group = {f"q{i}": f"g{i // 2}" for i in range(40)}
+    parts = [{group[q.prompt] for q in part} for part in (sp.train, sp.val, sp.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    train = {(q.prompt, q.answer) for q in sp.train}
+    for q in sp.train + sp.val + sp.test:
+        assert len(q.shots) == 2 and set(q.shots) <= train and (q.prompt, q.answer) not in q.shots
+    assert task.split(0, 10, 6, 8, shots=2) == sp and task.split(1, 10, 6, 8, shots=2) != sp
+    with pytest.raises(ConfigError, match="too few"):
+        task.split(0, 1, 6, 8, shots=1)
+
+
+def test_lora_expert_is_read_back_through_the_engine_and_learns(tiny_chat_folder, tmp_path):
+    from submerge.bench.llm.backbone import ChatModel
+    from submerge.bench.llm.finetune import LLMRecipe, load_expert, train_expert
+    from submerge.evaluate.generation import answer_example, score_answers
+
+    cm = ChatModel(tiny_chat_folder)
+    sp = LLM_TASKS["echo_first"].split(0, 40, 10, 10)
+    enc = [answer_example(cm.tokenizer, q.prompt, q.answer, shots=q.shots) for q in sp.val]
+    before = score_answers(cm.model, cm.tokenizer, None, None, encoded=enc)[0].float().mean()
+    state = train_expert(cm, sp.train, LLMRecipe(steps=60, lr=1e-2, batch_size=8), 0, tmp_path / "e", quiet=True)
+    assert (tmp_path / "e" / "adapter_config.json").is_file()
+    assert all(torch.equal(cm.model.state_dict()[k], v) for k, v in cm.pretrained.items())  # model reset
+    changed = [k for k in state if not torch.equal(state[k], cm.pretrained[k])]
+    assert changed and all("proj" in k for k in changed)  # LoRA on the linear layers only
+    cm.load(state)
+    after = score_answers(cm.model, cm.tokenizer, None, None, encoded=enc)[0].float().mean()
+    cm.reset()
+    assert after > before + 0.3
+    again = load_expert(cm, tmp_path / "e")  # the cached expert is the same tensors
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.run import run_llm_bench
+    from submerge.bench.llm.session import LLMBenchConfig
+
+    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean"],
+                         n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
+                         cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4)
+    res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)
+    labels = [r["label"] for r in res["rows"]]
+    assert "task_arithmetic (val-tuned)" in labels and "multitask (joint fine-tuning)" in labels
+    assert all("avg_nll" in r and set(r["per_task_nll"]) == {"echo_first", "echo_last"} for r in res["rows"])
+    assert set(res["per_example"]["rows"]) == set(labels)
+    assert (tmp_path / "out" / "results.md").is_file()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["task_info"]["echo_first"]["n_test"] == 10 and saved["finetuned"]["echo_first"] >= 0
+    # a rerun keeps every row (cached by method) and trains nothing
+    again = run_llm_bench(tmp_path / "out2", cfg, backbone=tiny_chat_folder)
+    assert [r.get("kept") for r in again["rows"]] == [True] * len(again["rows"])
+    assert again["per_example"] == res["per_example"]
+    with pytest.raises(ConfigError, match="not on the LLM suite yet"):
+        run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["esm_pp"]),
+                      backbone=tiny_chat_folder)
