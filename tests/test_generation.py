@@ -164,3 +164,18 @@ def test_generation_scorer_rows_are_checked(tmp_path):
         make_scorer(_task(tmp_path, [{"prompt": "w1"}])).check()
     with pytest.raises(ConfigError, match="non-empty answer"):
         make_scorer(_task(tmp_path, [{"prompt": "w1", "answer": ""}])).check()
+
+
+def test_generation_scorer_asks_the_shots_first(tmp_path, monkeypatch):
+    tok, model = chat_tokenizer(), tiny_llama(4)
+    monkeypatch.setattr(TaskData, "tokenizer", tok)
+    rows = [{"prompt": "w1 w2", "answer": "w3", "shots": [["w4", "w5"]]}, {"prompt": "w6", "answer": "w7"}]
+    sc = make_scorer(_task(tmp_path, rows))
+    assert sc.encoded[0] == answer_example(tok, "w1 w2", "w3", shots=[("w4", "w5")])
+    assert sc.encoded[1] == answer_example(tok, "w6", "w7")
+    assert tok.convert_ids_to_tokens(sc.encoded[0][0][:3]) == ["<|im_start|>", "user", "w4"]
+    _, details = sc.score(model)
+    exact, nll = score_answers(model, tok, None, None, encoded=sc.encoded)
+    assert details["nll"] == pytest.approx(float(nll.mean()))
+    with pytest.raises(ConfigError, match="'shots' must be a list"):
+        make_scorer(_task(tmp_path, [{"prompt": "w1", "answer": "w2", "shots": ["w4"]}])).check()

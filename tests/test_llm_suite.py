@@ -79,9 +79,9 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     from submerge.bench.llm.run import run_llm_bench
     from submerge.bench.llm.session import LLMBenchConfig
 
-    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean"],
+    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher"],
                          n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
-                         cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4)
+                         cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4, fisher_n=4)
     res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)
     labels = [r["label"] for r in res["rows"]]
     assert "task_arithmetic (val-tuned)" in labels and "multitask (joint fine-tuning)" in labels
@@ -97,3 +97,30 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     with pytest.raises(ConfigError, match="not on the LLM suite yet"):
         run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["esm_pp"]),
                       backbone=tiny_chat_folder)
+
+
+def test_export_llm_and_tune_on_it(tiny_chat_folder, tmp_path):
+    """bench-export --suite llm writes ordinary files (adapters, one-shot val questions, statistics, tune.yaml), and
+    submerge tune runs on them with the generation scorer."""
+    import yaml
+
+    from submerge.bench.llm.export import export_llm
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.session import LLMBenchConfig
+    from submerge.tune import tune
+
+    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, multitask=False,
+                         recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8), cache_dir=str(tmp_path / "cache"),
+                         quiet=True, calib_n=4)
+    out = export_llm(tmp_path / "exp", cfg, methods=("task_arithmetic", "tsv", "esm"), backbone=tiny_chat_folder)
+    assert (out / "experts" / "echo_first" / "adapter_config.json").is_file()
+    rows = [json.loads(x) for x in (out / "data" / "echo_first.val.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["shots"]) == 1 for r in rows)
+    config = yaml.safe_load((out / "tune.yaml").read_text())
+    assert config["models"][0] == {"model": "base+experts/echo_first", "name": "echo_first",
+                                   "calibration": "stats/echo_first"}
+    assert config["eval"]["scorer"] == "generation"
+    result = tune(out / "tune.yaml", tmp_path / "tuned", quiet=True)
+    assert not result.errors and result.winner["method"] in ("task_arithmetic", "tsv", "esm")
+    assert set(result.expert_scores) == {"echo_first", "echo_last"} and min(result.expert_scores.values()) == 1.0
+    assert (tmp_path / "tuned" / "model.safetensors").is_file()

@@ -646,10 +646,11 @@ def tune(config: str, out_dir: str, backend: str, address: Optional[str], actors
 @main.command("bench-export")
 @_threads_option
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--suite", default="quick", show_default=True, help="Task suite (quick, text8).")
+@click.option("--suite", default="quick", show_default=True, help="Task suite (quick, text8, llm).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
 @click.option("--seed", default=0, show_default=True, help="Fine-tuning seed of the experts.")
-@click.option("--experts", type=click.Choice(["default", "lr3e-4"]), default=None)
+@click.option("--experts", type=click.Choice(["default", "lr3e-4", "lora", "full"]), default=None,
+              help="The encoder suite's recipes (default, lr3e-4) or the LLM suite's (lora, full).")
 @click.option("--cache-dir", default=None, help="Where fine-tuned experts are cached (default ~/.cache/submerge/experts).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True)
@@ -661,6 +662,20 @@ def bench_export(out_dir: str, suite: str, tasks: Optional[str], seed: int, expe
     data/<task>.val.jsonl and .calib.jsonl, and tune.yaml: `submerge tune OUT_DIR/tune.yaml TUNED`
     then reproduces the benchmark's val-tuned rows.  Experts come from the benchmark's cache (fine-tuned first
     when missing)."""
+    if suite == "llm":
+        from submerge.bench.llm.export import export_llm
+        from submerge.bench.llm.finetune import LLMRecipe
+        from submerge.bench.llm.session import LLMBenchConfig
+
+        if experts not in (None, "lora", "full"):
+            raise click.UsageError(f"--experts {experts} is an encoder-suite recipe; the LLM suite takes lora or full")
+        kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None, seed=seed, cache_dir=cache_dir,
+                                    quiet=quiet, recipe=LLMRecipe.full() if experts == "full" else None).items()
+              if v is not None}
+        export_llm(out_dir, LLMBenchConfig(multitask=False, **kw), overwrite=overwrite)
+        return
+    if experts in ("lora", "full"):
+        raise click.UsageError(f"--experts {experts} is an LLM-suite recipe (--suite llm)")
     from submerge.bench.export import export_bench
     from submerge.bench.session import EXPERT_SUITES, BenchConfig
 

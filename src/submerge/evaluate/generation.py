@@ -149,15 +149,18 @@ def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], ans
 
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], system: Optional[str] = None,
-                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy answers by ``model.generate`` (left-padded batches), decoded without special tokens."""
+                     max_new_tokens: int = 32, batch_size: int = 16,
+                     shots: Optional[Sequence[Sequence[tuple[str, str]]]] = None) -> list[str]:
+    """Greedy answers by ``model.generate`` (left-padded batches), decoded without special tokens; ``shots``: per
+    prompt, its demonstrations."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            heads = [prompt_ids(tokenizer, p, system) for p in prompts[i:i + batch_size]]
+            heads = [prompt_ids(tokenizer, p, system, shots[j] if shots is not None else ())
+                     for j, p in enumerate(prompts[i:i + batch_size], start=i)]
             width = max(map(len, heads))
             ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
             mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
@@ -171,7 +174,8 @@ def generate_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
 
 class GenerationScorer(Scorer):
     """``scorer: generation``: a chat model answering the eval file's prompts (``.jsonl`` rows with ``field``,
-    default ``prompt``, and ``label_field``, default ``answer``).  ``options.match``: ``exact`` (default; greedy
+    default ``prompt``, and ``label_field``, default ``answer``; an optional ``shots`` field, a list of
+    ``[question, answer]`` pairs, is asked and answered first, as earlier turns of the chat).  ``options.match``: ``exact`` (default; greedy
     output equals the answer, decided by one teacher-forced pass), ``contains`` (the answer occurs in the greedy
     output) or ``regex`` (the output matches ``options.pattern``, with ``{answer}`` standing for the escaped
     answer); ``options.system`` a system prompt, ``options.max_new_tokens`` (default 32) for the generating
@@ -202,8 +206,17 @@ class GenerationScorer(Scorer):
                 raise ConfigError(f"eval task {task.name}: options.pattern is not a regular expression ({e})") \
                     from None
 
-    @cached_property
+    @property
+    def shots(self) -> list[tuple[tuple[str, str], ...]]:
+        """Per row, its demonstrations (``shots`` field; none when absent)."""
+        return self._parsed[2]
+
+    @property
     def rows(self) -> tuple[list[str], list[str]]:
+        return self._parsed[0], self._parsed[1]
+
+    @cached_property
+    def _parsed(self) -> tuple[list[str], list[str], list[tuple[tuple[str, str], ...]]]:
         t = self.task
         prompt_field = t.field if t.field != "text" else "prompt"
         answer_field = t.label_field if t.label_field != "label" else "answer"
@@ -213,7 +226,14 @@ class GenerationScorer(Scorer):
                 raise ConfigError(f"{t.data}: row {i + 1}: {prompt_field!r} and {answer_field!r} must be strings "
                                   f"(a non-empty answer)")
         rows = rows[: t.n] if t.n else rows
-        return [r[prompt_field] for r in rows], [r[answer_field] for r in rows]
+        shots = []
+        for i, r in enumerate(rows):
+            pairs = r.get("shots", [])
+            if not isinstance(pairs, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+                raise ConfigError(f"{t.data}: row {i + 1}: 'shots' must be a list of [question, answer] string pairs")
+            shots.append(tuple((q, a) for q, a in pairs))
+        return [r[prompt_field] for r in rows], [r[answer_field] for r in rows], shots
 
     def check(self) -> None:
         self.rows  # noqa: B018  (read and checked now)
@@ -222,7 +242,7 @@ class GenerationScorer(Scorer):
     def encoded(self) -> list[tuple[list[int], int]]:
         prompts, answers = self.rows
         tok = self.task.tokenizer
-        return [answer_example(tok, p, a, self.system) for p, a in zip(prompts, answers)]
+        return [answer_example(tok, p, a, self.system, s) for p, a, s in zip(prompts, answers, self.shots)]
 
     def _matches(self, outputs: list[str], answers: list[str]) -> list[bool]:
         if self.match == "contains":
@@ -239,7 +259,8 @@ class GenerationScorer(Scorer):
                    "perplexity": math.exp(float(nll.mean()))}
         if self.match == "exact":
             return details["exact_match"], details
-        outputs = generate_answers(model, tok, prompts, self.system, self.max_new_tokens, self.task.batch_size)
+        outputs = generate_answers(model, tok, prompts, self.system, self.max_new_tokens, self.task.batch_size,
+                                   shots=self.shots)
         hits = self._matches(outputs, answers)
         details[self.match] = sum(hits) / len(hits)
         return details[self.match], details

@@ -25,10 +25,10 @@ from submerge.io.ledger import one_run
 from submerge.methods import get_method
 
 # Every static method family that can merge the experts, with its LiNeS row; the methods that are more than one
-# static merge (ESM++, TALL masks, AdaMerging, Surgery) and the Fisher-based ones are not on this suite yet.
+# static merge (ESM++, TALL masks, AdaMerging, Surgery) are not on this suite yet.
 LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
                "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
-               "regmean", "esm")
+               "fisher", "regmean", "esm")
 
 
 def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
@@ -38,9 +38,10 @@ def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
     for row in methods:
         name, post = split_row_name(row)
         m = get_method(name)
-        if post == "surgery" or m.evaluation != "static" or m.stats_kind == "fisher":
-            raise ConfigError(f"{row}: not on the LLM suite yet (it runs static merges, +lines and calibration-"
-                              f"based methods; routed, learned, task-id and Fisher rows are encoder-suite only)")
+        if post == "surgery" or m.evaluation != "static":
+            raise ConfigError(f"{row}: not on the LLM suite yet (it runs static merges, +lines, calibration- and "
+                              f"Fisher-based methods; routed, learned, task-id and surgery rows are encoder-suite "
+                              f"only)")
     return methods
 
 

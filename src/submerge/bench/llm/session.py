@@ -51,6 +51,7 @@ class LLMBenchConfig:
     calib_n: int = 32              # calibration conversations per task for data-based methods (ESM, RegMean)
     calib_split: str = "train"
     calib_source: str = "finetuned"
+    fisher_n: int = 32             # training questions per skill for the diagonal Fisher (fisher / posterior rows)
     eval_batch: int = 32
     multitask: bool = True         # the reference row: one model fine-tuned on all skills jointly
 
@@ -227,4 +228,38 @@ class LLMSession(SuiteSession):
                     self.cm.reset()
             self._stats[key] = out
             release_memory()
+        return self._stats[key]
+
+    def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0) -> list:
+        """Per skill, the diagonal empirical Fisher of its expert: the squared gradient of the gold answer's
+        log-likelihood given the question (the whole answer, end of turn included, one question at a time) on
+        ``n`` questions of ``split``.  The empirical kind only: a sequence's true Fisher would need answers
+        sampled from the model."""
+        from submerge.evaluate.generation import answer_logits, collate
+        from submerge.stats.fisher import fisher_diagonal
+
+        n = n or self.cfg.fisher_n
+        key = ("fisher", n, "empirical", split, seed)
+        if key not in self._stats:
+            out = []
+            pad = self.cm.tokenizer.pad_token_id
+
+            def log_likelihood(model, example) -> torch.Tensor:
+                batch = collate([example], pad)
+                logp = torch.log_softmax(answer_logits(model, batch), -1)
+                return logp.gather(1, batch.targets[:, None]).sum().reshape(1)
+
+            for t, expert in zip(self.tasks, self.experts):
+                rows = self.encoded(t.name, split)
+                idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+                self.cm.load(expert)
+                try:
+                    out.append(fisher_diagonal(self.cm.model, [rows[i] for i in idx], log_likelihood,
+                                               kind="empirical", labels=[0] * len(idx),
+                                               params=self.cm.trainable_names(), progress=False,
+                                               info={"task": t.name, "split": split, "n": len(idx)}))
+                finally:
+                    self.cm.reset()
+            release_memory()
+            self._stats[key] = out
         return self._stats[key]
