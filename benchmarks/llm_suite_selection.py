@@ -5,7 +5,7 @@ For every candidate skill: the base model's val exact match, its LoRA expert's (
 the skills that pass, task arithmetic's val-tuned normalised val score (interference).  Nothing here touches a test
 split.  Writes benchmarks/results/llm/selection.json (and prints a table).
 
-    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 40] [--threads 2]
+    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 40] [--shots 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-val", type=int, default=50)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--shots", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tasks", default=",".join(LLM_CANDIDATES))
@@ -40,7 +41,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cfg = LLMBenchConfig(tasks=args.tasks.split(","), n_train=args.n_train, n_val=args.n_val, n_test=150,
+    cfg = LLMBenchConfig(tasks=args.tasks.split(","), n_train=args.n_train, n_val=args.n_val, n_test=150, shots=args.shots,
                          recipe=LLMRecipe(steps=args.steps, lr=args.lr), multitask=False)
     S = LLMSession(cfg)
     per = {}
@@ -53,7 +54,7 @@ def main() -> None:
               f"{'keep' if per[t]['rule_base'] and per[t]['rule_gain'] else 'drop'}", flush=True)
     kept = [t for t in S.names if per[t]["rule_base"] and per[t]["rule_gain"]]
     out = {"rule": {"min_base_val": MIN_BASE, "min_gain_val": MIN_GAIN, "max_task_arithmetic_norm_val": MAX_TA_NORM},
-           "config": {"n_train": args.n_train, "n_val": args.n_val, "steps": args.steps, "lr": args.lr,
+           "config": {"n_train": args.n_train, "n_val": args.n_val, "steps": args.steps, "lr": args.lr, "shots": args.shots,
                       "threads": torch.get_num_threads()},
            "candidates": per, "kept": kept}
     if len(kept) >= 2:

@@ -40,7 +40,8 @@ class LLMBenchConfig:
     methods: Optional[list[str]] = None
     seed: int = 0
     n_train: int = 800
-    shots: int = 1                 # demonstrations before each question (earlier chat turns; see GenTask.split)
+    shots: int = 3                 # demonstrations before each question (earlier chat turns; see GenTask.split;
+                                   # 3, not 1: benchmarks/results/llm/README.md, amendment 1)
     n_val: int = 50
     n_test: int = 150
     recipe: LLMRecipe = field(default_factory=LLMRecipe)
