@@ -79,13 +79,15 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     from submerge.bench.llm.run import run_llm_bench
     from submerge.bench.llm.session import LLMBenchConfig
 
-    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher"],
+    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher", "consensus_ta", "tall_masks"],
                          n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
                          cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4, fisher_n=4)
     res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)
     labels = [r["label"] for r in res["rows"]]
     assert "task_arithmetic (val-tuned)" in labels and "multitask (joint fine-tuning)" in labels
-    assert all("avg_nll" in r and set(r["per_task_nll"]) == {"echo_first", "echo_last"} for r in res["rows"])
+    assert all("avg_nll" in r and set(r["per_task_nll"]) == {"echo_first", "echo_last"} for r in res["rows"]
+               if r["method"] != "tall_masks")  # TALL: each task's own masked model, exact match only
+    assert "tall_masks (task id)" in labels and "consensus_ta (val-tuned)" in labels
     assert set(res["per_example"]["rows"]) == set(labels)
     assert (tmp_path / "out" / "results.md").is_file()
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

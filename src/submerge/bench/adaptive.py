@@ -152,6 +152,7 @@ def tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> t
           + ", ".join(f"{lam:g}" for lam in lambdas))
     return [row], test_correct
 
+
 def _val_batches(S: BenchSession) -> list[list[dict]]:
     """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted)."""
     from submerge.evaluate.scorers import length_sorted_batches
