@@ -126,3 +126,19 @@ def test_export_llm_and_tune_on_it(tiny_chat_folder, tmp_path):
     assert not result.errors and result.winner["method"] in ("task_arithmetic", "tsv", "esm")
     assert set(result.expert_scores) == {"echo_first", "echo_last"} and min(result.expert_scores.values()) == 1.0
     assert (tmp_path / "tuned" / "model.safetensors").is_file()
+
+
+def test_every_setting_that_changes_a_question_keys_the_caches(tiny_chat_folder, tmp_path):
+    """Experts and reference scores are cached by what changes them: a run with other demonstrations per question
+    (or another seed, split size or recipe) trains and scores its own."""
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.session import LLMBenchConfig, LLMSession
+
+    kw = dict(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, multitask=False, quiet=True,
+              recipe=LLMRecipe(steps=2, lr=1e-2, batch_size=8), cache_dir=str(tmp_path / "cache"))
+    keys = set()
+    for change in ({}, {"shots": 2}, {"seed": 1}, {"n_train": 20}, {"recipe": LLMRecipe(steps=3, batch_size=8)}):
+        S = LLMSession(LLMBenchConfig(**{**kw, **change}), tiny_chat_folder)
+        keys.add(tuple(S.expert_keys))
+    assert len(keys) == 5
+    assert len(list((tmp_path / "cache" / "experts").iterdir())) == 10

@@ -50,9 +50,10 @@ class LLMRecipe:
         return cls(**{"kind": "full", "lr": 5e-5, **kw})
 
 
-def expert_key(cm: ChatModel, task_fingerprints: Sequence[str], n_train: int, recipe: LLMRecipe, seed: int) -> str:
+def expert_key(cm: ChatModel, task_fingerprints: Sequence[str], n_train: int, recipe: LLMRecipe, seed: int,
+               shots: int) -> str:
     blob = json.dumps({"backbone": cm.fingerprint, "tasks": list(task_fingerprints), "n": n_train,
-                       "recipe": asdict(recipe), "seed": seed}, sort_keys=True)
+                       "recipe": asdict(recipe), "seed": seed, "shots": shots}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -122,7 +122,9 @@ class LLMSession(SuiteSession):
         return len(self.splits[task].test)
 
     def expert_key(self, fingerprints: Sequence[str], n_train: int, seed: int) -> str:
-        return expert_key(self.cm, fingerprints, n_train, self.cfg.recipe, seed)
+        """Keyed by everything that changes the expert: backbone, task data, split size, recipe, seed and the
+        number of demonstrations its training questions carry."""
+        return expert_key(self.cm, fingerprints, n_train, self.cfg.recipe, seed, self.cfg.shots)
 
     def encoded(self, task: str, split: str) -> list:
         if (task, split) not in self._encoded:
@@ -164,8 +166,8 @@ class LLMSession(SuiteSession):
             model = "base" if which == "zeroshot" else self.expert_keys[i]
             n = len(getattr(self.splits[t.name], split))
             blob = json.dumps({"backbone": self.fingerprint, "task": t.fingerprint(), "model": model, "split": split,
-                               "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test]},
-                              sort_keys=True)
+                               "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
+                               "shots": self.cfg.shots}, sort_keys=True)
             path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
             hit = json.loads(path.read_text()) if path.exists() else None
             if hit is not None and hit.get("n") == n:
