@@ -45,7 +45,11 @@ def test_no_two_units_import_each_other():
     for mod, deps in _imports().items():
         g = _group(mod)
         graph.setdefault(g, set()).update(_group(d) for d in deps if _group(d) not in (g, "submerge"))
-    # any cycle in the unit graph (depth-first search with colours)
+    _assert_acyclic(graph, "import cycle")
+
+
+def _assert_acyclic(graph: dict[str, set[str]], what: str) -> None:
+    """Depth-first search with colours; the first cycle found is the failure, named node by node."""
     colour: dict[str, int] = {}
     stack: list[str] = []
 
@@ -54,7 +58,7 @@ def test_no_two_units_import_each_other():
         stack.append(u)
         for v in sorted(graph.get(u, ())):
             if colour.get(v) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(v):] + [v]))
+                raise AssertionError(f"{what}: " + " -> ".join(stack[stack.index(v):] + [v]))
             if colour.get(v) is None:
                 visit(v)
         stack.pop()
@@ -147,21 +151,5 @@ def test_no_module_cycles_inside_a_unit():
     packages = {m for m in imports if (SRC.parent / m.replace(".", "/") / "__init__.py").exists()}
     graph = {m: {d for d in deps if d not in packages and d != m and d in imports}
              for m, deps in imports.items() if m not in packages}
-    colour: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(u: str) -> None:
-        colour[u] = 1
-        stack.append(u)
-        for v in sorted(graph.get(u, ())):
-            if colour.get(v) == 1:
-                raise AssertionError("module import cycle: " + " -> ".join(stack[stack.index(v):] + [v]))
-            if colour.get(v) is None:
-                visit(v)
-        stack.pop()
-        colour[u] = 2
-
-    for u in sorted(graph):
-        if colour.get(u) is None:
-            visit(u)
+    _assert_acyclic(graph, "module import cycle")
     assert "submerge.bench.rows" in graph and "submerge.bench.adaptive" in graph["submerge.bench.rows"]

@@ -117,7 +117,7 @@ def test_export_llm_and_tune_on_it(tiny_chat_folder, tmp_path):
     out = export_llm(tmp_path / "exp", cfg, methods=("task_arithmetic", "tsv", "esm"), backbone=tiny_chat_folder)
     assert (out / "experts" / "echo_first" / "adapter_config.json").is_file()
     rows = [json.loads(x) for x in (out / "data" / "echo_first.val.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and all(len(r["shots"]) == 1 for r in rows)
+    assert len(rows) == 8 and all(len(r["shots"]) == cfg.shots == 3 for r in rows)
     config = yaml.safe_load((out / "tune.yaml").read_text())
     assert config["models"][0] == {"model": "base+experts/echo_first", "name": "echo_first",
                                    "calibration": "stats/echo_first"}

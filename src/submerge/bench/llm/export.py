@@ -23,7 +23,7 @@ from typing import Optional
 import yaml
 
 from submerge.bench.llm.session import LLMBenchConfig, LLMSession
-from submerge.bench.presets import row_params
+from submerge.bench.presets import tune_search
 from submerge.io import atomic_folder
 from submerge.io.files import checked_folder, copy_regular_file
 from submerge.io.ledger import one_run
@@ -71,11 +71,7 @@ def export_llm(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, overwr
                     f.write(json.dumps({"prompt": q.prompt, "answer": q.answer,
                                         "shots": [list(s) for s in q.shots]}) + "\n")
             tasks[t.name] = {"data": f"data/{t.name}.val.jsonl"}
-        search = []
-        for m in methods:
-            entry = {"method": m, **row_params(m)}
-            entry[{"task_arithmetic": "lambda", "ties": "lambda"}.get(m, "alpha")] = "auto"
-            search.append(entry)
+        search = tune_search(methods)
         config = {
             "base_model": "base",
             "models": models,

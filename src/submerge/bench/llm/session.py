@@ -24,7 +24,7 @@ from submerge.bench.evaluate import pack_correct, unpack_correct
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task
-from submerge.bench.session import SuiteSession, release_memory
+from submerge.bench.session import SuiteConfig, SuiteSession, release_memory
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
 
@@ -34,27 +34,18 @@ LLM_CANDIDATES = ("translate_de", "translate_fr", "country_code", "reverse_dicti
 
 
 @dataclass
-class LLMBenchConfig:
+class LLMBenchConfig(SuiteConfig):
     suite: str = "llm"
-    tasks: Optional[list[str]] = None
-    methods: Optional[list[str]] = None
-    seed: int = 0
     n_train: int = 800
     shots: int = 3                 # demonstrations before each question (earlier chat turns; see GenTask.split;
                                    # 3, not 1: benchmarks/results/llm/README.md, amendment 1)
     n_val: int = 50
     n_test: int = 150
-    recipe: LLMRecipe = field(default_factory=LLMRecipe)
     lambda_grid: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     search: str = "coarse"         # α search of the α methods: "coarse" (about 6 points) or "full"
-    cache_dir: Optional[str] = None
-    quiet: bool = False
-    calib_n: int = 32              # calibration conversations per task for data-based methods (ESM, RegMean)
-    calib_split: str = "train"
-    calib_source: str = "finetuned"
     fisher_n: int = 32             # training questions per skill for the diagonal Fisher (fisher / posterior rows)
+    recipe: LLMRecipe = field(default_factory=LLMRecipe)
     eval_batch: int = 32
-    multitask: bool = True         # the reference row: one model fine-tuned on all skills jointly
 
     @property
     def task_names(self) -> list[str]:
@@ -201,37 +192,26 @@ class LLMSession(SuiteSession):
         return row, res
 
     # ------------------------------------------------------------------ statistics
-    def calibration(self, n: Optional[int] = None, split: Optional[str] = None, source: Optional[str] = None,
-                    seed: int = 0) -> list:
-        """Per skill, activation statistics of ``n`` whole conversations (prompt and gold answer) of ``split``,
-        run through the skill's expert (``source="finetuned"``) or the base model."""
-        from submerge.stats.gram import collect_stats
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.cm.model
 
-        n = n or self.cfg.calib_n
-        split = split or self.cfg.calib_split
-        source = source or self.cfg.calib_source
-        key = (n, split, source, seed)
-        if key not in self._stats:
-            out = []
-            pad = self.cm.tokenizer.pad_token_id
-            for t, expert in zip(self.tasks, self.experts):
-                rows = self.encoded(t.name, split)
-                idx = np.random.default_rng(seed).permutation(len(rows))[:n]
-                seqs = [rows[i][0] for i in idx]
-                width = max(map(len, seqs))
-                batch = {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-                         "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
-                if source == "finetuned":
-                    self.cm.load(expert)
-                try:
-                    out.append(collect_stats(self.cm.model, [batch], progress=False,
-                                             info={"task": t.name, "n_inputs": len(seqs), "split": split,
-                                                   "source": source}))
-                finally:
-                    self.cm.reset()
-            self._stats[key] = out
-            release_memory()
-        return self._stats[key]
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.cm.load(state)
+
+    def reset(self) -> None:
+        self.cm.reset()
+
+    def calibration_batch(self, i: int, split: str, n: int, seed: int) -> dict:
+        """Skill ``i``'s calibration inputs: ``n`` whole conversations (demonstrations, question and gold answer)
+        of ``split`` (a seeded sample), one right-padded batch."""
+        rows = self.encoded(self.names[i], split)
+        idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+        seqs = [rows[j][0] for j in idx]
+        width = max(map(len, seqs))
+        pad = self.cm.tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+                "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
 
     def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0) -> list:
         """Per skill, the diagonal empirical Fisher of its expert: the squared gradient of the gold answer's
