@@ -3,6 +3,7 @@ back through the engine's base+adapter path), and a whole `run_llm_bench` table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -92,10 +93,17 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     assert (tmp_path / "out" / "results.md").is_file()
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["task_info"]["echo_first"]["n_test"] == 10 and saved["finetuned"]["echo_first"] >= 0
+    assert not (tmp_path / "out" / "results.partial.json").exists()  # the table as it grew, gone once complete
     # a rerun keeps every row (cached by method) and trains nothing
     again = run_llm_bench(tmp_path / "out2", cfg, backbone=tiny_chat_folder)
     assert [r.get("kept") for r in again["rows"]] == [True] * len(again["rows"])
     assert again["per_example"] == res["per_example"]
+    # elsewhere (an empty cache: experts trained again, reproducibly), --resume keeps that run's rows
+    moved = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"), methods=["task_arithmetic", "ties"])
+    resumed = run_llm_bench(tmp_path / "out4", moved, backbone=tiny_chat_folder,
+                            resume=tmp_path / "out" / "results.json")
+    assert {r["label"] for r in resumed["rows"] if r.get("kept")} >= {"task_arithmetic (val-tuned)", "ties (default)"}
+    assert resumed["per_example"]["finetuned"] == res["per_example"]["finetuned"]
     with pytest.raises(ConfigError, match="not on the LLM suite yet"):
         run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["esm_pp"]),
                       backbone=tiny_chat_folder)

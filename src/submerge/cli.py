@@ -589,7 +589,7 @@ def _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n
     from submerge.bench.llm.run import run_llm_bench
     from submerge.bench.llm.session import LLMBenchConfig
 
-    for flag, value in (("--quick", quick), ("--backend ray", backend == "ray"), ("--resume", resume)):
+    for flag, value in (("--quick", quick), ("--backend ray", backend == "ray")):
         if value:
             raise click.UsageError(f"{flag} is not available with --suite llm yet")
     if experts not in (None, "lora", "full"):
@@ -601,7 +601,8 @@ def _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n
           if v is not None}
     cfg = LLMBenchConfig(**kw)
     name = f"llm{'-full' if experts == 'full' else ''}-seed{seed}"
-    run_llm_bench(Path(out) if out else Path("bench-results") / name, cfg, overwrite=overwrite, backbone=backbone)
+    run_llm_bench(Path(out) if out else Path("bench-results") / name, cfg, overwrite=overwrite, backbone=backbone,
+                  resume=resume)
 
 
 @main.command()

@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,12 @@ def check_results_folder(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def method_table(S, methods: Sequence[str], done_rows: RowCache, estimate: RunEstimate, backend: str = "local",
-                 address: Optional[str] = None, actors: Optional[int] = None) -> tuple[list[dict], dict]:
+                 address: Optional[str] = None, actors: Optional[int] = None,
+                 progress: Optional[Callable[[list[dict], dict], None]] = None) -> tuple[list[dict], dict]:
     """Every method's rows and per-example test correctness, in ``methods``' order, for any suite's session
     (:class:`~submerge.bench.session.SuiteSession`): rows kept in ``done_rows`` are not redone, each finished
-    method is put there as it finishes, and methods reading the same statistics run one after the other."""
+    method is put there as it finishes, and methods reading the same statistics run one after the other.
+    ``progress(rows, test_correct)``: called with the rows so far each time a method finishes."""
     say = S.say
     rows, test_correct = [], {}
     methods = list(methods)
@@ -78,6 +80,10 @@ def method_table(S, methods: Sequence[str], done_rows: RowCache, estimate: RunEs
             done_rows.put(method, *got)
         estimate.method_done(method, seconds)
         say(f"[{S.clock()}] {method}: {seconds:.0f}s {estimate.line()}")
+        if progress is not None:
+            done = [m for m in methods if found_rows.get(m) is not None]
+            progress([r for m in done for r in found_rows[m][0]],
+                     {k: v for m in done for k, v in found_rows[m][1].items()})
 
     if backend == "ray" and todo:
         from submerge.bench.ray import ray_method_rows

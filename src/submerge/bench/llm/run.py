@@ -6,6 +6,7 @@ encoder suite (:mod:`submerge.bench.run`), plus each row's answer NLL.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from submerge.bench.cache import RowCache
+from submerge.bench.cache import RowCache, import_rows, read_resume
 from submerge.bench.estimate import RunEstimate
 from submerge.bench.llm.finetune import expert_log, train_expert
 from submerge.bench.llm.session import LLMBenchConfig, LLMSession
@@ -80,12 +81,20 @@ def multitask_row(S: LLMSession, done_rows: RowCache) -> tuple[dict, dict, dict]
     return row, res, info
 
 
+PARTIAL = "results.partial.json"
+
+
 @one_run
 def run_llm_bench(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, overwrite: bool = False,
-                  backbone: Optional[str | Path] = None) -> dict:
-    """Run the LLM suite into ``out_dir``; ``backbone``: another local chat model folder instead of SmolLM2."""
+                  backbone: Optional[str | Path] = None, resume: Optional[str | Path] = None) -> dict:
+    """Run the LLM suite into ``out_dir``; ``backbone``: another local chat model folder instead of SmolLM2.
+    As each method finishes, the table so far is written to ``out_dir/results.partial.json`` (replaced whole;
+    removed when results.json is written), so a run longer than a session can be committed as it goes and
+    continued elsewhere with ``resume`` (that file, or an earlier results.json: its rows are kept when this
+    session's experts score every test question as that run's did)."""
     cfg = cfg or LLMBenchConfig()
     out_dir = check_results_folder(out_dir, overwrite)
+    previous = read_resume(resume, cfg) if resume is not None else None
     methods = llm_methods(len(cfg.task_names), cfg.methods)
     estimate = RunEstimate(len(cfg.task_names), methods + (["multitask"] if cfg.multitask else []))
     note = None if cfg.quiet else busy_note(torch.get_num_threads())
@@ -93,24 +102,40 @@ def run_llm_bench(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, ove
         print(f"note: {note}", flush=True)
     S = LLMSession(cfg, backbone)
     done_rows = RowCache(S, cfg)
-    rows, test_correct = method_table(S, methods, done_rows, estimate)
+    if previous is not None:
+        got = import_rows(S, done_rows, previous, methods)
+        S.say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
+
+    def partial(rows_so_far: list[dict], correct_so_far: dict) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{PARTIAL}.tmp"
+        tmp.write_text(json.dumps(_results(S, cfg, rows_so_far, correct_so_far, resume), indent=2))
+        tmp.replace(out_dir / PARTIAL)
+
+    rows, test_correct = method_table(S, methods, done_rows, estimate, progress=partial)
     if cfg.multitask:
         row, res, info = multitask_row(S, done_rows)
         S.ft_logs["multitask (all tasks jointly)"] = info
         test_correct[row["label"]] = res
         rows.append(row)
         S.say(f"[{S.clock()}] {row['label']}: norm {100 * row['avg_norm']:.1f}")
-    results = {
+    results = _results(S, cfg, rows, test_correct, resume)
+    write_results(results, out_dir)
+    (out_dir / PARTIAL).unlink(missing_ok=True)
+    S.say(f"wrote {out_dir}/results.json, results.md and plots in {results['seconds_total'] / 60:.1f} min")
+    return results
+
+
+def _results(S: LLMSession, cfg: LLMBenchConfig, rows: list[dict], test_correct: dict,
+             resume: Optional[str | Path]) -> dict:
+    return {
         "suite": cfg.suite if not cfg.tasks else "llm-custom",
         "backbone": {"name": S.cm.name, "path": str(S.cm.path), "sha256": S.fingerprint,
                      "params": S.cm.n_params(list(S.cm.pretrained))},
         "tasks": S.names,
         "task_info": task_info(S),
         "metric": "exact match of greedy decoding (teacher-forced), per test example; avg_nll: answer token NLL",
-        **results_body(S, cfg, rows, test_correct),
+        **results_body(S, cfg, rows, test_correct, resume),
         "zeroshot_nll": {k: float(v.mean()) for k, v in (S.zs_test.nll or {}).items()},
         "finetuned_nll": {k: float(v.mean()) for k, v in (S.ft_test.nll or {}).items()},
     }
-    write_results(results, out_dir)
-    S.say(f"wrote {out_dir}/results.json, results.md and plots in {results['seconds_total'] / 60:.1f} min")
-    return results
