@@ -80,7 +80,8 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     from submerge.bench.llm.run import run_llm_bench
     from submerge.bench.llm.session import LLMBenchConfig
 
-    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher", "consensus_ta", "tall_masks"],
+    cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"],
+                         methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher", "consensus_ta", "tall_masks"],
                          n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
                          cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4, fisher_n=4)
     res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)

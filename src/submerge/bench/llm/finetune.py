@@ -81,7 +81,8 @@ def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedule
 def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe, seed: int, folder: Path,
                  desc: str = "fine-tune", quiet: bool = False) -> dict[str, torch.Tensor]:
     """Fine-tune from the pre-trained weights on ``examples`` (questions with their demonstrations), write the
-    expert into ``folder`` (atomically) and return its dense trainable tensors.  A finished ``folder`` is read, not retrained."""
+    expert into ``folder`` (atomically) and return its dense trainable tensors.  A finished ``folder`` is read, not
+    retrained."""
     if (folder / LOG_FILE).is_file():
         return load_expert(cm, folder)
     if not examples:
