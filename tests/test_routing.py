@@ -305,3 +305,27 @@ def test_actionable_errors(bert):
                                  intermediate_size=24))
     with pytest.raises(ConfigError, match="experts are"):
         attach(other, experts)
+
+
+def test_a_routing_mask_routes_from_the_prompt_only():
+    """A decoder scored on a gold answer routes each sequence from its prompt: tokens outside the routing mask
+    (the answer) do not move the decision, the attention mask still being the whole sequence."""
+    from submerge.routing.experts import ExpertSet, LayerExperts
+    from submerge.routing.runtime import attach
+
+    torch.manual_seed(0)
+    d = 8
+    model = torch.nn.Sequential(torch.nn.Linear(d, d))
+    protos = torch.eye(d)[:2]  # task 0 points along e0, task 1 along e1
+    experts = ExpertSet(["a", "b"], 1, {"0": LayerExperts(torch.randn(2, d, 1), torch.randn(2, 1, d), protos)})
+    router = attach(model, experts)
+    x = torch.zeros(1, 6, d)
+    x[0, :2, 0] = 1.0   # the prompt: task a
+    x[0, 2:, 1] = 5.0   # the answer, longer and louder: task b
+    with router.recording() as rec:
+        model(x)
+    assert rec["0"][0].tolist() == [1]  # pooled over everything: the answer decides
+    with router.routing_mask(torch.tensor([[1, 1, 0, 0, 0, 0]])), router.recording() as rec:
+        model(x)
+    assert rec["0"][0].tolist() == [0]  # pooled over the prompt
+    router.detach()

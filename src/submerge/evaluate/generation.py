@@ -65,6 +65,7 @@ class AnswerBatch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor  # 1 on the tokens before each answer (what a router may look at)
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
@@ -78,16 +79,18 @@ def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> AnswerBat
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    prompt = torch.zeros((len(examples), width), dtype=torch.long)
     rows, cols, targets = [], [], []
     for i, (seq, start) in enumerate(examples):
         if not 0 < start < len(seq):
             raise ValueError(f"example {i}: the answer must start after the prompt and hold one token or more")
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
+        prompt[i, :start] = 1
         rows += [i] * (len(seq) - start)
         cols += range(start - 1, len(seq) - 1)
         targets += seq[start:]
-    return AnswerBatch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+    return AnswerBatch(ids, mask, prompt, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 
 def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
@@ -175,11 +178,12 @@ def generate_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
 class GenerationScorer(Scorer):
     """``scorer: generation``: a chat model answering the eval file's prompts (``.jsonl`` rows with ``field``,
     default ``prompt``, and ``label_field``, default ``answer``; an optional ``shots`` field, a list of
-    ``[question, answer]`` pairs, is asked and answered first, as earlier turns of the chat).  ``options.match``: ``exact`` (default; greedy
-    output equals the answer, decided by one teacher-forced pass), ``contains`` (the answer occurs in the greedy
-    output) or ``regex`` (the output matches ``options.pattern``, with ``{answer}`` standing for the escaped
-    answer); ``options.system`` a system prompt, ``options.max_new_tokens`` (default 32) for the generating
-    modes.  Score: the fraction matched; details also hold the answers' mean token NLL."""
+    ``[question, answer]`` pairs, is asked and answered first, as earlier turns of the chat).
+    ``options.match``: ``exact`` (default; greedy output equals the answer, decided by one teacher-forced pass),
+    ``contains`` (the answer occurs in the greedy output) or ``regex`` (the output matches ``options.pattern``,
+    with ``{answer}`` standing for the escaped answer); ``options.system`` a system prompt,
+    ``options.max_new_tokens`` (default 32) for the generating modes.  Score: the fraction matched; details also
+    hold the answers' mean token NLL."""
 
     model_class = "AutoModelForCausalLM"
 

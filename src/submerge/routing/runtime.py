@@ -5,7 +5,9 @@
 ``x · (B_t A_t)ᵀ (+ δb_t)``.  The expert ``t`` is chosen per sample:
 
 * ``route`` (default): the layer input is mean-pooled over tokens (padding masked with the
-  ``attention_mask`` the model was called with), compared by cosine similarity with the task
+  ``attention_mask`` the model was called with, or the tokens :meth:`Router.routing_mask` names: a decoder
+  routes each sequence from its prompt, never from the answer it is scored on), compared by cosine similarity
+  with the task
   prototypes, and the top-1 expert is added (the authors' rule; every layer decides on its own).
   ``rule="auto"`` (default) uses a layer's linear router instead where the experts carry one
   (:mod:`submerge.routing.routers`: Gaussian / trained), ``"cosine"`` always the prototypes.
@@ -42,6 +44,7 @@ class RoutingState:
         self.n_tasks = n_tasks
         self.set(mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule)
         self.mask: Optional[torch.Tensor] = None
+        self.route_mask: Optional[torch.Tensor] = None  # tokens to pool for routing, when not the attention mask
         self.task_ids: Optional[torch.Tensor] = None
         self.decision: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # global routing, this forward
         self.records: Optional[dict[str, list[torch.Tensor]]] = None
@@ -112,7 +115,7 @@ class RoutedLinear(nn.Module):
             return ids[:, None], torch.ones(n, 1, dtype=x.dtype, device=x.device)
         if st.global_routing and st.decision is not None:
             return st.decision
-        pooled = pool_tokens(x, st.mask).float()
+        pooled = pool_tokens(x, st.route_mask if st.route_mask is not None else st.mask).float()
         if st.rule != "cosine" and self.router_w is not None:
             sims = pooled @ self.router_w.T + self.router_b  # a linear router's scores [B, T]
         elif st.rule == "linear":
@@ -199,6 +202,17 @@ class Router:
             yield
         finally:
             self.state.mode, self.state.task_ids = old_mode, old_ids
+
+    @contextlib.contextmanager
+    def routing_mask(self, mask: torch.Tensor) -> Iterator[None]:
+        """Pool only the tokens ``mask [batch, tokens]`` marks (e.g. a prompt, not the answer after it) to route
+        the forward passes inside; the attention mask still masks attention."""
+        old = self.state.route_mask
+        self.state.route_mask = mask
+        try:
+            yield
+        finally:
+            self.state.route_mask = old
 
     @contextlib.contextmanager
     def mode(self, mode: str) -> Iterator[None]:

@@ -25,11 +25,12 @@ from submerge.errors import ConfigError
 from submerge.io.ledger import one_run
 from submerge.methods import get_method
 
-# Every static method family that can merge the experts, with its LiNeS row, and TALL masks (per-task models with
-# the task id); the routed (ESM++), learned (AdaMerging) and surgery rows are not on this suite yet.
+# Every static method family that can merge the experts, with its LiNeS row, TALL masks (per-task models with the
+# task id) and ESM++ (routed per sequence from its prompt); the learned (AdaMerging) and surgery rows are not on
+# this suite yet.
 LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
                "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
-               "fisher", "regmean", "esm", "tall_masks")
+               "fisher", "regmean", "esm", "esm_pp", "tall_masks")
 
 
 def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
@@ -39,9 +40,9 @@ def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
     for row in methods:
         name, post = split_row_name(row)
         m = get_method(name)
-        if post == "surgery" or m.evaluation in ("routed", "learned"):
+        if post == "surgery" or m.evaluation == "learned":
             raise ConfigError(f"{row}: not on the LLM suite yet (it runs static merges, +lines, calibration- and "
-                              f"Fisher-based methods and TALL masks; routed, learned and surgery rows are "
+                              f"Fisher-based methods, TALL masks and ESM++; learned and surgery rows are "
                               f"encoder-suite only)")
     return methods
 

@@ -46,6 +46,8 @@ class LLMBenchConfig(SuiteConfig):
     fisher_n: int = 32             # training questions per skill for the diagonal Fisher (fisher / posterior rows)
     recipe: LLMRecipe = field(default_factory=LLMRecipe)
     eval_batch: int = 32
+    esmpp_ranks: list[int] = field(default_factory=lambda: [8])  # ESM++ expert ranks reported
+    esmpp_routers: list[str] = field(default_factory=lambda: ["gaussian"])  # beside cosine (trained: encoder only)
 
     @property
     def task_names(self) -> list[str]:
@@ -139,6 +141,40 @@ class LLMSession(SuiteSession):
         exact = Scores({t: e for t, (e, _) in both.items()})
         exact.nll = {t: n for t, (_, n) in both.items()}
         return exact
+
+    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
+                        **routing):
+        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle): each sequence
+        routed from its prompt — the demonstrations and the question, never the gold answer being scored.
+        Returns per-task exact match, the routing report (true task = the skill asked) and the wall seconds."""
+        from submerge.evaluate.generation import collate, teacher_forced
+        from submerge.evaluate.scorers import length_sorted_batches
+        from submerge.routing import RoutingRecorder, attach
+
+        self.cm.load(state)
+        router = attach(self.cm.model, experts, **routing)
+        rec = RoutingRecorder(router)
+        pad = self.cm.tokenizer.pad_token_id
+        t0 = time.perf_counter()
+        res = Scores()
+        res.nll = {}
+        try:
+            for i, t in enumerate(self.names):
+                examples = self.encoded(t, split)
+                exact = np.zeros(len(examples))
+                nll = np.zeros(len(examples))
+                for idx in length_sorted_batches([len(e[0]) for e in examples], self.cfg.eval_batch, 4096):
+                    batch = collate([examples[j] for j in idx], pad)
+                    with router.routing_mask(batch.prompt_mask), (router.oracle(i) if mode == "oracle"
+                                                                   else rec.batch(i)):
+                        e, s, c = teacher_forced(self.cm.model, batch)
+                    exact[idx], nll[idx] = e.numpy(), (s / c).numpy()
+                res[t], res.nll[t] = exact, nll
+        finally:
+            seconds = time.perf_counter() - t0
+            router.detach()
+            self.cm.reset()
+        return res, (rec.report() if mode != "oracle" else None), seconds
 
     def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
         self.cm.load(state)
