@@ -107,7 +107,8 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     assert {r["label"] for r in resumed["rows"] if r.get("kept")} >= {"task_arithmetic (val-tuned)", "ties (default)"}
     assert resumed["per_example"]["finetuned"] == res["per_example"]["finetuned"]
     routed = [r for r in res["rows"] if r["method"] == "esm_pp"]
-    assert {r["setting"] for r in routed} >= {"r=8, route", "r=8, oracle", "r=8, route, gaussian router"}
+    assert {r["setting"] for r in routed} == {"r=8, route", "r=8, oracle", "r=8, route, per token",
+                                              "r=8, route, gaussian router"}
     assert all(0 <= r["routing"]["accuracy"] <= 1 for r in routed if r.get("routing"))
     with pytest.raises(ConfigError, match="not on the LLM suite yet"):
         run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["adamerging"]),

@@ -329,3 +329,40 @@ def test_a_routing_mask_routes_from_the_prompt_only():
         model(x)
     assert rec["0"][0].tolist() == [0]  # pooled over the prompt
     router.detach()
+
+
+def test_per_token_routing_adds_each_tokens_own_expert():
+    """per_token=True: token l gets the expert its own input is closest to; with every token agreeing it is the
+    per-sample result; records count one decision per kept token."""
+    from submerge.routing.experts import ExpertSet, LayerExperts
+    from submerge.routing.runtime import attach
+
+    torch.manual_seed(1)
+    d, T, r = 8, 3, 2
+    base = torch.nn.Linear(d, d)
+    A, B = torch.randn(T, r, d), torch.randn(T, d, r)
+    experts = ExpertSet(["a", "b", "c"], r, {"0": LayerExperts(B, A, torch.eye(d)[:T], bias=torch.randn(T, d))})
+    model = torch.nn.Sequential(base)
+    x = torch.zeros(2, 4, d)
+    owner = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 0]])
+    for b in range(2):
+        for l in range(4):
+            x[b, l, owner[b, l]] = 1.0 + l
+    router = attach(model, experts, per_token=True)
+    with router.recording() as rec:
+        got = model(x)
+    want = base(x) + torch.stack([torch.stack([x[b, l] @ (B[t] @ A[t]).T + experts.layers["0"].bias[t]
+                                               for l, t in enumerate(owner[b].tolist())]) for b in range(2)])
+    torch.testing.assert_close(got, want)
+    assert torch.cat(rec["0"]).tolist() == owner.reshape(-1).tolist()
+    with router.routing_mask(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])), router.recording() as rec:
+        model(x)
+    assert torch.cat(rec["0"]).tolist() == [0, 1, 2]
+    same = torch.zeros(1, 4, d)
+    same[0, :, 1] = torch.arange(1.0, 5.0)
+    per_token = model(same)
+    router.set(per_token=False)
+    torch.testing.assert_close(model(same), per_token)  # every token agrees: the per-sample output
+    with pytest.raises(Exception, match="exclude each other"):
+        router.set(per_token=True, global_routing=True)
+    router.detach()

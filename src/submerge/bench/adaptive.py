@@ -19,9 +19,10 @@ from submerge.methods import get_method
 
 
 def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, static=None) -> list[dict]:
-    """ESM++ rows: experts of rank r on the val-tuned merge of ``host`` (ESM; ``found``: its search if done), routed (and oracle at the largest r),
-    with routing accuracy and the inference time against the static model (``static``: its test scores and
-    seconds when the ESM row already measured them)."""
+    """ESM++ rows: experts of rank r on the val-tuned merge of ``host`` (ESM; ``found``: its search if done),
+    routed (and, at the largest r, oracle, routed per token when the suite asks — ``cfg.esmpp_per_token`` — and
+    each linear router), with routing accuracy and the inference time against the static model (``static``: its
+    test scores and seconds when the ESM row already measured them)."""
     from submerge.routing import build_experts
     from submerge.search import search_alpha
 
@@ -41,18 +42,24 @@ def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, sta
         experts = build_experts(found.state, S.experts, stats, rank=r, tasks=S.names)
         build_s = time.perf_counter() - t0
         ov = experts.overhead(sum(v.numel() for v in S.base.values()))
-        # the cosine rule, the task-id upper bound, then (largest rank) each linear router in turn
-        variants = [("route", None)] + ([("oracle", None)] + [("route", k) for k in S.cfg.esmpp_routers]
-                                        if r == max(S.cfg.esmpp_ranks) else [])
-        for mode, kind in variants:
+        # the cosine rule, the task-id upper bound, (largest rank) per token, then each linear router in turn
+        largest = r == max(S.cfg.esmpp_ranks)
+        per_token = largest and getattr(S.cfg, "esmpp_per_token", False)
+        variants = [("route", None, False)] + ([("oracle", None, False)] if largest else []) \
+            + ([("route", None, True)] if per_token else []) \
+            + ([("route", k, False) for k in S.cfg.esmpp_routers] if largest else [])
+        for mode, kind, token in variants:
             router_s = _add_router(S, found, experts, stats, kind) if kind else 0.0
-            res, report, secs = S.evaluate_routed(found.state, experts, "test", mode)
-            how = "oracle task id" if mode == "oracle" else "routed" + (f", {kind} router" if kind else "")
+            res, report, secs = S.evaluate_routed(found.state, experts, "test", mode,
+                                                  **({"per_token": True} if token else {}))
+            how = "oracle task id" if mode == "oracle" else "routed" + (" per token" if token else "") \
+                + (f", {kind} router" if kind else "")
             label = f"esm_pp r={r} ({how})"
-            params = {"rank": r, "alpha": found.alpha, **({"router": kind} if kind else {})}
-            row, _ = S.test_row("esm_pp", f"r={r}, {mode}" + (f", {kind} router" if kind else ""), params,
-                                found.state, found.alpha, build_s + router_s, label=label, res=res,
-                                reference="oracle" if mode == "oracle" else None)
+            params = {"rank": r, "alpha": found.alpha, **({"router": kind} if kind else {}),
+                      **({"per_token": True} if token else {})}
+            setting = f"r={r}, {mode}" + (", per token" if token else "") + (f", {kind} router" if kind else "")
+            row, _ = S.test_row("esm_pp", setting, params, found.state, found.alpha, build_s + router_s,
+                                label=label, res=res, reference="oracle" if mode == "oracle" else None)
             row["overhead"] = ov
             row["ms_per_example"] = 1000 * secs / n_test
             row["static_ms_per_example"] = 1000 * static_s / n_test
@@ -64,6 +71,7 @@ def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, sta
                   + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
                   + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")
     return rows
+
 
 def _add_router(S: BenchSession, found, experts, stats, kind: str) -> float:
     """Give ``experts`` a linear router (``gaussian``: from the calibration statistics; ``trained``: on each

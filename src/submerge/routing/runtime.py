@@ -13,6 +13,8 @@
   (:mod:`submerge.routing.routers`: Gaussian / trained), ``"cosine"`` always the prototypes.
   ``top_k > 1``: the k most similar experts, weighted by a softmax of their similarities / ``temperature``.
   ``global_routing=True``: the first routed layer of a forward pass decides for all later ones.
+  ``per_token=True``: every token is routed on its own layer input instead of the pooled sequence (in a
+  decoder a position sees only its past, so the decision is causal, as in generation).
 * ``oracle``: the task ids given with :meth:`Router.oracle` (one per sample, or one for all).
 * ``base``: no expert (the static merge).
 
@@ -40,9 +42,11 @@ class RoutingState:
     """Shared by a model's routed layers: mode, the current forward's mask, oracle ids, records."""
 
     def __init__(self, n_tasks: int, mode: str = "route", top_k: int = 1, temperature: float = 0.05,
-                 global_routing: bool = False, rule: str = "auto"):
+                 global_routing: bool = False, rule: str = "auto", per_token: bool = False):
         self.n_tasks = n_tasks
-        self.set(mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule)
+        self.per_token = False
+        self.set(mode=mode, top_k=top_k, temperature=temperature, global_routing=global_routing, rule=rule,
+                 per_token=per_token)
         self.mask: Optional[torch.Tensor] = None
         self.route_mask: Optional[torch.Tensor] = None  # tokens to pool for routing, when not the attention mask
         self.task_ids: Optional[torch.Tensor] = None
@@ -50,7 +54,8 @@ class RoutingState:
         self.records: Optional[dict[str, list[torch.Tensor]]] = None
 
     def set(self, *, mode: Optional[str] = None, top_k: Optional[int] = None, temperature: Optional[float] = None,
-            global_routing: Optional[bool] = None, rule: Optional[str] = None) -> None:
+            global_routing: Optional[bool] = None, rule: Optional[str] = None,
+            per_token: Optional[bool] = None) -> None:
         if rule is not None:
             if rule not in RULES:
                 raise ConfigError(f"routing rule {rule!r}: use one of {list(RULES)}")
@@ -69,6 +74,10 @@ class RoutingState:
             self.temperature = float(temperature)
         if global_routing is not None:
             self.global_routing = bool(global_routing)
+        if per_token is not None:
+            self.per_token = bool(per_token)
+        if self.per_token and self.global_routing:
+            raise ConfigError("per-token routing and global routing exclude each other")
 
 
 def pool_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +110,8 @@ class RoutedLinear(nn.Module):
         self.register_buffer("router_b", None if experts.router_b is None else experts.router_b.float().to(ref.device))
 
     def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample: expert indices ``[B, k]`` and weights ``[B, k]``."""
+        """Per sample: expert indices ``[B, k]`` and weights ``[B, k]`` (per token, ``[B, L, k]``, when routing
+        per token)."""
         st = self.state
         n = x.shape[0]
         if st.mode == "oracle":
@@ -115,14 +125,16 @@ class RoutedLinear(nn.Module):
             return ids[:, None], torch.ones(n, 1, dtype=x.dtype, device=x.device)
         if st.global_routing and st.decision is not None:
             return st.decision
-        pooled = pool_tokens(x, st.route_mask if st.route_mask is not None else st.mask).float()
+        per_token = st.per_token and x.dim() == 3
+        pooled = x.float() if per_token else pool_tokens(x, st.route_mask if st.route_mask is not None
+                                                         else st.mask).float()
         if st.rule != "cosine" and self.router_w is not None:
-            sims = pooled @ self.router_w.T + self.router_b  # a linear router's scores [B, T]
+            sims = pooled @ self.router_w.T + self.router_b  # a linear router's scores [B, (L,) T]
         elif st.rule == "linear":
             raise ConfigError(f"routed layer {self.layer_name}: rule 'linear' but the experts have no router here "
                               f"(submerge.routing.routers.gaussian_router / train_router)")
         else:
-            sims = F.normalize(pooled, dim=-1) @ self.prototypes.T  # cosine to the prototypes [B, T]
+            sims = F.normalize(pooled, dim=-1) @ self.prototypes.T  # cosine to the prototypes [B, (L,) T]
         if st.top_k == 1:
             idx = sims.argmax(-1, keepdim=True)
             w = torch.ones_like(idx, dtype=x.dtype)
@@ -139,6 +151,8 @@ class RoutedLinear(nn.Module):
         if st.mode == "base":
             return y
         idx, w = self.choose(x)
+        if idx.dim() == 3:
+            return y + self._per_token(x, idx, w).to(y.dtype)
         if st.records is not None:
             st.records.setdefault(self.layer_name, []).append(idx[:, 0].detach().cpu())
         xs = x if x.dim() == 3 else x.unsqueeze(1)
@@ -150,6 +164,23 @@ class RoutedLinear(nn.Module):
         if x.dim() == 2:
             out = out.squeeze(1)
         return y + out.to(y.dtype)
+
+    def _per_token(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Every token's own experts: all tasks' rank-r projections of the token (cheap: T·r per token), weighted
+        by the token's routing weights ``[B, L, T]``."""
+        st = self.state
+        if st.records is not None:  # the top-1 choice of every token the routing mask (else attention) keeps
+            keep = st.route_mask if st.route_mask is not None else st.mask
+            top = idx[..., 0]
+            chosen = top[keep.bool()] if keep is not None and tuple(keep.shape) == tuple(top.shape) else top.reshape(-1)
+            st.records.setdefault(self.layer_name, []).append(chosen.detach().cpu())
+        weights = torch.zeros(*idx.shape[:2], self.A.shape[0], dtype=self.A.dtype, device=x.device)
+        weights.scatter_(-1, idx, w.to(self.A.dtype))
+        h = torch.einsum("bld,trd->bltr", x.to(self.A.dtype), self.A)
+        out = torch.einsum("bltr,tor,blt->blo", h, self.B, weights)
+        if self.bias_delta is not None:
+            out = out + torch.einsum("to,blt->blo", self.bias_delta, weights)
+        return out
 
     def extra_repr(self) -> str:
         t, d_out, r = self.B.shape
@@ -186,7 +217,7 @@ class Router:
         return self.experts.tasks
 
     def set(self, **kw) -> None:
-        """Change ``mode``, ``top_k``, ``temperature``, ``global_routing`` or ``rule``."""
+        """Change ``mode``, ``top_k``, ``temperature``, ``global_routing``, ``rule`` or ``per_token``."""
         self.state.set(**kw)
 
     @contextlib.contextmanager
@@ -246,14 +277,15 @@ class Router:
 
 
 def attach(model: nn.Module, experts: ExpertSet, *, mode: str = "route", top_k: int = 1,
-           temperature: float = 0.05, global_routing: bool = False, rule: str = "auto") -> Router:
+           temperature: float = 0.05, global_routing: bool = False, rule: str = "auto",
+           per_token: bool = False) -> Router:
     """Wrap ``model``'s routed linears in place; returns the :class:`Router` (also ``model.submerge_router``).
 
     The model keeps its call signature; an ``attention_mask`` keyword (or a second positional
     tensor of matching shape is *not* guessed) is read by a forward pre-hook for padding-aware pooling."""
     if getattr(model, "submerge_router", None) is not None:
         raise ConfigError("this model already has ESM++ experts attached; call router.detach() first")
-    state = RoutingState(len(experts.tasks), mode, top_k, temperature, global_routing, rule)
+    state = RoutingState(len(experts.tasks), mode, top_k, temperature, global_routing, rule, per_token)
     targets = _resolve_modules(model, list(experts.layers))
     layers: dict[str, RoutedLinear] = {}
     for key, (path, module) in targets.items():

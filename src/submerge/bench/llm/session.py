@@ -48,6 +48,7 @@ class LLMBenchConfig(SuiteConfig):
     eval_batch: int = 32
     esmpp_ranks: list[int] = field(default_factory=lambda: [8])  # ESM++ expert ranks reported
     esmpp_routers: list[str] = field(default_factory=lambda: ["gaussian"])  # beside cosine (trained: encoder only)
+    esmpp_per_token: bool = True   # also a row with every token routed on its own (causal) layer input
 
     @property
     def task_names(self) -> list[str]:
