@@ -82,7 +82,7 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
 
     cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"],
                          methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher", "consensus_ta", "tall_masks",
-                                  "esm", "esm_pp"],
+                                  "esm", "esm_pp", "adamerging"],
                          n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
                          cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4, fisher_n=4)
     res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)
@@ -110,8 +110,11 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     assert {r["setting"] for r in routed} == {"r=8, route", "r=8, oracle", "r=8, route, per token",
                                               "r=8, route, gaussian router"}
     assert all(0 <= r["routing"]["accuracy"] <= 1 for r in routed if r.get("routing"))
+    assert {r["label"] for r in res["rows"] if r["method"] == "adamerging"} == {
+        "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging++ (layer-wise)"}
     with pytest.raises(ConfigError, match="not on the LLM suite yet"):
-        run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"], methods=["adamerging"]),
+        run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"],
+                                                        methods=["task_arithmetic+surgery"]),
                       backbone=tiny_chat_folder)
 
 

@@ -161,18 +161,6 @@ def tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> t
     return [row], test_correct
 
 
-def _val_batches(S: BenchSession) -> list[list[dict]]:
-    """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted)."""
-    from submerge.evaluate.scorers import length_sorted_batches
-
-    bb = S.bb
-    out = []
-    for t in S.tasks:
-        texts = S.splits[t.name].val[0]
-        out.append([dict(bb.tokenize([texts[i] for i in idx]))
-                    for idx in length_sorted_batches(bb.token_lengths(texts), 16, 16 * bb.max_len)])
-    return out
-
 def surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct: dict, t0: float,
                   alpha: Optional[float] = None) -> tuple[list[dict], dict]:
     """Representation Surgery on ``method``'s val-tuned merge: per task a rank-16 module trained (Adam, L1, the
@@ -191,7 +179,7 @@ def surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct
     else:  # the state the search returned at that scale
         state = affine_path(method, S.base, S.experts, params, stats=stats, random_seed=S.cfg.seed)(alpha, copy=True)
     bb = S.bb
-    batches = _val_batches(S)
+    batches = S.unlabeled_batches()
     bb.load(state)
     merged = [representations(bb.model, b) for b in batches]
     targets = []
@@ -240,26 +228,21 @@ ADAMERGING_VARIANTS = (("adamerging (task-wise)", "task", False), ("adamerging (
 
 def adamerging_rows(S: BenchSession, test_correct: dict) -> tuple[list[dict], dict]:
     """AdaMerging task-wise, layer-wise and AdaMerging++ layer-wise: coefficients learned by entropy minimisation
-    on each task's *unlabeled validation* inputs (batches of 16, length-sorted, visited in a seeded order),
-    through each task's frozen head; then one test scoring per variant."""
-    from submerge.evaluate.scorers import mean_pooled
+    on each task's *unlabeled validation* inputs (the session's ``unlabeled_batches``, visited in a seeded
+    order), through the session's ``task_logits`` (the encoder suite: each task's frozen head; the LLM suite: the
+    next-token distribution where the answer starts); then one test scoring per variant."""
     from submerge.methods.adamerging import learn, merge_with
 
-    cfg, bb = S.cfg, S.bb
-    scale = cfg.recipe.logit_scale
-    inputs = _val_batches(S)
-    heads = [S.heads[n] for n in S.names]
-
-    def logits(forward, t: int, batch) -> torch.Tensor:
-        return scale * mean_pooled(forward, batch) @ heads[t].T
+    cfg = S.cfg
+    inputs = S.unlabeled_batches()
 
     rows = []
     for label, granularity, ties in ADAMERGING_VARIANTS:
         t0 = time.perf_counter()
-        coef = learn(bb.model, S.base, S.experts, inputs, logits, tasks=S.names, names=list(S.base),
+        coef = learn(S.model, S.base, S.experts, inputs, S.task_logits, tasks=S.names, names=list(S.base),
                      granularity=granularity, ties=ties, steps=cfg.adamerging_steps, lr=cfg.adamerging_lr,
                      seed=cfg.seed)
-        bb.reset()
+        S.reset()
         state = merge_with(S.base, S.experts, coef)
         params = {"granularity": granularity, "ties_density": coef.ties_density, "init": 0.3,
                   "steps": cfg.adamerging_steps, "lr": cfg.adamerging_lr,

@@ -37,7 +37,8 @@ SURGERY_ROWS = ("task_arithmetic+surgery", "tsv+surgery", "esm+surgery")
 
 
 # Settings read by one method only: they key that method's cached rows, not the others'
-METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr"), "esm_pp": ("esmpp_routers",)}
+METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr"),
+                   "esm_pp": ("esmpp_routers", "esmpp_per_token")}
 
 
 def split_row_name(name: str) -> tuple[str, Optional[str]]:

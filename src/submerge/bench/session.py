@@ -408,6 +408,25 @@ class BenchSession(SuiteSession):
     def reset(self) -> None:
         self.bb.reset()
 
+    def unlabeled_batches(self) -> list[list[dict]]:
+        """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted): AdaMerging's and
+        Surgery's inputs."""
+        from submerge.evaluate.scorers import length_sorted_batches
+
+        bb = self.bb
+        out = []
+        for t in self.tasks:
+            texts = self.splits[t.name].val[0]
+            out.append([dict(bb.tokenize([texts[i] for i in idx]))
+                        for idx in length_sorted_batches(bb.token_lengths(texts), 16, 16 * bb.max_len)])
+        return out
+
+    def task_logits(self, forward, t: int, batch: dict) -> torch.Tensor:
+        """Task ``t``'s class logits through its frozen head, the model called as ``forward`` (AdaMerging)."""
+        from submerge.evaluate.scorers import mean_pooled
+
+        return self.cfg.recipe.logit_scale * mean_pooled(forward, batch) @ self.heads[self.names[t]].T
+
     def calibration_batch(self, i: int, split: str, n: int, seed: int) -> dict:
         """Task ``i``'s calibration inputs: ``n`` unlabeled texts of ``split`` (a seeded sample), one padded batch."""
         texts, _ = self.sample(self.tasks[i].name, split, n, seed)

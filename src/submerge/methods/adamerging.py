@@ -191,7 +191,11 @@ def learn(
     opt = torch.optim.Adam([raw], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(len(b), generator=gen).tolist() for b in inputs]
-    fixed = {k: v for k, v in model.state_dict().items() if k not in theta0}
+    state = model.state_dict()
+    # tensors kept at the model's values, less any tied to a merged one (a chat model's output head is its input
+    # embedding: functional_call ties them back itself, and would refuse two values for one tensor)
+    merged_storage = {state[n].data_ptr() for n in names if n in state}
+    fixed = {k: v for k, v in state.items() if k not in theta0 and v.data_ptr() not in merged_storage}
     history: list[float] = []
 
     def merged(lam: torch.Tensor) -> dict[str, torch.Tensor]:

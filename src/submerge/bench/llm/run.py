@@ -23,14 +23,13 @@ from submerge.bench.run import check_results_folder, method_table, results_body,
 from submerge.device import busy_note
 from submerge.errors import ConfigError
 from submerge.io.ledger import one_run
-from submerge.methods import get_method
 
 # Every static method family that can merge the experts, with its LiNeS row, TALL masks (per-task models with the
-# task id) and ESM++ (routed per sequence from its prompt); the learned (AdaMerging) and surgery rows are not on
+# task id), ESM++ (routed per sequence from its prompt, and per token) and AdaMerging; the surgery rows are not on
 # this suite yet.
 LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
                "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
-               "fisher", "regmean", "esm", "esm_pp", "tall_masks")
+               "fisher", "regmean", "esm", "esm_pp", "tall_masks", "adamerging")
 
 
 def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
@@ -38,12 +37,9 @@ def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
     refused by name, with the reason."""
     methods = applicable_methods(n_tasks, names or list(LLM_METHODS))
     for row in methods:
-        name, post = split_row_name(row)
-        m = get_method(name)
-        if post == "surgery" or m.evaluation == "learned":
-            raise ConfigError(f"{row}: not on the LLM suite yet (it runs static merges, +lines, calibration- and "
-                              f"Fisher-based methods, TALL masks and ESM++; learned and surgery rows are "
-                              f"encoder-suite only)")
+        if split_row_name(row)[1] == "surgery":
+            raise ConfigError(f"{row}: not on the LLM suite yet (Representation Surgery reads an encoder's token "
+                              f"representations; every other row runs here)")
     return methods
 
 

@@ -49,6 +49,8 @@ class LLMBenchConfig(SuiteConfig):
     esmpp_ranks: list[int] = field(default_factory=lambda: [8])  # ESM++ expert ranks reported
     esmpp_routers: list[str] = field(default_factory=lambda: ["gaussian"])  # beside cosine (trained: encoder only)
     esmpp_per_token: bool = True   # also a row with every token routed on its own (causal) layer input
+    adamerging_steps: int = 20     # AdaMerging: Adam steps (one batch of 8 questions per skill each) on val prompts
+    adamerging_lr: float = 5e-3
 
     @property
     def task_names(self) -> list[str]:
@@ -238,6 +240,30 @@ class LLMSession(SuiteSession):
 
     def reset(self) -> None:
         self.cm.reset()
+
+    def unlabeled_batches(self, batch_size: int = 8) -> list[list[dict]]:
+        """Per skill, its validation questions (with their demonstrations, without answers) as left-padded
+        batches, length-sorted: AdaMerging's unlabeled inputs."""
+        from submerge.evaluate.generation import prompt_ids
+        from submerge.evaluate.scorers import length_sorted_batches
+
+        pad = self.cm.tokenizer.pad_token_id
+        out = []
+        for t in self.names:
+            heads = [prompt_ids(self.cm.tokenizer, q.prompt, shots=q.shots) for q in self.splits[t].val]
+            batches = []
+            for idx in length_sorted_batches([len(h) for h in heads], batch_size, 1 << 30):
+                width = max(len(heads[i]) for i in idx)
+                mask = torch.tensor([[0] * (width - len(heads[i])) + [1] * len(heads[i]) for i in idx])
+                batches.append({"input_ids": torch.tensor([[pad] * (width - len(heads[i])) + heads[i] for i in idx]),
+                                "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+            out.append(batches)
+        return out
+
+    def task_logits(self, forward, t: int, batch: dict) -> torch.Tensor:
+        """The next-token logits where the answer starts (the last, left-padded, prompt position): AdaMerging
+        minimises their entropy."""
+        return forward(**batch, logits_to_keep=1).logits[:, -1].float()
 
     def calibration_batch(self, i: int, split: str, n: int, seed: int) -> dict:
         """Skill ``i``'s calibration inputs: ``n`` whole conversations (demonstrations, question and gold answer)
