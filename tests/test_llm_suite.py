@@ -159,3 +159,21 @@ def test_every_setting_that_changes_a_question_keys_the_caches(tiny_chat_folder,
         keys.add(tuple(S.expert_keys))
     assert len(keys) == 5
     assert len(list((tmp_path / "cache" / "experts").iterdir())) == 10
+
+
+def test_micro_batches_give_the_batch_gradient(tiny_chat_folder, tmp_path):
+    """A recipe with micro-batches trains the same expert as one pass per batch (the same mean loss, gradients
+    accumulated), up to float rounding."""
+    from submerge.bench.llm.backbone import ChatModel
+    from submerge.bench.llm.finetune import LLMRecipe, train_expert
+
+    cm = ChatModel(tiny_chat_folder)
+    sp = LLM_TASKS["echo_first"].split(0, 40, 10, 10)
+    whole = train_expert(cm, sp.train, LLMRecipe(kind="full", steps=3, lr=1e-3, batch_size=8), 0, tmp_path / "a",
+                         quiet=True)
+    split = train_expert(cm, sp.train, LLMRecipe(kind="full", steps=3, lr=1e-3, batch_size=8, micro_batch=3), 0,
+                         tmp_path / "b", quiet=True)
+    changed = [k for k in whole if not torch.equal(whole[k], cm.pretrained[k])]
+    assert changed
+    for k in changed:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6)

@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class BenchConfig(SuiteConfig):
                     methods=list(QUICK_METHODS), search="coarse", multitask=False, esmpp_ranks=[8])
         base.update(kw)
         return cls(**base)
+
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation above ``threshold`` bytes by its own mmap, returned to the kernel when freed (glibc's
+    default threshold grows with what was freed, so buffers of ever-changing sizes — a fine-tuning batch of
+    questions of another length at every step — pile up in the heap: an LLM-suite session reached 24 GB and was
+    killed, with about 11 GB alive).  Linux with glibc only; ``MALLOC_*`` variables set by the user win."""
+    if not platform.system() == "Linux" or any(k.startswith("MALLOC_") for k in os.environ) \
+            or "GLIBC_TUNABLES" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD (also fixes it: no growth)
+    except (OSError, AttributeError):
+        pass
+
 
 def release_memory() -> None:
     """Hand freed heap back to the OS.  glibc keeps freed blocks of torch's CPU tensors in its arenas (its mmap

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +40,9 @@ class LLMRecipe:
     steps: int = 40  # 640 answers seen; on 2 CPU cores a step of 16 one-shot questions takes ~7.5 s
     batch_size: int = 16
     weight_decay: float = 0.0
+    # None: each batch in one pass; k: gradients accumulated over micro-batches of k questions (the same mean loss,
+    # a fraction of the activation memory: 16 four-shot sentiment questions took ~20 GB here in one pass)
+    micro_batch: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in ("lora", "full"):
@@ -52,8 +55,11 @@ class LLMRecipe:
 
 def expert_key(cm: ChatModel, task_fingerprints: Sequence[str], n_train: int, recipe: LLMRecipe, seed: int,
                shots: int) -> str:
+    recipe_key = asdict(recipe)
+    if recipe.micro_batch is None:  # added later: experts trained before it keep their keys
+        del recipe_key["micro_batch"]
     blob = json.dumps({"backbone": cm.fingerprint, "tasks": list(task_fingerprints), "n": n_train,
-                       "recipe": asdict(recipe), "seed": seed, "shots": shots}, sort_keys=True)
+                       "recipe": recipe_key, "seed": seed, "shots": shots}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -111,9 +117,19 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
     pad = cm.tokenizer.pad_token_id
     try:
         for idx in tqdm(_batches(len(encoded), recipe, seed), desc=desc, disable=quiet, dynamic_ncols=True):
-            loss = answer_loss(model, collate([encoded[i] for i in idx], pad))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if recipe.micro_batch is None:
+                loss = answer_loss(model, collate([encoded[i] for i in idx], pad))
+                loss.backward()
+            else:  # the batch's mean answer-token loss, accumulated over micro-batches (less activation memory)
+                parts = [collate([encoded[i] for i in idx[j:j + recipe.micro_batch]], pad)
+                         for j in range(0, len(idx), recipe.micro_batch)]
+                n_tokens = sum(int(b.targets.numel()) for b in parts)
+                loss = torch.zeros(())
+                for b in parts:
+                    part = answer_loss(model, b) * (b.targets.numel() / n_tokens)
+                    part.backward()
+                    loss += part.detach()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()

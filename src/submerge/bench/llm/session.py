@@ -24,7 +24,7 @@ from submerge.bench.evaluate import pack_correct, unpack_correct
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task
-from submerge.bench.session import SuiteConfig, SuiteSession, release_memory
+from submerge.bench.session import SuiteConfig, SuiteSession, bound_heap, release_memory
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
 
@@ -69,6 +69,7 @@ class LLMSession(SuiteSession):
     def __init__(self, cfg: Optional[LLMBenchConfig] = None, path: Optional[str | Path] = None):
         cfg = self.cfg = cfg or LLMBenchConfig()
         self.t_start = time.perf_counter()
+        bound_heap()
         self.cache = cache_folder("llm", cfg.cache_dir)
         say = self.say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
         self.cm = ChatModel(path, cfg.cache_dir)
