@@ -9,6 +9,7 @@ encoder scored with every task's own head.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -18,7 +19,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -151,7 +152,45 @@ class SuiteSession:
     session provides ``t_start``, ``names``, ``tasks``, ``cfg``, ``base``, ``experts``, ``say``,
     ``reference_scores(which, split)``, ``evaluate(state, split)`` (per task, per-example 0/1 arrays),
     ``task_correct(state, i, split)``, ``ft_val_mean``, ``fingerprint``, ``test_size(task)``, ``_stats``, and
-    ``model`` / ``load(state)`` / ``reset()`` / ``calibration_batch(i, split, n, seed)`` for the statistics."""
+    ``backbone`` (its model with ``load(state)`` / ``reset()``) and ``calibration_batch(i, split, n, seed)``."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backbone.model
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.load(state)
+
+    def reset(self) -> None:
+        self.backbone.reset()
+
+    @contextlib.contextmanager
+    def loaded(self, state: Optional[dict[str, torch.Tensor]]) -> Iterator[torch.nn.Module]:
+        """The model with ``state`` loaded (None: the pre-trained weights), reset to them afterwards whatever
+        happens inside."""
+        if state is not None:
+            self.load(state)
+        try:
+            yield self.model
+        finally:
+            self.reset()
+
+    def stored_scores(self, key: dict, n: int, compute: Callable[[], tuple[np.ndarray, dict]],
+                      note: dict) -> tuple[np.ndarray, dict]:
+        """A reference model's per-example correctness on ``n`` examples, kept on disk under the session's
+        cache (``scores/``, named by a hash of ``key``): read when there, else ``compute()`` -> (correctness,
+        extra JSON fields) and written with ``note``.  Returns the correctness and the stored fields."""
+        blob = json.dumps(key, sort_keys=True)
+        path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+        hit = json.loads(path.read_text()) if path.exists() else None
+        if hit is not None and hit.get("n") == n:
+            return unpack_correct(hit["correct"], n), hit
+        correct_, extra = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"n": n, "correct": pack_correct(correct_), **extra, **note}))
+        tmp.replace(path)
+        return correct_, extra
 
     def clock(self) -> str:
         """Wall time since the session started (m:ss) and the resident memory now and at its peak."""
@@ -193,14 +232,10 @@ class SuiteSession:
             out = []
             for i, (t, expert) in enumerate(zip(self.tasks, self.experts)):
                 batch = self.calibration_batch(i, split, n, seed)
-                if source == "finetuned":
-                    self.load(expert)
-                try:
-                    out.append(collect_stats(self.model, [batch], progress=False,
+                with self.loaded(expert if source == "finetuned" else None) as model:
+                    out.append(collect_stats(model, [batch], progress=False,
                                              info={"task": t.name, "n_inputs": len(batch["input_ids"]),
                                                    "split": split, "source": source}))
-                finally:
-                    self.reset()
             self._stats[key] = out
             release_memory()  # the unpacked accumulators' pages, between the kept statistics
         return self._stats[key]
@@ -317,24 +352,16 @@ class BenchSession(SuiteSession):
             texts, labels = getattr(self.splits[t.name], split)
             head = self.heads[t.name]
             model = "zeroshot" if which == "zeroshot" else self.expert_keys[i]
-            blob = json.dumps({"backbone": self.bb.fingerprint, "task": t.fingerprint(), "model": model,
-                               "split": split, "n": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
-                               "max_len": self.bb.max_len,
-                               "head": hashlib.sha256(head.numpy().tobytes()).hexdigest()}, sort_keys=True)
-            path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
-            hit = json.loads(path.read_text()) if path.exists() else None
-            if hit is not None and hit.get("n") == len(texts):
-                out[t.name] = unpack_correct(hit["correct"], len(texts))
-                continue
-            if which == "finetuned":
-                self.bb.load(self.experts[i])
-            out[t.name] = correct(self.bb, texts, labels, head)
-            self.bb.reset()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"n": len(texts), "correct": pack_correct(out[t.name]), "task": t.name,
-                                       "model": model, "split": split}))
-            tmp.replace(path)
+            key = {"backbone": self.bb.fingerprint, "task": t.fingerprint(), "model": model,
+                   "split": split, "n": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
+                   "max_len": self.bb.max_len, "head": hashlib.sha256(head.numpy().tobytes()).hexdigest()}
+
+            def compute(i=i, texts=texts, labels=labels, head=head):
+                with self.loaded(self.experts[i] if which == "finetuned" else None):
+                    return correct(self.bb, texts, labels, head), {}
+
+            out[t.name], _ = self.stored_scores(key, len(texts), compute,
+                                                {"task": t.name, "model": model, "split": split})
         self._scores[(which, split)] = out
         return out
 
@@ -399,11 +426,8 @@ class BenchSession(SuiteSession):
     def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
         """Per-example correctness of ``state`` on task ``i``'s ``split`` only."""
         t = self.tasks[i]
-        self.bb.load(state)
-        try:
+        with self.loaded(state):
             return correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
-        finally:
-            self.bb.reset()
 
     @property
     def fingerprint(self) -> str:
@@ -414,14 +438,8 @@ class BenchSession(SuiteSession):
         return len(self.splits[task].test[0])
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.bb.model
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.bb.load(state)
-
-    def reset(self) -> None:
-        self.bb.reset()
+    def backbone(self):
+        return self.bb
 
     def unlabeled_batches(self) -> list[list[dict]]:
         """Per task, its validation texts as unlabeled token batches (16 texts, length-sorted): AdaMerging's and

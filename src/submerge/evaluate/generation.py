@@ -11,11 +11,12 @@ pass).  Exact match is in token space: the gold answer's own tokenization must b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -93,6 +94,15 @@ def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> AnswerBat
     return AnswerBatch(ids, mask, prompt, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 
+def left_padded(heads: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch (generation continues every row at the same last column):
+    ``(input_ids, attention_mask)``."""
+    width = max(map(len, heads))
+    ids = torch.tensor([[pad] * (width - len(h)) + list(h) for h in heads])
+    mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
+    return ids, mask
+
+
 def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """The next-token logits at every answer position (``[n answer tokens, vocabulary]``, float32).  The
     decoder runs on the whole batch; only the answer positions go through the output head, unless the model
@@ -130,9 +140,12 @@ def teacher_forced(model: torch.nn.Module, batch: AnswerBatch) -> tuple[torch.Te
 
 def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str],
                   system: Optional[str] = None, batch_size: int = 32, max_tokens: int = 4096,
-                  encoded: Optional[list[tuple[list[int], int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  encoded: Optional[list[tuple[list[int], int]]] = None,
+                  around: Optional[Callable[[AnswerBatch], ContextManager]] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, exact match (bool) and mean answer-token NLL, in input order; batches sorted by length.
-    ``encoded``: the examples already through :func:`answer_example`."""
+    ``encoded``: the examples already through :func:`answer_example`; ``around(batch)``: a context each batch is
+    scored in (ESM++'s routing mask)."""
     examples = encoded if encoded is not None else [answer_example(tokenizer, p, a, system)
                                                      for p, a in zip(prompts, answers)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
@@ -142,7 +155,9 @@ def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], ans
     model.eval()
     try:
         for idx in length_sorted_batches([len(e[0]) for e in examples], batch_size, max_tokens):
-            e, s, c = teacher_forced(model, collate([examples[i] for i in idx], pad))
+            batch = collate([examples[i] for i in idx], pad)
+            with around(batch) if around is not None else contextlib.nullcontext():
+                e, s, c = teacher_forced(model, batch)
             exact[idx] = e
             nll[idx] = s / c
     finally:
@@ -164,9 +179,8 @@ def generate_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
         for i in range(0, len(prompts), batch_size):
             heads = [prompt_ids(tokenizer, p, system, shots[j] if shots is not None else ())
                      for j, p in enumerate(prompts[i:i + batch_size], start=i)]
-            width = max(map(len, heads))
-            ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
-            mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
+            ids, mask = left_padded(heads, pad)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=end_of_turn_id(tokenizer), pad_token_id=pad)
             out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)

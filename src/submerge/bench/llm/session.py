@@ -10,8 +10,7 @@ one teacher-forced pass per batch (:mod:`submerge.evaluate.generation`).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from submerge.bench.evaluate import pack_correct, unpack_correct
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task
@@ -129,63 +127,52 @@ class LLMSession(SuiteSession):
                                             for q in getattr(self.splits[task], split)]
         return self._encoded[(task, split)]
 
-    def _score_task(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = getattr(self.splits[task], split)
-        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, [q.prompt for q in rows], [q.answer for q in rows],
-                                   batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split))
+    def _score_task(self, task: str, split: str, around=None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact match and answer NLL per question of ``task``'s ``split``, by the model as it is now loaded."""
+        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, None, None, batch_size=self.cfg.eval_batch,
+                                   encoded=self.encoded(task, split), around=around)
         return exact.numpy().astype(np.float64), nll.numpy()
+
+    def _scores_of(self, split: str, around=None) -> "Scores":
+        both = {t: self._score_task(t, split, around(i) if around is not None else None)
+                for i, t in enumerate(self.names)}
+        out = Scores({t: e for t, (e, _) in both.items()})
+        out.nll = {t: n for t, (_, n) in both.items()}
+        return out
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
         """Per task, per-example exact match of ``state`` on ``split`` (with the NLLs: :class:`Scores`)."""
-        self.cm.load(state)
-        try:
-            both = {t: self._score_task(t, split) for t in self.names}
-        finally:
-            self.cm.reset()
-        exact = Scores({t: e for t, (e, _) in both.items()})
-        exact.nll = {t: n for t, (_, n) in both.items()}
-        return exact
+        with self.loaded(state):
+            return self._scores_of(split)
 
     def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
                         **routing):
         """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle): each sequence
         routed from its prompt — the demonstrations and the question, never the gold answer being scored.
         Returns per-task exact match, the routing report (true task = the skill asked) and the wall seconds."""
-        from submerge.evaluate.generation import collate, teacher_forced
-        from submerge.evaluate.scorers import length_sorted_batches
         from submerge.routing import RoutingRecorder, attach
 
-        self.cm.load(state)
-        router = attach(self.cm.model, experts, **routing)
-        rec = RoutingRecorder(router)
-        pad = self.cm.tokenizer.pad_token_id
-        t0 = time.perf_counter()
-        res = Scores()
-        res.nll = {}
-        try:
-            for i, t in enumerate(self.names):
-                examples = self.encoded(t, split)
-                exact = np.zeros(len(examples))
-                nll = np.zeros(len(examples))
-                for idx in length_sorted_batches([len(e[0]) for e in examples], self.cfg.eval_batch, 4096):
-                    batch = collate([examples[j] for j in idx], pad)
-                    with router.routing_mask(batch.prompt_mask), (router.oracle(i) if mode == "oracle"
-                                                                   else rec.batch(i)):
-                        e, s, c = teacher_forced(self.cm.model, batch)
-                    exact[idx], nll[idx] = e.numpy(), (s / c).numpy()
-                res[t], res.nll[t] = exact, nll
-        finally:
-            seconds = time.perf_counter() - t0
-            router.detach()
-            self.cm.reset()
+        with self.loaded(state) as model:
+            router = attach(model, experts, **routing)
+            rec = RoutingRecorder(router)
+
+            @contextlib.contextmanager
+            def routed(i: int, batch):
+                with router.routing_mask(batch.prompt_mask), (router.oracle(i) if mode == "oracle"
+                                                              else rec.batch(i)):
+                    yield
+
+            t0 = time.perf_counter()
+            try:
+                res = self._scores_of(split, around=lambda i: (lambda batch: routed(i, batch)))
+            finally:
+                seconds = time.perf_counter() - t0
+                router.detach()
         return res, (rec.report() if mode != "oracle" else None), seconds
 
     def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
-        self.cm.load(state)
-        try:
+        with self.loaded(state):
             return self._score_task(self.names[i], split)[0]
-        finally:
-            self.cm.reset()
 
     def reference_scores(self, which: str, split: str) -> dict[str, np.ndarray]:
         """Per-example exact match of the base (``"zeroshot"``) or each skill's expert on its own skill
@@ -195,27 +182,18 @@ class LLMSession(SuiteSession):
         out, nll = Scores(), {}
         for i, t in enumerate(self.tasks):
             model = "base" if which == "zeroshot" else self.expert_keys[i]
-            n = len(getattr(self.splits[t.name], split))
-            blob = json.dumps({"backbone": self.fingerprint, "task": t.fingerprint(), "model": model, "split": split,
-                               "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
-                               "shots": self.cfg.shots}, sort_keys=True)
-            path = self.cache / "scores" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
-            hit = json.loads(path.read_text()) if path.exists() else None
-            if hit is not None and hit.get("n") == n:
-                out[t.name] = unpack_correct(hit["correct"], n)
-                nll[t.name] = np.asarray(hit["nll"])
-                continue
-            if which == "finetuned":
-                self.cm.load(self.experts[i])
-            try:
-                out[t.name], nll[t.name] = self._score_task(t.name, split)
-            finally:
-                self.cm.reset()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"n": n, "correct": pack_correct(out[t.name]), "nll": nll[t.name].tolist(),
-                                       "task": t.name, "model": model, "split": split}))
-            tmp.replace(path)
+            key = {"backbone": self.fingerprint, "task": t.fingerprint(), "model": model, "split": split,
+                   "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
+                   "shots": self.cfg.shots}
+
+            def compute(i=i, task=t.name):
+                with self.loaded(self.experts[i] if which == "finetuned" else None):
+                    exact, losses = self._score_task(task, split)
+                return exact, {"nll": losses.tolist()}
+
+            out[t.name], stored = self.stored_scores(key, len(getattr(self.splits[t.name], split)), compute,
+                                                     {"task": t.name, "model": model, "split": split})
+            nll[t.name] = np.asarray(stored["nll"])
         out.nll = nll
         self._scores[(which, split)] = out
         return out
@@ -233,19 +211,13 @@ class LLMSession(SuiteSession):
 
     # ------------------------------------------------------------------ statistics
     @property
-    def model(self) -> torch.nn.Module:
-        return self.cm.model
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.cm.load(state)
-
-    def reset(self) -> None:
-        self.cm.reset()
+    def backbone(self) -> ChatModel:
+        return self.cm
 
     def unlabeled_batches(self, batch_size: int = 8) -> list[list[dict]]:
         """Per skill, its validation questions (with their demonstrations, without answers) as left-padded
         batches, length-sorted: AdaMerging's unlabeled inputs."""
-        from submerge.evaluate.generation import prompt_ids
+        from submerge.evaluate.generation import left_padded, prompt_ids
         from submerge.evaluate.scorers import length_sorted_batches
 
         pad = self.cm.tokenizer.pad_token_id
@@ -254,10 +226,9 @@ class LLMSession(SuiteSession):
             heads = [prompt_ids(self.cm.tokenizer, q.prompt, shots=q.shots) for q in self.splits[t].val]
             batches = []
             for idx in length_sorted_batches([len(h) for h in heads], batch_size, 1 << 30):
-                width = max(len(heads[i]) for i in idx)
-                mask = torch.tensor([[0] * (width - len(heads[i])) + [1] * len(heads[i]) for i in idx])
-                batches.append({"input_ids": torch.tensor([[pad] * (width - len(heads[i])) + heads[i] for i in idx]),
-                                "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+                ids, mask = left_padded([heads[i] for i in idx], pad)
+                batches.append({"input_ids": ids, "attention_mask": mask,
+                                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
             out.append(batches)
         return out
 
@@ -269,13 +240,12 @@ class LLMSession(SuiteSession):
     def calibration_batch(self, i: int, split: str, n: int, seed: int) -> dict:
         """Skill ``i``'s calibration inputs: ``n`` whole conversations (demonstrations, question and gold answer)
         of ``split`` (a seeded sample), one right-padded batch."""
+        from submerge.evaluate.generation import collate
+
         rows = self.encoded(self.names[i], split)
         idx = np.random.default_rng(seed).permutation(len(rows))[:n]
-        seqs = [rows[j][0] for j in idx]
-        width = max(map(len, seqs))
-        pad = self.cm.tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-                "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
+        batch = collate([rows[j] for j in idx], self.cm.tokenizer.pad_token_id)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
     def fisher(self, n: Optional[int] = None, kind: Optional[str] = None, split: str = "train", seed: int = 0) -> list:
         """Per skill, the diagonal empirical Fisher of its expert: the squared gradient of the gold answer's
@@ -299,14 +269,11 @@ class LLMSession(SuiteSession):
             for t, expert in zip(self.tasks, self.experts):
                 rows = self.encoded(t.name, split)
                 idx = np.random.default_rng(seed).permutation(len(rows))[:n]
-                self.cm.load(expert)
-                try:
-                    out.append(fisher_diagonal(self.cm.model, [rows[i] for i in idx], log_likelihood,
+                with self.loaded(expert) as model:
+                    out.append(fisher_diagonal(model, [rows[i] for i in idx], log_likelihood,
                                                kind="empirical", labels=[0] * len(idx),
                                                params=self.cm.trainable_names(), progress=False,
                                                info={"task": t.name, "split": split, "n": len(idx)}))
-                finally:
-                    self.cm.reset()
             release_memory()
             self._stats[key] = out
         return self._stats[key]
