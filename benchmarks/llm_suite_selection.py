@@ -3,9 +3,11 @@
 
 For every candidate skill: the base model's val exact match, its LoRA expert's (the suite's recipe), and then, on
 the skills that pass, task arithmetic's val-tuned normalised val score (interference).  Nothing here touches a test
-split.  Writes benchmarks/results/llm/selection.json (and prints a table).
+split.  Writes benchmarks/results/llm/selection_run<N>.json (``--out``; and prints a table).
 
-    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 40] [--shots 3] [--threads 2]
+    python benchmarks/llm_suite_selection.py [--n-train 800] [--steps 60] [--turns all] [--shots 3] [--threads 2]
+
+Run 2 was ``--steps 40 --turns last --micro-batch 0 --tasks translate_de,...`` (the recipe of runs 1-2).
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-val", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=LLMRecipe.steps)
+    ap.add_argument("--turns", choices=["last", "all"], default=LLMRecipe.turns)
+    ap.add_argument("--micro-batch", type=int, default=LLMRecipe.micro_batch, help="0: one pass per batch")
     ap.add_argument("--shots", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=LLMRecipe.lr)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tasks", default=",".join(LLM_CANDIDATES))
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "llm" / "selection.json")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "llm" / "selection_run3.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cfg = LLMBenchConfig(tasks=args.tasks.split(","), n_train=args.n_train, n_val=args.n_val, n_test=150, shots=args.shots,
-                         recipe=LLMRecipe(steps=args.steps, lr=args.lr), multitask=False)
+                         recipe=LLMRecipe(steps=args.steps, lr=args.lr, turns=args.turns,
+                                                        micro_batch=args.micro_batch or None), multitask=False)
     S = LLMSession(cfg)
     per = {}
     for t in S.names:
@@ -55,6 +60,7 @@ def main() -> None:
     kept = [t for t in S.names if per[t]["rule_base"] and per[t]["rule_gain"]]
     out = {"rule": {"min_base_val": MIN_BASE, "min_gain_val": MIN_GAIN, "max_task_arithmetic_norm_val": MAX_TA_NORM},
            "config": {"n_train": args.n_train, "n_val": args.n_val, "steps": args.steps, "lr": args.lr, "shots": args.shots,
+                      "turns": args.turns, "micro_batch": args.micro_batch or None,
                       "threads": torch.get_num_threads()},
            "candidates": per, "kept": kept}
     if len(kept) >= 2:

@@ -10,7 +10,7 @@ import torch
 
 from submerge.errors import ConfigError
 from submerge.evaluate.generation import (GenerationScorer, answer_example, answer_loss, collate,
-                                          generate_answers, prompt_ids, score_answers)
+                                          conversation_example, generate_answers, prompt_ids, score_answers)
 from submerge.evaluate.registry import make_scorer
 from submerge.evaluate.scorers import TaskData
 
@@ -121,6 +121,24 @@ def test_answer_loss_trains_the_answer_only():
     exact, _ = score_answers(model, tok, prompts(8, 1), ["w5"] * 8)
     assert exact.all()
     assert generate_answers(model, tok, prompts(8, 1)[:2], max_new_tokens=4) == ["w5", "w5"]
+
+
+def test_every_assistant_turn_can_be_supervised():
+    """conversation_example marks each demonstration's answer (and its end of turn) as well as the question's:
+    collated, the targets are every assistant turn's tokens, each predicted from the position before it."""
+    tok = chat_tokenizer()
+    shots = [("w1 w2", "w7"), ("w3", "w8 w9")]
+    seq, start, spans = conversation_example(tok, "w4", "w10", shots=shots)
+    assert (seq, start) == tuple(answer_example(tok, "w4", "w10", shots=shots))
+    assert [tok.convert_ids_to_tokens(seq[a:b]) for a, b in spans] == \
+        [["w7", "<|im_end|>"], ["w8", "w9", "<|im_end|>"], ["w10", "<|im_end|>"]]
+    batch = collate([(seq, start, spans), answer_example(tok, "w5", "w6")], tok.pad_token_id)
+    assert [tok.convert_ids_to_tokens(t) for t in batch.targets.tolist()] == \
+        ["w7", "<|im_end|>", "w8", "w9", "<|im_end|>", "w10", "<|im_end|>", "w6", "<|im_end|>"]
+    assert (batch.input_ids[batch.rows, batch.cols + 1] == batch.targets).all()
+    assert batch.prompt_mask[0].sum() == start  # a router still sees the prompt up to the question's answer
+    with pytest.raises(ValueError, match="outside"):
+        collate([(seq, start, [(start, len(seq) + 1)])], tok.pad_token_id)
 
 
 def _task(tmp_path, rows, **options):

@@ -154,11 +154,12 @@ def test_every_setting_that_changes_a_question_keys_the_caches(tiny_chat_folder,
     kw = dict(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, multitask=False, quiet=True,
               recipe=LLMRecipe(steps=2, lr=1e-2, batch_size=8), cache_dir=str(tmp_path / "cache"))
     keys = set()
-    for change in ({}, {"shots": 2}, {"seed": 1}, {"n_train": 20}, {"recipe": LLMRecipe(steps=3, batch_size=8)}):
+    for change in ({}, {"shots": 2}, {"seed": 1}, {"n_train": 20}, {"recipe": LLMRecipe(steps=3, batch_size=8)},
+                   {"recipe": LLMRecipe(steps=2, lr=1e-2, batch_size=8, turns="last")}):
         S = LLMSession(LLMBenchConfig(**{**kw, **change}), tiny_chat_folder)
         keys.add(tuple(S.expert_keys))
-    assert len(keys) == 5
-    assert len(list((tmp_path / "cache" / "experts").iterdir())) == 10
+    assert len(keys) == 6
+    assert len(list((tmp_path / "cache" / "experts").iterdir())) == 12
 
 
 def test_micro_batches_give_the_batch_gradient(tiny_chat_folder, tmp_path):
@@ -169,8 +170,8 @@ def test_micro_batches_give_the_batch_gradient(tiny_chat_folder, tmp_path):
 
     cm = ChatModel(tiny_chat_folder)
     sp = LLM_TASKS["echo_first"].split(0, 40, 10, 10)
-    whole = train_expert(cm, sp.train, LLMRecipe(kind="full", steps=3, lr=1e-3, batch_size=8), 0, tmp_path / "a",
-                         quiet=True)
+    whole = train_expert(cm, sp.train, LLMRecipe(kind="full", steps=3, lr=1e-3, batch_size=8, micro_batch=None), 0,
+                         tmp_path / "a", quiet=True)
     split = train_expert(cm, sp.train, LLMRecipe(kind="full", steps=3, lr=1e-3, batch_size=8, micro_batch=3), 0,
                          tmp_path / "b", quiet=True)
     changed = [k for k in whole if not torch.equal(whole[k], cm.pretrained[k])]

@@ -59,6 +59,25 @@ def answer_example(tokenizer, prompt: str, answer: str, system: Optional[str] = 
     return head + tail, len(head)
 
 
+def conversation_example(tokenizer, prompt: str, answer: str, system: Optional[str] = None,
+                         shots: Sequence[tuple[str, str]] = ()) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """:func:`answer_example` plus where every assistant answer lies — the demonstrations' too, each with its
+    end of turn — as ``(start, end)`` spans: what a chat fine-tune supervises when it learns from every assistant
+    turn.  A demonstration whose tokens inside the whole conversation differ from its own tokenization (a
+    template that merges tokens across turns) is an error, not a silent misalignment."""
+    seq, start = answer_example(tokenizer, prompt, answer, system, shots)
+    eot = end_of_turn_id(tokenizer)
+    spans = []
+    for k, (q, a) in enumerate(shots):
+        head = prompt_ids(tokenizer, q, system, shots[:k])
+        tail = tokenizer(a, add_special_tokens=False)["input_ids"] + [eot]
+        if seq[len(head):len(head) + len(tail)] != tail or seq[:len(head)] != head:
+            raise ConfigError(f"demonstration {k + 1}'s answer {a!r} is not tokenized alone as in the whole chat: "
+                              "this chat template cannot supervise every turn")
+        spans.append((len(head), len(head) + len(tail)))
+    return seq, start, spans + [(start, len(seq))]
+
+
 @dataclass
 class AnswerBatch:
     """Right-padded examples and, flattened over the batch, each answer token: the (row, column) whose output
@@ -76,21 +95,26 @@ class AnswerBatch:
         return int(self.input_ids.shape[0])
 
 
-def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
-    width = max(len(ids) for ids, _ in examples)
+def collate(examples: Sequence[tuple], pad_id: int) -> AnswerBatch:
+    """``examples``: ``(ids, start)`` from :func:`answer_example` — the answer after ``start`` is scored — or
+    ``(ids, start, spans)`` from :func:`conversation_example` — every span's tokens are targets."""
+    width = max(len(ex[0]) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     prompt = torch.zeros((len(examples), width), dtype=torch.long)
     rows, cols, targets = [], [], []
-    for i, (seq, start) in enumerate(examples):
+    for i, (seq, start, *rest) in enumerate(examples):
         if not 0 < start < len(seq):
             raise ValueError(f"example {i}: the answer must start after the prompt and hold one token or more")
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
         prompt[i, :start] = 1
-        rows += [i] * (len(seq) - start)
-        cols += range(start - 1, len(seq) - 1)
-        targets += seq[start:]
+        for a, b in (rest[0] if rest else [(start, len(seq))]):
+            if not 0 < a < b <= len(seq):
+                raise ValueError(f"example {i}: answer span {(a, b)} is outside its {len(seq)} tokens")
+            rows += [i] * (b - a)
+            cols += range(a - 1, b - 1)
+            targets += seq[a:b]
     return AnswerBatch(ids, mask, prompt, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 

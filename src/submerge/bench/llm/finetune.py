@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.tasks import Question
 from submerge.errors import ConfigError
-from submerge.evaluate.generation import answer_example, answer_loss, collate
+from submerge.evaluate.generation import answer_example, answer_loss, collate, conversation_example
 
 LOG_FILE = "submerge_finetune.json"  # written last: a folder holding it is a finished expert
 
@@ -31,22 +31,31 @@ LOG_FILE = "submerge_finetune.json"  # written last: a folder holding it is a fi
 @dataclass(frozen=True)
 class LLMRecipe:
     """How an expert is trained: ``kind`` lora or full, AdamW at ``lr`` (linear warm-up over the first 10 %,
-    then linear decay), ``steps`` batches of ``batch_size`` training answers drawn with a seeded shuffle."""
+    then linear decay), ``steps`` batches of ``batch_size`` training chats drawn with a seeded shuffle.
+
+    The defaults are the suite's recipe since selection run 3 (``benchmarks/results/llm/README.md``): 60 steps,
+    every assistant turn supervised, micro-batches of 8.  Runs 1-2 used ``steps=40, turns="last",
+    micro_batch=None``; those experts keep their cache keys."""
 
     kind: str = "lora"
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
-    steps: int = 40  # 640 answers seen; on 2 CPU cores a step of 16 one-shot questions takes ~7.5 s
+    steps: int = 60  # 960 chats of shots + 1 answers each
     batch_size: int = 16
     weight_decay: float = 0.0
     # None: each batch in one pass; k: gradients accumulated over micro-batches of k questions (the same mean loss,
     # a fraction of the activation memory: 16 four-shot sentiment questions took ~20 GB here in one pass)
-    micro_batch: Optional[int] = None
+    micro_batch: Optional[int] = 8
+    # which answers of each training chat are supervised: "last" (the question asked) or "all" (every assistant
+    # turn: the demonstrations are training answers too, so one pass learns from shots + 1 answers)
+    turns: str = "all"
 
     def __post_init__(self):
         if self.kind not in ("lora", "full"):
             raise ConfigError(f"LLM expert kind must be lora or full, got {self.kind!r}")
+        if self.turns not in ("last", "all"):
+            raise ConfigError(f"LLM recipe turns must be last or all, got {self.turns!r}")
 
     @classmethod
     def full(cls, **kw) -> "LLMRecipe":
@@ -56,8 +65,9 @@ class LLMRecipe:
 def expert_key(cm: ChatModel, task_fingerprints: Sequence[str], n_train: int, recipe: LLMRecipe, seed: int,
                shots: int) -> str:
     recipe_key = asdict(recipe)
-    if recipe.micro_batch is None:  # added later: experts trained before it keep their keys
-        del recipe_key["micro_batch"]
+    for name, before in (("micro_batch", None), ("turns", "last")):  # added later: earlier experts keep their keys
+        if recipe_key[name] == before:
+            del recipe_key[name]
     blob = json.dumps({"backbone": cm.fingerprint, "tasks": list(task_fingerprints), "n": n_train,
                        "recipe": recipe_key, "seed": seed, "shots": shots}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -97,7 +107,8 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
 
     torch.manual_seed(seed)
     cm.reset()
-    encoded = [answer_example(cm.tokenizer, q.prompt, q.answer, shots=q.shots) for q in examples]
+    encode = conversation_example if recipe.turns == "all" else answer_example
+    encoded = [encode(cm.tokenizer, q.prompt, q.answer, shots=q.shots) for q in examples]
     model = cm.model
     grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     if recipe.kind == "full":
