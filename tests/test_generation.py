@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -105,6 +106,36 @@ def test_exact_match_equals_greedy_generation_and_nll_a_full_forward():
                 logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
             want = -torch.stack([logp[t - 1, ids[t]] for t in range(start, len(ids))]).mean()
             assert nll[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_a_shared_prefix_runs_once_and_scores_the_same():
+    """Questions after the same demonstrations: the shared tokens run through the decoder once and every row
+    attends to their cache — the same exact matches, and NLLs to float rounding, as one full pass per batch; rows
+    whose prefixes differ (and a routing context) take the full pass."""
+    from submerge.evaluate.generation import MIN_SHARED_PREFIX, shared_prefix, teacher_forced
+
+    tok, model, train = answering_llama()
+    shots = [("w1 w2 w3 w4 w5", "w6"), ("w7 w8 w9", "w10")]
+    ps = train[:10] + prompts(10, 3)
+    greedy = generate_answers(model, tok, ps, max_new_tokens=3, shots=[shots] * len(ps))
+    answers = [g if i % 3 and g.startswith("w") else "w7 w8" for i, g in enumerate(greedy)]
+    examples = [answer_example(tok, q, a, shots=shots) for q, a in zip(ps, answers)]
+    batch = collate(examples, tok.pad_token_id)
+    start = shared_prefix(batch)
+    common = next(k for k in range(64) if len({tuple(e[0][:k + 1]) for e in examples}) > 1)
+    assert start == common >= len(prompt_ids(tok, "", shots=shots)) - 5 >= MIN_SHARED_PREFIX  # demos + "user"
+    shared, full = teacher_forced(model, batch), teacher_forced(model, batch, share_prefix=False)
+    assert torch.equal(shared[0], full[0]) and torch.equal(shared[2], full[2])
+    torch.testing.assert_close(shared[1], full[1], rtol=1e-5, atol=1e-6)
+    exact, nll = score_answers(model, tok, None, None, batch_size=8, encoded=examples)
+    seen = []
+    exact_routed, nll_routed = score_answers(model, tok, None, None, batch_size=8, encoded=examples,
+                                             around=lambda b: seen.append(b.input_ids.shape) or contextlib.nullcontext())
+    assert torch.equal(exact, exact_routed) and exact.any() and not exact.all()
+    torch.testing.assert_close(nll, nll_routed, rtol=1e-5, atol=1e-6)
+    assert all(w == max(len(e[0]) for e in examples) or w > start for _, w in seen)  # whole rows, not suffixes
+    mixed = collate(examples[:2] + [answer_example(tok, ps[2], "w6")], tok.pad_token_id)
+    assert shared_prefix(mixed) < MIN_SHARED_PREFIX
 
 
 def test_answer_loss_trains_the_answer_only():

@@ -49,6 +49,15 @@ def test_splits_are_disjoint_seeded_and_every_question_has_a_training_demonstrat
     for q in sp.train + sp.val + sp.test:
         assert len(q.shots) == 2 and set(q.shots) <= train and (q.prompt, q.answer) not in q.shots
     assert task.split(0, 10, 6, 8, shots=2) == sp and task.split(1, 10, 6, 8, shots=2) != sp
+    # val and test: one set of demonstrations, with different answers (a k-shot benchmark's fixed prompt);
+    # training questions: each its own
+    assert len({q.shots for q in sp.val + sp.test}) == 1 and len({a for _, a in sp.val[0].shots}) == 2
+    assert len({q.shots for q in sp.train}) > 5
+    two_way = GenTask("two", "-", lambda: [(f"q{i}", "yes" if i < 30 else "no", f"g{i}") for i in range(40)])
+    for seed in range(5):
+        got = two_way.split(seed, 20, 5, 5, shots=3)
+        assert sorted({a for _, a in got.test[0].shots}) == ["no", "yes"] or \
+            all(q.answer == "yes" for q in got.train)
     with pytest.raises(ConfigError, match="too few"):
         task.split(0, 1, 6, 8, shots=1)
 

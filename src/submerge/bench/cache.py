@@ -35,8 +35,9 @@ class RowCache:
         # a setting only one method reads keys that method's file alone (so adding one keeps the others' rows)
         self.suffix = {m: "-" + hashlib.sha256(json.dumps([getattr(cfg, k, None) for k in keys]).encode()).hexdigest()[:8]
                        for m, keys in METHOD_SETTINGS.items()}
+        questions = {"questions": S.questions_key} if getattr(S, "questions_key", None) else {}
         blob = json.dumps({"cfg": settings, "experts": S.expert_keys, "backbone": S.fingerprint,
-                           "version": __version__}, sort_keys=True, default=str)
+                           "version": __version__, **questions}, sort_keys=True, default=str)
         self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.sizes = {name: S.test_size(name) for name in S.names}
 

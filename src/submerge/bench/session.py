@@ -154,6 +154,9 @@ class SuiteSession:
     ``task_correct(state, i, split)``, ``ft_val_mean``, ``fingerprint``, ``test_size(task)``, ``_stats``, and
     ``backbone`` (its model with ``load(state)`` / ``reset()``) and ``calibration_batch(i, split, n, seed)``."""
 
+    questions_key: Optional[str] = None  # a hash of the evaluated questions as asked, where the config alone
+    #                                      does not fix them (the LLM suite's demonstrations): it keys cached rows
+
     @property
     def model(self) -> torch.nn.Module:
         return self.backbone.model

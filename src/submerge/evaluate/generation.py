@@ -127,10 +127,26 @@ def left_padded(heads: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
+MIN_SHARED_PREFIX = 16  # tokens: below this, one pass over the whole batch is as cheap
+
+
+def shared_prefix(batch: AnswerBatch) -> int:
+    """How many leading tokens every row of ``batch`` shares and no answer token is predicted from: a k-shot
+    benchmark's system prompt and fixed demonstrations, which need to run through the decoder once, not per row."""
+    ids = batch.input_ids
+    differ = (ids != ids[:1]).any(0).nonzero()
+    first = int(differ[0]) if len(differ) else ids.shape[1]
+    return min(first, int(batch.cols.min()))
+
+
+def answer_logits(model: torch.nn.Module, batch: AnswerBatch, share_prefix: bool = False) -> torch.Tensor:
     """The next-token logits at every answer position (``[n answer tokens, vocabulary]``, float32).  The
     decoder runs on the whole batch; only the answer positions go through the output head, unless the model
-    post-processes its logits (soft-capping), when the model's own forward is used."""
+    post-processes its logits (soft-capping), when the model's own forward is used.
+
+    ``share_prefix`` (no gradient): the tokens all rows share (:func:`shared_prefix`) run once, and the rest of
+    each row attends to their cached keys and values — the same logits up to float rounding, several times
+    cheaper when the rows are short questions after the same demonstrations."""
     if hasattr(model, "get_base_model"):  # a PEFT model: its adapters sit inside the wrapped model's layers
         model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -139,6 +155,16 @@ def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
         getattr(model.config, "final_logit_softcapping", None) is None and \
         getattr(model.config, "logit_scale", None) in (None, 1, 1.0)
     if plain:
+        start = shared_prefix(batch) if share_prefix and batch.size > 1 and not torch.is_grad_enabled() else 0
+        if start >= MIN_SHARED_PREFIX:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            decoder(input_ids=batch.input_ids[:1, :start], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(batch.size)
+            hidden = decoder(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            return head(hidden[batch.rows, batch.cols - start]).float()
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return head(hidden[batch.rows, batch.cols]).float()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -151,9 +177,10 @@ def answer_loss(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced(model: torch.nn.Module, batch: AnswerBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_forced(model: torch.nn.Module, batch: AnswerBatch, share_prefix: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per example: exact match of greedy decoding (bool), summed NLL of its answer tokens, their count."""
-    logits = answer_logits(model, batch)
+    logits = answer_logits(model, batch, share_prefix)
     hit = (logits.argmax(-1) == batch.targets).float()
     nll = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none").double()
     exact = torch.ones(batch.size).scatter_reduce(0, batch.rows, hit, reduce="amin")
@@ -169,7 +196,7 @@ def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], ans
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, exact match (bool) and mean answer-token NLL, in input order; batches sorted by length.
     ``encoded``: the examples already through :func:`answer_example`; ``around(batch)``: a context each batch is
-    scored in (ESM++'s routing mask)."""
+    scored in (ESM++'s routing mask; it sees every token of the batch pass, so a shared prefix is not split off)."""
     examples = encoded if encoded is not None else [answer_example(tokenizer, p, a, system)
                                                      for p, a in zip(prompts, answers)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
@@ -181,7 +208,7 @@ def score_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], ans
         for idx in length_sorted_batches([len(e[0]) for e in examples], batch_size, max_tokens):
             batch = collate([examples[i] for i in idx], pad)
             with around(batch) if around is not None else contextlib.nullcontext():
-                e, s, c = teacher_forced(model, batch)
+                e, s, c = teacher_forced(model, batch, share_prefix=around is None)
             exact[idx] = e
             nll[idx] = s / c
     finally:

@@ -21,7 +21,7 @@ import torch
 
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
-from submerge.bench.llm.tasks import GenSplit, get_llm_task
+from submerge.bench.llm.tasks import GenSplit, get_llm_task, questions_fingerprint
 from submerge.bench.session import SuiteConfig, SuiteSession, bound_heap, release_memory
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
@@ -86,6 +86,8 @@ class LLMSession(SuiteSession):
                                      f"of {cfg.n_train}/{cfg.n_val}/{cfg.n_test} (too few examples)")
         for w in self.warnings:
             say(f"warning: {w}")
+        self.questions_key = questions_fingerprint([q for t in self.tasks for part in ("val", "test")
+                                                    for q in getattr(self.splits[t.name], part)])
         self._encoded: dict[tuple[str, str], list] = {}
         self._scores: dict = {}
         self._stats: dict = {}
@@ -184,7 +186,8 @@ class LLMSession(SuiteSession):
             model = "base" if which == "zeroshot" else self.expert_keys[i]
             key = {"backbone": self.fingerprint, "task": t.fingerprint(), "model": model, "split": split,
                    "seed": self.cfg.seed, "sizes": [self.cfg.n_train, self.cfg.n_val, self.cfg.n_test],
-                   "shots": self.cfg.shots}
+                   "shots": self.cfg.shots,
+                   "questions": questions_fingerprint(getattr(self.splits[t.name], split))}
 
             def compute(i=i, task=t.name):
                 with self.loaded(self.experts[i] if which == "finetuned" else None):

@@ -65,9 +65,11 @@ class GenTask:
     def split(self, seed: int, n_train: int, n_val: int, n_test: int, shots: int = 1) -> GenSplit:
         """Test, val and train drawn from disjoint groups (a seeded shuffle of the groups; each group's
         examples stay together); a split is short when the task has too few examples.  Every question is asked
-        after ``shots`` demonstrations: other training questions with their answers, drawn per question (seeded),
-        as earlier turns of the chat — so the base model sees the answer format (a 135M chat model asked for
-        "the word only" still answers in a sentence), and experts and merges are asked the same way."""
+        after ``shots`` demonstrations, training questions with their answers, as earlier turns of the chat — so
+        the base model sees the answer format (a 135M chat model asked for "the word only" still answers in a
+        sentence), and experts and merges are asked the same way.  A training question gets its own (seeded
+        draw: training sees many contexts); val and test questions share one set, as k-shot benchmarks do
+        (:func:`fixed_demonstrations`), so the scorer runs that shared prefix once per batch."""
         by_group: dict[str, list[tuple[str, str]]] = {}
         for p, a, g in self.examples():
             by_group.setdefault(g, []).append((p, a))
@@ -86,16 +88,40 @@ class GenTask:
             raise ConfigError(f"LLM task {self.name}: {len(train)} training questions, too few for {shots} "
                               f"demonstration(s) each")
 
-        def asked(rows: list[tuple[str, str]], split: str) -> list[Question]:
+        def asked(rows: list[tuple[str, str]]) -> list[Question]:
             qs = []
             for i, (p, a) in enumerate(rows):
-                rng = random.Random(f"{self.name}:{seed}:{split}:{i}")
-                pool = [j for j in rng.sample(range(len(train)), min(len(train), shots + 1))
-                        if split != "train" or j != i][:shots]
+                rng = random.Random(f"{self.name}:{seed}:train:{i}")
+                pool = [j for j in rng.sample(range(len(train)), min(len(train), shots + 1)) if j != i][:shots]
                 qs.append(Question(p, a, tuple(train[j] for j in pool)))
             return qs
 
-        return GenSplit(train=asked(train, "train"), val=asked(val, "val"), test=asked(test, "test"))
+        demos = fixed_demonstrations(train, shots)
+        return GenSplit(train=asked(train), val=[Question(p, a, demos) for p, a in val],
+                        test=[Question(p, a, demos) for p, a in test])
+
+
+def fixed_demonstrations(train: list[tuple[str, str]], shots: int) -> tuple[tuple[str, str], ...]:
+    """The demonstrations every val and test question of a skill is asked after: the first training questions
+    (in the split's seeded order) whose answers differ from those already taken, so a two-way skill shows both
+    answers; then the next ones in order when fewer answers exist than ``shots``."""
+    picked: list[int] = []
+    for i, (_, a) in enumerate(train):
+        if len(picked) == shots:
+            break
+        if all(train[j][1] != a for j in picked):
+            picked.append(i)
+    picked += [i for i in range(len(train)) if i not in picked][:shots - len(picked)]
+    return tuple(train[i] for i in sorted(picked))
+
+
+def questions_fingerprint(questions: list[Question]) -> str:
+    """A hash of questions exactly as asked (prompts, gold answers, demonstrations): what a cached score of them
+    is keyed by."""
+    h = hashlib.sha256()
+    for q in questions:
+        h.update(repr(tuple(q)).encode())
+    return h.hexdigest()[:16]
 
 
 REPLY_WORD = "Reply with the {what} only."
