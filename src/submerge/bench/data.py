@@ -256,6 +256,33 @@ def wordnet_definitions() -> tuple[tuple[str, str], ...]:
 
 
 @lru_cache(maxsize=None)
+def wordnet_antonyms() -> tuple[tuple[str, str], ...]:
+    """(adjective, its antonym): WordNet's direct antonyms (the lexical ``!`` pointers of ``data.adj``) between
+    single words, both ways, sorted."""
+    words: dict[str, list[str]] = {}
+    links: list[tuple[str, int, str, int]] = []
+    with open(_need(WORDNET_DIR / "data.adj", "WordNet"), encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue
+            fields = line.split("|", 1)[0].split()
+            n = int(fields[3], 16)
+            words[fields[0]] = [re.sub(r"\(.*\)$", "", w).lower() for w in fields[4:4 + 2 * n:2]]
+            at = 4 + 2 * n
+            for k in range(int(fields[at])):
+                symbol, target, _, st = fields[at + 1 + 4 * k:at + 5 + 4 * k]
+                if symbol == "!":
+                    links.append((fields[0], int(st[:2], 16), target, int(st[2:], 16)))
+    pairs = set()
+    for src, i, dst, j in links:
+        if i and j and dst in words:
+            a, b = words[src][i - 1], words[dst][j - 1]
+            if re.fullmatch(r"[a-z]{3,}", a) and re.fullmatch(r"[a-z]{3,}", b):
+                pairs.add((a, b))
+    return tuple(sorted(pairs))
+
+
+@lru_cache(maxsize=None)
 def iso_countries() -> tuple[tuple[str, str, str], ...]:
     """(name, alpha-2, alpha-3) of every ISO 3166-1 country, by its common name where it has one."""
     import json

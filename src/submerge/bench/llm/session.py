@@ -28,7 +28,7 @@ from submerge.io.caches import cache_folder
 
 # The candidate skills; the suite is chosen from them on validation (benchmarks/results/llm/README.md)
 LLM_CANDIDATES = ("translate_de", "translate_fr", "country_code", "reverse_dictionary", "sentiment", "language",
-                  "arithmetic")
+                  "arithmetic", "antonym", "number_words")  # the last two: amendment 3 (before run 3's experts)
 
 
 @dataclass

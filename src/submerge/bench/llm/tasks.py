@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -153,9 +154,13 @@ def _country_codes() -> list[Example]:
 
 
 def _reverse_dictionary() -> list[Example]:
+    """Common nouns (SemCor count >= 10) asked by the gloss of their most frequent sense; a gloss that is the
+    first sense of several such nouns (synonyms: crime, offense) has no one answer and is left out."""
     counts = data.wordnet_counts()
+    rows = [(gloss, word) for gloss, word in data.wordnet_definitions() if counts.get(word, 0) >= 10]
+    shared = Counter(gloss for gloss, _ in rows)
     return [(f'Which English word means "{gloss}"? ' + REPLY_WORD.format(what="word"), word, word)
-            for gloss, word in data.wordnet_definitions() if counts.get(word, 0) >= 10]
+            for gloss, word in rows if shared[gloss] == 1]
 
 
 def _sentiment() -> list[Example]:
@@ -189,6 +194,38 @@ def _arithmetic() -> list[Example]:
     return rows
 
 
+def _antonyms() -> list[Example]:
+    """Common adjectives (SemCor count >= 5) with exactly one direct antonym in WordNet; a pair is one group, so
+    neither direction of a test pair is trained on."""
+    counts = data.wordnet_counts()
+    found: dict[str, list[str]] = {}
+    for a, b in data.wordnet_antonyms():
+        found.setdefault(a, []).append(b)
+    return [(f'What is the opposite of the adjective "{a}"? ' + REPLY_WORD.format(what="word"), bs[0],
+             "|".join(sorted((a, bs[0])))) for a, bs in sorted(found.items()) if len(bs) == 1 and counts.get(a, 0) >= 5]
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_in_words(n: int) -> str:
+    """0-999 in English words, American style: 342 -> "three hundred forty-two"."""
+    if not 0 <= n < 1000:
+        raise ValueError(n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10 - 2] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_in_words(n % 100))
+
+
+def _number_words() -> list[Example]:
+    return [(f"Write the number {n} in English words. " + REPLY_WORD.format(what="words"), number_in_words(n),
+             str(n)) for n in range(1000)]
+
+
 LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
     GenTask("translate_de", "English word -> German (nouns)", _translation("eng-deu", "German", True),
             "Debian dict-freedict-eng-deu (FreeDict); WordNet SemCor counts pick common words", "GPL-2.0+"),
@@ -203,6 +240,9 @@ LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
     GenTask("language", "fortune -> the language it is written in (5 languages)", _language,
             "Debian fortunes, fortunes-de/-es/-it/-br", "public domain / BSD / GPL (per file)"),
     GenTask("arithmetic", "two-digit addition and subtraction", _arithmetic, "generated", "-"),
+    GenTask("antonym", "adjective -> its WordNet antonym", _antonyms,
+            "Debian wordnet-base (WordNet 3.0 data.adj antonym pointers)", "WordNet 3.0 license"),
+    GenTask("number_words", "a number 0-999 -> English words", _number_words, "generated", "-"),
 ]}
 
 
