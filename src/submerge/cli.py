@@ -1,4 +1,4 @@
-"""The command line: ``submerge merge|validate|calibrate|fisher|extract-lora|methods|demo|bench|tune|pareto``."""
+"""The command line: ``submerge merge|moe|validate|calibrate|fisher|extract-lora|methods|demo|bench|tune|pareto``."""
 
 from __future__ import annotations
 
@@ -352,6 +352,89 @@ def align(model: str, reference: str, out_dir: str, heads: Optional[int], residu
         moved = sum(rep["moved"].values())
         click.echo(f"wrote {out_dir}: {len(rep['groups'])} permutation groups, {moved} units moved, "
                    f"<W_ref, W> {rep['objective_before']:.4g} -> {rep['objective_after']:.4g} in {rep['rounds']} rounds")
+
+
+# mergekit-moe's options that change nothing here, accepted so its command lines run as they are (each one set is
+# reported as ignored): quantised loading for the gates, mergekit's own loader, cache and writer settings
+_MOE_IGNORED = (("--load-in-4bit", "the gates are computed with --gate-dtype, not bitsandbytes 4-bit"),
+                ("--load-in-8bit", "the gates are computed with --gate-dtype, not bitsandbytes 8-bit"),
+                ("--allow-crimes", "the output architecture's own rules decide which inputs it takes"),
+                ("--low-cpu-memory", "tensors are streamed a layer at a time already"),
+                ("--clone-tensors", "tensors are always copied"),
+                ("--trust-remote-code", "no remote code is run"),
+                ("--lazy-unpickle", "safetensors are read lazily; .bin files are read whole"),
+                ("--read-to-gpu", "see --device"), ("--multi-gpu", "see --device"), ("--gpu-rich", "see --device"),
+                ("--async-write", "shards are written in place"),
+                ("--unsafe-truncate-embeddings", "an MoE keeps the base's embeddings"))
+
+
+def _moe_compat(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        used = [flag for flag, _ in _MOE_IGNORED if kwargs.pop(flag.lstrip("-").replace("-", "_"))]
+        for key in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "write_threads"):
+            if kwargs.pop(key) is not None:
+                used.append("--" + key.replace("_", "-"))
+        if not kwargs.pop("safe_serialization"):
+            used.append("--no-safe-serialization")
+        why = dict(_MOE_IGNORED)
+        kwargs["ignored_flags"] = [f"{flag} ignored: {why.get(flag, 'not used by submerge moe')}" for flag in used]
+        return fn(*args, **kwargs)
+
+    for flag, _ in reversed(_MOE_IGNORED):
+        wrapper = click.option(flag, is_flag=True, hidden=True)(wrapper)
+    for key in ("--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--write-threads"):
+        wrapper = click.option(key, default=None, hidden=True)(wrapper)
+    return click.option("--safe-serialization/--no-safe-serialization", default=True, hidden=True)(wrapper)
+
+
+@main.command()
+@_threads_option
+@_moe_compat
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after a successful build).")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 5B).")
+@click.option("--device", default="cpu", show_default=True, help="Where the hidden-state gates are computed.")
+@click.option("--cuda/--no-cuda", default=False, help="mergekit's flag: --device cuda.")
+@click.option("--random-seed", type=SEED, default=None,
+              help="Seed for random gates and noise_scale (mergekit's draws, in mergekit's order).")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
+@click.option("--gate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="dtype of the base model for hidden-state gates (mergekit uses bfloat16; float32 is more exact).")
+@click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True,
+              help="Allow every expert to be the same model.")
+@click.option("--num-threads", "-j", "num_threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+              hidden=True)
+@click.option("--strict", is_flag=True, help="Keys mergekit ignores are errors, not warnings.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+def moe(config: str, out_dir: str, overwrite: bool, out_shard_size: str, device: str, cuda: bool,
+        random_seed: Optional[int], copy_tokenizer: bool, write_model_card: bool, gate_dtype: str,
+        allow_all_same: bool, num_threads: Optional[int], strict: bool, quiet: bool, verbose: int,
+        ignored_flags: list[str]) -> None:
+    """Build a mixture-of-experts model from dense fine-tunes of one base, as mergekit-moe does (its YAML and
+    options): Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-MoE, with routers from each expert's prompts."""
+    from submerge.moe.build import MoEOptions, build_moe
+
+    _setup_logging(verbose, quiet)
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    opts = MoEOptions(out_shard_size=out_shard_size, device="cuda" if cuda and device == "cpu" else device,
+                      random_seed=random_seed, copy_tokenizer=copy_tokenizer, overwrite=overwrite,
+                      allow_all_same=allow_all_same, gate_dtype=gate_dtype, strict=strict,
+                      write_model_card=write_model_card, quiet=quiet)
+    res = build_moe(config, out_dir, opts)
+    for w in ignored_flags + res.warnings:
+        click.echo(f"warning: {_one_line(w)}", err=True)
+    if not quiet:
+        click.echo(f"wrote {res.out_dir}: {res.architecture}, {res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB "
+                   f"in {res.seconds:.1f}s (seed {res.seed})")
 
 
 @main.command("extract-lora")
