@@ -42,13 +42,17 @@ def validate(config: ConfigLike, strict: bool = False) -> MergePlan:
 
 @one_run
 def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[MergeOptions] = None,
-          **kwargs: Any) -> MergeResult:
+          keep_intermediate: Optional[Union[str, Path]] = None, lazy: bool = True, **kwargs: Any) -> MergeResult:
     """Merge the models of ``config`` (a YAML path, a dict or a MergeConfig) into ``out_dir``.
 
     Keyword arguments set :class:`MergeOptions` fields (``random_seed=0``,
     ``overwrite=True``, ``out_shard_size="2GB"``, ...).  The output is written to
     a temporary sibling folder and renamed at the end: a failed merge leaves
     nothing at ``out_dir``.
+
+    A config file of several YAML documents is a multi-stage merge (mergekit-multimerge's format, see
+    :mod:`submerge.engine.stages`): its stages run in order, each into a temporary folder removed at the end, or
+    into ``keep_intermediate/<stage name>``, where a later run with the same stage reuses it (``lazy``).
     """
     opts = options or MergeOptions()
     if kwargs:
@@ -58,6 +62,18 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
             raise ConfigError(f"unknown merge option(s) {sorted(unknown)}; known: {sorted(names)}")
         opts = dataclasses.replace(opts, **kwargs)
     out = Path(out_dir)
+    if isinstance(config, (str, Path)):
+        from submerge.engine.stages import load_yaml_documents
+        from submerge.io.files import read_config_text
+
+        from submerge.engine.config import MAX_CONFIG_BYTES
+
+        docs = load_yaml_documents(read_config_text(Path(config), limit=MAX_CONFIG_BYTES), str(config))
+        if len(docs) > 1:
+            return _merge_stages(Path(config), docs, out, opts, keep_intermediate, lazy)
+    if keep_intermediate is not None:
+        raise ConfigError("--keep-intermediate keeps the stages of a multi-stage config (several YAML documents); "
+                          "this config has one")
     cfg, config_dir = _load(config)
     # refuse a dangerous OUT before any checkpoint is opened (the executor checks again, locked)
     inputs = config_inputs(cfg, config_dir) + ([Path(config)] if isinstance(config, (str, Path)) else [])
@@ -75,6 +91,102 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
         plan.close()
         raise
     return executor.run(out, inputs)
+
+
+STAGE_FILE = "submerge_stage.json"  # in a kept stage's folder: what it was made from (a rerun reuses it)
+
+
+def _merge_stages(path: Path, docs: list, out: Path, opts: MergeOptions, keep: Optional[Union[str, Path]],
+                  lazy: bool) -> MergeResult:
+    """Run a multi-stage config's stages in order, the final one into ``out``."""
+    import json
+    import os
+    import shutil
+
+    from submerge.engine.stages import plan_stages, with_stage_paths
+    from submerge.io.outdir import stages_folder
+
+    config_dir = path.resolve().parent
+    stages = plan_stages(docs, str(path), exists=lambda ref: os.path.lexists(resolve_model_path(ref, config_dir)))
+    final = stages[-1]
+    if opts.lora_rank is not None:
+        raise ConfigError("--lora-rank is not available for multi-stage configs yet")
+    check_output_target(out, [path])
+    if out.exists() and not opts.overwrite:
+        raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    needed: set = set()
+    todo = list(final.uses)
+    by_name = {st.name: st for st in stages}
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].uses
+    if keep is not None:
+        keep = Path(keep)
+        check_output_target(keep, [path])
+        if keep.resolve() == out.resolve() or out.resolve() in keep.resolve().parents or \
+                keep.resolve() in out.resolve().parents:
+            raise ConfigError(f"--keep-intermediate {keep} and the output {out} must not hold one another")
+        keep.mkdir(parents=True, exist_ok=True)
+    work = keep if keep is not None else stages_folder(out)
+    paths: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
+    trace: list[str] = []
+
+    def run(stage, dest: Path, stage_opts: MergeOptions, finish) -> MergeResult:
+        cfg = with_abs_paths(parse_config(with_stage_paths(stage, paths), f"{path} ({stage.label})"), config_dir)
+        plan = plan_merge(cfg, None, strict=stage_opts.strict)
+        try:
+            executor = Executor(plan, stage_opts)
+        except BaseException:
+            plan.close()
+            raise
+        return executor.run(dest, [path], finish=finish)
+
+    try:
+        for st in stages[:-1]:
+            fingerprints[st.name] = fp = st.fingerprint(fingerprints)
+            dest = work / st.name
+            paths[st.name] = str(dest.resolve())
+            method = st.raw.get("merge_method", "?")
+            if keep is None and st.name not in needed:
+                trace.append(f"`{st.name}` ({method}): not used by the final merge, skipped")
+                continue
+            marker = dest / STAGE_FILE
+            if dest.exists() and lazy:
+                try:
+                    made = json.loads(marker.read_text()).get("fingerprint")
+                except (OSError, ValueError):
+                    made = None
+                if made != fp:
+                    raise ConfigError(f"{dest} exists but was not made by stage {st.name} of this config; remove "
+                                      f"it, pass --no-lazy to redo it, or keep the stages elsewhere")
+                trace.append(f"`{st.name}` ({method}): reused from {dest}")
+                continue
+
+            def mark(tmp: Path, fp=fp, st=st) -> None:
+                (tmp / STAGE_FILE).write_text(json.dumps({"stage": st.name, "fingerprint": fp,
+                                                          "config": st.raw}, indent=2, default=str) + "\n")
+
+            res = run(st, dest, dataclasses.replace(opts, overwrite=dest.exists(), write_card=True), mark)
+            trace.append(f"`{st.name}` ({method}, {res.tensors} tensors, {res.seconds:.1f}s): "
+                         + (f"kept in {dest}" if keep is not None else "in a temporary folder, removed"))
+
+        def card(tmp: Path) -> None:
+            readme = tmp / "README.md"
+            if readme.is_file():
+                lines = ["", "## Stages", "", f"A multi-stage config ({len(stages)} documents of `{path.name}`), run "
+                         "in this order:", ""] + [f"{i + 1}. {t}" for i, t in enumerate(trace)]
+                lines += [f"{len(trace) + 1}. the final merge ({final.raw.get('merge_method', '?')}): this model", ""]
+                readme.write_text(readme.read_text().rstrip("\n") + "\n" + "\n".join(lines))
+
+        res = run(final, out, opts, card)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    res.notes.append(f"multi-stage config: {len(trace)} stage(s) before the final merge")
+    return res
 
 
 def _merge_as_lora(cfg: MergeConfig, config_dir: Optional[Path], out: Path, opts: MergeOptions,

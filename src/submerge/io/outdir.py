@@ -115,8 +115,17 @@ def check_output_target(out: PathLike, inputs: Iterable[Optional[PathLike]] = ()
 
 
 def _leftover_re(name: str) -> re.Pattern:
-    # "-<pid>-<hex>" since leftovers carry their owner's pid; "-<hex>" from versions before it
-    return re.compile(re.escape(f".{name}") + r"\.submerge-(tmp|old)-(?:(\d+)-)?[0-9a-f]+$")
+    # "-<pid>-<hex>" since leftovers carry their owner's pid; "-<hex>" from versions before it; "stages": the
+    # intermediate results of a multi-stage merge into OUT
+    return re.compile(re.escape(f".{name}") + r"\.submerge-(tmp|old|stages)-(?:(\d+)-)?[0-9a-f]+$")
+
+
+def stages_folder(out: Path) -> Path:
+    """Where a multi-stage merge into ``out`` keeps its intermediate results while it runs: beside ``out``, named
+    so that the next run into ``out`` removes it if this one is killed."""
+    import uuid
+
+    return out.parent / f".{out.name}.submerge-stages-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -141,6 +150,8 @@ def recover(out: Path) -> list[str]:
     found = sorted(((m.group(1), int(m.group(2)) if m.group(2) else None, parent / n)
                     for n in os.listdir(parent) if (m := rx.match(n))), key=lambda f: (f[0], str(f[2])))
     for kind, pid, path in found:
+        if kind == "stages" and pid == os.getpid():
+            continue  # this run's own stages, in use
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
             # we hold OUT's lock, so its owner is not a submerge run writing OUT now; the pid may have
             # been reused, but a live process is never robbed of a folder it may still be using
@@ -152,7 +163,8 @@ def recover(out: Path) -> list[str]:
                         f"restored it")
         else:
             shutil.rmtree(path, ignore_errors=True)
-            what = ("an incomplete result" if kind == "tmp" else "the replaced previous version")
+            what = {"tmp": "an incomplete result", "stages": "the stages of a multi-stage merge"}.get(
+                kind, "the replaced previous version")
             done.append(f"removed {path.name}, {what} left by an interrupted run"
                         + (f" (pid {pid})" if pid is not None else ""))
     return done
