@@ -495,7 +495,7 @@ def validate(config: str, strict: bool) -> None:
 
 @main.command()
 @click.argument("action", type=click.Choice(["list", "clear"]), default="list")
-@click.argument("kind", type=click.Choice(["experts", "calibration", "llm", "all"]), default="all")
+@click.argument("kind", type=click.Choice(["experts", "calibration", "tune", "llm", "all"]), default="all")
 @click.option("--yes", is_flag=True, help="With clear: do not ask.")
 def cache(action: str, kind: str, yes: bool) -> None:
     """List the folders submerge keeps between runs and their sizes, or clear them (ACTION: list | clear; KIND:

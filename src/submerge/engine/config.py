@@ -451,6 +451,14 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(load_yaml_text(read_config_text(p, limit=MAX_CONFIG_BYTES), str(p)), str(p))
 
 
+def first_layer(params: Optional[dict]) -> Optional[dict]:
+    """``params`` with each gradient (a list over the layers) at its first layer: what a method's parameter
+    checks and its choice of statistics read, which hold at every layer alike."""
+    if params is None:
+        return None
+    return {k: (v[0] if isinstance(v, (list, tuple)) and v else v) for k, v in params.items()}
+
+
 def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:
     """Resolve one setting for a tensor: filters by substring, gradients by layer position ``t``.
 

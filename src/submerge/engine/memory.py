@@ -11,8 +11,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from submerge.engine.config import evaluate_setting
 from submerge.engine.step import TensorStep
 from submerge.errors import CheckpointError, ConfigError
+from submerge.layers import layer_structure
 from submerge.methods import ModelPass, get_method, workspace
 
 
@@ -46,13 +48,31 @@ def merge_state_dicts_many(
     n = len(models)
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         raise ConfigError(f"{m.name} cannot merge {n} model(s)")
-    kwargs_list = [m.bind(p, list(model_parameters or [None] * n)) for p in parameter_sets]
     ref = base if base is not None else models[0]
+    float_names = [k for k, v in ref.items() if v.is_floating_point()]
+    per_model = list(model_parameters or [None] * n)
+    graded = any(isinstance(v, (list, tuple)) for d in [*parameter_sets, *per_model] if d for v in d.values())
+    if graded:  # a list is a gradient over the layers (as in a config): resolved per tensor, then bound
+        t_of = layer_positions(float_names)
+
+        def bind_at(p: Optional[dict], name: str) -> dict:
+            def at(d: Optional[dict]) -> Optional[dict]:
+                return None if d is None else {k: evaluate_setting(list(v), name, t_of.get(name, 0.0))
+                                               if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+            return m.bind(at(p), [at(d) for d in per_model])
+
+        first = float_names[0] if float_names else ""
+        kwargs_list = [bind_at(p, first) for p in parameter_sets]
+    else:
+        kwargs_list = [m.bind(p, per_model) for p in parameter_sets]
+
+    def kwargs_of(i: int, name: str) -> dict:
+        return bind_at(parameter_sets[i], name) if graded else kwargs_list[i]
+
     for i, sd in enumerate(models):
         missing = set(ref) - set(sd)
         if missing:
             raise CheckpointError(f"model {i} is missing tensor(s) {sorted(missing)[:3]}")
-    float_names = [k for k, v in ref.items() if v.is_floating_point()]
     uses_stats = m.uses_stats(kwargs_list[0])
     if uses_stats:
         if stats is None or len(stats) != n:
@@ -72,7 +92,7 @@ def merge_state_dicts_many(
 
     state = None
     if m.needs_prepare(kwargs_list[0]):
-        state = m.prepare(ModelPass(float_names, read, lambda _: kwargs_list[0], [str(i) for i in range(n)],
+        state = m.prepare(ModelPass(float_names, read, lambda name: kwargs_of(0, name), [str(i) for i in range(n)],
                                     stats=stats_of), kwargs_list[0])
     step = TensorStep(m, random_seed, state=state)
     outs: list[dict[str, torch.Tensor]] = [{} for _ in kwargs_list]
@@ -82,14 +102,24 @@ def merge_state_dicts_many(
                 out[name] = value.clone()
             continue
         st = stats_of(name) if stats_of is not None else None
-        for out, kwargs in zip(outs, kwargs_list):
+        for i, out in enumerate(outs):
             tensors, b = read(name)
-            merged = step(name, tensors, b, kwargs, stats=st, shape=value.shape)
+            merged = step(name, tensors, b, kwargs_of(i, name), stats=st, shape=value.shape)
             out[name] = merged if lines is not None else merged.to(value.dtype)
     if lines is not None:
         apply_lines(lines, outs, base, models, float_names, compute_dtype)
     workspace.release()
     return outs
+
+
+def layer_positions(names: Sequence[str]) -> dict[str, float]:
+    """Where each tensor of the layer stack sits, from 0 (first layer) to 1 (last), as a config's gradients read
+    it (one slice over every layer); tensors outside the stack are absent (they take position 0)."""
+    _, layers = layer_structure(list(names))
+    if not layers:
+        return {}
+    top = max(i for i, _ in layers.values())
+    return {n: (i / top if top else 1.0) for n, (i, _) in layers.items()}
 
 
 def apply_lines(lines, outs: list[dict[str, torch.Tensor]], base: Mapping[str, torch.Tensor],

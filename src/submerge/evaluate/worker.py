@@ -32,12 +32,15 @@ class Point:
     normalized: dict[str, float]
     details: dict[str, dict] = field(default_factory=dict)
     learned: Optional[dict] = None  # what a learned candidate learned (AdaMerging's coefficients, as saved)
+    model_params: Optional[list[dict]] = None  # the per-model parameters a search set (a CMA-ES point)
 
     def to_dict(self) -> dict:
         out = {"scale": self.scale, "objective": self.objective, "scores": self.scores,
                "normalized": self.normalized, "details": self.details}
         if self.learned is not None:
             out["learned"] = self.learned
+        if self.model_params is not None:
+            out["model_params"] = self.model_params
         return out
 
 
@@ -197,6 +200,7 @@ class SweepWorker:
         return res
 
     def _run(self, cand, res: CandidateResult) -> None:
+        from submerge.engine.config import first_layer
         from submerge.engine.memory import merge_state_dicts_many
         from submerge.methods import get_method
         from submerge.search import affine_path, auto_search_kwargs, search_alpha
@@ -205,11 +209,14 @@ class SweepWorker:
             self._run_adamerging(cand, res)
             return
         m = get_method(cand.method)
+        mp = [dict(p) for p in self.model_params]
+        set_by_search = getattr(cand, "model_params", None)
+        if set_by_search is not None:  # one point of a search over per-model parameters (CMA-ES)
+            mp = [{**p, **q} for p, q in zip(mp, set_by_search)]
         stats = None
-        if m.uses_stats(m.bind(cand.params, [dict(p) for p in self.model_params])):
+        if m.uses_stats(m.bind(cand.params, [first_layer(p) for p in mp])):
             stats = self.stats.get(m.stats_kind)
         kw = dict(stats=stats, random_seed=self.random_seed)
-        mp = [dict(p) for p in self.model_params]
         lines = getattr(cand, "lines", None)
         if lines is not None:
             self._run_lines(cand, res, lines, mp, kw)
@@ -218,6 +225,7 @@ class SweepWorker:
             state = merge_state_dicts_many(cand.method, self.base, self.experts, [cand.params], mp, **kw)[0]
             res.points.append(self._point(state, cand.params.get(m.scale_param) if m.scale_param else None,
                                           cand.label))
+            res.points[-1].model_params = set_by_search
             return
         if cand.scale == "auto":
             def score_fn(state):

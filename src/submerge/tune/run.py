@@ -192,7 +192,8 @@ def tune(config: Union[str, Path, dict], out_dir: Union[str, Path], *, backend: 
         expert_scores = runner.expert_scores()
         say(f"[{_clock(t_start)}] experts on their own tasks: "
             + ", ".join(f"{k} {v:.4g}" for k, v in expert_scores.items()))
-        results = _sweep(runner, spec.candidates, quiet)
+        cma = functools.partial(_cma_state, spec, cache_dir, random_seed)
+        results = _sweep(runner, spec.candidates, quiet, len(spec.models), random_seed, cma, say)
     finally:
         runner.close()
     errors = [r.error for r in results if r.error]
@@ -244,10 +245,29 @@ def _prepare_stats(spec: TuneSpec, runner, cache_dir, say, t_start) -> dict[str,
     return out
 
 
-def _sweep(runner, candidates: list[Candidate], quiet: bool) -> list[CandidateResult]:
+def _cma_state(spec: TuneSpec, cache_dir, random_seed: int, cand: Candidate) -> Path:
+    """Where a CMA-ES candidate's search is saved between generations (the tune cache)."""
+    from submerge.io.caches import cache_folder
+    from submerge.stats.folder import model_fingerprint
+    from submerge.tune.evolve import state_key
+
+    prints = [model_fingerprint(Path(t.expert)) for t in spec.tasks]
+    return cache_folder("tune", cache_dir) / f"cma-{state_key(spec.raw, cand, random_seed, prints)}.pkl"
+
+
+def _sweep(runner, candidates: list[Candidate], quiet: bool, n_models: int = 0, random_seed: int = 0,
+           cma_state=None, say=lambda *a: None) -> list[CandidateResult]:
     from tqdm.auto import tqdm
 
-    results: dict[int, CandidateResult] = {}
+    from submerge.tune.evolve import run_cma
+
+    evolved = {c.index: run_cma(runner, c, n_models, random_seed, cma_state(c) if cma_state else None, say)
+               for c in candidates if c.evolve is not None}
+    for r in evolved.values():
+        if r.error is None:
+            say(f"  {r.label}: best objective {r.best.objective:.4f} ({len(r.points)} point(s), {r.seconds:.0f}s)")
+    candidates = [c for c in candidates if c.evolve is None]
+    results: dict[int, CandidateResult] = dict(evolved)
     with tqdm(total=len(candidates), desc="candidates", unit="cand", disable=quiet, dynamic_ncols=True) as bar:
         def on_result(r: CandidateResult) -> None:
             results[r.index] = r
@@ -260,7 +280,7 @@ def _sweep(runner, candidates: list[Candidate], quiet: bool) -> list[CandidateRe
                           + (f" at {b.scale:g}" if b.scale is not None else "")
                           + f" ({len(r.points)} point(s), {r.seconds:.0f}s)")
         runner.run(candidates, on_result)
-    return [results[c.index] for c in candidates]
+    return [results[i] for i in sorted(results)]
 
 
 def _winner_text(cand: Candidate, p: Point) -> str:
@@ -294,10 +314,10 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
         "expert_scores": expert_scores,
         "candidates": [{**r.to_dict(), "method": spec.candidates[r.index].method,
                         "params": spec.candidates[r.index].params,
-                        "learn": spec.candidates[r.index].learn,
+                        "learn": spec.candidates[r.index].learn, "evolve": spec.candidates[r.index].evolve,
                         "scale_param": spec.candidates[r.index].scale_param} for r in results],
         "winner": {"index": win.index, "label": win.label, "method": cand.method, "params": params, "lines": lines,
-                   "learn": cand.learn, "learned": win.best.learned,
+                   "learn": cand.learn, "learned": win.best.learned, "model_params": win.best.model_params,
                    "objective": win.best.objective, "scores": win.best.scores, "normalized": win.best.normalized},
         "errors": [r.error for r in results if r.error],
         "seconds_sweep": time.perf_counter() - t_start,
@@ -307,6 +327,7 @@ def _report(spec: TuneSpec, results, expert_scores, win, backend, t_start) -> di
 
 def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path, overwrite: bool, quiet: bool,
            inputs: list, report: dict, random_seed: int) -> None:
+    from submerge.engine.config import first_layer
     from submerge.engine.executor import Executor, MergeOptions
     from submerge.engine.plan import plan_merge
     from submerge.methods import get_method
@@ -322,9 +343,11 @@ def _write(spec: TuneSpec, cand: Candidate, best: Point, stats: dict, out: Path,
         coef = Coefficients.from_json(best.learned)
         scratch = Path(tempfile.mkdtemp(prefix="submerge-adamerging-"))
         params = {"coefficients": str(coef.save(scratch / COEFFICIENTS_FILE))}
-    elif m.uses_stats(m.bind(params, [dict(e.parameters) for e in spec.models])):
+    elif m.uses_stats(m.bind(params, [first_layer(dict(e.parameters) | (o or {})) for e, o in
+                                      zip(spec.models, report["winner"].get("model_params") or [None] * 99)])):
         folders = dict(zip(spec.task_names, map(Path, stats[m.stats_kind])))
-    cfg = spec.merge_config(cand.method, params, folders, lines=report["winner"].get("lines"))
+    cfg = spec.merge_config(cand.method, params, folders, lines=report["winner"].get("lines"),
+                            overrides=report["winner"].get("model_params"))
     obj = {"mean": "mean normalised score", "worst": "worst task's normalised score",
            "weighted": "weighted normalised score"}[spec.objective["kind"]]
     note = (f"chosen by `submerge tune` on validation data: {obj} {best.objective:.4f} over "

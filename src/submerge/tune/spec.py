@@ -49,7 +49,9 @@ CALIBRATE_KEYS = {"inputs": None, "n": 32, "max_length": 128, "batch_size": 8, "
                   "layers": None}
 FISHER_KEYS = {"inputs": None, "n": 256, "kind": "true", "label_field": None, "field": None, "max_length": 128,
                "seed": 0}
-STRATEGIES = ("auto", "grid", "golden", "coarse")
+STRATEGIES = ("auto", "grid", "golden", "coarse", "cma")
+# strategy: cma — CMA-ES over per-model parameters (mergekit-evolve's genome); its settings and defaults
+CMA_KEYS = {"genome": None, "layer_points": 1, "evaluations": 32, "time": None, "population": None, "sigma": 0.3}
 
 
 @dataclass
@@ -84,9 +86,14 @@ class Candidate:
     strategy: str = "auto"
     lines: Optional[dict] = None  # LiNeS on the method's update: {"alpha": a} fixed, beta is the scale (or fixed)
     learn: Optional[dict] = None  # AdaMerging learned on the tasks' unlabeled eval inputs (its settings)
+    evolve: Optional[dict] = None  # strategy cma: the genome (per-model parameter -> bounds) and the budget
+    model_params: Optional[list[dict]] = None  # per-model parameters set by the search (a CMA-ES point)
 
     @property
     def label(self) -> str:
+        if self.evolve is not None:
+            shown = {**self.params, **{k: f"cma{list(v)}" for k, v in self.evolve["genome"].items()}}
+            return f"{self.method}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")"
         if self.learn is not None:
             return f"{self.method}(" + ", ".join(f"{k}={v}" for k, v in self.learn.items()) + ")"
         shown = dict(self.params)
@@ -122,14 +129,19 @@ class TuneSpec:
             if c.learn is not None:
                 continue
             m = get_method(c.method)
-            if m.uses_stats(m.bind(c.params, [dict(e.parameters) for e in self.models])):
+            mp = [dict(e.parameters) for e in self.models]
+            if c.evolve is not None:  # any point of the genome (the statistics a method uses do not depend on it)
+                mp = [p | {k: (b[0] + b[1]) / 2 for k, b in c.evolve["genome"].items()} for p in mp]
+            if m.uses_stats(m.bind(c.params, mp)):
                 kinds.add(m.stats_kind)
         return kinds
 
     def merge_config(self, method: str, params: dict, stats_folders: Optional[dict[str, Path]] = None,
-                     model_params: bool = True, lines: Optional[dict] = None) -> MergeConfig:
+                     model_params: bool = True, lines: Optional[dict] = None,
+                     overrides: Optional[list[dict]] = None) -> MergeConfig:
         """The merge config of one candidate (absolute paths), as written beside the tuned model
-        (``model_params=False``: without per-model parameters, to plan reading the checkpoints)."""
+        (``model_params=False``: without per-model parameters, to plan reading the checkpoints; ``overrides``:
+        per-model parameters a search set, over the config's own)."""
         raw = {k: v for k, v in self.merge.items() if k != "models"}
         raw["merge_method"] = method
         if params:
@@ -139,6 +151,8 @@ class TuneSpec:
             mdl = {k: v for k, v in mdl.items() if k != "calibration" and (model_params or k != "parameters")}
             if stats_folders and entry.name in stats_folders:
                 mdl["calibration"] = str(stats_folders[entry.name])
+            if overrides is not None:
+                mdl["parameters"] = {**(mdl.get("parameters") or {}), **overrides[len(models)]}
             models.append(mdl)
         raw["models"] = models
         if lines is not None:
@@ -220,6 +234,12 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
         if strategy not in STRATEGIES:
             raise ConfigError(f"{where}: strategy {strategy!r}{suggest(str(strategy), STRATEGIES)}; use one of "
                               f"{list(STRATEGIES)}")
+        if strategy == "cma":
+            out.append(_cma_candidate(len(out), m, entry, model_params, where))
+            continue
+        extra = [k for k in CMA_KEYS if k in entry]
+        if extra:
+            raise ConfigError(f"{where}: {extra[0]} is a setting of strategy: cma")
         params = {k: v for k, v in entry.items() if k not in ("method", "strategy", "lines")}
         lines = _lines_entry(entry.get("lines"), m, params, where) if "lines" in entry else None
         for k in params:
@@ -258,6 +278,49 @@ def _candidates(search: Any, model_params: list[dict]) -> list[Candidate]:
             out.append(Candidate(len(out), name, p, "beta" if lines is not None else m.scale_param, scale, strategy,
                                  dict(lines) if lines is not None else None))
     return out
+
+
+def _cma_candidate(index: int, m, entry: dict, model_params: list[dict], where: str) -> Candidate:
+    """``{method, strategy: cma, genome: {weight: [0, 1], density: [0.1, 1]}, layer_points, evaluations, time,
+    population, sigma, <fixed parameters>}``: every model's genome parameters searched by CMA-ES within their
+    bounds, each as ``layer_points`` values interpolated over the layers (1: one value per model)."""
+    settings = {k: entry.get(k, d) for k, d in CMA_KEYS.items()}
+    genome = settings["genome"]
+    per_model = {p.name for p in m.params if p.per_model}
+    if not isinstance(genome, dict) or not genome:
+        raise ConfigError(f"{where}: strategy cma searches a genome: give genome: {{parameter: [low, high]}} with "
+                          f"per-model parameters of {m.name} ({', '.join(sorted(per_model)) or 'none'})")
+    for k, bounds in genome.items():
+        if k not in per_model:
+            raise ConfigError(f"{where}: genome: {k!r} is not a per-model parameter of {m.name}"
+                              f"{suggest(str(k), per_model)}; these are: {sorted(per_model)}")
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_number(b) for b in bounds)
+                and math.isfinite(bounds[0]) and math.isfinite(bounds[1]) and bounds[0] < bounds[1]):
+            raise ConfigError(f"{where}: genome: {k}: give [low, high] with low < high, got {quoted(bounds)}")
+    for key, low in (("layer_points", 1), ("evaluations", 1), ("population", 2)):
+        v = settings[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 100_000):
+            raise ConfigError(f"{where}: {key} must be an integer from {low} to 100000, got {quoted(v)}")
+    for key in ("time", "sigma"):
+        v = settings[key]
+        if v is not None and (not _number(v) or not 0 < v < math.inf):
+            raise ConfigError(f"{where}: {key} must be a positive number, got {quoted(v)}")
+    params = {k: v for k, v in entry.items() if k not in ("method", "strategy", *CMA_KEYS)}
+    for k, v in params.items():
+        if k not in m.param_names:
+            raise ConfigError(f"{where}: {m.name} has no parameter {k!r}{suggest(k, m.param_names)}")
+        if k in genome:
+            raise ConfigError(f"{where}: {k} is in the genome and fixed at once")
+        if isinstance(v, (list, dict, str)) and not isinstance(v, bool):
+            raise ConfigError(f"{where}: {k}: strategy cma searches only the genome; fix the other parameters")
+    if m.scale_param is not None and m.scale_param not in params:
+        params[m.scale_param] = 1.0
+    mid = [dict(mp) | {k: (b[0] + b[1]) / 2 for k, b in genome.items()} for mp in model_params]
+    try:
+        m.bind(params, mid)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return Candidate(index, m.name, params, None, None, "cma", evolve=settings)
 
 
 # AdaMerging learned by tune: its settings, defaults (the paper's, batch 16 as its code) and checks
