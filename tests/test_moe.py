@@ -42,6 +42,7 @@ def _family(root: Path, kind: str) -> Path:
         ft = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**KW))
         ft.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()})
         ft.save_pretrained(root / f"ft{i}")
+        tok.save_pretrained(root / f"ft{i}")
     return root
 
 
@@ -230,3 +231,32 @@ def test_an_out_holding_an_input_is_refused_and_a_mixed_family_is_one_line(famil
     assert_one_line_error(run_cli(["moe", cfg, tmp_path / "out", "-q"]), "one architecture")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_moe_config({**raw, "experts_per_tok": 2}, strict=True)
+
+
+def test_calibration_gates_are_each_experts_centred_mean_mlp_input(families, tmp_path):
+    """submerge's gate_mode calibration: no prompts; router row t of layer L is expert t's mean input of that
+    layer's MLP (``submerge calibrate`` on its own task's texts), centred on the experts' mean, unit length."""
+    from transformers import AutoModelForCausalLM
+
+    from submerge.stats.gram import calibrate_model_dir
+    from submerge.stats.load import load_stats
+
+    fam = families["llama"]
+    experts = []
+    for i in range(3):
+        texts = [" ".join(f"w{(7 * i + j + k) % 30}" for k in range(5)) for j in range(12)]
+        calibrate_model_dir(fam / f"ft{i}", texts, tmp_path / f"cal{i}", n=12, max_length=16, progress=False)
+        experts.append(dict(source_model=str(fam / f"ft{i}"), calibration=str(tmp_path / f"cal{i}")))
+    raw = dict(base_model=str(fam / "base"), gate_mode="calibration", experts=experts, dtype="float32")
+    out = _ours(raw, tmp_path / "moe")
+    got = _tensors(out)
+    for layer in range(2):
+        means = torch.stack([load_stats(tmp_path / f"cal{i}").lookup(f"model.layers.{layer}.mlp.gate_proj.weight")
+                             .mean.double() for i in range(3)])
+        want = means - means.mean(0)
+        want = (want / want.norm(dim=-1, keepdim=True)).float()
+        torch.testing.assert_close(got[f"model.layers.{layer}.mlp.gate.weight"], want)
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "MixtralForCausalLM"
+    experts[1].pop("calibration")
+    with pytest.raises(ConfigError, match="give calibration: FOLDER"):
+        _ours(dict(raw, experts=experts), tmp_path / "moe2")

@@ -113,7 +113,7 @@ def build_moe(config: str | Path | MoEConfig, out_dir: str | Path, options: Opti
         out_dtype = _dtype(cfg.dtype) or _dtype(getattr(base_cfg, "torch_dtype", None))
         seed = opt.random_seed if opt.random_seed is not None else secrets.randbelow(2**31)
         torch.manual_seed(seed)
-        gates = _gates(cfg, ckpts[cfg.base_model], base_path, n_layers, hidden, opt)
+        gates = _gates(cfg, ckpts[cfg.base_model], base_path, n_layers, hidden, opt, config_dir)
         for i in degenerate_layers(gates):
             warnings.append(f"layer {i}: the router rows are nearly dependent (condition number > 5): the prompts "
                             "may be too alike, and some experts will rarely be chosen")
@@ -129,10 +129,22 @@ def build_moe(config: str | Path | MoEConfig, out_dir: str | Path, options: Opti
 
 
 def _gates(cfg: MoEConfig, base_ckpt: Any, base_path: Path, n_layers: int, hidden: int,
-           opt: MoEOptions) -> torch.Tensor:
+           opt: MoEOptions, config_dir: Optional[Path]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from submerge.io.pretrained import load_pretrained
+
+    if cfg.gate_mode == "calibration":
+        from submerge.engine.plan import resolve_model_path
+        from submerge.moe.gates import calibration_gates
+        from submerge.stats.load import check_stats_kind, load_stats
+
+        stats = []
+        for e in cfg.gated():
+            s = load_stats(resolve_model_path(e.calibration, config_dir))
+            check_stats_kind(s, "calibration", "gate_mode calibration", e.source_model)
+            stats.append(s)
+        return calibration_gates(stats, n_layers, [e.source_model for e in cfg.gated()])
 
     tokenizer = None
     if cfg.gate_mode not in ("random", "uniform_random"):

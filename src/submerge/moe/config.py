@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from submerge.errors import ConfigError, suggest
 
-GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibration")
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
 
@@ -30,6 +30,7 @@ class MoEExpert(BaseModel):
     negative_prompts: Optional[list[str]] = None
     noise_scale: Optional[float] = None       # Gaussian noise of this std added to the expert's MLP weights
     residual_scale: Optional[float] = None    # the expert's down projection scaled by this
+    calibration: Optional[str] = None         # submerge's gate_mode calibration: a `submerge calibrate` folder
 
 
 class MoEConfig(BaseModel):
@@ -65,9 +66,12 @@ class MoEConfig(BaseModel):
 
     def gated(self) -> list[MoEExpert]:
         """The experts a router row is computed for: the routed experts, then the shared experts when they carry
-        prompts or the gates are random (mergekit's rule; Qwen MoE gates its shared expert)."""
+        prompts (or calibration statistics) or the gates are random (mergekit's rule; Qwen MoE gates its shared
+        expert)."""
         shared = self.shared_experts or []
-        if shared and (any(e.positive_prompts for e in shared) or self.gate_mode in ("random", "uniform_random")):
+        own = any(e.calibration for e in shared) if self.gate_mode == "calibration" else \
+            any(e.positive_prompts for e in shared)
+        if shared and (own or self.gate_mode in ("random", "uniform_random")):
             return list(self.experts) + list(shared)
         return list(self.experts)
 
@@ -128,6 +132,14 @@ def check_moe_config(cfg: MoEConfig, allow_all_same: bool = False) -> None:
             if v is not None and not (v == v and abs(v) != float("inf")):
                 raise ConfigError(f"{e.source_model}: {name} must be a finite number, got {v}")
     if cfg.gate_mode == "random":
+        return
+    if cfg.gate_mode == "calibration":  # submerge's own mode: routed by statistics, no prompts
+        for i, e in enumerate(cfg.gated()):
+            if not e.calibration:
+                raise ConfigError(f"expert {i} ({e.source_model}): gate_mode calibration routes by each expert's "
+                                  "calibration statistics; give calibration: FOLDER (from `submerge calibrate`)")
+        if len(cfg.gated()) < 2:
+            raise ConfigError("gate_mode calibration needs two or more gated experts (rows are centred on their mean)")
         return
     for i, e in enumerate(cfg.experts):
         if not e.positive_prompts:

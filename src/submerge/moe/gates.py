@@ -6,6 +6,9 @@
   then each row is scaled to unit length.
 - ``cheap_embed``: the sum of the prompts' token embeddings, unit length, the same for every layer.
 - ``random``: standard normal rows; ``uniform_random``: uniform in ±1/sqrt(hidden), torch.nn.Linear's default.
+- ``calibration`` (submerge's own, no prompts): each expert's mean MLP input per layer, from ``submerge calibrate``
+  statistics of that expert on its own task's inputs (ESM++'s prototypes): the router's input is exactly that
+  MLP input.  The rows are centred on the experts' mean (what they share routes nowhere), then unit length.
 
 The arithmetic follows mergekit 0.1.5 (``mergekit/moe/router.py``) step for step, so the gates agree with its
 own.  Where we differ on purpose: the hidden states are computed in float32 by default (mergekit loads the base
@@ -66,6 +69,8 @@ def gate_vectors(cfg: MoEConfig, experts: Sequence[MoEExpert], n_layers: int, hi
     generator, seeded by the caller).  ``model`` / ``embed``: loaders of the base model (hidden modes) or its
     input embedding (cheap_embed), called only when the mode needs them."""
     mode = cfg.gate_mode
+    if mode == "calibration":
+        raise ConfigError("gate_mode calibration: the rows come from calibration_gates")
     if mode == "random":
         return torch.randn((n_layers, len(experts), hidden))
     if mode == "uniform_random":
@@ -91,6 +96,25 @@ def gate_vectors(cfg: MoEConfig, experts: Sequence[MoEExpert], n_layers: int, hi
         h /= h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
         rows.append(h)
     return torch.stack(rows, dim=0).permute(1, 0, 2)
+
+
+def calibration_gates(stats: Sequence[Any], n_layers: int, labels: Sequence[str]) -> torch.Tensor:
+    """``[layers, experts, hidden]``: per layer, each expert's mean MLP input (the statistics of its
+    ``model.layers.L.mlp.gate_proj``), centred on the experts' mean and scaled to unit length."""
+    rows = []
+    for layer in range(n_layers):
+        name = f"model.layers.{layer}.mlp.gate_proj.weight"
+        means = []
+        for s, label in zip(stats, labels):
+            st = s.lookup(name)
+            if st is None:
+                raise ConfigError(f"{label}: its calibration statistics have no layer for {name}; calibrate every "
+                                  "linear layer (submerge calibrate without --layers)")
+            means.append(st.mean.double())
+        m = torch.stack(means)
+        m = m - m.mean(dim=0, keepdim=True)
+        rows.append((m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)).float())
+    return torch.stack(rows)
 
 
 def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
