@@ -260,3 +260,27 @@ def test_calibration_gates_are_each_experts_centred_mean_mlp_input(families, tmp
     experts[1].pop("calibration")
     with pytest.raises(ConfigError, match="give calibration: FOLDER"):
         _ours(dict(raw, experts=experts), tmp_path / "moe2")
+
+
+def test_an_expert_may_be_a_lora_adapter_on_a_model(families, tmp_path):
+    """``base+adapter`` as an expert (mergekit's LoRA syntax): its MLPs are the adapter merged into the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fam = families["llama"]
+    torch.manual_seed(5)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(fam / "ft1"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    dense = peft_model.merge_and_unload().state_dict()
+    raw = dict(base_model=str(fam / "base"), gate_mode="random", dtype="float32",
+               experts=[dict(source_model=str(fam / "ft0")), dict(source_model=f"{fam / 'ft1'}+{tmp_path / 'adapter'}")])
+    got = _tensors(_ours(raw, tmp_path / "moe"))
+    for layer in range(2):
+        gate_up = got[f"model.layers.{layer}.mlp.experts.gate_up_proj"][1]
+        want = torch.cat([dense[f"model.layers.{layer}.mlp.gate_proj.weight"],
+                          dense[f"model.layers.{layer}.mlp.up_proj.weight"]])
+        torch.testing.assert_close(gate_up, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[f"model.layers.{layer}.mlp.experts.down_proj"][1],
+                                   dense[f"model.layers.{layer}.mlp.down_proj.weight"], rtol=1e-5, atol=1e-6)
