@@ -593,3 +593,66 @@ def test_fuzz_analyze_align_surgery_options(world2, cmd, data):
                 "--steps", "2", option, data.draw(numeric), "-q"]
         out = merged / "surgery.safetensors"
     assert_clean(run(args, d), out)
+
+
+# ------------------------------------------------------------------------------ submerge moe, multi-stage configs
+MOE_KEYS = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
+            "source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "calibration"]
+GATE_MODES = ["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "calibration", "bogus"]
+
+
+@st.composite
+def mutated_moe_configs(draw, world):
+    """A valid mergekit-moe config over the tiny Llama family with a few random edits."""
+    cfg = {"base_model": str(world["base"]), "gate_mode": "random", "dtype": "float32",
+           "experts": [{"source_model": str(m), "positive_prompts": [f"p{i}"]} for i, m in enumerate(world["fts"])]}
+    for _ in range(draw(st.integers(1, 3))):
+        expert = cfg["experts"][0] if isinstance(cfg.get("experts"), list) and cfg["experts"] and \
+            isinstance(cfg["experts"][0], dict) else None
+        target = cfg if expert is None or draw(st.booleans()) else expert
+        key = draw(st.sampled_from(MOE_KEYS) | st.text(max_size=6))
+        choice = draw(st.integers(0, 3))
+        if choice == 0:
+            target[key] = draw(json_values)
+        elif choice == 1:
+            target.pop(key, None)
+        elif choice == 2:
+            cfg["gate_mode"] = draw(st.sampled_from(GATE_MODES))
+        else:
+            target[key] = draw(st.sampled_from([str(world["fts"][0]), str(world["bert"]), "/nonexistent", "", "a/b"]))
+    return cfg
+
+
+@given(data=st.data())
+@examples(40)
+def test_fuzz_moe_configs(world, data):
+    d = fresh(world)
+    if data.draw(st.booleans()):
+        text = yaml.safe_dump(data.draw(mutated_moe_configs(world)), allow_unicode=True)
+    else:
+        text = data.draw(st.text(max_size=120) | st.sampled_from(["", "---", "experts: [", "- - -"]))
+    (d / "c.yaml").write_text(text)
+    r = run(["moe", d / "c.yaml", d / "out", "-q", "--random-seed", "0"], d)
+    assert_clean(r, d / "out")
+    if r.exit_code == 0:
+        assert (d / "out" / "config.json").is_file() and (d / "out" / "model.safetensors").is_file()
+
+
+@given(data=st.data())
+@examples(30)
+def test_fuzz_multi_stage_configs(world, data):
+    d = fresh(world)
+    docs = []
+    names = data.draw(st.lists(st.sampled_from(["a", "b", "c", None, "", 3, "x/y"]), min_size=2, max_size=3))
+    for name in names:
+        doc = ta(world)
+        if name is not None:
+            doc["name"] = name
+        if data.draw(st.booleans()):
+            doc["base_model"] = data.draw(st.sampled_from(["a", "b", "c", "d", str(world["base"])]))
+        if data.draw(st.booleans()):
+            doc["models"][0]["model"] = data.draw(st.sampled_from(["a", "b", "a+b", "bb", str(world["fts"][1])]))
+        docs.append(doc)
+    (d / "c.yaml").write_text(yaml.safe_dump_all(docs))
+    r = run(["merge", d / "c.yaml", d / "out", "-q"], d)
+    assert_clean(r, d / "out")
