@@ -38,7 +38,8 @@ import torch
 from submerge.errors import ConfigError
 from submerge.layers import ROLES, family_of, layer_role, parse_role_patterns
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
-from submerge.methods.subspace import is_embedding, is_matrix, mean_of, polar, task_vectors, tsv_merge
+from submerge.methods.subspace import (is_embedding, is_matrix, mean_of, polar, task_vectors, truncated_svds,
+                                      tsv_merge)
 from submerge.stats.gram import essential_subspace
 
 log = logging.getLogger("submerge")
@@ -145,12 +146,7 @@ def tsv_scaled_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
     m, n = deltas[0].shape
     T = len(deltas)
     k = max(1, min(m, n) // T)
-    us, ss, vs = [], [], []
-    for d in deltas:
-        u, sv, vh = torch.linalg.svd(d.double(), full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(sv[:k])
-        vs.append(vh[:k])
+    us, ss, vs = zip(*truncated_svds([d.double() for d in deltas], k))
     u_o, su = polar(torch.cat(us, 1))
     v_o, sv_ = polar(torch.cat(vs, 0))
     return ((u_o * su.mean()) * torch.cat(ss)) @ (v_o * sv_.mean())
