@@ -16,6 +16,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -299,17 +300,24 @@ def mutated_configs(draw, world):
         target = {"root": cfg, "model": first, "params": params if isinstance(params, dict) else None}[where]
         if target is None:
             target, where = cfg, "root"
-        key = draw(st.sampled_from(CONFIG_KEYS) | st.text(max_size=6))
-        choice = draw(st.integers(0, 3))
-        if choice == 0:
-            target[key] = draw(json_values)
-        elif choice == 1:
-            target.pop(key, None)
-        elif choice == 2:
-            target["merge_method" if where == "root" else key] = draw(st.sampled_from(METHODS))
-        else:
-            target[key] = draw(st.sampled_from([str(world["fts"][0]), "/nonexistent", "..", "", "org/name"]))
+        _edit(draw, target, CONFIG_KEYS, lambda k: ("merge_method" if where == "root" else k, METHODS),
+              [str(world["fts"][0]), "/nonexistent", "..", "", "org/name"])
     return cfg
+
+
+def _edit(draw, target: dict, keys: list, named: Callable, paths: list) -> None:
+    """One random edit of ``target``: a random value, a key removed, ``named(key)``'s (key, choices), a path."""
+    key = draw(st.sampled_from(keys) | st.text(max_size=6))
+    choice = draw(st.integers(0, 3))
+    if choice == 0:
+        target[key] = draw(json_values)
+    elif choice == 1:
+        target.pop(key, None)
+    elif choice == 2:
+        name, choices = named(key)
+        target[name] = draw(st.sampled_from(choices))
+    else:
+        target[key] = draw(st.sampled_from(paths))
 
 
 @given(data=st.data())
@@ -610,16 +618,8 @@ def mutated_moe_configs(draw, world):
         expert = cfg["experts"][0] if isinstance(cfg.get("experts"), list) and cfg["experts"] and \
             isinstance(cfg["experts"][0], dict) else None
         target = cfg if expert is None or draw(st.booleans()) else expert
-        key = draw(st.sampled_from(MOE_KEYS) | st.text(max_size=6))
-        choice = draw(st.integers(0, 3))
-        if choice == 0:
-            target[key] = draw(json_values)
-        elif choice == 1:
-            target.pop(key, None)
-        elif choice == 2:
-            cfg["gate_mode"] = draw(st.sampled_from(GATE_MODES))
-        else:
-            target[key] = draw(st.sampled_from([str(world["fts"][0]), str(world["bert"]), "/nonexistent", "", "a/b"]))
+        _edit(draw, target, MOE_KEYS, lambda k: ("gate_mode", GATE_MODES),
+              [str(world["fts"][0]), str(world["bert"]), "/nonexistent", "", "a/b"])
     return cfg
 
 

@@ -84,13 +84,19 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
     parse_device(opts.device)
     if opts.lora_rank is not None:
         return _merge_as_lora(cfg, config_dir, out, opts, inputs)
+    return _execute(cfg, config_dir, opts, out, inputs)
+
+
+def _execute(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOptions, out: Path, inputs: list,
+             finish=None) -> MergeResult:
+    """Plan ``cfg`` against its checkpoints and run the streamed executor into ``out``."""
     plan = plan_merge(cfg, config_dir, strict=opts.strict)
     try:
         executor = Executor(plan, opts)
     except BaseException:
         plan.close()
         raise
-    return executor.run(out, inputs)
+    return executor.run(out, inputs, finish=finish)
 
 
 STAGE_FILE = "submerge_stage.json"  # in a kept stage's folder: what it was made from (a rerun reuses it)
@@ -136,13 +142,7 @@ def _merge_stages(path: Path, docs: list, out: Path, opts: MergeOptions, keep: O
 
     def run(stage, dest: Path, stage_opts: MergeOptions, finish) -> MergeResult:
         cfg = with_abs_paths(parse_config(with_stage_paths(stage, paths), f"{path} ({stage.label})"), config_dir)
-        plan = plan_merge(cfg, None, strict=stage_opts.strict)
-        try:
-            executor = Executor(plan, stage_opts)
-        except BaseException:
-            plan.close()
-            raise
-        return executor.run(dest, [path], finish=finish)
+        return _execute(cfg, None, stage_opts, dest, [path], finish)
 
     try:
         for st in stages[:-1]:

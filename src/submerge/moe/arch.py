@@ -95,25 +95,17 @@ class MoEArch:
             out.num_local_experts = n
             out.num_experts_per_tok = k or 2
             out.sliding_window = None
-        elif self.name == "Qwen3 MoE":
-            out = transformers.Qwen3MoeConfig(**base_cfg.to_dict())
-            out.architectures = ["Qwen3MoeForCausalLM"]
-            out.num_experts = n
-            out.num_experts_per_tok = k or 2
-            out.decoder_sparse_step = 1
-            out.norm_topk_prob = True
-            out.moe_intermediate_size = out.intermediate_size
-        else:  # Qwen MoE
-            out = transformers.Qwen2MoeConfig(**base_cfg.to_dict())
-            out.architectures = ["Qwen2MoeForCausalLM"]
-            out.num_experts = n
-            out.num_experts_per_tok = k or 2
-            out.decoder_sparse_step = 1
-            out.norm_topk_prob = True
-            out.sliding_window = None
-            out.use_sliding_window = False
-            out.shared_expert_intermediate_size = out.intermediate_size
-            out.moe_intermediate_size = out.intermediate_size
+        else:  # the Qwen MoEs: one sparse layer every layer, top-k weights renormalised
+            qwen3 = self.name == "Qwen3 MoE"
+            out = (transformers.Qwen3MoeConfig if qwen3 else transformers.Qwen2MoeConfig)(**base_cfg.to_dict())
+            out.architectures = ["Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM"]
+            fields = dict(num_experts=n, num_experts_per_tok=k or 2, decoder_sparse_step=1, norm_topk_prob=True,
+                          moe_intermediate_size=out.intermediate_size)
+            if not qwen3:
+                fields.update(sliding_window=None, use_sliding_window=False,
+                              shared_expert_intermediate_size=out.intermediate_size)
+            for key, value in fields.items():
+                setattr(out, key, value)
         if dtype is not None:
             import torch
 
