@@ -320,15 +320,18 @@ def _edit(draw, target: dict, keys: list, named: Callable, paths: list) -> None:
         target[key] = draw(st.sampled_from(paths))
 
 
+def _config_text(data, configs, junk: list[str]) -> str:
+    """Half the time a mutated config as YAML, half the time random or broken text."""
+    if data.draw(st.booleans()):
+        return yaml.safe_dump(data.draw(configs), allow_unicode=True)
+    return data.draw(st.text(max_size=200) | st.sampled_from(junk))
+
+
 @given(data=st.data())
 @examples(60)
 def test_fuzz_config_yaml(world, data):
     d = fresh(world)
-    if data.draw(st.booleans()):
-        text = yaml.safe_dump(data.draw(mutated_configs(world)), allow_unicode=True)
-    else:
-        text = data.draw(st.text(max_size=200) | st.sampled_from(["", "---", "a: [", "{{}", "- - -"]))
-    (d / "c.yaml").write_text(text)
+    (d / "c.yaml").write_text(_config_text(data, mutated_configs(world), ["", "---", "a: [", "{{}", "- - -"]))
     r = run(["merge", d / "c.yaml", d / "out", "-q"], d)
     assert_clean(r, d / "out")
     if r.exit_code == 0:
@@ -627,11 +630,7 @@ def mutated_moe_configs(draw, world):
 @examples(40)
 def test_fuzz_moe_configs(world, data):
     d = fresh(world)
-    if data.draw(st.booleans()):
-        text = yaml.safe_dump(data.draw(mutated_moe_configs(world)), allow_unicode=True)
-    else:
-        text = data.draw(st.text(max_size=120) | st.sampled_from(["", "---", "experts: [", "- - -"]))
-    (d / "c.yaml").write_text(text)
+    (d / "c.yaml").write_text(_config_text(data, mutated_moe_configs(world), ["", "---", "experts: [", "- - -"]))
     r = run(["moe", d / "c.yaml", d / "out", "-q", "--random-seed", "0"], d)
     assert_clean(r, d / "out")
     if r.exit_code == 0:
