@@ -284,3 +284,25 @@ def test_an_expert_may_be_a_lora_adapter_on_a_model(families, tmp_path):
         torch.testing.assert_close(gate_up, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[f"model.layers.{layer}.mlp.experts.down_proj"][1],
                                    dense[f"model.layers.{layer}.mlp.down_proj.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_device_auto_is_the_gpu_when_there_is_one(families, tmp_path):
+    """``--device auto`` (merge, calibrate, moe): the GPU torch sees, else the CPU; a merge with it gives the
+    tensors of ``--device cpu`` on a machine without a GPU."""
+    from submerge.api import merge
+    from submerge.device import parse_device
+
+    assert parse_device("auto").type == ("cuda" if torch.cuda.is_available() else parse_device("auto").type)
+    if not torch.cuda.is_available():
+        assert parse_device("auto").type in ("cpu", "mps")
+        fam = families["llama"]
+        cfg = {"merge_method": "ties", "base_model": str(fam / "base"), "dtype": "float32",
+               "models": [{"model": str(fam / f"ft{i}"), "parameters": {"weight": 1.0, "density": 0.5}}
+                          for i in range(2)]}
+        a = _tensors(merge(cfg, tmp_path / "a", quiet=True, device="auto").out_dir)
+        b = _tensors(merge(cfg, tmp_path / "b", quiet=True, device="cpu").out_dir)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    raw = _config(families, "mixtral_random_noise")
+    _ours(raw, tmp_path / "moe", device="auto")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0': use auto"):
+        _ours(raw, tmp_path / "moe2", device="gpu0")

@@ -132,7 +132,8 @@ def main() -> None:
 @click.option("--compute-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
               help="The dtype the merge math runs in (inputs are cast to it; the output takes the config's dtype).")
-@click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the math runs: cpu, cuda, cuda:1, mps, or auto (the GPU when there is one).")
 @click.option("--random-seed", type=SEED, default=None, help="Seed for randomized methods (DARE, DELLA).")
 @click.option("--no-copy-tokenizer", is_flag=True, help="Do not copy tokenizer files.")
 @click.option("--no-prefetch", is_flag=True, help="Read tensors on the main thread (lower peak memory).")

@@ -8,11 +8,17 @@ from submerge.errors import ConfigError
 
 
 def parse_device(spec: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:1``, ``mps`` ... as a torch.device that exists on this machine."""
+    """``cpu``, ``cuda``, ``cuda:1``, ``mps`` ... as a torch.device that exists on this machine; ``auto``: the
+    GPU when torch sees one (CUDA, else MPS), else the CPU."""
+    if str(spec) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     try:
         dev = torch.device(str(spec))
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {spec!r} was asked for, but torch sees no CUDA device")
@@ -22,7 +28,7 @@ def parse_device(spec: str) -> torch.device:
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError(f"device {spec!r} was asked for, but torch sees no MPS device")
     elif dev.type != "cpu":
-        raise ConfigError(f"device {spec!r} is not supported: use cpu, cuda, cuda:N or mps")
+        raise ConfigError(f"device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 

@@ -84,7 +84,10 @@ def build_moe(config: str | Path | MoEConfig, out_dir: str | Path, options: Opti
     from submerge.engine.plan import resolve_model_refs
     from submerge.io.lora import open_checkpoint
 
+    from submerge.device import parse_device
+
     opt = options or MoEOptions()
+    parse_device(opt.device)  # a bad --device is one line before anything is read
     t0 = time.perf_counter()
     config_dir = None
     if not isinstance(config, MoEConfig):
@@ -132,6 +135,7 @@ def _gates(cfg: MoEConfig, base_ckpt: Any, base_path: Path, n_layers: int, hidde
            opt: MoEOptions, config_dir: Optional[Path]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from submerge.device import parse_device
     from submerge.io.pretrained import load_pretrained
 
     if cfg.gate_mode == "calibration":
@@ -158,7 +162,7 @@ def _gates(cfg: MoEConfig, base_ckpt: Any, base_path: Path, n_layers: int, hidde
                 for name in base_ckpt.tensors:
                     if name in state:
                         state[name].copy_(base_ckpt.read(name))
-        return net.to(opt.device).eval()
+        return net.to(parse_device(opt.device)).eval()
 
     def embed() -> torch.Tensor:
         try:
