@@ -42,7 +42,8 @@ def validate(config: ConfigLike, strict: bool = False) -> MergePlan:
 
 @one_run
 def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[MergeOptions] = None,
-          keep_intermediate: Optional[Union[str, Path]] = None, lazy: bool = True, **kwargs: Any) -> MergeResult:
+          keep_intermediate: Optional[Union[str, Path]] = None, lazy: bool = True, backend: str = "local",
+          address: Optional[str] = None, **kwargs: Any) -> MergeResult:
     """Merge the models of ``config`` (a YAML path, a dict or a MergeConfig) into ``out_dir``.
 
     Keyword arguments set :class:`MergeOptions` fields (``random_seed=0``,
@@ -53,7 +54,14 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
     A config file of several YAML documents is a multi-stage merge (mergekit-multimerge's format, see
     :mod:`submerge.engine.stages`): its stages run in order, each into a temporary folder removed at the end, or
     into ``keep_intermediate/<stage name>``, where a later run with the same stage reuses it (``lazy``).
+
+    ``backend="ray"``: the output's shards are merged by Ray tasks (``address``: a running cluster's host:port,
+    else a new local instance), files byte for byte the local merge's (:mod:`submerge.engine.distributed`).
     """
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
+    if backend == "local" and address:
+        raise ConfigError("--address is for --backend ray")
     opts = options or MergeOptions()
     if kwargs:
         names = {f.name for f in dataclasses.fields(MergeOptions)}
@@ -70,6 +78,8 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
 
         docs = load_yaml_documents(read_config_text(Path(config), limit=MAX_CONFIG_BYTES), str(config))
         if len(docs) > 1:
+            if backend != "local":
+                raise ConfigError("--backend ray does not run multi-stage configs yet; run them locally")
             return _merge_stages(Path(config), docs, out, opts, keep_intermediate, lazy)
     if keep_intermediate is not None:
         raise ConfigError("--keep-intermediate keeps the stages of a multi-stage config (several YAML documents); "
@@ -83,7 +93,13 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
     parse_size(opts.out_shard_size)
     parse_device(opts.device)
     if opts.lora_rank is not None:
+        if backend != "local":
+            raise ConfigError("--lora-rank runs locally only (the adapter is extracted from the whole merge)")
         return _merge_as_lora(cfg, config_dir, out, opts, inputs)
+    if backend == "ray":
+        from submerge.engine.distributed import merge_on_ray
+
+        return merge_on_ray(cfg, config_dir, opts, out, inputs, address)
     return _execute(cfg, config_dir, opts, out, inputs)
 
 

@@ -148,12 +148,17 @@ def main() -> None:
               help="Multi-stage configs: keep each named stage's result in this folder (a rerun reuses it).")
 @click.option("--lazy/--no-lazy", default=True, show_default=True,
               help="Multi-stage configs: reuse a kept stage made from the same document (--no-lazy redoes it).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: the output's shards merged by Ray tasks (byte for byte the local merge).")
+@click.option("--address", default=None, help="--backend ray: a running cluster's host:port (default: a new "
+              "local Ray instance).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compute_dtype: str,
           device: str, threads: Optional[int], random_seed: Optional[int], no_copy_tokenizer: bool,
           no_prefetch: bool, lora_rank: Optional[str], lora_energy: float, strict: bool,
-          keep_intermediate: Optional[str], lazy: bool, quiet: bool, verbose: int) -> None:
+          keep_intermediate: Optional[str], lazy: bool, backend: str, address: Optional[str], quiet: bool,
+          verbose: int) -> None:
     """Merge the models described by CONFIG (mergekit-compatible YAML) into OUT_DIR.  A CONFIG of several YAML
     documents is a multi-stage merge (mergekit-multimerge's format): named stages run first, later documents use
     them by name, the unnamed one is written to OUT_DIR."""
@@ -170,7 +175,8 @@ def merge(config: str, out_dir: str, overwrite: bool, out_shard_size: str, compu
                         threads=threads, random_seed=random_seed, overwrite=overwrite, quiet=quiet,
                         copy_tokenizer=not no_copy_tokenizer, prefetch=not no_prefetch, lora_rank=lora_rank,
                         lora_energy=lora_energy, strict=strict)
-    res = run_merge(config, out_dir, opts, keep_intermediate=keep_intermediate, lazy=lazy)
+    res = run_merge(config, out_dir, opts, keep_intermediate=keep_intermediate, lazy=lazy, backend=backend,
+                    address=address)
     for warning in res.ignored:
         click.echo(f"warning: {_one_line(warning)}", err=True)
     if not quiet:

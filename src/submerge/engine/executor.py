@@ -280,27 +280,7 @@ class Executor:
                   desc=f"{plan.method.name}", dynamic_ncols=True) as bar:
             # a sidecar copies the inputs before merging: they must reach it as read, so no staging then
             for job, data in self._iter_loaded(plan.jobs, stage=plan.method.stage if side is None else None):
-                if job.copy_from is not None:
-                    out = self._copied(job, data)
-                    size = job.nbytes
-                else:
-                    t_job = time.perf_counter()
-                    tensors, base, staged = data
-                    size = job.nbytes * (len(job.inputs) + (job.base is not None))
-                    keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
-                    keep_base = base.clone() if keep is not None and base is not None else None
-                    stats = self._stats(job)
-                    merged = self.merge_tensor(job, tensors, base, state, stats, staged=staged)
-                    del tensors, base, staged
-                    self._check_finite(job, merged, self._out_dtype(job))
-                    out = merged.to(device="cpu", dtype=self._out_dtype(job))
-                    del merged
-                    if keep is not None:
-                        side.add(job.out_name, out, keep, stats, base=keep_base, params=job.params)
-                        del keep, keep_base
-                    log.debug("%s %s from %d input(s)%s, %s: %.3f s", job.out_name, list(job.shape),
-                              len(job.inputs), " + base" if job.base is not None else "",
-                              numeric_params(job.params) or "no parameters", time.perf_counter() - t_job)
+                out, size = self.output(job, data, state, side)
                 writer.add(job.out_name, out)
                 del out, data
                 bytes_read += size
@@ -316,6 +296,29 @@ class Executor:
             if note:
                 plan.notes.append(note)
         return bytes_read, files
+
+    def output(self, job: TensorJob, data, state, side=None) -> tuple[torch.Tensor, int]:
+        """One output tensor from its loaded ``data`` (see :meth:`_iter_loaded`): copied, or merged, checked
+        finite and cast to its output dtype (and handed to the method's sidecar, if any); with the bytes read."""
+        if job.copy_from is not None:
+            return self._copied(job, data), job.nbytes
+        t_job = time.perf_counter()
+        tensors, base, staged = data
+        size = job.nbytes * (len(job.inputs) + (job.base is not None))
+        keep = [t.clone() for t in tensors] if side is not None and side.wants(job.out_name) else None
+        keep_base = base.clone() if keep is not None and base is not None else None
+        stats = self._stats(job)
+        merged = self.merge_tensor(job, tensors, base, state, stats, staged=staged)
+        del tensors, base, staged
+        self._check_finite(job, merged, self._out_dtype(job))
+        out = merged.to(device="cpu", dtype=self._out_dtype(job))
+        del merged
+        if keep is not None:
+            side.add(job.out_name, out, keep, stats, base=keep_base, params=job.params)
+        log.debug("%s %s from %d input(s)%s, %s: %.3f s", job.out_name, list(job.shape),
+                  len(job.inputs), " + base" if job.base is not None else "",
+                  numeric_params(job.params) or "no parameters", time.perf_counter() - t_job)
+        return out, size
 
     def _check_finite(self, job: TensorJob, merged: torch.Tensor, out_dtype: torch.dtype) -> None:
         """Never write a broken model: every merged tensor must be finite in the output dtype.

@@ -17,60 +17,12 @@ results.  On Ray:
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from typing import Any, Callable, Optional, Sequence
 
+from submerge.cluster import check_ray_address  # noqa: F401 (its public home before the merge backend shared it)
 from submerge.errors import ConfigError
 
 log = logging.getLogger("submerge.tune")
-
-
-def check_ray_address(address: Optional[str]) -> None:
-    """Fail in one line, before any work, when ``address`` (host:port of a Ray head's GCS) cannot be reached."""
-    try:
-        import ray  # noqa: F401  (only whether it is installed)
-    except ImportError:
-        raise ConfigError("--backend ray needs the ray package (pip install 'submerge[ray]' or pip install ray)") \
-            from None
-    if address in (None, "", "local"):
-        return
-    if address == "auto":
-        if not os.environ.get("RAY_ADDRESS") and not os.path.exists("/tmp/ray/ray_current_cluster"):
-            raise ConfigError("--address auto: no running Ray cluster found on this machine (start one with "
-                              "`ray start --head`, or give its host:port)")
-        return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r}: give the Ray head as host:port (e.g. 10.0.0.1:6379) or auto")
-    try:
-        grpc = _speaks_http2(host, int(port))
-    except OSError as e:
-        raise ConfigError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e})") from None
-    if not grpc:
-        raise ConfigError(f"--address {address}: something answers there, but not a Ray head (its GCS speaks "
-                          f"gRPC); give the port `ray start --head` printed (default 6379)")
-
-
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
-
-
-def _speaks_http2(host: str, port: int, timeout: float = 5.0) -> bool:
-    """Whether the server at host:port answers an HTTP/2 connection preface with a SETTINGS frame, as every
-    gRPC server (a Ray head's GCS) must; bounded by ``timeout`` seconds.  Raises OSError when unreachable."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(_HTTP2_PREFACE)
-        head = b""
-        try:
-            while len(head) < 9:
-                chunk = sock.recv(9 - len(head))
-                if not chunk:
-                    break
-                head += chunk
-        except (socket.timeout, ConnectionResetError):
-            return False
-    return len(head) == 9 and head[3] == 4  # frame type 4: SETTINGS
 
 
 class LocalBackend:

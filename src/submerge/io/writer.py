@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -91,6 +92,37 @@ class _Slot:
     written: bool = False
 
 
+def shard_layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
+                 ) -> tuple[list[str], list[list[tuple[str, torch.dtype, tuple[int, ...], int]]]]:
+    """How planned tensors are cut into shards, in output order (a shard closes before the tensor that would
+    take it past ``max_shard_bytes``; a larger tensor gets its own): the file names and, per shard, its
+    ``(name, dtype, shape, bytes)``."""
+    groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for name, dtype, shape in specs:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtype, tuple(shape), nbytes))
+        size += nbytes
+    n_shards = len(groups)
+    files = (["model.safetensors"] if n_shards == 1 else
+             [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
+    return files, groups
+
+
+def write_index(out_dir: Path, files: list[str], shard_of: dict[str, int], total_bytes: int) -> None:
+    """``model.safetensors.index.json`` of a sharded output (nothing for one file)."""
+    if len(files) > 1:
+        weight_map = {name: files[shard_of[name]] for name in sorted(shard_of)}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (Path(out_dir) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 class ShardWriter:
     """Writes planned tensors into Hugging Face-named safetensors shards.
 
@@ -101,27 +133,19 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int):
+                 max_shard_bytes: int, only: Optional[int] = None):
+        """``only``: write shard ``only`` alone (one worker of a distributed merge); the others are another
+        writer's, and :meth:`finish` writes no index (the driver does, :func:`write_index`)."""
         self.out_dir = Path(out_dir)
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, dtype, shape in specs:
-            n = 1
-            for s in shape:
-                n *= s
-            nbytes = n * torch.empty((), dtype=dtype).element_size()
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, dtype, tuple(shape), nbytes))
-            size += nbytes
-        n_shards = len(groups)
-        self.files = (["model.safetensors"] if n_shards == 1 else
-                      [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
+        self.files, groups = shard_layout(specs, max_shard_bytes)
+        self.only = only
         self.slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self.total_bytes = 0
         for i, group in enumerate(groups):
+            if only is not None and i != only:
+                self._fds.append(-1)
+                continue
             header: dict = {"__metadata__": {"format": "pt"}}
             pos = 0
             for name, dtype, shape, nbytes in group:
@@ -159,15 +183,15 @@ class ShardWriter:
         self.close()
         if missing:
             raise SubmergeError(f"internal: {len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
-        if len(self.files) > 1:
-            weight_map = {name: self.files[slot.shard] for name, slot in sorted(self.slots.items())}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.only is None:
+            write_index(self.out_dir, self.files, {name: slot.shard for name, slot in self.slots.items()},
+                        self.total_bytes)
         return list(self.files)
 
     def close(self) -> None:
         for fd in self._fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
 
     abort = close
