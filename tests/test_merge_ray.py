@@ -22,6 +22,8 @@ def fam(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     kill = tmp_path_factory.mktemp("kill") / "armed"  # the kill switch: armed when this folder exists
+    if ray.is_initialized():  # another module's session
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {KILL_ONCE_ENV: str(kill)}})
     yield kill
