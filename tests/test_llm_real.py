@@ -49,6 +49,12 @@ def test_every_candidate_skill_builds_disjoint_seeded_questions(skills):
         assert demos == fixed_demonstrations([(q.prompt, q.answer) for q in sp.train], 3)
     assert {q.answer for q in skills["sentiment"].test} == {"positive", "negative"}
     assert len({a for _, a in skills["sentiment"].test[0].shots}) == 2  # both answers demonstrated
+    import datetime
+
+    dates = LLM_TASKS["date_words"].examples()
+    assert len(dates) == len({g for *_, g in dates}) == 2000
+    for _, answer, iso in dates:  # the answer is the ISO date, read back
+        assert datetime.datetime.strptime(answer, "%B %d, %Y").date() == datetime.date.fromisoformat(iso)
     assert [number_in_words(n) for n in (0, 15, 40, 99, 101, 570)] == [
         "zero", "fifteen", "forty", "ninety-nine", "one hundred one", "five hundred seventy"]
 

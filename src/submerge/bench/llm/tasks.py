@@ -226,6 +226,23 @@ def _number_words() -> list[Example]:
              str(n)) for n in range(1000)]
 
 
+_MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def _date_words() -> list[Example]:
+    """A seeded sample of dates from 1900 to 2029, ISO form to words ("1969-07-20" -> "July 20, 1969")."""
+    import datetime
+
+    rng = random.Random("date_words")
+    start = datetime.date(1900, 1, 1).toordinal()
+    days = sorted(rng.sample(range(start, datetime.date(2029, 12, 31).toordinal()), 2000))
+    rows = []
+    for d in map(datetime.date.fromordinal, days):
+        rows.append((f"Write the date {d.isoformat()} in words, month first. " + REPLY_WORD.format(what="date"),
+                     f"{_MONTHS[d.month - 1]} {d.day}, {d.year}", d.isoformat()))
+    return rows
+
+
 LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
     GenTask("translate_de", "English word -> German (nouns)", _translation("eng-deu", "German", True),
             "Debian dict-freedict-eng-deu (FreeDict); WordNet SemCor counts pick common words", "GPL-2.0+"),
@@ -243,6 +260,7 @@ LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
     GenTask("antonym", "adjective -> its WordNet antonym", _antonyms,
             "Debian wordnet-base (WordNet 3.0 data.adj antonym pointers)", "WordNet 3.0 license"),
     GenTask("number_words", "a number 0-999 -> English words", _number_words, "generated", "-"),
+    GenTask("date_words", "an ISO date -> month day, year", _date_words, "generated", "-"),
 ]}
 
 
