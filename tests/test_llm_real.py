@@ -55,6 +55,12 @@ def test_every_candidate_skill_builds_disjoint_seeded_questions(skills):
     assert len(dates) == len({g for *_, g in dates}) == 2000
     for _, answer, iso in dates:  # the answer is the ISO date, read back
         assert datetime.datetime.strptime(answer, "%B %d, %Y").date() == datetime.date.fromisoformat(iso)
+    times = {g: a for _, a, g in LLM_TASKS["time_12h"].examples()}
+    assert len(times) == 1440 and [times[t] for t in ("00:00", "00:59", "11:59", "12:00", "13:05", "23:59")] == \
+        ["12:00 AM", "12:59 AM", "11:59 AM", "12:00 PM", "1:05 PM", "11:59 PM"]
+    words = LLM_TASKS["words_to_number"].examples()
+    assert all(p == f'Write "{number_in_words(int(a))}" as a number in digits. Reply with the number only.'
+               for p, a, _ in words) and len(words) == 1000
     assert [number_in_words(n) for n in (0, 15, 40, 99, 101, 570)] == [
         "zero", "fifteen", "forty", "ninety-nine", "one hundred one", "five hundred seventy"]
 

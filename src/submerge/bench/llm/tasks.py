@@ -243,6 +243,22 @@ def _date_words() -> list[Example]:
     return rows
 
 
+def _words_to_number() -> list[Example]:
+    return [(f'Write "{number_in_words(n)}" as a number in digits. ' + REPLY_WORD.format(what="number"), str(n),
+             str(n)) for n in range(1000)]
+
+
+def _time_12h() -> list[Example]:
+    """Every minute of the day, 24-hour clock to 12-hour ("14:05" -> "2:05 PM")."""
+    rows = []
+    for minute in range(24 * 60):
+        h, m = divmod(minute, 60)
+        answer = f"{(h % 12) or 12}:{m:02d} {'AM' if h < 12 else 'PM'}"
+        rows.append((f"Write the time {h:02d}:{m:02d} on the 12-hour clock. " + REPLY_WORD.format(what="time"),
+                     answer, f"{h:02d}:{m:02d}"))
+    return rows
+
+
 LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
     GenTask("translate_de", "English word -> German (nouns)", _translation("eng-deu", "German", True),
             "Debian dict-freedict-eng-deu (FreeDict); WordNet SemCor counts pick common words", "GPL-2.0+"),
@@ -261,6 +277,8 @@ LLM_TASKS: dict[str, GenTask] = {t.name: t for t in [
             "Debian wordnet-base (WordNet 3.0 data.adj antonym pointers)", "WordNet 3.0 license"),
     GenTask("number_words", "a number 0-999 -> English words", _number_words, "generated", "-"),
     GenTask("date_words", "an ISO date -> month day, year", _date_words, "generated", "-"),
+    GenTask("words_to_number", "a number 0-999 in English words -> digits", _words_to_number, "generated", "-"),
+    GenTask("time_12h", "a 24-hour time -> the 12-hour clock with AM/PM", _time_12h, "generated", "-"),
 ]}
 
 
