@@ -28,7 +28,8 @@ from submerge.io.caches import cache_folder
 
 # The candidate skills; the suite is chosen from them on validation (benchmarks/results/llm/README.md)
 LLM_CANDIDATES = ("translate_de", "translate_fr", "country_code", "reverse_dictionary", "sentiment", "language",
-                  "arithmetic", "antonym", "number_words")  # the last two: amendment 3 (before run 3's experts)
+                  "arithmetic", "antonym", "number_words",  # these two: amendment 3 (before run 3's experts)
+                  "date_words", "words_to_number", "time_12h")  # amendment 4 (during run 3, from validation)
 
 
 @dataclass
