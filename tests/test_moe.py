@@ -176,7 +176,11 @@ def test_the_cli_takes_mergekit_moes_command_line(families, tmp_path):
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(yaml.safe_dump({**_config(families, "mixtral_random_noise"), "unknown_key": 1}))
-    r = CliRunner().invoke(main, ["moe", str(cfg), str(tmp_path / "out"), "--random-seed", "0", "--cuda",
+    if not torch.cuda.is_available():  # mergekit's --cuda asks for the GPU: one line where there is none
+        from test_safety import assert_one_line_error, run_cli
+
+        assert_one_line_error(run_cli(["moe", cfg, tmp_path / "gpu", "--cuda", "-q"]), "sees no CUDA device")
+    r = CliRunner().invoke(main, ["moe", str(cfg), str(tmp_path / "out"), "--random-seed", "0",
                                   "--device", "cpu", "--lazy-unpickle", "--allow-crimes", "--load-in-4bit",
                                   "--no-copy-tokenizer", "--out-shard-size", "100KB", "-j", "1", "-q"],
                            standalone_mode=False)
