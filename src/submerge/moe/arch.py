@@ -41,6 +41,20 @@ class MoEArch:
     noise_order: tuple[str, ...]  # per layer: the MLP tensors in the order mergekit reads them
     per_expert_first: bool        # fused: for each expert its tensors; per-expert: for each tensor all experts
 
+    @property
+    def gates_shared(self) -> bool:
+        """Qwen MoE: its one shared expert has a router row of its own (``mlp.shared_expert_gate``)."""
+        return self.shared == "one"
+
+    @property
+    def shared_module(self) -> str:
+        return "shared_expert" if self.gates_shared else "shared_experts"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """The output architecture has q/k/v biases (Qwen2): zeros where the input has none."""
+        return self.name == "Qwen MoE"
+
     def refuses(self, cfg: MoEConfig, model_types: list[str]) -> Optional[str]:
         """Why this architecture cannot hold ``cfg`` (None when it can), as mergekit's ``supports_config``."""
         shared = cfg.shared_experts or []

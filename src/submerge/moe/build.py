@@ -195,7 +195,7 @@ def _plan(cfg: MoEConfig, arch: MoEArch, ckpts: dict[str, Any], n_layers: int,
     for name, t in base.tensors.items():
         if ".mlp." not in name:
             out.append(_Out(name, out_dtype or t.dtype, tuple(t.shape)))
-    if arch.name == "Qwen MoE":  # Qwen2 has q/k/v biases: zeros where the input has none
+    if arch.qkv_bias:
         heads = ckpts[cfg.base_model].config or {}
         for layer in range(n_layers):
             for p in ("q_proj", "k_proj", "v_proj"):
@@ -220,10 +220,9 @@ def _plan(cfg: MoEConfig, arch: MoEArch, ckpts: dict[str, Any], n_layers: int,
             for p in MLP:
                 out += [_Out(f"{prefix}.experts.{i}.{p}.weight", dt, shapes[p]) for i in range(n)]
                 if shared:
-                    where = "shared_expert" if arch.name == "Qwen MoE" else "shared_experts"
-                    out.append(_Out(f"{prefix}.{where}.{p}.weight", dt, shapes[p]))
+                    out.append(_Out(f"{prefix}.{arch.shared_module}.{p}.weight", dt, shapes[p]))
         out.append(_Out(f"{prefix}.gate.weight", out_dtype or torch.float32, (n, width)))
-        if arch.name == "Qwen MoE":
+        if arch.gates_shared:
             out.append(_Out(f"{prefix}.shared_expert_gate.weight", out_dtype or torch.float32, (1, width)))
     return out
 
@@ -268,17 +267,16 @@ def _tensors(cfg: MoEConfig, arch: MoEArch, ckpts: dict[str, Any], gates: torch.
                 [torch.cat([got[i, "gate_proj"], got[i, "up_proj"]], dim=0) for i in range(n)])
             yield f"{prefix}.experts.down_proj", torch.stack([got[i, "down_proj"] for i in range(n)])
         else:
-            where = "shared_expert" if arch.name == "Qwen MoE" else "shared_experts"
             for p in arch.noise_order:
                 for i, e in enumerate(cfg.experts):
                     t = ckpts[e.source_model].read(_mlp_name(layer, p))
                     yield f"{prefix}.experts.{i}.{p}.weight", _noised(t, e, p == "down_proj")
                 for e in shared:
                     t = ckpts[e.source_model].read(_mlp_name(layer, p))
-                    yield f"{prefix}.{where}.{p}.weight", _noised(t, e, p == "down_proj")
+                    yield f"{prefix}.{arch.shared_module}.{p}.weight", _noised(t, e, p == "down_proj")
     for layer in range(n_layers):
         yield f"model.layers.{layer}.mlp.gate.weight", gates[layer, :n].contiguous()
-        if arch.name == "Qwen MoE":
+        if arch.gates_shared:
             yield f"model.layers.{layer}.mlp.shared_expert_gate.weight", gates[layer, n:].contiguous()
 
 
@@ -292,7 +290,7 @@ def _write(cfg: MoEConfig, arch: MoEArch, ckpts: dict[str, Any], gates: torch.Te
     from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
     from submerge.io.writer import ShardWriter, check_finite, parse_size
 
-    if arch.name == "Qwen MoE" and gates.shape[1] != len(cfg.experts) + 1:
+    if arch.gates_shared and gates.shape[1] != len(cfg.experts) + 1:
         raise ConfigError("Qwen MoE gates its shared expert: it needs a router row (positive_prompts, or a random "
                           "gate_mode)")
     planned = {o.name: o for o in plan}
