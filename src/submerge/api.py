@@ -84,7 +84,10 @@ def merge(config: ConfigLike, out_dir: Union[str, Path], options: Optional[Merge
     if keep_intermediate is not None:
         raise ConfigError("--keep-intermediate keeps the stages of a multi-stage config (several YAML documents); "
                           "this config has one")
-    cfg, config_dir = _load(config)
+    if isinstance(config, (str, Path)):  # the one document, already read and parsed
+        cfg, config_dir = parse_config(docs[0] if docs else None, str(config)), Path(config).resolve().parent
+    else:
+        cfg, config_dir = _load(config)
     # refuse a dangerous OUT before any checkpoint is opened (the executor checks again, locked)
     inputs = config_inputs(cfg, config_dir) + ([Path(config)] if isinstance(config, (str, Path)) else [])
     check_output_target(out, inputs)
@@ -125,7 +128,7 @@ def _merge_stages(path: Path, docs: list, out: Path, opts: MergeOptions, keep: O
     import os
     import shutil
 
-    from submerge.engine.stages import plan_stages, with_stage_paths
+    from submerge.engine.stages import plan_stages, used_by, with_stage_paths
     from submerge.io.outdir import stages_folder
 
     config_dir = path.resolve().parent
@@ -136,14 +139,7 @@ def _merge_stages(path: Path, docs: list, out: Path, opts: MergeOptions, keep: O
     check_output_target(out, [path])
     if out.exists() and not opts.overwrite:
         raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    needed: set = set()
-    todo = list(final.uses)
-    by_name = {st.name: st for st in stages}
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo += by_name[name].uses
+    needed = used_by(stages, final)
     if keep is not None:
         keep = Path(keep)
         check_output_target(keep, [path])

@@ -134,6 +134,19 @@ def plan_stages(docs: list[Any], source: str, exists: Any = os.path.lexists) -> 
     return order
 
 
+def used_by(stages: list[Stage], stage: Stage) -> set[str]:
+    """The stages ``stage`` needs, directly or through others."""
+    by_name = {st.name: st for st in stages}
+    needed: set[str] = set()
+    todo = list(stage.uses)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].uses
+    return needed
+
+
 def with_stage_paths(stage: Stage, paths: dict[str, str]) -> dict[str, Any]:
     """The stage's document with every reference to an earlier stage replaced by where its result lies."""
     raw = json.loads(json.dumps(stage.raw))
