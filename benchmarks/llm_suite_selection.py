@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tasks", default=",".join(LLM_CANDIDATES))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "llm" / "selection_run3.json")
+    ap.add_argument("--note", default="", help="why candidates left out of --tasks were not run (kept in the file)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +63,8 @@ def main() -> None:
            "config": {"n_train": args.n_train, "n_val": args.n_val, "steps": args.steps, "lr": args.lr, "shots": args.shots,
                       "turns": args.turns, "micro_batch": args.micro_batch or None,
                       "threads": torch.get_num_threads()},
-           "candidates": per, "kept": kept}
+           "candidates": per, "kept": kept,
+           "not_run": [c for c in LLM_CANDIDATES if c not in S.names], "note": args.note}
     if len(kept) >= 2:
         idx = [S.names.index(t) for t in kept]
         sub_experts = [S.experts[i] for i in idx]
