@@ -80,7 +80,9 @@ def markdown(results: dict) -> str:
     rows = ordered_rows(results)
     merged = [r for r in rows if not r.get("reference")]
     llm = "metric" in results  # the LLM suite: exact match of generated answers
-    protocol = (f"Chat LLM asked one-shot questions under its chat template; experts fine-tuned per skill "
+    shots = results.get("config", {}).get("shots", 1) if llm else 0
+    protocol = (f"Chat LLM asked each question after {shots} demonstration(s) under its chat template; experts "
+                f"fine-tuned per skill "
                 f"({results['config']['recipe']['kind']}); score = {results['metric']}"
                 if llm else "Frozen zero-shot heads; encoder-only fine-tuning")
     what = "exact match" if llm else "accuracy"
@@ -112,7 +114,7 @@ def markdown(results: dict) -> str:
         ci = r.get("avg_norm_ci")
         return f"{c} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else c
 
-    lines.append(f"| {'base (one-shot)' if llm else 'zero-shot (pre-trained)'} † | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
+    lines.append(f"| {f'base ({shots}-shot)' if llm else 'zero-shot (pre-trained)'} † | – | – | " + " | ".join(_fmt(zs[t]) for t in tasks) +
                  f" | {_fmt(sum(zs.values()) / len(zs))} | {_fmt(sum(zs[t] / ft[t] for t in tasks) / len(tasks))} |")
     lines.append("| fine-tuned experts † | – | – | " + " | ".join(_fmt(ft[t]) for t in tasks) +
                  f" | {_fmt(sum(ft.values()) / len(ft))} | 100.0 |")
@@ -135,7 +137,7 @@ def markdown(results: dict) -> str:
         zn, fn = results.get("zeroshot_nll", {}), results.get("finetuned_nll", {})
         lines += ["", "## Gold answers' mean token NLL on test (nats; lower is better)", "",
                   "| method | setting | " + " | ".join(tasks) + " | avg |", "|---|---|" + "---:|" * len(tasks) + "---:|"]
-        for name, d in (("base (one-shot) †", zn), ("fine-tuned experts †", fn)):
+        for name, d in ((f"base ({shots}-shot) †", zn), ("fine-tuned experts †", fn)):
             if d:
                 lines.append(f"| {name} | – | " + " | ".join(f"{d[t]:.3f}" for t in tasks)
                              + f" | {sum(d.values()) / len(d):.3f} |")
