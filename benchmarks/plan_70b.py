@@ -242,11 +242,12 @@ def markdown(out: dict, workers: int, args) -> str:
               "one worker's share, as the table assumes: no matrix is split across workers."
               + (f" One MLP matrix takes about {_h(tsv_flops(28672, 8192, T) / out['methods']['tsv']['times']['h200']['rate_flops'])} "
                  "of TSV-M at the H200 rate." if tsv else ""),
-              "- **ESM today**: its whole-model pass (the essential subspaces and their fusion, then the per-family "
-              "layer norms) runs on the driver, once, before the shard tasks, so ESM on Ray is as slow as the "
-              "one-worker column. Distributing it needs the pass split per layer: workers compute and spill the "
-              "unscaled results and return each matrix's norm (a few KB), the driver combines the norms, and the shard "
-              "tasks rescale. That work is not done yet; the 64-worker ESM time assumes it.", ""]
+              "- **ESM**: its whole-model pass (the essential subspaces and their fusion) runs as Ray tasks over runs of "
+              "whole layers; each spills its unscaled results to the output's temporary folder on shared storage and "
+              "returns one norm per matrix (a few KB). The driver joins the norms into the per-family layer scales, "
+              "and the shard tasks read the spilled results and rescale them. That costs one more write and read "
+              f"of the merged model in float32 ({2 * out['bytes']['model_gb_bf16']:.0f} GB each way) beside the table's "
+              "compute.", ""]
     lines += ["Measured rates behind the times (modelled work / (method − task arithmetic) seconds):", "",
               "| run | family | method | seconds | task arithmetic | effective rate |", "|---|---|---|---:|---:|---:|"]
     for key, r in out["measured_rates"].items():

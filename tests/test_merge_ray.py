@@ -5,6 +5,7 @@ unreachable cluster and a method that cannot run there are one line."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from submerge.api import merge
 from submerge.engine.distributed import KILL_ONCE_ENV
@@ -94,3 +95,59 @@ def test_a_two_node_cluster_gives_the_same_files(fam, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def calibrated(fam, tmp_path_factory):
+    from submerge.stats.gram import calibrate_model_dir
+
+    root = tmp_path_factory.mktemp("ray-cal")
+    for i in range(3):
+        texts = [" ".join(f"w{(5 * i + j + k) % 30}" for k in range(6)) for j in range(10)]
+        calibrate_model_dir(fam / f"ft{i}", texts, root / f"cal{i}", n=10, max_length=16, progress=False)
+    return {"merge_method": "esm", "base_model": str(fam / "base"), "dtype": "float32",
+            "models": [{"model": str(fam / f"ft{i}"), "calibration": str(root / f"cal{i}")} for i in range(3)],
+            "parameters": {"alpha": 0.8}}
+
+
+def test_layer_parts_keep_layers_whole_and_cover_every_tensor():
+    from submerge.engine.distributed import layer_parts
+
+    names = ["embed.weight"] + [f"model.layers.{i}.{k}" for i in range(5) for k in ("q", "k", "v", "mlp")] + ["norm"]
+    sizes = {n: (100 if n.endswith("mlp") else 10) for n in names}
+    for n_parts in (1, 2, 3, 7, 100):
+        parts = layer_parts(names, sizes, n_parts)
+        assert [n for p in parts for n in p] == names and len(parts) == min(n_parts, 7) and all(parts)
+        for i in range(5):
+            assert sum(any(n.startswith(f"model.layers.{i}.") for n in p) for p in parts) == 1
+
+
+def test_esm_parts_joined_equal_the_whole_model_pass(fam, calibrated):
+    """ESM's pass run over runs of whole layers and joined (what Ray workers do) gives the local pass's state:
+    the same spilled results and the same layer scales, bit for bit."""
+    from submerge.engine.distributed import layer_parts
+    from submerge.engine.executor import Executor
+    from submerge.engine.plan import MergeOptions, plan_merge
+    from submerge.engine.config import parse_config
+
+    plan = plan_merge(parse_config(calibrated), None)
+    try:
+        ex = Executor(plan, MergeOptions(quiet=True))
+        whole = ex._prepare()
+        jobs = [j for j in plan.jobs if j.copy_from is None]
+        parts = layer_parts([j.out_name for j in jobs], {j.out_name: 1 for j in jobs}, 3)
+        assert len(parts) == 3
+        joined = plan.method.prepare_combine([ex._prepare(only=p) for p in parts], plan.global_params)
+    finally:
+        plan.close()
+    assert joined.beta == whole.beta and joined.esd == whole.esd and whole.beta
+    for name in whole.beta:
+        assert torch.equal(joined.results.get(name), whole.results.get(name))
+
+
+def test_esm_on_ray_runs_its_pass_on_workers_and_matches_local(calibrated, local_ray, tmp_path):
+    local = merge(calibrated, tmp_path / "local", quiet=True, out_shard_size="60KB")
+    res = merge(calibrated, tmp_path / "ray", quiet=True, out_shard_size="60KB", backend="ray")
+    assert _files(res.out_dir) == _files(local.out_dir)
+    assert any("whole-model pass on Ray" in n for n in res.notes)
+    assert not (res.out_dir / ".scratch").exists()

@@ -1,9 +1,11 @@
 """``submerge merge --backend ray``: one merge spread over a Ray cluster, shard by shard.
 
 The driver plans the merge as a local one does, and cuts the output into the same shards
-(:func:`~submerge.io.writer.shard_layout`).  It runs the method's whole-model pass and LiNeS' schedule once,
-if the method needs them, and puts the result into the object store. Then it submits one Ray task per shard.
-Each task re-plans from the config, reading only headers from storage every node sees. It reads its
+(:func:`~submerge.io.writer.shard_layout`).  If the method has a whole-model pass, it runs once: as Ray tasks
+over runs of whole layers when the method splits it (ESM: each task spills its layers' unscaled results into the
+output's temporary folder and returns their norms, which the driver joins), else on the driver.  LiNeS'
+schedule runs on the driver.  Their result goes into the object store.  Then the driver submits one Ray task per
+shard.  Each task re-plans from the config, reading only headers from storage every node sees.  It reads its
 shard's inputs, merges them on its GPU or CPU through the same per-tensor step as a local merge (same
 per-tensor seeds), and writes that shard's file into the output's temporary folder.  The driver then writes the
 index, config, tokenizer, model card and post-merge work.  The folder appears atomically under the same rules
@@ -11,13 +13,14 @@ as a local merge: inputs refused as OUT, a lock, finite tensors, nothing left be
 are byte for byte a local merge's.
 
 Ray schedules and retries; submerge only submits.  A task whose worker dies is run again (``max_retries``),
-and rewriting its shard is idempotent.  A method that keeps a sidecar of every tensor (ESM++'s experts) runs
-locally only, for now.
+and rewriting its shard or its part is idempotent.  A method that keeps a sidecar of every tensor (ESM++'s
+experts) runs locally only, for now.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -68,6 +71,65 @@ def merge_shard(cfg: MergeConfig, config_dir: Optional[str], opts: MergeOptions,
         plan.close()
 
 
+def prepare_part(cfg: MergeConfig, config_dir: Optional[str], opts: MergeOptions, names: list[str],
+                 scratch: str, seed: Optional[int]) -> Any:
+    """One Ray task: the method's whole-model pass over ``names`` (whole layers), its results spilled into
+    ``scratch`` (storage every node sees); returns the part for the driver's ``prepare_combine``."""
+    plan = plan_merge(cfg, Path(config_dir) if config_dir else None, strict=opts.strict)
+    try:
+        ex = Executor(plan, dataclasses.replace(opts, random_seed=seed, quiet=True))
+        ex._scratch = Path(scratch)
+        return ex._prepare(only=names)
+    finally:
+        plan.close()
+
+
+def layer_parts(names: Sequence[str], sizes: dict[str, int], n_parts: int) -> list[list[str]]:
+    """``names`` cut into ``min(n_parts, units)`` runs of whole layers (every tensor of one numbered block in one run;
+    a tensor outside the block stack is a unit of its own), of about equal total ``sizes``, in order."""
+    from submerge.layers import layer_structure
+
+    _, layers = layer_structure(list(names))
+    units: list[list[str]] = []
+    index: dict[int, int] = {}
+    for n in names:
+        if n in layers:
+            i = layers[n][0]
+            if i not in index:
+                index[i] = len(units)
+                units.append([])
+            units[index[i]].append(n)
+        else:
+            units.append([n])
+    n_parts = max(1, min(n_parts, len(units)))
+    total = sum(sizes[n] for u in units for n in u)
+    parts: list[list[str]] = [[]]
+    done = 0
+    for k, u in enumerate(units):
+        left = len(units) - k  # units not yet placed, u included
+        if parts[-1] and len(parts) < n_parts and (done >= total * len(parts) / n_parts
+                                                   or left == n_parts - len(parts)):
+            parts.append([])
+        parts[-1].extend(u)
+        done += sum(sizes[n] for n in u)
+    return parts
+
+
+def _prepare_on_ray(ray: Any, ex: Executor, cfg: MergeConfig, where: Optional[str], opts: MergeOptions,
+                    n_parts: int, scratch: Path, on_gpu: bool) -> Any:
+    """The method's whole-model pass as Ray tasks over runs of whole layers, joined on the driver by the method's
+    ``prepare_combine``: the same state as the local pass."""
+    jobs = [j for j in ex.plan.jobs if j.copy_from is None]
+    sizes = {j.out_name: math.prod(j.shape) for j in jobs}
+    parts = layer_parts([j.out_name for j in jobs], sizes, n_parts)
+    task = ray.remote(prepare_part).options(max_retries=3, retry_exceptions=False, num_gpus=1 if on_gpu else 0)
+    refs = [task.remote(cfg, where, opts, names, str(scratch / f"part-{i}"), ex.seed)
+            for i, names in enumerate(parts)]
+    got = _gather(ray, refs, sum_up=False)
+    ex.plan.notes.append(f"whole-model pass on Ray: {len(parts)} task(s) over whole layers")
+    return ex.plan.method.prepare_combine(got, ex.plan.global_params)
+
+
 def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOptions, out: Path,
                  inputs: Sequence[Path], address: Optional[str] = None) -> MergeResult:
     """Merge ``cfg`` into ``out`` on the Ray cluster at ``address`` (a new local instance without one)."""
@@ -89,16 +151,20 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
         with ray_session(address) as ray, atomic_folder(out, opts.overwrite, "output folder",
                                                         inputs=[*inputs, *plan.inputs], planned_bytes=total) as tmp:
             ex._scratch = tmp / ".scratch"
-            state = ex._prepare()
-            if ex._lines is not None:
-                ex._lines_scales = ex._lines_schedule(state)
             gpus = int(ray.cluster_resources().get("GPU", 0))
             on_gpu = gpus > 0 and opts.device in ("auto", "cuda")
             worker_opts = dataclasses.replace(opts, device="cuda" if on_gpu else "cpu", threads=None)
+            where = str(config_dir) if config_dir is not None else None
+            m = plan.method
+            if m.prepare_part is not None and m.needs_prepare(plan.global_params):
+                state = _prepare_on_ray(ray, ex, cfg, where, worker_opts, len(files), ex._scratch, on_gpu)
+            else:
+                state = ex._prepare()
+            if ex._lines is not None:
+                ex._lines_scales = ex._lines_schedule(state)
             task = ray.remote(merge_shard).options(max_retries=3, retry_exceptions=False,
                                                    num_gpus=1 if on_gpu else 0)
             shared = ray.put((state, ex._lines_scales))
-            where = str(config_dir) if config_dir is not None else None
             refs = [task.remote(cfg, where, worker_opts, i, str(tmp), ex.seed, shared) for i in range(len(files))]
             read = _gather(ray, refs)
             write_index(tmp, files, shard_of, total)
@@ -115,10 +181,12 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
                        list(plan.notes), list(plan.ignored))
 
 
-def _gather(ray: Any, refs: list) -> int:
-    """The tasks' results; a task's own error (a submerge error, an OS error) as itself, in one line."""
+def _gather(ray: Any, refs: list, sum_up: bool = True) -> Any:
+    """The tasks' results (their sum with ``sum_up``); a task's own error (a submerge error, an OS error) as
+    itself, in one line."""
     try:
-        return sum(ray.get(refs))
+        got = ray.get(refs)
+        return sum(got) if sum_up else got
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, (SubmergeError, OSError)):

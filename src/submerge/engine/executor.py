@@ -151,20 +151,24 @@ class Executor:
             self._read_pool = None
 
     # ---------------------------------------------------------------- merging
-    def _prepare(self):
+    def _prepare(self, only: Optional[Sequence[str]] = None):
+        """The method's whole-model pass (None when it has none); ``only``: the method's ``prepare_part`` over
+        these tensors (whole layers), for a merge spread over workers."""
         m = self.plan.method
         float_jobs = [j for j in self.plan.jobs if j.copy_from is None]
         if not m.needs_prepare(self.plan.global_params):
             return None
         by_name = {j.out_name: j for j in float_jobs}
         mp = ModelPass(
-            [j.out_name for j in float_jobs],
+            [j.out_name for j in float_jobs] if only is None else [n for n in only if n in by_name],
             lambda name: self.load(by_name[name]),
             lambda name: by_name[name].params,
             [k for k, _ in float_jobs[0].inputs] if float_jobs else [],
             stats=(lambda name: self._stats(by_name[name])) if self._uses_stats else None,
             scratch_dir=self._scratch,
         )
+        if only is not None:
+            return m.prepare_part(mp, self.plan.global_params)
         log.info("%s: whole-model statistics pass", m.name)
         return m.prepare(mp, self.plan.global_params)
 

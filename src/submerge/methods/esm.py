@@ -28,6 +28,7 @@ API) and records the per-layer norms; the per-tensor pass then only rescales.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,17 @@ class Spill:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def union(cls, spills: list["Spill"]) -> "Spill":
+        """One spill holding every result of ``spills`` (their files stay where they were written)."""
+        if len(spills) == 1:
+            return spills[0]
+        out = cls(None)
+        for sp in spills:
+            out._ram.update(sp._ram)
+            out._files.update(sp._files)
+        return out
+
     def put(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().to("cpu")  # spilled results wait on the CPU (or disk), not on an accelerator
         if self.folder is None:
@@ -201,6 +213,18 @@ class Spill:
         from safetensors.torch import load_file
 
         return load_file(str(self._files[name]))["t"]
+
+
+@dataclass
+class ESMPart:
+    """What :func:`_esm_part` computed on some whole layers: the unscaled results (spilled), and per merged matrix
+    (or stacked q/k/v group) its Frobenius norm, keyed ``family@first member``."""
+
+    results: Spill
+    esd: set = field(default_factory=set)
+    fallback: list = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=dict)
+    norm_key: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -241,12 +265,14 @@ def _stats_ready(stats) -> bool:
     return stats is not None and len(stats) > 0 and all(s is not None for s in stats)
 
 
-def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
+def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
+    """ESM's whole-model pass over the tensors of ``mp`` (whole layers): every essential-subspace and other matrix
+    merged, unscaled, and spilled; the layer norms for :func:`_esm_combine`."""
     cfg = resolve_recipe(g)
     rules = parse_role_patterns(g.get("role_patterns") or "")
-    state = ESMState(Spill(mp.scratch_dir), settings=cfg)
-    norms: dict[str, float] = {}  # "family@first member" -> Frobenius norm of the merged matrix
-    norm_key: dict[str, str] = {}  # tensor -> its key in norms (a stacked group shares one)
+    state = ESMPart(Spill(mp.scratch_dir))
+    norms = state.norms  # "family@first member" -> Frobenius norm of the merged matrix
+    norm_key = state.norm_key  # tensor -> its key in norms (a stacked group shares one)
     pending: dict[str, dict[str, tuple[str, list, list]]] = {}
 
     def finish(names: list[str], deltas_list: list[list[torch.Tensor]], stats_list, family: str, esd: bool):
@@ -302,20 +328,38 @@ def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
     for group, parts in pending.items():  # incomplete q/k/v groups: each on its own
         for role, (name, deltas, stats) in parts.items():
             finish([name], [deltas], [stats], family_of(name), True)
+    return state
 
-    # layer polarisation within each family
+
+def _esm_combine(parts: list[ESMPart], g: dict) -> ESMState:
+    """The parts of one model's pass joined, and layer polarisation within each family: a matrix's scale is
+    ``(‖ΔW_ℓ‖ / mean over its family) ^ layer_power``.  The family means are exactly rounded sums
+    (``math.fsum``), so they do not depend on how the layers were split into parts."""
+    cfg = resolve_recipe(g)
+    state = ESMState(Spill.union([p.results for p in parts]), settings=cfg)
+    norms: dict[str, float] = {}
+    norm_key: dict[str, str] = {}
+    for p in parts:
+        state.esd |= p.esd
+        state.fallback += p.fallback
+        norms.update(p.norms)
+        norm_key.update(p.norm_key)
     if cfg["layer_power"]:
         by_fam: dict[str, list[float]] = {}
         for key, nrm in norms.items():
             by_fam.setdefault(key.split("@", 1)[0], []).append(nrm)
+        mean = {fam: math.fsum(v) / len(v) for fam, v in by_fam.items()}
         for name, key in norm_key.items():
-            fam = key.split("@", 1)[0]
-            mean = sum(by_fam[fam]) / len(by_fam[fam])
-            state.beta[name] = (norms[key] / mean) ** cfg["layer_power"] if mean > 0 else 1.0
+            m = mean[key.split("@", 1)[0]]
+            state.beta[name] = (norms[key] / m) ** cfg["layer_power"] if m > 0 else 1.0
     if state.fallback:
         log.warning("esm: %d layer(s) without usable calibration statistics use TSV-M: %s",
                     len(state.fallback), ", ".join(state.fallback[:6]) + (" ..." if len(state.fallback) > 6 else ""))
     return state
+
+
+def _esm_prepare(mp: ModelPass, g: dict) -> ESMState:
+    return _esm_combine([_esm_part(mp, g)], g)
 
 
 _ESM_PARAMS = [
@@ -344,6 +388,8 @@ ESM_MACHINERY: dict[str, Any] = dict(
     needs_base=True,
     min_models=1,
     prepare=_esm_prepare,
+    prepare_part=_esm_part,
+    prepare_combine=_esm_combine,
     scale_param="alpha",
     needs_stats=True,
     search={"bounds": lambda p: RECIPE_BOUNDS.get(p.get("recipe", DEFAULT_RECIPE), (0.0, 2.0))},

@@ -197,6 +197,11 @@ class MergeMethod:
     randomized: bool = False
     prepare: Optional[Callable[[ModelPass, dict], Any]] = None
     prepare_when: Optional[Callable[[dict], bool]] = None
+    # the prepare pass in parts, for a merge spread over workers: prepare_part(mp, g) on a ModelPass over whole
+    # layers (every tensor of a numbered block in one part; a tensor outside the stack anywhere), and
+    # prepare_combine(parts, g) of the parts of any such partition equals prepare(mp, g) on the whole model
+    prepare_part: Optional[Callable[[ModelPass, dict], Any]] = None
+    prepare_combine: Optional[Callable[[list, dict], Any]] = None
     optional_base: bool = False  # a base_model, when given, is ctx.base (nuslerp, multislerp); else ctx.base is None
     base_as_input: bool = False  # a base_model, when given, is merged as one more input (mergekit's karcher)
     copy_when: Optional[Callable[[dict], bool]] = None  # per tensor (bound params): the output is input 0 unchanged
@@ -222,6 +227,8 @@ class MergeMethod:
     per_task_params: tuple[str, ...] = ()  # per-model parameters chosen on each task's own validation split
 
     def __post_init__(self):
+        if (self.prepare_part is None) != (self.prepare_combine is None):
+            raise ValueError(f"{self.name}: prepare_part and prepare_combine come together")
         if self.evaluation not in ("static", "routed", "task_id", "learned"):
             raise ValueError(f"{self.name}: evaluation must be static, routed, task_id or learned")
         unknown = [p for p in self.per_task_params if p not in {q.name for q in self.params if q.per_model}]
