@@ -187,3 +187,40 @@ def test_micro_batches_give_the_batch_gradient(tiny_chat_folder, tmp_path):
     assert changed
     for k in changed:
         torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
+def test_an_moe_of_the_experts_holds_their_mlps_and_is_scored_like_any_model(tiny_chat_folder, tmp_path):
+    """The MoE reference rows (issue 33): `submerge moe` of the suite's LoRA experts (base+adapter), with
+    mergekit-moe's hidden gates and submerge's calibration gates; expert i's MLP is skill i's expert's MLP,
+    attention is the base's, and the scorer scores any causal LM as the session scores its own."""
+    from safetensors.torch import load_file
+
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.moe import moe_rows, score_model
+    from submerge.bench.llm.session import LLMBenchConfig, LLMSession
+
+    S = LLMSession(LLMBenchConfig(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, multitask=False,
+                                  quiet=True, recipe=LLMRecipe(steps=20, lr=1e-2, batch_size=8), calib_n=4,
+                                  cache_dir=str(tmp_path / "cache")), tiny_chat_folder)
+    with S.loaded(None) as model:
+        exact, _ = score_model(S, model, "val")
+    assert all((exact[t] == S.zs_val[t]).all() for t in S.names)
+    rows = moe_rows(S, tmp_path)
+    assert [r["label"] for r in rows] == ["moe (hidden gates)", "moe (calibration gates)"]
+    for r in rows:
+        assert r["architecture"] == "MixtralForCausalLM" and r["params"] > S.cm.n_params()
+        assert {t: len(v) for t, v in r["per_example"].items()} == {"echo_first": 10, "echo_last": 10}
+        assert 0 <= r["avg_abs"] <= 1 and r["ms_per_question"] > 0
+    moe = {}
+    for f in (tmp_path / "moe-hidden").glob("*.safetensors"):
+        moe.update(load_file(f))
+    for layer in range(2):
+        pre = f"model.layers.{layer}."
+        for i, expert in enumerate(S.experts):  # transformers 5's fused layout: [E, 2I, H] and [E, H, I]
+            gate_up = torch.cat([expert[f"{pre}mlp.gate_proj.weight"], expert[f"{pre}mlp.up_proj.weight"]])
+            torch.testing.assert_close(moe[f"{pre}mlp.experts.gate_up_proj"][i], gate_up, rtol=0, atol=0)
+            torch.testing.assert_close(moe[f"{pre}mlp.experts.down_proj"][i], expert[f"{pre}mlp.down_proj.weight"],
+                                       rtol=0, atol=0)
+            assert not torch.equal(expert[f"{pre}mlp.down_proj.weight"], S.base[f"{pre}mlp.down_proj.weight"])
+        torch.testing.assert_close(moe[f"{pre}self_attn.q_proj.weight"], S.base[f"{pre}self_attn.q_proj.weight"],
+                                   rtol=0, atol=0)
