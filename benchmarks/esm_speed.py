@@ -34,7 +34,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    dt, rss = out.stdout.split()
+    dt, rss = out.stdout.split()[:2]  # the timer also prints CPU seconds
     return float(dt), int(rss) / 1024
 
 
