@@ -75,7 +75,9 @@ def main() -> None:
         for r in range(args.repeats):  # interleaved: local, ray, local, ray, ...
             for backend in ("local", "ray"):
                 out = args.work / f"out-{method}-{backend}"
-                cmd = env + [*exe, "merge", str(path), str(out), "--overwrite", "-q", "--threads", str(args.threads),
+                # local: one process with every thread; ray: each task one thread, as many tasks side by side
+                threads = args.threads if backend == "local" else 1
+                cmd = env + [*exe, "merge", str(path), str(out), "--overwrite", "-q", "--threads", str(threads),
                              "--out-shard-size", args.shard_size, "--backend", backend]
                 dt, rss = measure(cmd)
                 runs.setdefault(method, {}).setdefault(backend, []).append({"seconds": dt, "driver_peak_rss_mb": rss})
@@ -91,8 +93,9 @@ def main() -> None:
     lines = ["# `submerge merge --backend ray` on one machine: the cost of the extra processes", "",
              f"66M-parameter bf16 Llama, base + 4 fine-tunes (`benchmarks/esm_speed.py`'s family); {args.threads} "
              f"threads; output shards of {args.shard_size}; one process per run, interleaved, median of "
-             f"{args.repeats} (min–max). Ray: a new local instance per run (2 CPUs, so two workers), start "
-             "included.", "",
+             f"{args.repeats} (min–max). Local: one process, {args.threads} threads. Ray: a new local instance per "
+             f"run, start included, `--threads 1`: each task reserves one CPU and runs one thread, so {args.threads} "
+             "tasks run side by side.", "",
              "| method | local | ray | ray − local | files identical |", "|---|---:|---:|---:|---|"]
     for method, r in runs.items():
         loc = [x["seconds"] for x in r["local"]]

@@ -84,6 +84,18 @@ def prepare_part(cfg: MergeConfig, config_dir: Optional[str], opts: MergeOptions
         plan.close()
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def task_options(on_gpu: bool, cpus: int) -> dict:
+    """A merge task's Ray options: retried when its worker dies, one GPU or none, ``cpus`` CPUs reserved and the
+    thread pools of its worker sized to them.  The worker's environment says so too (its OpenMP and BLAS read it
+    when the process starts): a driver started with ``OMP_NUM_THREADS=2`` would otherwise pass that to every
+    worker, and two tasks side by side on two cores would each run two threads (measured: ESM twice as slow)."""
+    return {"max_retries": 3, "retry_exceptions": False, "num_gpus": 1 if on_gpu else 0, "num_cpus": cpus,
+            "runtime_env": {"env_vars": {k: str(cpus) for k in THREAD_ENV}}}
+
+
 def layer_parts(names: Sequence[str], sizes: dict[str, int], n_parts: int) -> list[list[str]]:
     """``names`` cut into ``min(n_parts, units)`` runs of whole layers (every tensor of one numbered block in one run;
     a tensor outside the block stack is a unit of its own), of about equal total ``sizes``, in order."""
@@ -122,7 +134,7 @@ def _prepare_on_ray(ray: Any, ex: Executor, cfg: MergeConfig, where: Optional[st
     jobs = [j for j in ex.plan.jobs if j.copy_from is None]
     sizes = {j.out_name: math.prod(j.shape) for j in jobs}
     parts = layer_parts([j.out_name for j in jobs], sizes, n_parts)
-    task = ray.remote(prepare_part).options(max_retries=3, retry_exceptions=False, num_gpus=1 if on_gpu else 0)
+    task = ray.remote(prepare_part).options(**task_options(on_gpu, opts.threads))
     refs = [task.remote(cfg, where, opts, names, str(scratch / f"part-{i}"), ex.seed)
             for i, names in enumerate(parts)]
     got = _gather(ray, refs, sum_up=False)
@@ -153,7 +165,11 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
             ex._scratch = tmp / ".scratch"
             gpus = int(ray.cluster_resources().get("GPU", 0))
             on_gpu = gpus > 0 and opts.device in ("auto", "cuda")
-            worker_opts = dataclasses.replace(opts, device="cuda" if on_gpu else "cpu", threads=None)
+            # each task reserves the CPUs its torch threads use (--threads, else 1; at most a node's CPUs), so
+            # the tasks side by side on a node never ask for more threads than it has cores
+            node_cpus = max([int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
+            cpus = max(1, min(opts.threads or 1, node_cpus))
+            worker_opts = dataclasses.replace(opts, device="cuda" if on_gpu else "cpu", threads=cpus)
             where = str(config_dir) if config_dir is not None else None
             m = plan.method
             if m.prepare_part is not None and m.needs_prepare(plan.global_params):
@@ -162,8 +178,7 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
                 state = ex._prepare()
             if ex._lines is not None:
                 ex._lines_scales = ex._lines_schedule(state)
-            task = ray.remote(merge_shard).options(max_retries=3, retry_exceptions=False,
-                                                   num_gpus=1 if on_gpu else 0)
+            task = ray.remote(merge_shard).options(**task_options(on_gpu, cpus))
             shared = ray.put((state, ex._lines_scales))
             refs = [task.remote(cfg, where, worker_opts, i, str(tmp), ex.seed, shared) for i in range(len(files))]
             read = _gather(ray, refs)
