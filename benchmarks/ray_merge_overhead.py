@@ -28,15 +28,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from merge_speed import _MEASURE  # noqa: E402  (same child-process timer)
-
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    dt, rss = out.stdout.split()[:2]
-    return float(dt), int(rss) / 1024
+from esm_speed import measure  # noqa: E402  (the same child-process timer: seconds, peak RSS in MB)
 
 
 def family(work: Path) -> tuple[Path, list[Path], list[Path]]:
