@@ -51,6 +51,11 @@ class Llama:
             out.append(("lm_head", self.vocab, self.hidden, 1))
         return out
 
+    def layer_matrices(self) -> list[tuple[str, int, int, int]]:
+        """The block stack's matrices: what the subspace kernels merge (embeddings take the mean of the task
+        vectors, TSV-M's and ESM's default ``embeddings: mean``)."""
+        return [m for m in self.matrices() if m[0] not in ("embed", "lm_head")]
+
     def params(self) -> int:
         return sum(o * i * c for _, o, i, c in self.matrices()) + (2 * self.layers + 1) * self.hidden
 
@@ -98,10 +103,9 @@ def esm_flops(d_out: int, d_in: int, T: int) -> float:
 
 
 def model_flops(model: Llama, T: int, method: str) -> float:
-    """The float64 work of ``method`` over ``model``: embeddings take the mean of the task vectors (TSV-M's and
-    ESM's default ``embeddings: mean``), every other matrix the method's kernel."""
+    """The float64 work of ``method``'s kernel over ``model``'s block-stack matrices."""
     kernel = {"tsv": tsv_flops, "esm": esm_flops}[method]
-    return sum(c * kernel(o, i, T) for role, o, i, c in model.matrices() if role not in ("embed", "lm_head"))
+    return sum(c * kernel(o, i, T) for _, o, i, c in model.layer_matrices())
 
 
 def group_memory_gb(d_out: int, d_in: int, T: int, method: str) -> float:
@@ -141,8 +145,8 @@ def measure_svds(model: Llama, device: str) -> dict:
     import torch
 
     out = {}
-    for role, o, i, _ in model.matrices():
-        if role in ("embed", "lm_head") or f"{o}x{i}" in out:
+    for _, o, i, _ in model.layer_matrices():
+        if f"{o}x{i}" in out:
             continue
         x = torch.randn(o, i, dtype=torch.float64, device=device)
         torch.linalg.svd(x[:64, :64], full_matrices=False)  # warm the solver
@@ -179,9 +183,12 @@ def main() -> None:
     rates = measured_rates(args.results)
     out = {"model": M.name, "params": P, "tasks": T, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
            "bytes": {"model_gb_bf16": model_gb, "read_gb": read_gb, "written_gb": write_gb,
-                     "read_gb_per_node": read_gb / args.nodes, "sent_to_driver_gb": 0.0},
+                     "read_gb_per_node": read_gb / args.nodes},
            "shards": shards, "measured_rates": rates, "methods": {}}
-    largest = max(M.matrices()[:-2], key=lambda m: m[1] * m[2])
+    largest = max(M.layer_matrices(), key=lambda m: m[1] * m[2])
+    out["largest_group_inputs_gb_bf16"] = (T + 1) * largest[1] * largest[2] * bf16 / 1e9
+    out["largest_group_tsv_flops"] = tsv_flops(largest[1], largest[2], T)
+    out["matrix_merges"] = sum(c for *_, c in M.layer_matrices())
     for method in ("tsv", "esm"):
         flops = model_flops(M, T, method)
         per = {"flops": flops, "largest_group": f"{largest[0]} {largest[1]}x{largest[2]}",
@@ -236,11 +243,11 @@ def markdown(out: dict, workers: int, args) -> str:
               "renames the folder into place. It reads no tensor data.",
               f"- **Workers** (one per GPU): each task reads its shard's tensors from the {T + 1} models on shared "
               "storage (host memory: the largest group's inputs in bf16, "
-              f"{(T + 1) * 28672 * 8192 * 2 / 1e9:.1f} GB), computes in float64 on its GPU (the device memory above), "
+              f"{out['largest_group_inputs_gb_bf16']:.1f} GB), computes in float64 on its GPU (the device memory above), "
               "and writes its shard. Ray reruns a task whose worker dies.",
-              "- **Load balance**: 80 layers x 7 matrices = 560 matrix merges over the workers; the critical path is "
+              f"- **Load balance**: {out['matrix_merges']} matrix merges over the workers; the critical path is "
               "one worker's share, as the table assumes: no matrix is split across workers."
-              + (f" One MLP matrix takes about {_h(tsv_flops(28672, 8192, T) / out['methods']['tsv']['times']['h200']['rate_flops'])} "
+              + (f" The largest matrix takes about {_h(out['largest_group_tsv_flops'] / out['methods']['tsv']['times']['h200']['rate_flops'])} "
                  "of TSV-M at the H200 rate." if tsv else ""),
               "- **ESM**: its whole-model pass (the essential subspaces and their fusion) runs as Ray tasks over runs of "
               "whole layers; each spills its unscaled results to the output's temporary folder on shared storage and "

@@ -196,14 +196,14 @@ def test_an_moe_of_the_experts_holds_their_mlps_and_is_scored_like_any_model(tin
     from safetensors.torch import load_file
 
     from submerge.bench.llm.finetune import LLMRecipe
-    from submerge.bench.llm.moe import moe_rows, score_model
+    from submerge.bench.llm.moe import moe_rows
     from submerge.bench.llm.session import LLMBenchConfig, LLMSession
 
     S = LLMSession(LLMBenchConfig(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, multitask=False,
                                   quiet=True, recipe=LLMRecipe(steps=20, lr=1e-2, batch_size=8), calib_n=4,
                                   cache_dir=str(tmp_path / "cache")), tiny_chat_folder)
     with S.loaded(None) as model:
-        exact, _ = score_model(S, model, "val")
+        exact = S.evaluate_model(model, "val")
     assert all((exact[t] == S.zs_val[t]).all() for t in S.names)
     rows = moe_rows(S, tmp_path)
     assert [r["label"] for r in rows] == ["moe (hidden gates)", "moe (calibration gates)"]

@@ -137,7 +137,7 @@ def _prepare_on_ray(ray: Any, ex: Executor, cfg: MergeConfig, where: Optional[st
     task = ray.remote(prepare_part).options(**task_options(on_gpu, opts.threads))
     refs = [task.remote(cfg, where, opts, names, str(scratch / f"part-{i}"), ex.seed)
             for i, names in enumerate(parts)]
-    got = _gather(ray, refs, sum_up=False)
+    got = _gather(ray, refs)
     ex.plan.notes.append(f"whole-model pass on Ray: {len(parts)} task(s) over whole layers")
     return ex.plan.method.prepare_combine(got, ex.plan.global_params)
 
@@ -178,10 +178,10 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
                 state = ex._prepare()
             if ex._lines is not None:
                 ex._lines_scales = ex._lines_schedule(state)
-            task = ray.remote(merge_shard).options(**task_options(on_gpu, cpus))
+            task = ray.remote(merge_shard).options(**task_options(on_gpu, worker_opts.threads))
             shared = ray.put((state, ex._lines_scales))
             refs = [task.remote(cfg, where, worker_opts, i, str(tmp), ex.seed, shared) for i in range(len(files))]
-            read = _gather(ray, refs)
+            read = sum(_gather(ray, refs))
             write_index(tmp, files, shard_of, total)
             shutil.rmtree(tmp / ".scratch", ignore_errors=True)
             plan.notes.append(f"merged on Ray: {len(files)} shard task(s), {'GPU' if on_gpu else 'CPU'} workers")
@@ -196,12 +196,10 @@ def merge_on_ray(cfg: MergeConfig, config_dir: Optional[Path], opts: MergeOption
                        list(plan.notes), list(plan.ignored))
 
 
-def _gather(ray: Any, refs: list, sum_up: bool = True) -> Any:
-    """The tasks' results (their sum with ``sum_up``); a task's own error (a submerge error, an OS error) as
-    itself, in one line."""
+def _gather(ray: Any, refs: list) -> list:
+    """The tasks' results; a task's own error (a submerge error, an OS error) as itself, in one line."""
     try:
-        got = ray.get(refs)
-        return sum(got) if sum_up else got
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, (SubmergeError, OSError)):

@@ -270,9 +270,9 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
     merged, unscaled, and spilled; the layer norms for :func:`_esm_combine`."""
     cfg = resolve_recipe(g)
     rules = parse_role_patterns(g.get("role_patterns") or "")
-    state = ESMPart(Spill(mp.scratch_dir))
-    norms = state.norms  # "family@first member" -> Frobenius norm of the merged matrix
-    norm_key = state.norm_key  # tensor -> its key in norms (a stacked group shares one)
+    done = ESMPart(Spill(mp.scratch_dir))
+    norms = done.norms  # "family@first member" -> Frobenius norm of the merged matrix
+    norm_key = done.norm_key  # tensor -> its key in norms (a stacked group shares one)
     pending: dict[str, dict[str, tuple[str, list, list]]] = {}
 
     def finish(names: list[str], deltas_list: list[list[torch.Tensor]], stats_list, family: str, esd: bool):
@@ -290,14 +290,14 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
             parts = merged.split([stats_list[0][0].weight_as_out_in(d[0]).shape[0] for d in deltas_list], 0)
             key = family + "@" + names[0]
             for name, part in zip(names, parts):
-                state.results.put(name, (part.T if layout == "in_out" else part).contiguous())
-                state.esd.add(name)
+                done.results.put(name, (part.T if layout == "in_out" else part).contiguous())
+                done.esd.add(name)
                 norm_key[name] = key
             norms[key] = float(torch.linalg.norm(merged))
         else:
             for name, deltas in zip(names, deltas_list):
                 merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas).to(deltas[0].dtype)
-                state.results.put(name, merged.contiguous())
+                done.results.put(name, merged.contiguous())
                 norm_key[name] = family + "@" + name
                 norms[norm_key[name]] = float(torch.linalg.norm(merged))
 
@@ -314,7 +314,7 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
             st.d_in == st.weight_as_out_in(deltas[i]).shape[1] for i, st in enumerate(stats))
         wants = role in cfg["esd_roles"]
         if wants and not ready:
-            state.fallback.append(name)
+            done.fallback.append(name)
         if role in ("q", "k", "v") and cfg["stack_qkv"] and wants and ready:
             group = name[:m.start()] + "<qkv>"
             pending.setdefault(group, {})[role] = (name, deltas, stats)
@@ -328,7 +328,7 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
     for group, parts in pending.items():  # incomplete q/k/v groups: each on its own
         for role, (name, deltas, stats) in parts.items():
             finish([name], [deltas], [stats], family_of(name), True)
-    return state
+    return done
 
 
 def _esm_combine(parts: list[ESMPart], g: dict) -> ESMState:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from submerge.bench.evaluate import bootstrap_ci, paired_diff_ci
 from submerge.bench.llm.session import LLMSession
@@ -46,18 +45,6 @@ def moe_config(S: LLMSession, gate_mode: str, stats_dirs: Optional[list[Path]] =
             "experts": experts, "architecture": "mixtral"}
 
 
-def score_model(S: LLMSession, model: torch.nn.Module, split: str) -> tuple[dict, dict]:
-    """Per skill, exact match and answer NLL per question of ``split`` by ``model`` (any causal LM)."""
-    from submerge.evaluate.generation import score_answers
-
-    exact, nll = {}, {}
-    for t in S.names:
-        e, n = score_answers(model, S.cm.tokenizer, None, None, batch_size=S.cfg.eval_batch,
-                             encoded=S.encoded(t, split))
-        exact[t], nll[t] = e.numpy().astype(np.float64), n.numpy()
-    return exact, nll
-
-
 def moe_rows(S: LLMSession, scratch: Path, gate_modes=GATE_MODES) -> list[dict]:
     """One row per gate mode: the MoE built into ``scratch``, scored on val and test."""
     from transformers import AutoModelForCausalLM
@@ -78,9 +65,9 @@ def moe_rows(S: LLMSession, scratch: Path, gate_modes=GATE_MODES) -> list[dict]:
                   MoEOptions(random_seed=S.cfg.seed, quiet=True, write_model_card=False))
         build_s = time.perf_counter() - t0
         model = load_pretrained(AutoModelForCausalLM, folder, quiet=True).eval()
-        val, _ = score_model(S, model, "val")
+        val = S.evaluate_model(model, "val")
         t1 = time.perf_counter()
-        test, nll = score_model(S, model, "test")
+        test = S.evaluate_model(model, "test")
         test_s = time.perf_counter() - t1
         per = {t: float(test[t].mean()) for t in S.names}
         _, lo, hi = paired_diff_ci([test[t] for t in S.names], [np.zeros_like(test[t]) for t in S.names], ft_mean)
@@ -92,7 +79,7 @@ def moe_rows(S: LLMSession, scratch: Path, gate_modes=GATE_MODES) -> list[dict]:
                      "avg_norm": float(np.mean([per[t] / m for t, m in zip(S.names, ft_mean)])),
                      "avg_norm_ci": [lo, hi],
                      "val_norm": float(np.mean([val[t].mean() / S.ft_val_mean[t] for t in S.names])),
-                     "per_task_nll": {t: float(nll[t].mean()) for t in S.names},
+                     "per_task_nll": {t: float(test.nll[t].mean()) for t in S.names},
                      "build_seconds": build_s, "test_seconds": test_s, "ms_per_question": 1000 * test_s / n_q,
                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                      "per_example": {t: test[t].astype(int).tolist() for t in S.names}})

@@ -133,18 +133,24 @@ class LLMSession(SuiteSession):
                                             for q in getattr(self.splits[task], split)]
         return self._encoded[(task, split)]
 
-    def _score_task(self, task: str, split: str, around=None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact match and answer NLL per question of ``task``'s ``split``, by the model as it is now loaded."""
-        exact, nll = score_answers(self.cm.model, self.cm.tokenizer, None, None, batch_size=self.cfg.eval_batch,
-                                   encoded=self.encoded(task, split), around=around)
+    def _score_task(self, task: str, split: str, around=None, model=None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact match and answer NLL per question of ``task``'s ``split``, by ``model`` (default: the chat model
+        as it is now loaded)."""
+        exact, nll = score_answers(model if model is not None else self.cm.model, self.cm.tokenizer, None, None,
+                                   batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split), around=around)
         return exact.numpy().astype(np.float64), nll.numpy()
 
-    def _scores_of(self, split: str, around=None) -> "Scores":
-        both = {t: self._score_task(t, split, around(i) if around is not None else None)
+    def _scores_of(self, split: str, around=None, model=None) -> "Scores":
+        both = {t: self._score_task(t, split, around(i) if around is not None else None, model)
                 for i, t in enumerate(self.names)}
         out = Scores({t: e for t, (e, _) in both.items()})
         out.nll = {t: n for t, (_, n) in both.items()}
         return out
+
+    def evaluate_model(self, model: torch.nn.Module, split: str) -> "Scores":
+        """Per task, per-example exact match (with the NLLs) of another causal LM with the suite's tokenizer (an
+        MoE of the experts, say) on ``split``, scored as the suite scores its own merges."""
+        return self._scores_of(split, model=model)
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str) -> dict[str, np.ndarray]:
         """Per task, per-example exact match of ``state`` on ``split`` (with the NLLs: :class:`Scores`)."""
