@@ -189,6 +189,49 @@ def test_micro_batches_give_the_batch_gradient(tiny_chat_folder, tmp_path):
         torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6)
 
 
+def test_an_interrupted_fine_tune_continues_from_its_checkpoint_to_the_same_expert(tiny_chat_folder, tmp_path,
+                                                                                    monkeypatch):
+    """A fine-tune stopped part-way (a session's end) continues from its saved state, and the expert is bit for
+    bit the uninterrupted one's: trainable tensors, AdamW moments and the schedule are restored, the batches are
+    the seed's."""
+    import submerge.bench.llm.finetune as ft
+    from submerge.bench.llm.backbone import ChatModel
+
+    cm = ChatModel(tiny_chat_folder)
+    sp = LLM_TASKS["echo_first"].split(0, 40, 10, 10)
+    recipe = ft.LLMRecipe(steps=5, lr=1e-2, batch_size=8)
+    whole = ft.train_expert(cm, sp.train, recipe, 0, tmp_path / "whole", quiet=True, checkpoint_seconds=None)
+    assert not ft.progress_file(tmp_path / "whole").exists()
+
+    real_loss, calls = ft.answer_loss, []
+
+    def stops_at_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(ft, "answer_loss", stops_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ft.train_expert(cm, sp.train, recipe, 0, tmp_path / "cut", quiet=True, checkpoint_seconds=0)
+    assert torch.load(ft.progress_file(tmp_path / "cut"), weights_only=True)["step"] == 2
+    assert not (tmp_path / "cut").exists()
+    assert all(torch.equal(cm.model.state_dict()[k], v) for k, v in cm.pretrained.items())  # model reset
+    after = []
+
+    def counted(model, batch):
+        after.append(1)
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(ft, "answer_loss", counted)
+    resumed = ft.train_expert(cm, sp.train, recipe, 0, tmp_path / "cut", quiet=True, checkpoint_seconds=0)
+    assert len(after) == 3  # steps 3-5 only: it continued, it did not start again
+    assert not ft.progress_file(tmp_path / "cut").exists()
+    assert set(resumed) == set(whole) and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    log_whole, log_cut = ft.expert_log(tmp_path / "whole"), ft.expert_log(tmp_path / "cut")
+    assert log_cut["loss_first_last"] == log_whole["loss_first_last"] and log_cut["steps"] == 5
+
+
 def test_an_moe_of_the_experts_holds_their_mlps_and_is_scored_like_any_model(tiny_chat_folder, tmp_path):
     """The MoE reference rows (issue 33): `submerge moe` of the suite's LoRA experts (base+adapter), with
     mergekit-moe's hidden gates and submerge's calibration gates; expert i's MLP is skill i's expert's MLP,

@@ -94,11 +94,50 @@ def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedule
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
 
 
+def progress_file(folder: Path) -> Path:
+    """Where an unfinished fine-tune keeps its state between sessions (beside its expert folder)."""
+    return folder.with_name(folder.name + ".progress.pt")
+
+
+def _save_progress(path: Path, step: int, losses: list[float], seconds: float, model: torch.nn.Module,
+                   opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    state = {"step": step, "losses": list(losses), "seconds": seconds,
+             "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+             "opt": opt.state_dict(), "sched": sched.state_dict()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_progress(path: Path, recipe: LLMRecipe, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[float], float]:
+    """Restore a checkpoint written by :func:`_save_progress` (trainable tensors, optimizer and schedule); returns
+    (steps done, their losses, seconds spent).  A checkpoint that does not fit this model is ignored."""
+    if not path.is_file():
+        return 0, [], 0.0
+    state = torch.load(path, weights_only=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["params"]) != set(params) or not 0 < state["step"] < recipe.steps:
+        return 0, [], 0.0
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"], state["losses"], state["seconds"]
+
+
 def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe, seed: int, folder: Path,
-                 desc: str = "fine-tune", quiet: bool = False) -> dict[str, torch.Tensor]:
+                 desc: str = "fine-tune", quiet: bool = False,
+                 checkpoint_seconds: Optional[float] = 600.0) -> dict[str, torch.Tensor]:
     """Fine-tune from the pre-trained weights on ``examples`` (questions with their demonstrations), write the
     expert into ``folder`` (atomically) and return its dense trainable tensors.  A finished ``folder`` is read, not
-    retrained."""
+    retrained.
+
+    Every ``checkpoint_seconds`` (None: never) the run's state (trainable tensors, AdamW moments, schedule, step)
+    is saved beside ``folder`` (:func:`progress_file`); a later call with the same folder continues from it, and
+    the expert is bit for bit the one an uninterrupted run writes (the batches are a function of the seed and the
+    step, and training draws no other random numbers).  The checkpoint is removed when the expert is written."""
     if (folder / LOG_FILE).is_file():
         return load_expert(cm, folder)
     if not examples:
@@ -122,12 +161,16 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = _schedule(opt, recipe.steps)
+    progress = progress_file(folder)
+    done, losses, spent = _load_progress(progress, recipe, model, opt, sched)
     model.train()
-    losses = []
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     pad = cm.tokenizer.pad_token_id
     try:
-        for idx in tqdm(_batches(len(encoded), recipe, seed), desc=desc, disable=quiet, dynamic_ncols=True):
+        batches = _batches(len(encoded), recipe, seed)
+        for step in tqdm(range(done, recipe.steps), desc=desc, disable=quiet, dynamic_ncols=True, initial=done,
+                         total=recipe.steps):
+            idx = batches[step]
             opt.zero_grad(set_to_none=True)
             if recipe.micro_batch is None:
                 loss = answer_loss(model, collate([encoded[i] for i in idx], pad))
@@ -145,8 +188,13 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
             opt.step()
             sched.step()
             losses.append(loss.item())
+            now = time.perf_counter()
+            if checkpoint_seconds is not None and now - last_save >= checkpoint_seconds and step + 1 < recipe.steps:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                _save_progress(progress, step + 1, losses, spent + now - t0, model, opt, sched)
+                last_save = time.perf_counter()
         model.eval()
-        log = {"kind": recipe.kind, "steps": recipe.steps, "seconds": time.perf_counter() - t0,
+        log = {"kind": recipe.kind, "steps": recipe.steps, "seconds": spent + time.perf_counter() - t0,
                "loss_first_last": [losses[0], losses[-1]], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                "n_train": len(encoded), "recipe": asdict(recipe), "seed": seed}
         with atomic_folder(folder, overwrite=folder.exists(), what="LLM expert folder") as tmp:
@@ -160,6 +208,7 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
                 save_tensors({k: state[k].detach().contiguous() for k in names}, tmp / "model.safetensors",
                              "LLM expert", metadata={"format": "pt"})
             (tmp / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+        progress.unlink(missing_ok=True)
     finally:
         if recipe.kind == "lora":
             model.unload()  # the LoRA layers out of the shared model: it is the plain backbone again
