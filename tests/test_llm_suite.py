@@ -91,7 +91,7 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
 
     cfg = LLMBenchConfig(tasks=["echo_first", "echo_last"],
                          methods=["task_arithmetic", "ties", "tsv", "regmean", "fisher", "consensus_ta", "tall_masks",
-                                  "esm", "esm_pp", "adamerging"],
+                                  "esm", "esm_pp", "adamerging", "task_arithmetic+surgery"],
                          n_train=30, n_val=8, n_test=10, recipe=LLMRecipe(steps=60, lr=1e-2, batch_size=8),
                          cache_dir=str(tmp_path / "cache"), quiet=True, calib_n=4, fisher_n=4)
     res = run_llm_bench(tmp_path / "out", cfg, backbone=tiny_chat_folder)
@@ -121,10 +121,14 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     assert all(0 <= r["routing"]["accuracy"] <= 1 for r in routed if r.get("routing"))
     assert {r["label"] for r in res["rows"] if r["method"] == "adamerging"} == {
         "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging++ (layer-wise)"}
-    with pytest.raises(ConfigError, match="not on the LLM suite yet"):
-        run_llm_bench(tmp_path / "out3", LLMBenchConfig(tasks=["echo_first", "echo_last"],
-                                                        methods=["task_arithmetic+surgery"]),
-                      backbone=tiny_chat_folder)
+    # Representation Surgery on the decoder's last hidden states, on task arithmetic's val-tuned merge (its scale
+    # reused, not searched again): the L1 gap to each expert shrinks on the val prompts it was trained on
+    surgered = {r["setting"]: r for r in res["rows"] if r["method"] == "task_arithmetic+surgery"}
+    assert set(surgered) == {"task id", "routed"}
+    ta = next(r for r in res["rows"] if r["label"] == "task_arithmetic (val-tuned)")
+    assert surgered["task id"]["alpha"] == ta["alpha"]
+    assert all(after < before for before, after in surgered["task id"]["params"]["l1_before_after"].values())
+    assert 0 <= surgered["routed"]["routing"]["accuracy"] <= 1 and "avg_nll" in surgered["routed"]
 
 
 def test_export_llm_and_tune_on_it(tiny_chat_folder, tmp_path):

@@ -51,6 +51,19 @@ def test_surgery_on_a_merged_bert_pulls_each_task_towards_its_expert(bert, tmp_p
     for t in range(3):
         _run(model, batches[t][1])
     assert [int(x) for r in handle.routed for x in r] == [t for t in range(3) for _ in range(8)]  # by prototype
+    # routing_mask: route from the marked tokens only (a chat model's prompt, not the answer after it)
+    b = batches[2][0]
+    handle.mode = "off"
+    plain = _run(model, b)
+    handle.mode = "route"
+    for first in (1, 2, 3):
+        mask = torch.zeros_like(b["attention_mask"])
+        mask[:, :first] = 1
+        pooled = torch.nn.functional.normalize((plain * mask[..., None]).sum(1) / first, dim=-1)
+        with handle.routing_mask(mask):
+            _run(model, b)
+        assert torch.equal(handle.routed[-1], (pooled @ s.prototypes.T).argmax(-1))
+    assert handle.mask is None
     s.save(tmp_path)
     loaded = SurgerySet.load(tmp_path)
     assert loaded.tasks == ["a", "b", "c"] and torch.equal(loaded.up, s.up)

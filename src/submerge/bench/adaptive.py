@@ -5,13 +5,13 @@ learned on unlabeled inputs (AdaMerging), and Representation Surgery after a mer
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
 import numpy as np
 import torch
 
-from submerge.bench.evaluate import correct
 from submerge.bench.presets import search_kwargs
 from submerge.bench.session import BenchSession
 from submerge.errors import ConfigError
@@ -162,13 +162,14 @@ def tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> t
 
 
 def surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct: dict, t0: float,
-                  alpha: Optional[float] = None) -> tuple[list[dict], dict]:
+                 alpha: Optional[float] = None) -> tuple[list[dict], dict]:
     """Representation Surgery on ``method``'s val-tuned merge: per task a rank-16 module trained (Adam, L1, the
-    paper's setting) to pull the merge's token representations towards the expert's on the task's *unlabeled
-    val* inputs; scored with the task id (a reference row, as TALL masks) and routed by prototypes.
+    paper's setting) to pull the merge's token representations (``S.representations``: an encoder's output, a
+    decoder's last hidden states) towards the expert's on the task's *unlabeled val* inputs; scored with the
+    task id (a reference row, as TALL masks) and routed by prototypes (a chat model's from its prompt only).
     ``alpha``: the val-tuned scale when ``method``'s own row found it already (this run or a kept row): the
     merge is rebuilt at it, as the search built it, instead of searching again."""
-    from submerge.routing.surgery import attach_surgery, fit_surgery, representations
+    from submerge.routing.surgery import attach_surgery, fit_surgery
     from submerge.search import affine_path, search_alpha
 
     m = get_method(method)
@@ -178,37 +179,36 @@ def surgery_rows(S: BenchSession, method: str, params: dict, stats, test_correct
         alpha, state = found.alpha, found.state
     else:  # the state the search returned at that scale
         state = affine_path(method, S.base, S.experts, params, stats=stats, random_seed=S.cfg.seed)(alpha, copy=True)
-    bb = S.bb
     batches = S.unlabeled_batches()
-    bb.load(state)
-    merged = [representations(bb.model, b) for b in batches]
+    with S.loaded(state):
+        merged = [S.representations(b) for b in batches]
     targets = []
     for i, b in enumerate(batches):
-        bb.load(S.experts[i])
-        targets.append(representations(bb.model, b))
+        with S.loaded(S.experts[i]):
+            targets.append(S.representations(b))
     surgery = fit_surgery(merged, targets, tasks=S.names, rank=16, steps=500, lr=1e-3, seed=S.cfg.seed)
     del merged, targets
     seconds = time.perf_counter() - t0
-    bb.load(state)
-    handle = attach_surgery(bb.model, surgery)
-    rows = []
-    try:
-        res_task = {}
-        for i, t in enumerate(S.tasks):
-            with handle.task(i):
-                res_task[t.name] = correct(bb, *S.splits[t.name].test, S.heads[t.name])
-        handle.routed.clear()
-        res_route, route_acc = {}, []
-        for i, t in enumerate(S.tasks):
+    chosen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(S.tasks))}
+    with S.loaded(state) as model:
+        handle = attach_surgery(model, surgery)
+
+        @contextlib.contextmanager
+        def recorded(i: int):
             n0 = len(handle.routed)
-            res_route[t.name] = correct(bb, *S.splits[t.name].test, S.heads[t.name])
-            chosen = torch.cat(handle.routed[n0:]) if len(handle.routed) > n0 else torch.empty(0, dtype=torch.long)
-            route_acc.append(float((chosen == i).float().mean()) if chosen.numel() else float("nan"))
-    finally:
-        handle.detach()
-        bb.reset()
+            yield
+            chosen[i] += handle.routed[n0:]
+
+        try:
+            res_task = S.score_each("test", handle.task)
+            res_route = S.score_each("test", recorded, router=handle)
+        finally:
+            handle.detach()
+    route_acc = [float((torch.cat(chosen[i]) == i).float().mean()) if chosen[i] else float("nan")
+                 for i in range(len(S.tasks))]
     p = {**params, m.scale_param: alpha, "surgery_rank": 16, "surgery_steps": 500,
          "l1_before_after": dict(zip(S.names, surgery.info["l1_before_after"]))}
+    rows = []
     for setting, res, ref in (("task id", res_task, "oracle"), ("routed", res_route, None)):
         label = f"{method}+surgery ({setting})"
         row, _ = S.test_row(f"{method}+surgery", setting, p, state, alpha, seconds, label=label,

@@ -19,7 +19,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -425,6 +425,23 @@ class BenchSession(SuiteSession):
             router.detach()
             self.bb.reset()
         return res, (rec.report() if mode != "oracle" else None), seconds
+
+    def score_each(self, split: str, context: Callable[[int], ContextManager], router=None) -> dict[str, np.ndarray]:
+        """Per-task correctness of the model as loaded now, task ``i`` scored inside ``context(i)``.  ``router``
+        (an ESM++ router or a surgery handle) needs no mask here: an encoder's inputs hold no answer, so it pools
+        what the attention mask marks."""
+        res = {}
+        for i, t in enumerate(self.tasks):
+            with context(i):
+                res[t.name] = correct(self.bb, *getattr(self.splits[t.name], split), self.heads[t.name])
+        return res
+
+    def representations(self, batches: Sequence[dict]) -> torch.Tensor:
+        """The encoder's output token states (padding dropped) of the model as loaded now: what Representation
+        Surgery corrects."""
+        from submerge.routing.surgery import representations
+
+        return representations(self.model, batches)
 
     def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
         """Per-example correctness of ``state`` on task ``i``'s ``split`` only."""

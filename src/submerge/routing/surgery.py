@@ -164,6 +164,17 @@ class SurgeryHandle:
         self.model, self.surgery, self._hook = model, surgery, hook
         self.mode, self.task_ids = mode, None
         self.routed: list[torch.Tensor] = []  # per forward in route mode: the chosen task per sample
+        self.mask: Optional[torch.Tensor] = None  # routing_mask's: the tokens routing pools, instead of the input's
+
+    @contextlib.contextmanager
+    def routing_mask(self, mask: Optional[torch.Tensor]) -> Iterator[None]:
+        """Route (``route`` mode) from the tokens where ``mask [batch, length]`` is 1 only: a chat model's prompt,
+        not the gold answer a teacher-forced pass also reads (as :meth:`submerge.routing.Router.routing_mask`)."""
+        old, self.mask = self.mask, mask
+        try:
+            yield
+        finally:
+            self.mask = old
 
     @contextlib.contextmanager
     def task(self, task_ids: Union[int, Sequence[int], torch.Tensor]) -> Iterator[None]:
@@ -226,7 +237,8 @@ def attach_surgery(model: nn.Module, surgery: SurgerySet, mode: str = "route") -
         else:
             from submerge.routing.runtime import pool_tokens
 
-            pooled = F.normalize(pool_tokens(h.float(), state.get("mask")), dim=-1)
+            mask = handle.mask if handle.mask is not None else state.get("mask")
+            pooled = F.normalize(pool_tokens(h.float(), mask), dim=-1)
             ids = (pooled @ surgery.prototypes.float().T).argmax(-1)
             handle.routed.append(ids.cpu())
         new = h - surgery.correction(h, ids.to(h.device))

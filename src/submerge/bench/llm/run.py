@@ -18,29 +18,23 @@ from submerge.bench.cache import RowCache, import_rows, read_resume
 from submerge.bench.estimate import RunEstimate
 from submerge.bench.llm.finetune import expert_log, train_expert
 from submerge.bench.llm.session import LLMBenchConfig, LLMSession
-from submerge.bench.presets import applicable_methods, split_row_name
+from submerge.bench.presets import applicable_methods
 from submerge.bench.run import check_results_folder, method_table, results_body, write_results
 from submerge.device import busy_note
-from submerge.errors import ConfigError
 from submerge.io.ledger import one_run
 
 # Every static method family that can merge the experts, with its LiNeS row, TALL masks (per-task models with the
-# task id), ESM++ (routed per sequence from its prompt, and per token) and AdaMerging; the surgery rows are not on
-# this suite yet.
+# task id), ESM++ (routed per sequence from its prompt, and per token), AdaMerging and Representation Surgery on
+# the val-tuned task arithmetic, TSV-M and ESM merges (the encoder suite's three)
 LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
                "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
-               "fisher", "regmean", "esm", "esm_pp", "tall_masks", "adamerging")
+               "fisher", "regmean", "esm", "esm_pp", "tall_masks", "adamerging", "task_arithmetic+surgery",
+               "tsv+surgery", "esm+surgery")
 
 
 def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
-    """The suite's rows: ``names`` (checked) or :data:`LLM_METHODS`; rows the LLM suite cannot compute yet are
-    refused by name, with the reason."""
-    methods = applicable_methods(n_tasks, names or list(LLM_METHODS))
-    for row in methods:
-        if split_row_name(row)[1] == "surgery":
-            raise ConfigError(f"{row}: not on the LLM suite yet (Representation Surgery reads an encoder's token "
-                              f"representations; every other row runs here)")
-    return methods
+    """The suite's rows: ``names`` (checked) or :data:`LLM_METHODS`."""
+    return applicable_methods(n_tasks, names or list(LLM_METHODS))
 
 
 def task_info(S: LLMSession) -> dict:

@@ -14,7 +14,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -181,6 +181,28 @@ class LLMSession(SuiteSession):
                 seconds = time.perf_counter() - t0
                 router.detach()
         return res, (rec.report() if mode != "oracle" else None), seconds
+
+    def score_each(self, split: str, context: Callable[[int], ContextManager], router=None) -> "Scores":
+        """Per-task exact match (with the NLLs) of the model as loaded now, skill ``i`` scored inside
+        ``context(i)``; a ``router`` (an ESM++ router or a surgery handle) pools only each batch's prompts
+        (``routing_mask``: the demonstrations and the question, never the gold answer the pass reads)."""
+        around = None
+        if router is not None:
+            def around(_i):
+                return lambda batch: router.routing_mask(batch.prompt_mask)
+        out, nll = Scores(), {}
+        for i, t in enumerate(self.names):
+            with context(i):
+                out[t], nll[t] = self._score_task(t, split, around(i) if around is not None else None)
+        out.nll = nll
+        return out
+
+    def representations(self, batches: Sequence[dict]) -> torch.Tensor:
+        """The decoder's last hidden states (after its final norm: what the output head reads; padding dropped)
+        of the model as loaded now: what Representation Surgery corrects."""
+        from submerge.routing.surgery import representation_module, representations
+
+        return representations(self.model, batches, lambda m, b: representation_module(m)(**b).last_hidden_state)
 
     def task_correct(self, state: dict[str, torch.Tensor], i: int, split: str) -> np.ndarray:
         with self.loaded(state):
