@@ -89,3 +89,20 @@ def test_real_chat_model_answers_and_exact_match_is_what_generate_returns(chat, 
     assert len(own) >= len(qs) // 2
     exact, _ = score_answers(model, tok, None, None, encoded=own, batch_size=4)
     assert exact.all()
+
+
+def test_the_backbone_without_gguf_is_one_line(tmp_path, monkeypatch):
+    """The wheel installed but the gguf package not: one BenchDataError saying what to install (the CLI's
+    `error:` line), nothing left in the cache."""
+    import sys
+
+    from submerge.bench.llm.backbone import smollm_folder, smollm_gguf
+
+    try:
+        smollm_gguf()
+    except BenchDataError as e:
+        pytest.skip(f"{e} ({SETUP})")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(BenchDataError, match=r"pip install 'gguf"):
+        smollm_folder(tmp_path / "cache")
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))

@@ -271,3 +271,26 @@ def test_an_moe_of_the_experts_holds_their_mlps_and_is_scored_like_any_model(tin
             assert not torch.equal(expert[f"{pre}mlp.down_proj.weight"], S.base[f"{pre}mlp.down_proj.weight"])
         torch.testing.assert_close(moe[f"{pre}self_attn.q_proj.weight"], S.base[f"{pre}self_attn.q_proj.weight"],
                                    rtol=0, atol=0)
+
+
+def test_a_backbone_without_a_chat_template_is_one_line(tmp_path):
+    """`bench --suite llm --backbone` on a model whose tokenizer cannot format a chat: one `error:` line (exit 2)
+    naming the folder, before any expert is trained; the generation scorer refuses it the same way."""
+    from click.testing import CliRunner
+
+    from submerge.cli import main
+    from submerge.evaluate.generation import prompt_ids
+
+    folder = tmp_path / "plain"
+    tiny_llama(2).save_pretrained(folder)
+    tok = chat_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(folder)
+    r = CliRunner().invoke(main, ["bench", "--suite", "llm", "--backbone", str(folder), "--out", str(tmp_path / "o"),
+                                  "--cache-dir", str(tmp_path / "c"), "--tasks", "echo_first,echo_last"])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and str(folder) in lines[0] and "chat template" in lines[0]
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="chat template"):
+        prompt_ids(tok, "a question")

@@ -33,10 +33,18 @@ def _ids(out) -> list[int]:
     return list(out["input_ids"])
 
 
+def require_chat_template(tokenizer, source: str = "the model") -> None:
+    """Refuse, in one line, a tokenizer that cannot format a chat (questions are asked as chat turns)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{source}: its tokenizer has no chat template (tokenizer_config.json 'chat_template'), "
+                          f"and questions are asked as chat turns: use a chat/instruct model, or add its template")
+
+
 def prompt_ids(tokenizer, prompt: str, system: Optional[str] = None,
                shots: Sequence[tuple[str, str]] = ()) -> list[int]:
     """The chat-formatted conversation up to where the assistant's answer starts (the generation prompt);
     ``shots``: (question, answer) demonstrations asked and answered first, as earlier turns."""
+    require_chat_template(tokenizer)
     messages = [{"role": "system", "content": system}] if system is not None else []
     for q, a in shots:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -43,6 +43,11 @@ def smollm_folder(cache_dir: Optional[str | Path] = None) -> Path:
     from submerge.io import atomic_folder
 
     gguf = smollm_gguf()
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise BenchDataError("the LLM backbone ships as a GGUF file, and reading it needs the gguf package: run "
+                             "pip install 'gguf>=0.10' (or pip install -e '.[bench]')") from None
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(folder, overwrite=folder.exists(), what="LLM backbone folder") as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -79,11 +84,13 @@ class ChatModel:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from submerge.evaluate.generation import require_chat_template
         from submerge.io.pretrained import load_pretrained
 
         self.path = Path(path) if path else smollm_folder(cache_dir)
         self.name = SMOLLM_NAME if path is None else self.path.name
         self.tokenizer = load_pretrained(AutoTokenizer, self.path, quiet=True)
+        require_chat_template(self.tokenizer, str(self.path))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_pretrained(AutoModelForCausalLM, self.path, quiet=True).eval()  # float32
