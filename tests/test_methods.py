@@ -323,6 +323,10 @@ def test_multislerp_properties():
     from submerge.errors import ConfigError
     with pytest.raises(ConfigError, match="mean direction"):
         run("multislerp", [e0, -e0, e0, -e0], weight=[1.0, 1.0, 1.0, 1.0])
+    # every input equal to the base (a tensor no LoRA expert adapts): the base, whatever the number of models
+    # (the result is scaled by the zero mean norm; mergekit 0.1.5 raises here); without a base, zeros
+    assert torch.equal(run("multislerp", [base.clone() for _ in range(4)], base, weight=[0.1, 0.2, 0.3, 0.4]), base)
+    assert torch.equal(run("multislerp", [torch.zeros(5)] * 3, weight=[1.0, 1.0, 1.0]), torch.zeros(5))
 
 
 def test_karcher_mean_on_the_circle():

@@ -137,7 +137,9 @@ def nuslerp(ctx: TensorContext, *, weight: list[float], nuslerp_flatten: bool,
             "tangent point; the weighted tangent vectors are mapped back with the exponential map and the result "
             "is scaled by the weighted mean norm. normalize_weights (default true) divides the weights by their sum; "
             "eps 1e-8. One model: returned as it is. A zero mean direction: linear interpolation for two models, an "
-            "error naming the tensor for more.",
+            "error naming the tensor for more, except where every weighted input is zero (with a base: a tensor "
+            "no fine-tune changed, such as the embeddings of LoRA experts), where the result is scaled by their "
+            "zero mean norm and is the base (mergekit 0.1.5 raises there).",
     params=[Param("weight", float, per_model=True, help="barycentric weight of each model"),
             Param("normalize_weights", bool, True, help="divide the weights by their sum"),
             Param("eps", float, 1e-8, low=0.0, help="numerical floor")],
@@ -162,6 +164,10 @@ def multislerp(ctx: TensorContext, *, weight: list[float], normalize_weights: bo
     for cols in blocks:
         mean[cols] = (units[:, cols] * w[:, None]).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
+    scale = (norms.squeeze(-1) * w).sum()
+    if mean_norm < eps and scale == 0:  # every weighted input is zero (a tensor no LoRA expert adapts): the result
+        out = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)  # is scaled by their zero mean norm
+        return out if ctx.base is None else out.add_(ctx.base)
     if mean_norm < eps:
         if x.shape[0] == 2:
             out = (x[0] * w[0] + x[1] * w[1]).reshape(x.shape[1:])
@@ -176,7 +182,7 @@ def multislerp(ctx: TensorContext, *, weight: list[float], normalize_weights: bo
         t_res[cols] = (tangent[:, cols] * w[:, None]).sum(0)
     t_norm = torch.linalg.vector_norm(t_res) + eps
     out = mean * torch.cos(t_norm) + t_res * (torch.sin(t_norm) / t_norm)
-    out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
+    out = (out * scale).reshape(x.shape[1:])
     return out if ctx.base is None else out.add_(ctx.base)
 
 
