@@ -63,6 +63,29 @@ def test_learning_lowers_the_entropy_and_keeps_coefficients_in_range(granularity
     assert final < coef.history[0]
 
 
+def test_one_step_follows_the_gradient_of_the_summed_entropy():
+    """The coefficients' gradient is accumulated task by task (each task's graph freed by its own backward); one
+    Adam step from it equals one step from the gradient of the whole summed entropy, built in one graph here."""
+    from torch.func import functional_call
+
+    model, base, experts, inputs, logits = _setup()
+    names = list(base)
+    coef = learn(model, base, experts, inputs, logits, steps=1, lr=0.05, granularity="layer", names=names)
+    raw = torch.full((3, len(names)), 0.3, requires_grad=True)
+    lam = raw.clamp(0.0, 1.0)
+    params = {n: base[n] + torch.tensordot(lam[:, p], torch.stack([e[n] - base[n] for e in experts]), dims=1)
+              for p, n in enumerate(names)}
+    order = [torch.randperm(len(b), generator=g).tolist() for g in [torch.Generator().manual_seed(0)]
+             for b in inputs]
+    total = sum(entropy(logits(lambda *a, **k: functional_call(model, params, a, k), t, inputs[t][order[t][0]]))
+                for t in range(3))
+    opt = torch.optim.Adam([raw], lr=0.05)
+    total.backward()
+    opt.step()
+    assert coef.history[0] == pytest.approx(float(total), rel=1e-6)
+    torch.testing.assert_close(coef.values.float(), raw.detach().clamp(0.0, 1.0), rtol=0, atol=1e-6)
+
+
 def test_adamerging_plus_plus_uses_ties_processed_vectors():
     d = torch.tensor([[3.0, -1.0, 0.5, 2.0], [-4.0, 1.0, 0.2, 1.0]])
     # top-50% per task: [3, 0, 0, 2] and [-4, 1, 0, 0]; elected sign of the sum [-1, 1, 0, 2] -> [-, +, +, +]

@@ -217,21 +217,25 @@ def learn(
     model.eval()
     try:
         for step in range(steps):
-            lam = raw.clamp(0.0, 1.0)
-            params = merged(lam)
-            loss = torch.zeros(())
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            # the summed entropy's gradient, accumulated task by task: each task's forward graph (its
+            # activations, and the merged tensors it read) is freed by its own backward pass.  One graph for
+            # all tasks held them all at once: 20.6 GB peak for six skills of a 135M chat model
             for t in range(n_tasks):
+                params = merged(raw.clamp(0.0, 1.0))
                 own = {**params, **task_params[t]} if task_params is not None and task_params[t] else params
 
                 def forward(*args: Any, _p: dict = own, **kwargs: Any) -> Any:
                     return functional_call(model, _p, args, kwargs)
 
                 batch = inputs[t][orders[t][step % len(orders[t])]]
-                loss = loss + entropy(logits(forward, t, batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                loss_t = entropy(logits(forward, t, batch))
+                loss_t.backward()
+                loss += float(loss_t.detach())
+                del params, own, loss_t
             opt.step()
-            history.append(float(loss.detach()))
+            history.append(loss)
             if not math.isfinite(history[-1]):
                 raise ConfigError(f"adamerging: the entropy became {history[-1]} at step {step}; check the logits")
             if bar is not None:
