@@ -599,7 +599,7 @@ def test_thread_count_follows_what_the_process_may_use(monkeypatch):
     assert device.available_cpus() == 1
     before = torch.get_num_threads()
     monkeypatch.setattr(device, "_USER_SET", set())
-    for var in device._THREAD_VARS:
+    for var in device.THREAD_VARS:
         monkeypatch.delenv(var, raising=False)
     try:
         assert device.use_threads(1) == 1 and torch.get_num_threads() == 1

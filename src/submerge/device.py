@@ -77,14 +77,14 @@ def use_threads(threads: "int | None" = None) -> int:
 
     n = int(threads) if threads else available_cpus()
     torch.set_num_threads(n)
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         if var not in _USER_SET:
             os.environ[var] = str(n)
     return n
 
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-_USER_SET = {v for v in _THREAD_VARS if v in __import__("os").environ}  # set before submerge was imported
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_USER_SET = {v for v in THREAD_VARS if v in __import__("os").environ}  # set before submerge was imported
 
 
 def busy_note(threads: int) -> "str | None":

@@ -178,6 +178,27 @@ class SuiteSession:
         finally:
             self.reset()
 
+    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
+                        **routing):
+        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle; ``routing``
+        options such as ``top_k`` or ``global_routing`` go to :func:`submerge.routing.attach`), through the
+        session's ``score_each`` (a chat model routes each sequence from its prompt only).
+
+        Returns per-task scores, the routing report (true task = the task being scored) and the wall seconds of
+        the scoring."""
+        from submerge.routing import RoutingRecorder, attach
+
+        with self.loaded(state) as model:
+            router = attach(model, experts, **routing)
+            rec = RoutingRecorder(router)
+            t0 = time.perf_counter()
+            try:
+                res = self.score_each(split, router.oracle if mode == "oracle" else rec.batch, router=router)
+            finally:
+                seconds = time.perf_counter() - t0
+                router.detach()
+        return res, (rec.report() if mode != "oracle" else None), seconds
+
     def stored_scores(self, key: dict, n: int, compute: Callable[[], tuple[np.ndarray, dict]],
                       note: dict) -> tuple[np.ndarray, dict]:
         """A reference model's per-example correctness on ``n`` examples, kept on disk under the session's
@@ -400,31 +421,6 @@ class BenchSession(SuiteSession):
         res = self.score(split)
         self.bb.reset()
         return res
-
-    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
-                        **routing):
-        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle;
-        ``routing`` options such as ``top_k`` or ``global_routing`` go to :func:`submerge.routing.attach`).
-
-        Returns per-task correctness, the routing report (true task = the task being scored) and
-        the wall seconds of the scoring."""
-        from submerge.routing import RoutingRecorder, attach
-
-        self.bb.load(state)
-        router = attach(self.bb.model, experts, **routing)
-        rec = RoutingRecorder(router)
-        t0 = time.perf_counter()
-        try:
-            res = {}
-            for i, t in enumerate(self.tasks):
-                texts, labels = getattr(self.splits[t.name], split)
-                with router.oracle(i) if mode == "oracle" else rec.batch(i):
-                    res[t.name] = correct(self.bb, texts, labels, self.heads[t.name])
-        finally:
-            seconds = time.perf_counter() - t0
-            router.detach()
-            self.bb.reset()
-        return res, (rec.report() if mode != "oracle" else None), seconds
 
     def score_each(self, split: str, context: Callable[[int], ContextManager], router=None) -> dict[str, np.ndarray]:
         """Per-task correctness of the model as loaded now, task ``i`` scored inside ``context(i)``.  ``router``

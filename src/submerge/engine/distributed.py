@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from submerge.device import THREAD_VARS
 from submerge.engine.config import MergeConfig
 from submerge.engine.executor import Executor, MergeResult
 from submerge.engine.plan import MergeOptions, plan_merge
@@ -84,16 +85,13 @@ def prepare_part(cfg: MergeConfig, config_dir: Optional[str], opts: MergeOptions
         plan.close()
 
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
 def task_options(on_gpu: bool, cpus: int) -> dict:
     """A merge task's Ray options: retried when its worker dies, one GPU or none, ``cpus`` CPUs reserved and the
     thread pools of its worker sized to them.  The worker's environment says so too (its OpenMP and BLAS read it
     when the process starts): a driver started with ``OMP_NUM_THREADS=2`` would otherwise pass that to every
     worker, and two tasks side by side on two cores would each run two threads (measured: ESM twice as slow)."""
     return {"max_retries": 3, "retry_exceptions": False, "num_gpus": 1 if on_gpu else 0, "num_cpus": cpus,
-            "runtime_env": {"env_vars": {k: str(cpus) for k in THREAD_ENV}}}
+            "runtime_env": {"env_vars": {k: str(cpus) for k in THREAD_VARS}}}
 
 
 def layer_parts(names: Sequence[str], sizes: dict[str, int], n_parts: int) -> list[list[str]]:

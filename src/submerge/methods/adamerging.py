@@ -233,7 +233,7 @@ def learn(
                 loss_t = entropy(logits(forward, t, batch))
                 loss_t.backward()
                 loss += float(loss_t.detach())
-                del params, own, loss_t
+                del params, own, forward, loss_t  # forward's default holds the merged tensors
             opt.step()
             history.append(loss)
             if not math.isfinite(history[-1]):

@@ -140,11 +140,14 @@ class LLMSession(SuiteSession):
                                    batch_size=self.cfg.eval_batch, encoded=self.encoded(task, split), around=around)
         return exact.numpy().astype(np.float64), nll.numpy()
 
-    def _scores_of(self, split: str, around=None, model=None) -> "Scores":
-        both = {t: self._score_task(t, split, around(i) if around is not None else None, model)
-                for i, t in enumerate(self.names)}
-        out = Scores({t: e for t, (e, _) in both.items()})
-        out.nll = {t: n for t, (_, n) in both.items()}
+    def _scores_of(self, split: str, model=None, context: Optional[Callable[[int], ContextManager]] = None,
+                   router=None) -> "Scores":
+        around = (lambda batch: router.routing_mask(batch.prompt_mask)) if router is not None else None
+        out, nll = Scores(), {}
+        for i, t in enumerate(self.names):
+            with context(i) if context is not None else contextlib.nullcontext():
+                out[t], nll[t] = self._score_task(t, split, around, model)
+        out.nll = nll
         return out
 
     def evaluate_model(self, model: torch.nn.Module, split: str) -> "Scores":
@@ -157,45 +160,11 @@ class LLMSession(SuiteSession):
         with self.loaded(state):
             return self._scores_of(split)
 
-    def evaluate_routed(self, state: dict[str, torch.Tensor], experts, split: str, mode: str = "route",
-                        **routing):
-        """Score the static ``state`` with ESM++ ``experts`` attached (``mode`` route or oracle): each sequence
-        routed from its prompt — the demonstrations and the question, never the gold answer being scored.
-        Returns per-task exact match, the routing report (true task = the skill asked) and the wall seconds."""
-        from submerge.routing import RoutingRecorder, attach
-
-        with self.loaded(state) as model:
-            router = attach(model, experts, **routing)
-            rec = RoutingRecorder(router)
-
-            @contextlib.contextmanager
-            def routed(i: int, batch):
-                with router.routing_mask(batch.prompt_mask), (router.oracle(i) if mode == "oracle"
-                                                              else rec.batch(i)):
-                    yield
-
-            t0 = time.perf_counter()
-            try:
-                res = self._scores_of(split, around=lambda i: (lambda batch: routed(i, batch)))
-            finally:
-                seconds = time.perf_counter() - t0
-                router.detach()
-        return res, (rec.report() if mode != "oracle" else None), seconds
-
     def score_each(self, split: str, context: Callable[[int], ContextManager], router=None) -> "Scores":
         """Per-task exact match (with the NLLs) of the model as loaded now, skill ``i`` scored inside
         ``context(i)``; a ``router`` (an ESM++ router or a surgery handle) pools only each batch's prompts
         (``routing_mask``: the demonstrations and the question, never the gold answer the pass reads)."""
-        around = None
-        if router is not None:
-            def around(_i):
-                return lambda batch: router.routing_mask(batch.prompt_mask)
-        out, nll = Scores(), {}
-        for i, t in enumerate(self.names):
-            with context(i):
-                out[t], nll[t] = self._score_task(t, split, around(i) if around is not None else None)
-        out.nll = nll
-        return out
+        return self._scores_of(split, context=context, router=router)
 
     def representations(self, batches: Sequence[dict]) -> torch.Tensor:
         """The decoder's last hidden states (after its final norm: what the output head reads; padding dropped)
