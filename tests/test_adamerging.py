@@ -11,7 +11,8 @@ from torch import nn
 
 import submerge
 from submerge.errors import ConfigError
-from submerge.methods.adamerging import Coefficients, entropy, learn, merge_with, ties_task_vectors
+from submerge.methods.adamerging import (Coefficients, TaskVectors, entropy, learn, merge_with, ties_keep,
+                                         ties_task_vectors)
 
 from conftest import load_dir
 
@@ -84,6 +85,33 @@ def test_one_step_follows_the_gradient_of_the_summed_entropy():
     opt.step()
     assert coef.history[0] == pytest.approx(float(total), rel=1e-6)
     torch.testing.assert_close(coef.values.float(), raw.detach().clamp(0.0, 1.0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_task_vectors_formed_on_the_fly_are_the_stacked_ones(ties):
+    """``TaskVectors`` (τ_t formed from the experts' own tensors, no stacked copy kept) gives ``θ_0 + c · τ`` and
+    the coefficients' gradient ``<G, τ_t>`` of the stacked task vectors (AdaMerging++: TIES' kept entries)."""
+    g = torch.Generator().manual_seed(3)
+    theta0 = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    thetas = [theta0 + torch.randn(5, 7, dtype=torch.float64, generator=g) for _ in range(3)]
+    deltas = torch.stack([x - theta0 for x in thetas])
+    taus = ties_task_vectors(deltas, 0.4) if ties else deltas
+    tv = TaskVectors(theta0, thetas, ties_keep(deltas, 0.4) if ties else None)
+    coef = torch.tensor([0.2, 0.7, 0.4], dtype=torch.float64)
+    scratch = torch.empty_like(theta0)
+    torch.testing.assert_close(tv.merged(coef.tolist(), scratch), theta0 + torch.tensordot(coef, taus, dims=1),
+                               rtol=0, atol=1e-12)
+    w = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(tv.dots(w, scratch), (taus * w).sum((1, 2)), rtol=1e-12, atol=1e-12)
+
+
+def test_tensors_no_expert_changes_keep_their_initial_coefficient():
+    model, base, experts, inputs, logits = _setup()
+    for e in experts:
+        e["0.bias"] = base["0.bias"].clone()
+    coef = learn(model, base, experts, inputs, logits, steps=5, lr=0.05, granularity="layer", names=list(base))
+    p = list(base).index("0.bias")
+    assert torch.all(coef.values[:, p].float() == 0.3) and not torch.all(coef.values.float() == 0.3)
 
 
 def test_adamerging_plus_plus_uses_ties_processed_vectors():
