@@ -119,6 +119,19 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     assert {r["setting"] for r in routed} == {"r=8, route", "r=8, oracle", "r=8, route, per token",
                                               "r=8, route, gaussian router"}
     assert all(0 <= r["routing"]["accuracy"] <= 1 for r in routed if r.get("routing"))
+    # a run stopped inside ESM++ (its slow routed rows) resumes at its next row: the finished ones are kept
+    (done,) = [f for f in (tmp_path / "cache").rglob("bench-rows/*/esm_pp*.json") if ".partial" not in f.name]
+    blob = json.loads(done.read_text())
+    first = blob["rows"][:2]
+    partial = done.with_name(done.name.replace(".json", ".partial.json"))
+    partial.write_text(json.dumps({"rows": first, "correct": {r["label"]: blob["correct"][r["label"]] for r in first}}))
+    done.unlink()
+    again2 = run_llm_bench(tmp_path / "out3", dataclasses.replace(cfg, methods=["esm", "esm_pp"]),
+                           backbone=tiny_chat_folder)
+    routed2 = [r for r in again2["rows"] if r["method"] == "esm_pp"]
+    assert [r["label"] for r in routed2 if r.get("kept")] == [r["label"] for r in first] and len(routed2) == 4
+    assert all(again2["per_example"]["rows"][r["label"]] == res["per_example"]["rows"][r["label"]] for r in routed2)
+    assert done.is_file() and not partial.exists()
     assert {r["label"] for r in res["rows"] if r["method"] == "adamerging"} == {
         "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging++ (layer-wise)"}
     # Representation Surgery on the decoder's last hidden states, on task arithmetic's val-tuned merge (its scale

@@ -725,9 +725,10 @@ def tune(config: str, out_dir: str, backend: str, address: Optional[str], actors
 
     CONFIG is a merge config without merge_method, plus search: (methods and the parameters to try: a list,
     {range: [lo, hi], step: s}, or alpha/lambda: auto), eval: (per task a validation file and a scorer:
-    classification, lm_loss or {python: module:function}) and objective: (mean, worst or {weighted: ...}).
-    OUT_DIR gets the winning merge (as `submerge merge` writes it) with tune.json, tune.md and tune.png.
-    Only validation data is read.  Exit code 1 when some candidates failed (the others are reported)."""
+    classification, lm_loss, generation (a chat model's exact match) or {python: module:function}) and
+    objective: (mean, worst or {weighted: ...}).  OUT_DIR gets the winning merge (as `submerge merge` writes
+    it) with tune.json, tune.md and tune.png.  Only validation data is read.  Exit code 1 when some candidates
+    failed (the others are reported)."""
     from submerge.tune import tune as run_tune
 
     _setup_logging(verbose, quiet)

@@ -18,48 +18,65 @@ from submerge.errors import ConfigError
 from submerge.methods import get_method
 
 
-def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, static=None) -> list[dict]:
+def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, static=None, partial=None) -> list[dict]:
     """ESM++ rows: experts of rank r on the val-tuned merge of ``host`` (ESM; ``found``: its search if done),
     routed (and, at the largest r, oracle, routed per token when the suite asks — ``cfg.esmpp_per_token`` — and
     each linear router), with routing accuracy and the inference time against the static model (``static``: its
-    test scores and seconds when the ESM row already measured them)."""
+    test scores and seconds when the ESM row already measured them).  ``partial``: rows an earlier, stopped run
+    finished (reused, not scored again) and where each new row is kept as soon as it is scored."""
     from submerge.routing import build_experts
     from submerge.search import search_alpha
 
-    if found is None:
-        found = search_alpha(host, S.base, S.experts, S.val_score, {}, stats=stats, random_seed=S.cfg.seed,
-                             **search_kwargs(S.cfg, get_method(host)))
-        static = None
-    if static is None:
-        t0 = time.perf_counter()
-        res0 = S.evaluate(found.state, "test")
-        static = (res0, time.perf_counter() - t0)
-    static_res, static_s = static
-    n_test = sum(len(v) for v in static_res.values())
     rows = []
+    ready: dict = {}  # the host's val-tuned merge and its static test scoring, made when a row needs them
+
+    def host_merge():
+        if "found" not in ready:
+            f, st = found, static
+            if f is None:
+                f = search_alpha(host, S.base, S.experts, S.val_score, {}, stats=stats, random_seed=S.cfg.seed,
+                                 **search_kwargs(S.cfg, get_method(host)))
+                st = None
+            if st is None:
+                t0 = time.perf_counter()
+                res0 = S.evaluate(f.state, "test")
+                st = (res0, time.perf_counter() - t0)
+            ready["found"], ready["static"] = f, st
+        return ready["found"], ready["static"]
+
     for r in S.cfg.esmpp_ranks:
-        t0 = time.perf_counter()
-        experts = build_experts(found.state, S.experts, stats, rank=r, tasks=S.names)
-        build_s = time.perf_counter() - t0
-        ov = experts.overhead(sum(v.numel() for v in S.base.values()))
         # the cosine rule, the task-id upper bound, (largest rank) per token, then each linear router in turn
         largest = r == max(S.cfg.esmpp_ranks)
         per_token = largest and getattr(S.cfg, "esmpp_per_token", False)
         variants = [("route", None, False)] + ([("oracle", None, False)] if largest else []) \
             + ([("route", None, True)] if per_token else []) \
             + ([("route", k, False) for k in S.cfg.esmpp_routers] if largest else [])
+        experts = None
         for mode, kind, token in variants:
-            router_s = _add_router(S, found, experts, stats, kind) if kind else 0.0
-            res, report, secs = S.evaluate_routed(found.state, experts, "test", mode,
-                                                  **({"per_token": True} if token else {}))
             how = "oracle task id" if mode == "oracle" else "routed" + (" per token" if token else "") \
                 + (f", {kind} router" if kind else "")
             label = f"esm_pp r={r} ({how})"
-            params = {"rank": r, "alpha": found.alpha, **({"router": kind} if kind else {}),
+            kept = partial.get(label) if partial is not None else None
+            if kept is not None:
+                rows.append({**kept[0], "kept": True})
+                test_correct[label] = kept[1]
+                S.say(f"{label:34s} kept from an earlier, stopped run")
+                continue
+            f, (static_res, static_s) = host_merge()
+            if experts is None:
+                t0 = time.perf_counter()
+                experts = build_experts(f.state, S.experts, stats, rank=r, tasks=S.names)
+                build_s = time.perf_counter() - t0
+                ov = experts.overhead(sum(v.numel() for v in S.base.values()))
+            router_s = _add_router(S, f, experts, stats, kind) if kind else 0.0
+            res, report, secs = S.evaluate_routed(f.state, experts, "test", mode,
+                                                  **({"per_token": True} if token else {}))
+            params = {"rank": r, "alpha": f.alpha, **({"router": kind} if kind else {}),
                       **({"per_token": True} if token else {})}
             setting = f"r={r}, {mode}" + (", per token" if token else "") + (f", {kind} router" if kind else "")
-            row, _ = S.test_row("esm_pp", setting, params, found.state, found.alpha, build_s + router_s,
+            row, _ = S.test_row("esm_pp", setting, params, f.state, f.alpha, build_s + router_s,
                                 label=label, res=res, reference="oracle" if mode == "oracle" else None)
+            n_test = sum(len(v) for v in static_res.values())
             row["overhead"] = ov
             row["ms_per_example"] = 1000 * secs / n_test
             row["static_ms_per_example"] = 1000 * static_s / n_test
@@ -67,6 +84,8 @@ def esmpp_rows(S: BenchSession, host: str, found, stats, test_correct: dict, sta
                 row["routing"] = report.to_dict()
             test_correct[label] = res
             rows.append(row)
+            if partial is not None:
+                partial.put(row, res)
             S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}"
                   + (f"  routing acc {report.accuracy:.3f}" if report is not None else "")
                   + f"  {row['ms_per_example']:.2f} ms/example (static {row['static_ms_per_example']:.2f})")

@@ -42,26 +42,60 @@ class RowCache:
         self.sizes = {name: S.test_size(name) for name in S.names}
 
     def get(self, method: str) -> Optional[tuple[list[dict], dict]]:
-        path = self.folder / f"{method}{self.suffix.get(method, '')}.json"
+        return self._read(f"{method}{self.suffix.get(method, '')}.json")
+
+    def put(self, method: str, rows: list[dict], test_correct: dict) -> None:
+        self._write(f"{method}{self.suffix.get(method, '')}.json", rows, test_correct)
+        (self.folder / f"{method}{self.suffix.get(method, '')}.partial.json").unlink(missing_ok=True)
+
+    def partial(self, method: str) -> "PartialRows":
+        """The rows of ``method`` finished so far, kept one by one (a method of many slow rows, ESM++'s routed
+        scoring, resumes at its next row); dropped when the method's rows are :meth:`put`."""
+        return PartialRows(self, f"{method}{self.suffix.get(method, '')}.partial.json")
+
+    def _read(self, name: str) -> Optional[tuple[list[dict], dict]]:
+        path = self.folder / name
         if not path.is_file():
             return None
         try:
             hit = json.loads(path.read_text())
             correct_ = {label: {k: unpack_correct(v, self.sizes[k]) for k, v in per.items()}
                         for label, per in hit["correct"].items()}
-        except (ValueError, KeyError, TypeError):  # a damaged file: the method is run again
+        except (ValueError, KeyError, TypeError):  # a damaged file: the rows are computed again
             return None
         return hit["rows"], correct_
 
-    def put(self, method: str, rows: list[dict], test_correct: dict) -> None:
+    def _write(self, name: str, rows: list[dict], test_correct: dict) -> None:
         labels = [r["label"] for r in rows]
         blob = {"rows": rows, "correct": {lab: {k: pack_correct(v) for k, v in test_correct[lab].items()}
                                           for lab in labels}}
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{method}{self.suffix.get(method, '')}.json"
         tmp = self.folder / f".{name}.tmp"
         tmp.write_text(json.dumps(blob))
         tmp.replace(self.folder / name)
+
+
+class PartialRows:
+    """One method's finished rows (by label) in the row cache, before the method is done."""
+
+    def __init__(self, cache: RowCache, name: str):
+        self.cache, self.name = cache, name
+        hit = cache._read(name) if cache.folder.is_dir() else None
+        self.rows: list[dict] = hit[0] if hit else []
+        self.correct: dict = hit[1] if hit else {}
+
+    def get(self, label: str) -> Optional[tuple[dict, dict]]:
+        row = next((r for r in self.rows if r["label"] == label), None)
+        return None if row is None or label not in self.correct else (row, self.correct[label])
+
+    def put(self, row: dict, correct: dict) -> None:
+        self.rows = [r for r in self.rows if r["label"] != row["label"]] + [row]
+        self.correct[row["label"]] = correct
+        self.cache._write(self.name, self.rows, self.correct)
+
+    def clear(self) -> None:
+        self.rows, self.correct = [], {}
+        (self.cache.folder / self.name).unlink(missing_ok=True)
 
 MAX_RESUME_BYTES = 256 * 1024 * 1024
 

@@ -16,10 +16,13 @@ from submerge.errors import ConfigError
 from submerge.methods import get_method, list_methods
 
 
-def method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optional[tuple[list[dict], dict]]:
+def method_rows(S: BenchSession, method: str, stats, searched: dict, partial=None
+                ) -> Optional[tuple[list[dict], dict]]:
     """One method's rows and per-example test correctness: its scale searched on val (default and
     val-tuned rows), each distinct model scored on test once; None when the method does not apply.
-    ``searched`` carries a search to the rows built on it (ESM's to ESM++'s, a scale to ``+surgery``)."""
+    ``searched`` carries a search to the rows built on it (ESM's to ESM++'s, a scale to ``+surgery``);
+    ``partial`` (:class:`~submerge.bench.cache.PartialRows`): the rows of a routed method finished by an earlier,
+    stopped run, not computed again, and where each new one is kept as it finishes."""
     from submerge.search import search_alpha
 
     name, post = split_row_name(method)
@@ -31,7 +34,7 @@ def method_rows(S: BenchSession, method: str, stats, searched: dict) -> Optional
     # what the method declares decides its rows (submerge.methods.MergeMethod.evaluation), not its name
     if m.evaluation == "routed":  # experts routed per input on the val-tuned merge of the method it builds on
         rows += esmpp_rows(S, m.builds_on, searched.get(m.builds_on), stats, test_correct,
-                           searched.get(f"static_test:{m.builds_on}"))
+                           searched.get(f"static_test:{m.builds_on}"), partial)
         return rows, test_correct
     if m.evaluation == "learned":
         return adamerging_rows(S, test_correct)

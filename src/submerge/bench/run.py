@@ -98,7 +98,7 @@ def method_table(S, methods: Sequence[str], done_rows: RowCache, estimate: RunEs
             stats = stats_for(S, method)
             if stats is not None and last_use.get(kind[method]) == i:
                 S.drop_stats(kind[method])
-            got = method_rows(S, method, stats, searched)
+            got = method_rows(S, method, stats, searched, done_rows.partial(method))
             # a search holds three model-sized buffers, a merge one: release them before the next method
             # (keeping them made a full run grow by ~0.3 GB per method on a 23M-parameter backbone)
             stats = None
