@@ -12,7 +12,8 @@ test questions.
 
     python benchmarks/llm_moe.py --results benchmarks/results/llm/lora-seed0/results.json [--threads 2]
 
-Writes benchmarks/results/llm/moe.json and moe.md.
+Writes benchmarks/results/llm/moe.json and moe.md.  ``--compare-only`` recomputes nothing: it reads the MoE rows
+of an earlier ``moe.json`` and takes the compared rows afresh from ``--results`` (a table that has grown since).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "llm")
+    ap.add_argument("--compare-only", action="store_true", help="refresh the compared rows of OUT/moe.json")
     args = ap.parse_args()
+    if args.compare_only:
+        out = json.loads((args.out / "moe.json").read_text())
+        out["compared"] = compare(args.results) if args.results else []
+        write(args.out, out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     S = LLMSession(LLMBenchConfig(seed=args.seed, multitask=False))
@@ -47,12 +54,16 @@ def main() -> None:
         print(f"{r['label']}: norm {100 * r['avg_norm']:.1f}, val norm {100 * r['val_norm']:.1f}, "
               f"{r['params'] / 1e6:.0f}M params, {r['ms_per_question']:.0f} ms/question", flush=True)
     out = {"suite": "llm", "seed": args.seed, "tasks": S.names, "backbone": S.cm.name,
-           "threads": torch.get_num_threads(), "base_params": S.cm.n_params(list(S.cm.pretrained)), "rows": rows,
+           "threads": torch.get_num_threads(), "base_params": sum(p.numel() for p in S.cm.model.parameters()), "rows": rows,
            "compared": compare(args.results) if args.results else []}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "moe.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / "moe.md").write_text(markdown(out))
-    print((args.out / "moe.md").read_text())
+    write(args.out, out)
+
+
+def write(folder: Path, out: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "moe.json").write_text(json.dumps(out, indent=1) + "\n")
+    (folder / "moe.md").write_text(markdown(out))
+    print((folder / "moe.md").read_text())
 
 
 def compare(results: Path) -> list[dict]:
