@@ -41,17 +41,20 @@ class RowCache:
         self.folder = S.cache / "bench-rows" / hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.sizes = {name: S.test_size(name) for name in S.names}
 
+    def _name(self, method: str, part: str = "") -> str:
+        return f"{method}{self.suffix.get(method, '')}{part}.json"
+
     def get(self, method: str) -> Optional[tuple[list[dict], dict]]:
-        return self._read(f"{method}{self.suffix.get(method, '')}.json")
+        return self._read(self._name(method))
 
     def put(self, method: str, rows: list[dict], test_correct: dict) -> None:
-        self._write(f"{method}{self.suffix.get(method, '')}.json", rows, test_correct)
-        (self.folder / f"{method}{self.suffix.get(method, '')}.partial.json").unlink(missing_ok=True)
+        self._write(self._name(method), rows, test_correct)
+        (self.folder / self._name(method, ".partial")).unlink(missing_ok=True)
 
     def partial(self, method: str) -> "PartialRows":
         """The rows of ``method`` finished so far, kept one by one (a method of many slow rows, ESM++'s routed
         scoring, resumes at its next row); dropped when the method's rows are :meth:`put`."""
-        return PartialRows(self, f"{method}{self.suffix.get(method, '')}.partial.json")
+        return PartialRows(self, self._name(method, ".partial"))
 
     def _read(self, name: str) -> Optional[tuple[list[dict], dict]]:
         path = self.folder / name
@@ -92,10 +95,6 @@ class PartialRows:
         self.rows = [r for r in self.rows if r["label"] != row["label"]] + [row]
         self.correct[row["label"]] = correct
         self.cache._write(self.name, self.rows, self.correct)
-
-    def clear(self) -> None:
-        self.rows, self.correct = [], {}
-        (self.cache.folder / self.name).unlink(missing_ok=True)
 
 MAX_RESUME_BYTES = 256 * 1024 * 1024
 
