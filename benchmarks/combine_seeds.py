@@ -61,6 +61,11 @@ def pooled_paired(runs: list[dict], a: str, b: str, n_boot: int = 2000, seed: in
     return point / k, float(np.percentile(draws / k, 2.5)), float(np.percentile(draws / k, 97.5))
 
 
+def _nll(runs: list[dict], key: str) -> str:
+    """Mean answer NLL of a reference (``zeroshot_nll`` / ``finetuned_nll``) over tasks and seeds."""
+    return f"{np.mean([np.mean(list(r[key].values())) for r in runs]):.3f}"
+
+
 def _diff_cell(v) -> str:
     return "–" if v is None else f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"
 
@@ -81,6 +86,8 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
             "reference": first.get("reference"), "rows": rows,
             "norm": mean([row["avg_norm"] for row, _ in have]),
             "per_seed": [None if row is None else row["avg_norm"] for row in rows],
+            "nll": (mean([row["avg_nll"] for row, _ in have])
+                    if all(row.get("avg_nll") is not None for row, _ in have) else None),
             "per_task": [mean([row["per_task"][t] / r["finetuned"][t] for row, r in have]) for t in tasks],
             "vs": {ref: (pooled_paired(runs, lab, ref) if len(have) == len(runs) and lab != ref else None)
                    for ref in BASELINES},
@@ -89,35 +96,44 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
 
     zs_seed = [mean([r["zeroshot"][t] / r["finetuned"][t] for t in tasks]) for r in runs]
     seed_txt = " / ".join(f"s{s}" for s in seeds)
+    llm = runs[0]["suite"] == "llm"
+    metric = "exact match of greedy decoding" if llm else "accuracy"
+    same = ("questions and demonstrations" if llm else "split and heads")
     out = [
         f"# {runs[0]['suite']}: the canonical table, fine-tuning seeds {', '.join(map(str, seeds))}", "",
         f"Backbone `{runs[0]['backbone']['name']}`; {len(tasks)} tasks; each seed is one full `submerge bench "
         f"--seed S` run (its own experts, every scale chosen on that seed's validation split, test touched once "
-        f"per row); the test split and heads are the same for all seeds. Values: normalised test accuracy "
+        f"per row); the test {same} are the same for all seeds. Values: normalised test {metric} "
         f"(merged / fine-tuned, per task, averaged), mean over seeds, per seed ({seed_txt}) beside it. "
         f"**vs TSV-M** and **vs TA**: paired difference against TSV-M and task arithmetic (both val-tuned), mean "
         f"over seeds with a 95% bootstrap interval over test examples (the same examples resampled in every "
         f"seed). † a reference, not a merge (excluded from \"best\"): "
         + "; ".join(f"{k}: {v}" for k, v in {**REFERENCE_NOTES, "task id": "told the true task id of each input"}.items())
         + ".", "",
-        "| method | setting | scale " + seed_txt + " | norm | " + seed_txt + " | vs TSV-M | vs TA |",
-        "|---|---|---|---:|---|---|---|",
-        "| fine-tuned experts † | – | – | 100.0 | – | – | – |",
-        f"| zero-shot † | – | – | {_pct(mean(zs_seed))} | {' / '.join(_pct(z) for z in zs_seed)} | – | – |",
+        "| method | setting | scale " + seed_txt + " | norm | " + seed_txt + " | vs TSV-M | vs TA |"
+        + (" NLL |" if llm else ""),
+        "|---|---|---|---:|---|---|---|" + ("---:|" if llm else ""),
+        "| fine-tuned experts † | – | – | 100.0 | – | – | – |" + (f" {_nll(runs, 'finetuned_nll')} |" if llm else ""),
+        f"| zero-shot † | – | – | {_pct(mean(zs_seed))} | {' / '.join(_pct(z) for z in zs_seed)} | – | – |"
+        + (f" {_nll(runs, 'zeroshot_nll')} |" if llm else ""),
     ]
+    if llm:
+        out.insert(4, "NLL: the gold answers' mean token negative log-likelihood (nats, mean over tasks and seeds; "
+                      "the `lm_loss` view; `–` where the row has no single model to score).\n")
     for e in entries:
         ref = bool(e["reference"]) or "task id" in e["setting"] or "oracle" in e["setting"]
         scales = " / ".join("·" if row is None else ("–" if row["alpha"] is None else f"{row['alpha']:.3g}")
                             for row in e["rows"])
         per = " / ".join("·" if v is None else _pct(v) for v in e["per_seed"])
         out.append(f"| {e['method']}{' †' if ref else ''} | {e['setting']} | {scales} | {_pct(e['norm'])} | {per} "
-                   f"| {_diff_cell(e['vs'][BASELINES[0]])} | {_diff_cell(e['vs'][BASELINES[1]])} |")
+                   f"| {_diff_cell(e['vs'][BASELINES[0]])} | {_diff_cell(e['vs'][BASELINES[1]])} |"
+                   + ((" –" if e["nll"] is None else f" {e['nll']:.3f}") + " |" if llm else ""))
     out += ["", "`·`: the row is missing in that seed (then no pooled interval).", "",
-            "## Per task (normalised test accuracy, mean over seeds)", "",
+            f"## Per task (normalised test {metric}, mean over seeds)", "",
             "| method | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
     for e in entries:
         out.append(f"| {e['method']} | {e['setting']} | " + " | ".join(_pct(v) for v in e["per_task"]) + " |")
-    out += ["", "## Absolute accuracy of the references (test, %, per seed)", "",
+    out += ["", f"## Absolute {metric} of the references (test, %, per seed)", "",
             "| task | zero-shot | fine-tuned " + seed_txt + " | majority class |", "|---|---:|---|---:|"]
     for t in tasks:
         out.append(f"| {t} | {_pct(runs[0]['zeroshot'][t])} | "
@@ -170,7 +186,8 @@ def plot(entries: list[dict], runs: list[dict], path: Path) -> None:
     ax.set_yticks(y, [e["label"] + (" †" if e["reference"] else "") for e in entries], fontsize=7)
     ax.axvline(100, color="k", lw=0.8, ls="--")
     ax.set_xlim(0, 105)
-    ax.set_xlabel("normalised test accuracy (% of the fine-tuned experts): bar = mean over seeds, dots = seeds")
+    ax.set_xlabel(f"normalised test {'exact match' if runs[0]['suite'] == 'llm' else 'accuracy'} "
+                  "(% of the fine-tuned experts): bar = mean over seeds, dots = seeds")
     ax.set_title(f"{runs[0]['suite']}: seeds {', '.join(str(r['seed']) for r in runs)}  († reference, not a merge)",
                  fontsize=10)
     fig.tight_layout()
