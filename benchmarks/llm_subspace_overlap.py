@@ -75,12 +75,14 @@ def main() -> None:
              f"{len(tasks)} skills, {len(layers)} adapted linear layers; per pair of skills and layer, "
              "‖U_sᵀU_t‖²_F / r of the updates' column (output) and row (input) spaces; random: r / d for two random "
              "r-dimensional subspaces of that width. Produced by `python benchmarks/llm_subspace_overlap.py`.", "",
-             "| layer kind | d_out × d_in | rank | column overlap mean (max) | random | row overlap mean (max) | random |",
+             "| layer kind | d_out × d_in | rank | column overlap mean (max) | random "
+             "| row overlap mean (max) | random |",
              "|---|---|---:|---|---:|---|---:|"]
     for kind, k in sorted(per_kind.items()):
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         out["kinds"][kind] = {"d_out": k["d_out"], "d_in": k["d_in"], "rank": k["rank"],
-                              "col_mean": mean(k["col"]), "col_max": max(k["col"]), "col_random": k["rank"] / k["d_out"],
+                              "col_mean": mean(k["col"]), "col_max": max(k["col"]),
+                              "col_random": k["rank"] / k["d_out"],
                               "row_mean": mean(k["row"]), "row_max": max(k["row"]), "row_random": k["rank"] / k["d_in"]}
         o = out["kinds"][kind]
         lines.append(f"| {kind} | {k['d_out']} × {k['d_in']} | {k['rank']} | {o['col_mean']:.3f} ({o['col_max']:.3f}) "

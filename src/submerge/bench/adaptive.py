@@ -173,7 +173,7 @@ def tall_rows(S: BenchSession, params: dict, test_correct: dict, t0: float) -> t
     n_params = sum(v.numel() for v in S.base.values())
     elem = next(iter(S.base.values())).element_size()
     row["storage"] = {"model_bytes": n_params * elem, "masks_bytes": len(S.tasks) * ((n_params + 7) // 8),
-                      "experts_bytes": len(S.tasks) * n_params * elem}
+                      "experts_bytes": S.experts_bytes()}
     test_correct[label] = res
     S.say(f"{label:34s} norm {100 * row['avg_norm']:.1f}  thresholds "
           + ", ".join(f"{lam:g}" for lam in lambdas))

@@ -161,6 +161,12 @@ class SuiteSession:
     def model(self) -> torch.nn.Module:
         return self.backbone.model
 
+    def experts_bytes(self) -> int:
+        """What the experts take as stored: one dense copy of the merged tensors each (a suite whose experts
+        are stored smaller, e.g. as LoRA adapters, says so)."""
+        n_params = sum(v.numel() for v in self.base.values())
+        return len(self.experts) * n_params * next(iter(self.base.values())).element_size()
+
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.backbone.load(state)
 

@@ -12,6 +12,7 @@ pass).  Exact match is in token space: the gold answer's own tokenization must b
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -147,6 +148,12 @@ def shared_prefix(batch: AnswerBatch) -> int:
     return min(first, int(batch.cols.min()))
 
 
+def _cache_kwarg(decoder: torch.nn.Module) -> str:
+    """The decoder's name for its key/value cache argument: ``cache`` from transformers 5.25 (which warns on the
+    old name), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def answer_logits(model: torch.nn.Module, batch: AnswerBatch, share_prefix: bool = False) -> torch.Tensor:
     """The next-token logits at every answer position (``[n answer tokens, vocabulary]``, float32).  The
     decoder runs on the whole batch; only the answer positions go through the output head, unless the model
@@ -167,11 +174,11 @@ def answer_logits(model: torch.nn.Module, batch: AnswerBatch, share_prefix: bool
         if start >= MIN_SHARED_PREFIX:
             from transformers import DynamicCache
 
-            cache = DynamicCache()
-            decoder(input_ids=batch.input_ids[:1, :start], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(batch.size)
+            cache = {_cache_kwarg(decoder): DynamicCache()}  # transformers >= 5.25 calls it `cache`
+            decoder(input_ids=batch.input_ids[:1, :start], use_cache=True, **cache)
+            next(iter(cache.values())).batch_repeat_interleave(batch.size)
             hidden = decoder(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                             past_key_values=cache, use_cache=True).last_hidden_state
+                             use_cache=True, **cache).last_hidden_state
             return head(hidden[batch.rows, batch.cols - start]).float()
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return head(hidden[batch.rows, batch.cols]).float()

@@ -129,4 +129,5 @@ def _results(S: LLMSession, cfg: LLMBenchConfig, rows: list[dict], test_correct:
         **results_body(S, cfg, rows, test_correct, resume),
         "zeroshot_nll": {k: float(v.mean()) for k, v in (S.zs_test.nll or {}).items()},
         "finetuned_nll": {k: float(v.mean()) for k, v in (S.ft_test.nll or {}).items()},
+        "experts_bytes": S.experts_bytes(),  # the experts as stored (LoRA: their adapters), for the storage columns
     }

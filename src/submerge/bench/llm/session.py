@@ -122,6 +122,16 @@ class LLMSession(SuiteSession):
     def test_size(self, task: str) -> int:
         return len(self.splits[task].test)
 
+    def experts_bytes(self) -> int:
+        """The experts' files as stored: a LoRA expert is its adapter (rank 16 on every linear layer: about
+        20 MB for this backbone, not a dense copy of it), a full expert its tensors."""
+        total = 0
+        for key in self.expert_keys:
+            folder = self.cache / "experts" / key
+            files = [folder / "adapter_model.safetensors", folder / "model.safetensors"]
+            total += next(f.stat().st_size for f in files if f.is_file())
+        return total
+
     def expert_key(self, fingerprints: Sequence[str], n_train: int, seed: int) -> str:
         """Keyed by everything that changes the expert: backbone, task data, split size, recipe, seed and the
         number of demonstrations its training questions carry."""
