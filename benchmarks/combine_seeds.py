@@ -188,10 +188,14 @@ def plot(entries: list[dict], runs: list[dict], path: Path) -> None:
         ax.text(2, yi, f"{100 * e['norm']:.1f}", va="center", fontsize=7, color="white")
     ax.set_yticks(y, [e["label"] + (" †" if e["reference"] else "") for e in entries], fontsize=7)
     ax.axvline(100, color="k", lw=0.8, ls="--")
+    zeroshot = 100 * np.mean([np.mean([r["zeroshot"][t] / r["finetuned"][t] for t in r["tasks"]]) for r in runs])
+    ax.axvline(zeroshot, color="grey", lw=0.8, ls=":")
+    ax.text(zeroshot, len(entries) - 0.4, f" zero-shot {zeroshot:.1f}", fontsize=7, color="grey", va="bottom")
     ax.set_xlim(0, 105)
     ax.set_xlabel(f"normalised test {'exact match' if runs[0]['suite'] == 'llm' else 'accuracy'} "
                   "(% of the fine-tuned experts): bar = mean over seeds, dots = seeds")
-    ax.set_title(f"{runs[0]['suite']}: seeds {', '.join(str(r['seed']) for r in runs)}  († reference, not a merge)",
+    ax.set_title(f"{runs[0]['suite']}: seed{'s' if len(runs) > 1 else ''} {', '.join(str(r['seed']) for r in runs)}"
+                 "  († reference, not a merge)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -200,12 +204,12 @@ def plot(entries: list[dict], runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", type=Path, help="bench output folders (their results.json), or results files")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended after the tables "
                     "(what the numbers say; written by hand)")
     args = ap.parse_args()
-    runs = [json.loads((r / "results.json").read_text()) for r in args.runs]
+    runs = [json.loads((r if r.is_file() else r / "results.json").read_text()) for r in args.runs]
     text, entries = combine(runs)
     if args.notes:
         text += "\n" + args.notes.read_text()
