@@ -151,12 +151,13 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
         row = next(r for r in e["rows"] if r is not None)
         if row.get("storage"):
             st = row["storage"]
-            experts = runs[0].get("experts_bytes", st["experts_bytes"])  # as stored (LoRA: the adapters)
+            stored = runs[0].get("experts_bytes")  # the experts as stored (LoRA: the adapters); older runs lack it
+            lora = runs[0].get("config", {}).get("recipe", {}).get("kind") == "lora"
             extra.append(f"| {e['label']} | model + one bit per parameter and task: "
                          f"{(st['model_bytes'] + st['masks_bytes']) / 1e6:.0f} MB, against "
-                         f"{experts / 1e6:.0f} MB for the {len(tasks)} experts"
-                         + (" (their LoRA adapters)" if runs[0].get("config", {}).get("recipe", {}).get("kind")
-                            == "lora" else "") + " |")
+                         f"{(stored or st['experts_bytes']) / 1e6:.0f} MB for the {len(tasks)} experts"
+                         + ((" (their LoRA adapters)" if stored else " (as dense copies; their adapters are smaller)")
+                            if lora else "") + " |")
         elif row.get("surgery_bytes") and "task id" in e["setting"]:
             extra.append(f"| {e['method']} | {len(tasks)} rank-{row['params'].get('surgery_rank', 16)} modules: "
                          f"{row['surgery_bytes'] / 1e6:.2f} MB beside the merge |")
