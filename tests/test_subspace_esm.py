@@ -254,6 +254,7 @@ def _stats_for(experts, n=64):
 @pytest.mark.parametrize("params", [
     {}, {"recipe": "vit"}, {"recipe": "glue"}, {"recipe": "vit", "fusion": "tsv"}, {"recipe": "vit", "alpha_scope": "all"},
     {"recipe": "vit", "stack_qkv": False}, {"recipe": "vit", "esd_roles": "all", "layer_power": 0.0},
+    {"rank_tol": 1e-6}, {"recipe": "glue", "rank_tol": 1e-6},
 ])
 def test_esm_runs_on_a_module_and_is_affine_in_alpha(params):
     base, experts = _tiny_family()

@@ -39,8 +39,8 @@ import torch
 from submerge.errors import ConfigError
 from submerge.layers import ROLES, family_of, layer_role, parse_role_patterns
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
-from submerge.methods.subspace import (is_embedding, is_matrix, mean_of, polar, task_vectors, truncated_svds,
-                                      tsv_merge)
+from submerge.methods.subspace import (drop_null, is_embedding, is_matrix, mean_of, polar, task_vectors,
+                                      truncated_svds, tsv_merge)
 from submerge.stats.gram import essential_subspace
 
 log = logging.getLogger("submerge")
@@ -49,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # ESM-ViT code (esm_utils.esm_merge): ESD on stacked QKV + both MLP linears, attention-out by TSV-M.
     "vit": dict(esd_roles="qkv,mlp_in,mlp_out", stack_qkv=True, eig_power=0.15, task_power=2.0,
                 column_power=2.0, layer_power=2.0, factor=2.0, fusion="polar", alpha_scope="esd",
-                rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean"),
+                rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean", rank_tol=0.0),
     # ESM-RoBERTa code (merge.py::esm + run_merge.py): ESD on all six linears, q/k/v separate, layer
     # polarisation only; every other 2-D tensor (embeddings included) by its TSV path, whose polar factors
     # are multiplied by their mean singular values; biases and the classifier excluded (kept from the base,
@@ -57,13 +57,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     # rescales the whole merged task vector).
     "glue": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.15, task_power=0.0,
                  column_power=0.0, layer_power=2.0, factor=1.0, fusion="polar", alpha_scope="all",
-                 rank_scale=1.0, other_fusion="tsv_scaled", keep_base="classifier|bias", embeddings="svd"),
+                 rank_scale=1.0, other_fusion="tsv_scaled", keep_base="classifier|bias", embeddings="svd",
+                 rank_tol=0.0),
     # submerge's default, chosen on validation data by the ablation in benchmarks/results/esm_ablation/:
     # the essential-subspace truncation on all six linears, fused as TSV-M fuses (each task's spectrum
     # kept instead of the polar factors' mean), layer polarisation, alpha on every tensor.
     "essential_tsv": dict(esd_roles="q,k,v,attn_out,mlp_in,mlp_out", stack_qkv=False, eig_power=0.0,
                           task_power=0.0, column_power=0.0, layer_power=2.0, factor=1.0, fusion="tsv",
-                          alpha_scope="all", rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean"),
+                          alpha_scope="all", rank_scale=1.0, other_fusion="tsv", keep_base="", embeddings="mean",
+                          rank_tol=0.0),
 }
 DEFAULT_RECIPE = "essential_tsv"
 RECIPE_BOUNDS = {"vit": (0.0, 2.0), "glue": (0.0, 5.0), "essential_tsv": (0.0, 5.0)}  # alpha search ranges
@@ -89,9 +91,13 @@ def esm_merge_matrix(
     column_power: float = 2.0,
     factor: float = 2.0,
     fusion: str = "polar",
+    rank_tol: float = 0.0,
 ) -> torch.Tensor:
     """ESM fusion of one (d_out x d_in, ``y = x Wᵀ``) matrix from T task updates and their input Grams.
 
+    ``rank_tol > 0``: each task keeps only its essential directions whose feature-shift singular value is above
+    ``rank_tol`` times the shift's Frobenius norm (``λ > rank_tol²·Σλ``), so an update of lower rank than r (a LoRA
+    expert's) brings no arbitrary null-space directions into the fusion (see ``submerge.methods.subspace``).
     Returns the merged update before layer polarisation and α, in float64.
     """
     T = len(deltas)
@@ -101,6 +107,10 @@ def esm_merge_matrix(
     for dw, g, n in zip(deltas, grams, counts):
         dw = dw.double()
         e, lam = essential_subspace(dw, g, n, r)
+        if rank_tol > 0:  # the whole shift's energy: trace(ΔW G ΔWᵀ)/(n − 1), the sum of all its eigenvalues
+            energy = float(((dw @ g.to(dw.device, torch.float64)) * dw).sum()) / max(n - 1, 1)
+            keep = lam > rank_tol ** 2 * energy
+            e, lam = e[:, keep], lam[keep]
         c = e.T @ dw
         nt = torch.linalg.norm(dw)
         norms.append(nt)
@@ -109,6 +119,9 @@ def esm_merge_matrix(
         s = _eig_weights(lam, eig_power)
         es.append(e * s)
         cs.append(s[:, None] * c)
+    widths = [e.shape[1] for e in es]  # r per task, fewer where rank_tol dropped null directions
+    if sum(widths) == 0:
+        return torch.zeros(d_out, d_in, dtype=torch.float64, device=deltas[0].device)
     e_cat, c_cat = torch.cat(es, 1), torch.cat(cs, 0)
     if task_power:
         mean_n = torch.stack(norms).mean()
@@ -124,8 +137,9 @@ def esm_merge_matrix(
         return factor * (e_o * s1.mean()) @ (c_o * s2.mean())
     if fusion == "tsv":  # each task's essential approximation as an SVD, fused by TSV-M (spectrum kept)
         us, ss, vs = [], [], []
-        for t in range(T):
-            e_t, c_t = e_cat[:, t * r:(t + 1) * r], c_cat[t * r:(t + 1) * r]
+        for e_t, c_t in zip(e_cat.split(widths, 1), c_cat.split(widths, 0)):
+            if e_t.shape[1] == 0:
+                continue
             scale = torch.linalg.norm(e_t, dim=0)  # = s (E has orthonormal columns)
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             u_m, s_m, vh_m = torch.linalg.svd(scale[:, None] * c_t, full_matrices=False)
@@ -138,16 +152,19 @@ def esm_merge_matrix(
     raise ConfigError(f"unknown ESM fusion {fusion!r}; use 'polar' or 'tsv'")
 
 
-def tsv_scaled_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+def tsv_scaled_merge(deltas: list[torch.Tensor], rank_tol: float = 0.0) -> torch.Tensor:
     """The ESM-RoBERTa code's TSV path (``merge.py::_tsv_process_2d_param``) for matrices outside the
     essential-subspace path: per task the top k = max(1, ⌊min(m, n)/T⌋) SVD triplets, stacked; the
     stacked U and V replaced by their polar factors *times their mean singular value* (its
     ``_procrustes_orthogonalize``); ΔW = U_o diag(S_cat) V_o.  Unlike TSV-M (no rescaling, rank 0 when
-    min(m, n) < T) — kept as a separate kernel so the ``glue`` recipe is exactly the authors'."""
+    min(m, n) < T) — kept as a separate kernel so the ``glue`` recipe is exactly the authors'.  ``rank_tol``: as
+    TSV-M's."""
     m, n = deltas[0].shape
     T = len(deltas)
     k = max(1, min(m, n) // T)
-    us, ss, vs = zip(*truncated_svds([d.double() for d in deltas], k))
+    us, ss, vs = zip(*drop_null(truncated_svds([d.double() for d in deltas], k), deltas, rank_tol))
+    if sum(len(x) for x in ss) == 0:
+        return torch.zeros_like(deltas[0], dtype=torch.float64)
     u_o, su = polar(torch.cat(us, 1))
     v_o, sv_ = polar(torch.cat(vs, 0))
     return ((u_o * su.mean()) * torch.cat(ss)) @ (v_o * sv_.mean())
@@ -286,7 +303,8 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
             merged = esm_merge_matrix(
                 stacked, grams, counts, rank_scale=cfg["rank_scale"], eig_power=cfg["eig_power"],
                 task_power=cfg["task_power"], column_power=cfg["column_power"], factor=cfg["factor"],
-                fusion=cfg["fusion"]).to(stacked[0].dtype)  # the compute dtype: float64 stays float64
+                fusion=cfg["fusion"], rank_tol=cfg["rank_tol"],
+            ).to(stacked[0].dtype)  # the compute dtype: float64 stays float64
             parts = merged.split([stats_list[0][0].weight_as_out_in(d[0]).shape[0] for d in deltas_list], 0)
             key = family + "@" + names[0]
             for name, part in zip(names, parts):
@@ -296,7 +314,7 @@ def _esm_part(mp: ModelPass, g: dict) -> ESMPart:
             norms[key] = float(torch.linalg.norm(merged))
         else:
             for name, deltas in zip(names, deltas_list):
-                merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas).to(deltas[0].dtype)
+                merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas, rank_tol=cfg["rank_tol"]).to(deltas[0].dtype)
                 done.results.put(name, merged.contiguous())
                 norm_key[name] = family + "@" + name
                 norms[norm_key[name]] = float(torch.linalg.norm(merged))
@@ -380,6 +398,10 @@ _ESM_PARAMS = [
     Param("other_fusion", str, None, choices=tuple(OTHER_FUSIONS),
           help="matrices outside the ESD path: tsv (TSV-M) or tsv_scaled (the authors' RoBERTa TSV path)"),
     Param("keep_base", str, None, help="regex on tensor names kept from the base, unmerged (glue: classifier|bias)"),
+    Param("rank_tol", float, None, low=0.0, high=1.0,
+          help="drop essential / singular directions at most rank_tol x the update's norm (numerically zero: an "
+               "arbitrary null-space basis when an update's rank is below r, as LoRA experts'); 0 (every "
+               "recipe) keeps them, as the authors' code"),
 ]
 
 
@@ -434,7 +456,7 @@ def esm(ctx: TensorContext, **p: Any) -> torch.Tensor:
         return base
     deltas = task_vectors(ctx)
     if _is_other_matrix(ctx.name, deltas[0], cfg):
-        merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas).to(base.dtype)
+        merged = OTHER_FUSIONS[cfg["other_fusion"]](deltas, rank_tol=cfg["rank_tol"]).to(base.dtype)
     else:
         merged = mean_of(deltas)
     return base.add_(merged, alpha=coef)

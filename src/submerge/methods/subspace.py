@@ -11,6 +11,17 @@ and their polar factors depend on the whole spectrum, tail included.  A randomiz
 the merged weights by 26–62% (relative Frobenius) and was removed; on a GPU the exact SVD of a
 4096² matrix takes well under a second.
 
+Low-rank updates (LoRA experts) make the papers' rules ill-posed.  TSV-M keeps k = ⌊min(m, n)/T⌋ triplets per
+task and Iso-C flattens every singular value of the sum; where an update's rank r is below that (a rank-16 LoRA
+expert of a 576-wide layer with T = 6 has k = 96), the extra triplets have singular values of rounding noise
+(σ₁₇/σ₁ ≈ 5e-7 for the LLM suite's experts, σ₁₆/σ₁ ≈ 0.04–0.1) and vectors the SVD picks arbitrarily from the
+null space.  TSV-M's polar factors mix them into the real directions, Iso-C gives them the mean singular value:
+on random rank-3 and rank-16 stacks, a 1e-15 relative perturbation of the inputs moves the merged update by
+66–132% (TSV-M, Iso-C, Iso-CTS), against 1e-14 on full-rank ones (``tests/test_subspace_rank.py``).  So no two
+implementations, and not the same one on two machines, need agree there.  ``rank_tol > 0`` drops the triplets at
+most ``rank_tol·‖ΔW‖_F``, which makes the rules well-posed on such updates and leaves full-rank ones unchanged;
+the default 0 keeps the papers' (and their code's) behaviour.
+
 Faster paths measured and rejected (issue 32).  A float64 ``eigh`` of the small Gram matrix instead of the
 SVD is 3x faster on TSV-M of the quick suite's 8 experts.  But it moves the merged update by up to 1.2e-8
 relative, and still by 2.6e-10 when used only where ``σ_k ≥ 0.1 σ₁``, against the SVD path's own 1e-14 under
@@ -80,32 +91,63 @@ def is_matrix(ctx_name: str, x: torch.Tensor, embeddings: str = "mean") -> bool:
     return x.dim() == 2 and min(x.shape) > 1 and (embeddings == "svd" or not is_embedding(ctx_name))
 
 
-def tsv_merge(deltas: list[torch.Tensor], rank: Optional[int] = None) -> torch.Tensor:
+def nonzero_count(s: torch.Tensor, norm: torch.Tensor, rank_tol: float) -> int:
+    """How many of the singular values ``s`` (descending) of an update are above ``rank_tol`` times its
+    Frobenius norm ``norm``: the rest are numerically zero, directions of its null space that the SVD picks
+    arbitrarily (see the module docstring).  ``rank_tol = 0`` keeps them all, as the papers' code does."""
+    return len(s) if rank_tol <= 0 else int((s > rank_tol * norm).sum())
+
+
+def drop_null(triplets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], sources: list[torch.Tensor],
+              rank_tol: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each ``(U, S, Vh)`` of ``sources[i]`` cut to its triplets above ``rank_tol·‖sources[i]‖_F``."""
+    if rank_tol <= 0:
+        return triplets
+    out = []
+    for (u, s, vh), x in zip(triplets, sources):
+        j = nonzero_count(s, torch.linalg.matrix_norm(x.double()).to(s.dtype), rank_tol)
+        out.append((u[:, :j], s[:j], vh[:j]))
+    return out
+
+
+def tsv_merge(deltas: list[torch.Tensor], rank: Optional[int] = None, rank_tol: float = 0.0) -> torch.Tensor:
     """TSV-M of one matrix: per task top-k SVD (k = ⌊min(m, n)/T⌋), concatenate, replace the stacked
     U and V by their polar factors, keep the singular values: ΔW = U⊥ diag(S_cat) V⊥ᵀ.
 
     With fewer dimensions than tasks (min(m, n) < T) k is 0 and the merged update is zero: the
     matrix keeps the base's weights.  That is what the official code (``int(s.shape[0] / T)``
     triplets per task) and FusionBench compute; a per-task rank of 1 would stack T > min(m, n)
-    directions, which cannot be orthogonal, so there is no TSV-M answer to copy for it."""
+    directions, which cannot be orthogonal, so there is no TSV-M answer to copy for it.
+
+    ``rank_tol > 0``: each task keeps only its triplets above ``rank_tol·‖ΔW_t‖_F`` (at most k), so an update
+    of lower rank than k (a LoRA expert's) contributes its own directions and no arbitrary null-space ones."""
     m, n = deltas[0].shape
     T = len(deltas)
     k = rank if rank is not None else min(m, n) // T
     if k == 0:
         return torch.zeros_like(deltas[0])
-    us, ss, vs = zip(*truncated_svds(deltas, k))
+    us, ss, vs = zip(*drop_null(truncated_svds(deltas, k), deltas, rank_tol))
     u_cat, s_cat, vh_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 0)
+    if u_cat.shape[1] == 0:
+        return torch.zeros_like(deltas[0])
     u_o, _ = polar(u_cat)
     vh_o, _ = polar(vh_cat)
     return (u_o * s_cat) @ vh_o
 
 
-def iso_c_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """Iso-C of one matrix: SVD of the summed update, all singular values replaced by their mean."""
+def iso_c_merge(deltas: list[torch.Tensor], rank_tol: float = 0.0) -> torch.Tensor:
+    """Iso-C of one matrix: SVD of the summed update, all singular values replaced by their mean.
+
+    ``rank_tol > 0``: only the sum's triplets above ``rank_tol·‖ΣΔW_t‖_F`` are kept and flattened to their
+    mean; the official code also gives every null-space direction of a low-rank sum (LoRA experts') that mean."""
     total = deltas[0].clone()
     for d in deltas[1:]:
         total.add_(d)
     u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    if rank_tol > 0:
+        ((u, s, vh),) = drop_null([(u, s, vh)], [total], rank_tol)
+        if len(s) == 0:
+            return torch.zeros_like(total)
     return (s.mean() * (u @ vh)).to(total.dtype)
 
 
@@ -124,10 +166,14 @@ def iso_cts_split(min_dim: int, T: int, common_fraction: float) -> tuple[int, in
     return min_dim - per_task * T, per_task
 
 
-def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8) -> torch.Tensor:
+def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8, rank_tol: float = 0.0) -> torch.Tensor:
     """Iso-CTS of one matrix: the top common directions of the summed update plus, per task, the top
     directions of its update with the common space projected out; both stacked U and V are replaced
-    by their polar factors and every singular value by their mean."""
+    by their polar factors and every singular value by their mean.
+
+    ``rank_tol > 0``: the common directions are cut to the sum's triplets above ``rank_tol·‖ΣΔW_t‖_F`` and each
+    task's to those above ``rank_tol·‖ΔW_t‖_F`` (its update's norm, not its residual's: a task inside the common
+    space leaves a residual of rounding noise, which is dropped)."""
     m, n = deltas[0].shape
     T = len(deltas)
     total = deltas[0].clone()
@@ -135,14 +181,16 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8) -> t
         total.add_(d)
     k_c, k_t = iso_cts_split(min(m, n), T, common_fraction)
     u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
-    u_c, s_c, vh_c = u[:, :k_c], s[:k_c], vh[:k_c]
+    ((u_c, s_c, vh_c),) = drop_null([(u[:, :k_c], s[:k_c], vh[:k_c])], [total], rank_tol)
     us, ss, vs = [u_c], [s_c], [vh_c]
     if k_t > 0:
         orth = [d.double() - u_c @ (u_c.T @ d.double()) for d in deltas]
-        for ut, st, vht in truncated_svds(orth, k_t):
+        for ut, st, vht in drop_null(truncated_svds(orth, k_t), deltas, rank_tol):  # each task's own norm
             us.append(ut)
             ss.append(st)
             vs.append(vht)
+    if sum(x.shape[1] for x in us) == 0:
+        return torch.zeros_like(deltas[0])
     u_o, _ = polar(torch.cat(us, 1))
     vh_o, _ = polar(torch.cat(vs, 0))
     s_mean = torch.cat(ss).mean()
@@ -152,9 +200,14 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8) -> t
 _ALPHA_GRID = [round(0.1 * i, 2) for i in range(1, 31)]  # TSV / Iso papers: linspace(0, 3, 31)[1:]
 _EMBEDDINGS = Param("embeddings", str, "mean", choices=("mean", "svd"),
                     help="embedding tables (by name): mean of task vectors (default) or the matrix rule")
+_RANK_TOL = Param("rank_tol", float, 0.0, low=0.0, high=1.0,
+                  help="drop singular directions at most rank_tol x the update's Frobenius norm (numerically zero: "
+                       "an arbitrary null-space basis when an update's rank is below the kept rank, as LoRA "
+                       "experts'); 0 keeps them all, as the official code (e.g. 1e-4 for LoRA experts)")
 
 
 def _subspace_method(ctx: TensorContext, rule, alpha: float, embeddings: str) -> torch.Tensor:
+    """base + alpha * (``rule(task vectors)`` on the matrices, their mean elsewhere)."""
     if alpha == 0:
         return ctx.base
     deltas = task_vectors(ctx)
@@ -174,14 +227,16 @@ def _subspace_method(ctx: TensorContext, rule, alpha: float, embeddings: str) ->
             "the update, keep k = floor(min(m,n)/T) triplets; concatenate; replace the stacked U and V by their "
             "polar factors (SVD, not the eigh whitening of TSVM_2); dW = U_o diag(S_cat) V_o^T. Other tensors "
             "(and embedding tables unless embeddings=svd): mean of the task vectors. theta = base + alpha*dW. "
-            "Default alpha=1; the paper tunes it on linspace(0,3,31)[1:].",
-    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS],
+            "Default alpha=1; the paper tunes it on linspace(0,3,31)[1:]. rank_tol > 0 (not in the paper): each "
+            "task keeps only its triplets above rank_tol*||dW_t||_F, so low-rank (LoRA) updates add no "
+            "arbitrary null-space directions to the polar factors.",
+    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS, _RANK_TOL],
     needs_base=True,
     scale_param="alpha",
     search={"grid": _ALPHA_GRID},
 )
-def tsv(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
-    return _subspace_method(ctx, tsv_merge, alpha, embeddings)
+def tsv(ctx: TensorContext, *, alpha: float, embeddings: str, rank_tol: float) -> torch.Tensor:
+    return _subspace_method(ctx, lambda d: tsv_merge(d, rank_tol=rank_tol), alpha, embeddings)
 
 
 @register_method(
@@ -192,14 +247,15 @@ def tsv(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
     url="https://arxiv.org/abs/2502.04959",
     variant="Iso-C as the official code (iso.py::iso_c): per 2-D matrix, SVD of the summed update "
             "U S V^T; dW = mean(S) U V^T (flat spectrum). Other tensors: mean of task vectors. theta = base + "
-            "alpha*dW. Default alpha=1; the paper tunes it on linspace(0,3,31)[1:].",
-    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS],
+            "alpha*dW. Default alpha=1; the paper tunes it on linspace(0,3,31)[1:]. rank_tol > 0 (not in the "
+            "paper): only the sum's triplets above rank_tol*||sum dW_t||_F are flattened and kept.",
+    params=[Param("alpha", float, 1.0, help="scale of the merged update"), _EMBEDDINGS, _RANK_TOL],
     needs_base=True,
     scale_param="alpha",
     search={"grid": _ALPHA_GRID},
 )
-def iso_c(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
-    return _subspace_method(ctx, iso_c_merge, alpha, embeddings)
+def iso_c(ctx: TensorContext, *, alpha: float, embeddings: str, rank_tol: float) -> torch.Tensor:
+    return _subspace_method(ctx, lambda d: iso_c_merge(d, rank_tol=rank_tol), alpha, embeddings)
 
 
 @register_method(
@@ -212,13 +268,16 @@ def iso_c(ctx: TensorContext, *, alpha: float, embeddings: str) -> torch.Tensor:
             "update (k_c ~ common_space_fraction*min(m,n), adjusted so the rest divides by T); per task, top "
             "(min(m,n)-k_c)/T directions of its update with the common space projected out; stacked U and V "
             "replaced by polar factors, all singular values by their mean. Other tensors: mean of task vectors. "
-            "Defaults: common_space_fraction=0.8, alpha=1 (tuned on linspace(0,3,31)[1:] in the paper).",
+            "Defaults: common_space_fraction=0.8, alpha=1 (tuned on linspace(0,3,31)[1:] in the paper). "
+            "rank_tol > 0 (not in the paper): common directions above rank_tol*||sum dW_t||_F, each task's above "
+            "rank_tol*||dW_t||_F.",
     params=[Param("alpha", float, 1.0, help="scale of the merged update"),
             Param("common_space_fraction", float, 0.8, low=0.0, high=1.0,
-                  help="fraction of the rank given to the common subspace"), _EMBEDDINGS],
+                  help="fraction of the rank given to the common subspace"), _EMBEDDINGS, _RANK_TOL],
     needs_base=True,
     scale_param="alpha",
     search={"grid": _ALPHA_GRID},
 )
-def iso_cts(ctx: TensorContext, *, alpha: float, common_space_fraction: float, embeddings: str) -> torch.Tensor:
-    return _subspace_method(ctx, lambda d: iso_cts_merge(d, common_space_fraction), alpha, embeddings)
+def iso_cts(ctx: TensorContext, *, alpha: float, common_space_fraction: float, embeddings: str,
+            rank_tol: float) -> torch.Tensor:
+    return _subspace_method(ctx, lambda d: iso_cts_merge(d, common_space_fraction, rank_tol), alpha, embeddings)
