@@ -223,16 +223,20 @@ def test_tiny_end_to_end_data_based_methods(tmp_path):
 
 def _data_based_rows_local_and_on_ray(tmp_path):
     cfg = BenchConfig(tasks=["rt_sentiment", "wordnet_noun"],
-                      methods=["esm", "esm_pp", "fisher", "posterior", "regmean", "tsv"],
+                      methods=["esm", "esm_pp", "fisher", "posterior", "regmean", "tsv", "tsv[rank_tol=1e-4]"],
                       n_train=32, n_val=16, n_test=32, calib_n=8, fisher_n=4, cache_dir=str(tmp_path / "cache"),
                       quiet=True, esmpp_ranks=[2, 384], multitask=False)
     res = run_bench(tmp_path / "out", cfg)
     labels = [r["label"] for r in res["rows"]]
     # methods without statistics first, then those reading Fisher, then calibration (each kind held only while used)
-    assert labels == ["tsv (default)", "tsv (val-tuned)", "fisher", "posterior", "esm (default)", "esm (val-tuned)",
+    assert labels == ["tsv (default)", "tsv (val-tuned)", "tsv[rank_tol=1e-4] (default)",
+                      "tsv[rank_tol=1e-4] (val-tuned)", "fisher", "posterior", "esm (default)", "esm (val-tuned)",
                       "esm_pp r=2 (routed)", "esm_pp r=384 (routed)", "esm_pp r=384 (oracle task id)",
                       "esm_pp r=384 (routed, gaussian router)", "esm_pp r=384 (routed, trained router)", "regmean"]
     by_label = {r["label"]: r for r in res["rows"]}
+    # a variant row: the method with the parameters its name sets, searched and cached as a row of its own
+    assert by_label["tsv[rank_tol=1e-4] (val-tuned)"]["params"]["rank_tol"] == 1e-4
+    assert by_label["tsv[rank_tol=1e-4] (val-tuned)"]["method"] == "tsv[rank_tol=1e-4]"
     esm_tuned = by_label["esm (val-tuned)"]
     assert 0.0 <= esm_tuned["alpha"] <= 5.0 and len(esm_tuned["val_curve"]) >= 5
     assert by_label["tsv (val-tuned)"]["alpha"] in [round(0.1 * i, 2) for i in range(1, 41)]
@@ -279,6 +283,19 @@ def _data_based_rows_local_and_on_ray(tmp_path):
 
     assert len(on_ray["rows"]) == 2 and untimed(on_ray["rows"]) == untimed(local["rows"])
     assert on_ray["per_example"]["rows"] == local["per_example"]["rows"]
+
+
+def test_bench_rows_name_variants_with_checked_parameters():
+    from submerge.bench.presets import applicable_methods, row_params, split_methods, split_row_name
+
+    assert split_methods("ties, tsv[rank_tol=1e-4,embeddings=svd],esm+surgery") == [
+        "ties", "tsv[rank_tol=1e-4,embeddings=svd]", "esm+surgery"]
+    assert split_row_name("tsv[rank_tol=1e-4]+surgery") == ("tsv", "surgery")
+    assert row_params("tsv[rank_tol=1e-4,embeddings=svd]") == {"rank_tol": 1e-4, "embeddings": "svd"}
+    assert row_params("ties[density=0.5]") == {"density": 0.5, "weight": 1.0}  # over the bench's preset 0.2
+    for bad in ("tsv[rank_tol=2]", "tsv[nope=1]", "tsv[rank_tol]", "tsv[rank_tol=1e-4", "tsv[embeddings=x]"):
+        with pytest.raises(ConfigError):
+            applicable_methods(3, [bad])
 
 
 def test_ray_calls_keep_esm_pp_with_esm():

@@ -621,7 +621,8 @@ def demo(out: Optional[str], method: str) -> None:
               help="Task suite (text8; quick = text8's tasks, small splits; llm = the chat-LLM suite, SmolLM2-135M "
                    "scored by what it generates).")
 @click.option("--tasks", default=None, help="Comma-separated task names (overrides --suite).")
-@click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one).")
+@click.option("--methods", default=None, help="Comma-separated methods (default: every applicable one); "
+              "a variant sets parameters in brackets, e.g. 'tsv[rank_tol=1e-4]', labelled and cached by that name.")
 @click.option("--quick", is_flag=True, help="The README's main job: the quick suite (text8's 8 tasks, small evaluation "
               "splits, one method per family, coarse scale search, no multitask row); minutes on 2 cores.")
 @click.option("--seed", default=0, show_default=True, help="Fine-tuning seed (splits are fixed).")
@@ -669,7 +670,7 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     from submerge.bench.session import EXPERT_SUITES, BenchConfig
 
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
-                                methods=methods.split(",") if methods else None, seed=seed,
+                                methods=_bench_rows(methods) if methods else None, seed=seed,
                                 cache_dir=cache_dir, backbone=backbone, n_train=n_train, n_val=n_val,
                                 n_test=n_test, quiet=quiet, multitask=multitask, search=search,
                                 recipe=EXPERT_SUITES[experts] if experts else None).items() if v is not None}
@@ -677,6 +678,12 @@ def bench(suite: str, tasks: Optional[str], methods: Optional[str], quick: bool,
     name = f"{'quick' if quick else suite}{'' if experts in (None, 'default') else '-' + experts}-seed{seed}"
     out_dir = Path(out) if out else Path("bench-results") / name
     run_bench(out_dir, cfg, backend=backend, address=address, actors=actors, resume=resume, overwrite=overwrite)
+
+
+def _bench_rows(text: str) -> list[str]:
+    from submerge.bench.presets import split_methods
+
+    return split_methods(text)
 
 
 def _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n_val, n_test, experts, multitask,
@@ -692,7 +699,7 @@ def _bench_llm(tasks, methods, quick, seed, out, cache_dir, backbone, n_train, n
     if experts not in (None, "lora", "full"):
         raise click.UsageError(f"--experts {experts} is an encoder-suite recipe; the LLM suite takes lora or full")
     kw = {k: v for k, v in dict(tasks=tasks.split(",") if tasks else None,
-                                methods=methods.split(",") if methods else None, seed=seed, cache_dir=cache_dir,
+                                methods=_bench_rows(methods) if methods else None, seed=seed, cache_dir=cache_dir,
                                 n_train=n_train, n_val=n_val, n_test=n_test, quiet=quiet, multitask=multitask,
                                 search=search, recipe=LLMRecipe.full() if experts == "full" else None).items()
           if v is not None}

@@ -41,9 +41,46 @@ METHOD_SETTINGS = {"adamerging": ("adamerging_steps", "adamerging_lr"),
                    "esm_pp": ("esmpp_routers", "esmpp_per_token")}
 
 
+def split_methods(text: str) -> list[str]:
+    """A comma-separated list of bench rows, commas inside a variant's brackets kept:
+    ``"ties,tsv[rank_tol=1e-4,embeddings=svd]"`` -> ``["ties", "tsv[rank_tol=1e-4,embeddings=svd]"]``."""
+    out, cur, depth = [], "", 0
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [x.strip() for x in out + [cur] if x.strip()]
+
+
+def row_overrides(name: str) -> dict:
+    """The parameters a row name sets in brackets, typed and checked: ``"tsv[rank_tol=1e-4]"`` ->
+    ``{"rank_tol": 1e-4}`` (a variant of the method's default row, e.g. for LoRA experts; its rows are labelled
+    and cached by the whole name)."""
+    head = name.partition("+")[0]
+    if "[" not in head:
+        return {}
+    method, _, inner = head.partition("[")
+    if not inner.endswith("]"):
+        raise ConfigError(f"bench method {name!r}: write a variant as method[param=value,...]")
+    m = get_method(method)
+    out = {}
+    for item in filter(None, (x.strip() for x in inner[:-1].split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or key not in m.param_names:
+            raise ConfigError(f"bench method {name!r}: {item!r} is not param=value for a parameter of {method} "
+                              f"({', '.join(m.param_names)})")
+        out[key] = m.param(key).coerce(value, f"{name}: {key}")
+    return out
+
+
 def split_row_name(name: str) -> tuple[str, Optional[str]]:
-    """A bench row name as (registered method, post-processing): ``"tsv+lines"`` -> ``("tsv", "lines")``."""
+    """A bench row name as (registered method, post-processing): ``"tsv+lines"`` -> ``("tsv", "lines")``,
+    ``"tsv[rank_tol=1e-4]"`` -> ``("tsv", None)`` (its parameters: :func:`row_overrides`)."""
     method, _, post = name.partition("+")
+    method = method.partition("[")[0]
     if post and post not in ("lines", "surgery"):
         raise ConfigError(f"unknown post-processing '+{post}' in bench method {name!r}; known: +lines, +surgery")
     if post and get_method(method).scale_param is None:
@@ -56,6 +93,7 @@ def applicable_methods(n_models: int, names: Optional[Sequence[str]] = None) -> 
     out = []
     for row in rows:
         m = get_method(split_row_name(row)[0])
+        row_overrides(row)  # a bad variant is one line before anything runs
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             if names:
                 raise ConfigError(f"{m.name} cannot merge {n_models} experts")
@@ -63,13 +101,13 @@ def applicable_methods(n_models: int, names: Optional[Sequence[str]] = None) -> 
         out.append(row)
     return out
 
-def row_params(method: str) -> dict:
-    method = split_row_name(method)[0]
+def row_params(row: str) -> dict:
+    method = split_row_name(row)[0]
     m = get_method(method)
     p = {k: v for k, v in PRESETS.get(method, {}).items() if k in m.param_names}
     if "weight" in m.param_names:
         p["weight"] = 1.0
-    return p
+    return {**p, **row_overrides(row)}
 
 def search_kwargs(cfg: BenchConfig, m) -> dict:
     """How a method's scale is searched: ``cfg.search == "full"``: as ``submerge tune``'s ``alpha: auto``

@@ -45,8 +45,8 @@ def method_rows(S: BenchSession, method: str, stats, searched: dict, partial=Non
         values = per_task_choice(p)(S, params)[0]
         model_params = [{**(model_params[i] if model_params else {}), p: v} for i, v in enumerate(values)]
         params = {**params, p: dict(zip(S.names, values))}
-    if post == "surgery":
-        return surgery_rows(S, name, params, stats, test_correct, t0, searched.get(f"alpha:{name}"))
+    if post == "surgery":  # on the val-tuned merge of the row it is named after (a variant's own, if any)
+        return surgery_rows(S, name, params, stats, test_correct, t0, searched.get(f"alpha:{method.partition('+')[0]}"))
     try:
         if post == "lines":  # LiNeS' beta on the authors' grid (every point), alpha by their norm rule
             found = search_alpha(name, S.base, S.experts, S.val_score, params, stats=stats, random_seed=cfg.seed,
@@ -54,11 +54,11 @@ def method_rows(S: BenchSession, method: str, stats, searched: dict, partial=Non
             settings.append(("val-tuned", {**params, "lines": {"alpha": found.lines_alpha, "beta": found.alpha}},
                              found.state, found.alpha, found.curve))
         elif m.scale_param is None:
-            merged = merge_state_dicts(method, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
+            merged = merge_state_dicts(name, S.base, S.experts, params, random_seed=cfg.seed, stats=stats)
             settings.append(("default", params, merged, None, None))
         else:
             search_params = {k: v for k, v in params.items() if k not in m.per_task_params}
-            found = search_alpha(method, S.base, S.experts, S.val_score, search_params, model_params, stats=stats,
+            found = search_alpha(name, S.base, S.experts, S.val_score, search_params, model_params, stats=stats,
                                  random_seed=cfg.seed, **search_kwargs(cfg, m))
             if any(x.builds_on == method for x in list_methods()):  # ESM++ puts its experts on this merge
                 searched[method] = found
