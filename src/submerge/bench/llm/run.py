@@ -25,11 +25,16 @@ from submerge.io.ledger import one_run
 
 # Every static method family that can merge the experts, with its LiNeS row, TALL masks (per-task models with the
 # task id), ESM++ (routed per sequence from its prompt, and per token), AdaMerging and Representation Surgery on
-# the val-tuned task arithmetic, TSV-M and ESM merges (the encoder suite's three)
+# the val-tuned task arithmetic, TSV-M and ESM merges (the encoder suite's three).  The subspace methods also with
+# rank_tol: a LoRA expert's update has rank 16, below the k = d/T directions per task their rules keep, so the
+# rest is an arbitrary null-space basis (submerge.methods.subspace); 1e-4 lies in the gap of these experts'
+# spectra (over all 1,260 adapted matrices of seed 0, σ_16 ≥ 3.1e-3 and σ_17 ≤ 1.8e-6 of the update's Frobenius
+# norm), chosen from the spectra, not from scores.
+LOW_RANK_ROWS = ("tsv[rank_tol=1e-4]", "iso_c[rank_tol=1e-4]", "iso_cts[rank_tol=1e-4]", "esm[rank_tol=1e-4]")
 LLM_METHODS = ("linear", "task_arithmetic", "task_arithmetic+lines", "ties", "dare_ties", "breadcrumbs_ties",
                "della", "consensus_ta", "model_stock", "multislerp", "sce", "ram", "tsv", "iso_c", "iso_cts",
                "fisher", "regmean", "esm", "esm_pp", "tall_masks", "adamerging", "task_arithmetic+surgery",
-               "tsv+surgery", "esm+surgery")
+               "tsv+surgery", "esm+surgery", *LOW_RANK_ROWS)
 
 
 def llm_methods(n_tasks: int, names: Optional[list[str]]) -> list[str]:
