@@ -8,8 +8,9 @@ updates' singular subspaces: where the subspaces already barely overlap, they ha
 
     python benchmarks/llm_subspace_overlap.py benchmarks/results/llm/lora-seed0/results.json
 
-The adapters are read from the LLM cache (``~/.cache/submerge/llm/experts``): each skill's expert is the cached
-adapter whose training log (seed, steps, first and last loss) is the one the results file records.  Writes
+The adapters are read from the LLM cache (``~/.cache/submerge/llm/experts``): each skill's expert is the folder its
+training log in the results file names (``key``), or, for runs that did not record it, the cached adapter whose
+training log (seed, steps, first and last loss) is the one the results file records.  Writes
 ``subspace_overlap.json`` and ``.md`` beside the results file.
 """
 
@@ -29,8 +30,10 @@ def adapter_folders(results: dict, cache: Path) -> dict[str, Path]:
     def sig(log: dict) -> tuple:
         return (log["seed"], log["steps"], log["n_train"], *(round(x, 7) for x in log["loss_first_last"]))
 
-    want = {sig(log): task for task, log in results["finetune_log"].items() if task in results["tasks"]}
-    found = {}
+    found = {task: cache / log["key"] for task, log in results["finetune_log"].items()
+             if task in results["tasks"] and (cache / log.get("key", "-") / "adapter_model.safetensors").is_file()}
+    want = {sig(log): task for task, log in results["finetune_log"].items()
+            if task in results["tasks"] and task not in found}  # runs before the key was recorded
     for f in cache.glob("*/submerge_finetune.json"):
         task = want.get(sig(json.loads(f.read_text())))
         if task is not None and (f.parent / "adapter_model.safetensors").is_file():

@@ -109,6 +109,7 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     adapters = [f for f in (tmp_path / "cache").rglob("adapter_model.safetensors")
                 if not f.parent.name.endswith("-mt")]  # the multitask reference is not an expert
     assert len(adapters) == 2 and saved["experts_bytes"] == sum(f.stat().st_size for f in adapters)
+    assert {f.parent.name for f in adapters} == {saved["finetune_log"][t]["key"] for t in ("echo_first", "echo_last")}
     tall = next(r for r in res["rows"] if r["method"] == "tall_masks")
     assert tall["storage"]["experts_bytes"] == saved["experts_bytes"]
     # a rerun keeps every row (cached by method) and trains nothing

@@ -106,7 +106,7 @@ class LLMSession(SuiteSession):
             self.experts.append(train_expert(self.cm, self.splits[t.name].train, cfg.recipe, cfg.seed, folder,
                                              desc=f"{cfg.recipe.kind} {t.name}", quiet=cfg.quiet))
             self.expert_keys.append(key)
-            self.ft_logs[t.name] = {**expert_log(folder), "cached": cached}
+            self.ft_logs[t.name] = {**expert_log(folder), "cached": cached, "key": key}  # its folder in the cache
             release_memory()
             say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: "
                 + ("cached" if cached else f"trained in {self.ft_logs[t.name]['seconds']:.0f}s"))
