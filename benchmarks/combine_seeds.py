@@ -100,9 +100,10 @@ def combine(runs: list[dict]) -> tuple[str, list[dict]]:
     metric = "exact match of greedy decoding" if llm else "accuracy"
     same = ("questions and demonstrations" if llm else "split and heads")
     out = [
-        f"# {runs[0]['suite']}: the canonical table, fine-tuning seeds {', '.join(map(str, seeds))}", "",
+        f"# {runs[0]['suite']}: the canonical table, fine-tuning seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}", "",
         f"Backbone `{runs[0]['backbone']['name']}`; {len(tasks)} tasks; each seed is one full `submerge bench "
-        f"--seed S` run (its own experts, every scale chosen on that seed's validation split, test touched once "
+        f"{'--suite llm ' if llm else ''}--seed S` run (its own experts, every scale chosen on that seed's validation split, test touched once "
         f"per row); the test {same} are the same for all seeds. Values: normalised test {metric} "
         f"(merged / fine-tuned, per task, averaged), mean over seeds, per seed ({seed_txt}) beside it. "
         f"**vs TSV-M** and **vs TA**: paired difference against TSV-M and task arithmetic (both val-tuned), mean "
