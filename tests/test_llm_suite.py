@@ -122,6 +122,23 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
                             resume=tmp_path / "out" / "results.json")
     assert {r["label"] for r in resumed["rows"] if r.get("kept")} >= {"task_arithmetic (val-tuned)", "ties (default)"}
     assert resumed["per_example"]["finetuned"] == res["per_example"]["finetuned"]
+    # ... and trains no expert when that run names the same experts (their cache keys) and no row needs them
+    assert not list((tmp_path / "cache2").rglob("adapter_model.safetensors"))
+    assert resumed["experts_bytes"] == saved["experts_bytes"] and resumed["finetune_log"]["echo_first"]["adopted"]
+    # a row that needs the experts trains them, and they must score test as the adopted run's did
+    more = run_llm_bench(tmp_path / "out5", dataclasses.replace(moved, methods=["task_arithmetic", "linear"]),
+                         backbone=tiny_chat_folder, resume=tmp_path / "out" / "results.json")
+    assert more["per_example"]["finetuned"] == res["per_example"]["finetuned"] and "linear" in \
+        {r["method"] for r in more["rows"] if not r.get("kept")} and len(list((tmp_path / "cache2").rglob("adapter_model.safetensors"))) == 2
+    forged = json.loads((tmp_path / "out" / "results.json").read_text())
+    bits = forged["per_example"]["finetuned"]["echo_first"]
+    bits = ("0" if bits[0] != "0" else "1") + bits[1:]
+    forged["per_example"]["finetuned"]["echo_first"] = bits
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    with pytest.raises(ConfigError, match="score test examples differently"):
+        run_llm_bench(tmp_path / "out6", dataclasses.replace(moved, cache_dir=str(tmp_path / "cache3"),
+                                                             methods=["task_arithmetic", "linear"]),
+                      backbone=tiny_chat_folder, resume=tmp_path / "forged.json")
     routed = [r for r in res["rows"] if r["method"] == "esm_pp"]
     assert {r["setting"] for r in routed} == {"r=8, route", "r=8, oracle", "r=8, route, per token",
                                               "r=8, route, gaussian router"}
@@ -190,6 +207,8 @@ def test_every_setting_that_changes_a_question_keys_the_caches(tiny_chat_folder,
     for change in ({}, {"shots": 2}, {"seed": 1}, {"n_train": 20}, {"recipe": LLMRecipe(steps=3, batch_size=8)},
                    {"recipe": LLMRecipe(steps=2, lr=1e-2, batch_size=8, turns="last")}):
         S = LLMSession(LLMBenchConfig(**{**kw, **change}), tiny_chat_folder)
+        assert not (tmp_path / "cache" / "experts" / S.expert_keys[0]).exists()  # trained when first needed
+        assert len(S.experts) == 2
         keys.add(tuple(S.expert_keys))
     assert len(keys) == 6
     assert len(list((tmp_path / "cache" / "experts").iterdir())) == 12

@@ -99,8 +99,11 @@ def run_llm_bench(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, ove
     S = LLMSession(cfg, backbone)
     done_rows = RowCache(S, cfg)
     if previous is not None:
+        S.adopt_experts(previous)  # the same experts by their keys: trained only if a row still needs them
         got = import_rows(S, done_rows, previous, methods)
         S.say(f"kept the rows of {len(got)} methods from {resume}" + (f": {', '.join(got)}" if got else ""))
+    if any(done_rows.get(m) is None for m in methods):
+        S.experts  # noqa: B018  (trained or read now, and checked against adopted scores before any row)
 
     def partial(rows_so_far: list[dict], correct_so_far: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

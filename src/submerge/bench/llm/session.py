@@ -23,6 +23,7 @@ from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task, questions_fingerprint
 from submerge.bench.session import SuiteConfig, SuiteSession, bound_heap, release_memory
+from submerge.errors import ConfigError
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
 
@@ -96,23 +97,94 @@ class LLMSession(SuiteSession):
         self._scores: dict = {}
         self._stats: dict = {}
         self.base = {n: self.cm.pretrained[n] for n in self.cm.trainable_names()}
-        self.zs_val = self.reference_scores("zeroshot", "val")
-        say("base val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.zs_val.items()))
-        self.experts, self.expert_keys, self.ft_logs = [], [], {}
+        self.expert_keys = [self.expert_key([t.fingerprint()], len(self.splits[t.name].train), cfg.seed)
+                            for t in self.tasks]
+        self.ft_logs: dict = {}
+        self._experts: Optional[list[dict[str, torch.Tensor]]] = None
+        self._adopted: Optional[dict] = None  # the experts' test scores taken from a resumed run (adopt_experts)
+
+    # ------------------------------------------------------------------ experts (trained when first needed)
+    @property
+    def experts(self) -> list[dict[str, torch.Tensor]]:
+        """Each skill's fine-tuned expert (dense trainable tensors), trained (or read from the cache) the first
+        time a row needs them: a resumed run whose rows are all kept, or that lacks only the multitask
+        reference, trains none.  Experts built after :meth:`adopt_experts` must score every test question as
+        the adopted run's did, or the run stops (its rows could not be mixed with this one's)."""
+        if self._experts is None:
+            self._experts = self._build_experts()
+            if self._adopted is not None:
+                self._scores.pop(("finetuned", "test"), None)
+                mine = self.reference_scores("finetuned", "test")
+                bad = [t for t in self.names if not np.array_equal(mine[t], self._adopted["test"][t])]
+                if bad:
+                    raise ConfigError(f"--resume {self._adopted['path']}: the experts trained here score test "
+                                      f"examples differently from that run's on {', '.join(bad)} (fine-tuning "
+                                      f"not reproduced here); its rows cannot be mixed with this run's")
+        return self._experts
+
+    def _build_experts(self) -> list[dict[str, torch.Tensor]]:
+        cfg, experts = self.cfg, []
         for i, t in enumerate(self.tasks):
-            key = self.expert_key([t.fingerprint()], len(self.splits[t.name].train), cfg.seed)
+            key = self.expert_keys[i]
             folder = self.cache / "experts" / key
             cached = (folder / "submerge_finetune.json").is_file()
-            self.experts.append(train_expert(self.cm, self.splits[t.name].train, cfg.recipe, cfg.seed, folder,
-                                             desc=f"{cfg.recipe.kind} {t.name}", quiet=cfg.quiet))
-            self.expert_keys.append(key)
+            experts.append(train_expert(self.cm, self.splits[t.name].train, cfg.recipe, cfg.seed, folder,
+                                        desc=f"{cfg.recipe.kind} {t.name}", quiet=cfg.quiet))
             self.ft_logs[t.name] = {**expert_log(folder), "cached": cached, "key": key}  # its folder in the cache
             release_memory()
-            say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: "
-                + ("cached" if cached else f"trained in {self.ft_logs[t.name]['seconds']:.0f}s"))
-        self.ft_val = self.reference_scores("finetuned", "val")
-        say("expert val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in self.ft_val.items()))
-        self.ft_val_mean = {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
+            self.say(f"[{self.clock()}] expert {i + 1}/{len(self.tasks)} {t.name}: "
+                     + ("cached" if cached else f"trained in {self.ft_logs[t.name]['seconds']:.0f}s"))
+        return experts
+
+    # the references' val scores, computed (and printed) when a row first needs them
+    @property
+    def zs_val(self) -> dict[str, np.ndarray]:
+        return self._val_scores("zeroshot", "base")
+
+    @property
+    def ft_val(self) -> dict[str, np.ndarray]:
+        return self._val_scores("finetuned", "expert")
+
+    def _val_scores(self, which: str, who: str) -> dict[str, np.ndarray]:
+        if (which, "val") not in self._scores:
+            got = self.reference_scores(which, "val")
+            self.say(f"{who} val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in got.items()))
+        return self.reference_scores(which, "val")
+
+    @property
+    def ft_val_mean(self) -> dict[str, float]:
+        return {k: max(v.mean(), 1e-9) for k, v in self.ft_val.items()}
+
+    def adopt_experts(self, previous: dict) -> bool:
+        """Take the experts' test scores, fine-tuning logs and stored size from ``previous`` (a resumed run's
+        results, :func:`~submerge.bench.cache.read_resume`) without training them, when its fine-tuning log
+        names, for every skill, the expert this session would train: the same cache key, which hashes the
+        backbone, the skill's data, the split size, the recipe, the seed and the demonstrations.  Nothing but
+        the references is adopted (the zero-shot scores are still computed and checked, and rows are kept by
+        :func:`~submerge.bench.cache.import_rows`).  The answer NLLs come as the run's per-skill means (all a
+        results file keeps).  Returns whether it adopted them."""
+        log = previous.get("finetune_log")
+        per = previous.get("per_example", {}).get("finetuned")
+        if self._experts is not None or not isinstance(log, dict) or not isinstance(per, dict):
+            return False
+        if [(log.get(t) or {}).get("key") if isinstance(log.get(t), dict) else None for t in self.names] \
+                != self.expert_keys:
+            return False
+        from submerge.bench.evaluate import unpack_correct
+
+        try:
+            test = Scores({t: unpack_correct(per[t], self.test_size(t)) for t in self.names})
+        except (KeyError, TypeError, ValueError):
+            return False
+        nll = previous.get("finetuned_nll") or {}
+        if all(isinstance(nll.get(t), (int, float)) for t in self.names):
+            test.nll = {t: np.array([float(nll[t])]) for t in self.names}
+        self._adopted = {"test": test, "path": previous.get("_path"), "bytes": previous.get("experts_bytes")}
+        self._scores[("finetuned", "test")] = test
+        self.ft_logs.update({t: {**log[t], "cached": True, "adopted": True} for t in self.names})
+        self.say("the experts' test scores adopted from the resumed run (same cache keys): none trained unless a "
+                 "row needs them")
+        return True
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -128,8 +200,10 @@ class LLMSession(SuiteSession):
         total = 0
         for key in self.expert_keys:
             folder = self.cache / "experts" / key
-            files = [folder / "adapter_model.safetensors", folder / "model.safetensors"]
-            total += next(f.stat().st_size for f in files if f.is_file())
+            files = [f for f in (folder / "adapter_model.safetensors", folder / "model.safetensors") if f.is_file()]
+            if not files and self._adopted is not None and self._adopted["bytes"] is not None:
+                return int(self._adopted["bytes"])  # not trained here: the size the adopted run measured
+            total += files[0].stat().st_size
         return total
 
     def expert_key(self, fingerprints: Sequence[str], n_train: int, seed: int) -> str:
