@@ -128,8 +128,9 @@ def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):
     # a row that needs the experts trains them, and they must score test as the adopted run's did
     more = run_llm_bench(tmp_path / "out5", dataclasses.replace(moved, methods=["task_arithmetic", "linear"]),
                          backbone=tiny_chat_folder, resume=tmp_path / "out" / "results.json")
-    assert more["per_example"]["finetuned"] == res["per_example"]["finetuned"] and "linear" in \
-        {r["method"] for r in more["rows"] if not r.get("kept")} and len(list((tmp_path / "cache2").rglob("adapter_model.safetensors"))) == 2
+    assert more["per_example"]["finetuned"] == res["per_example"]["finetuned"]
+    assert "linear" in {r["method"] for r in more["rows"] if not r.get("kept")}
+    assert len(list((tmp_path / "cache2").rglob("adapter_model.safetensors"))) == 2
     forged = json.loads((tmp_path / "out" / "results.json").read_text())
     bits = forged["per_example"]["finetuned"]["echo_first"]
     bits = ("0" if bits[0] != "0" else "1") + bits[1:]

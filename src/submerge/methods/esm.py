@@ -39,7 +39,7 @@ import torch
 from submerge.errors import ConfigError
 from submerge.layers import ROLES, family_of, layer_role, parse_role_patterns
 from submerge.methods.registry import ModelPass, Param, TensorContext, register_method
-from submerge.methods.subspace import (drop_null, is_embedding, is_matrix, mean_of, polar, task_vectors,
+from submerge.methods.subspace import (drop_null, exact_svd, is_embedding, is_matrix, mean_of, polar, task_vectors,
                                       truncated_svds, tsv_merge)
 from submerge.stats.gram import essential_subspace
 
@@ -109,7 +109,11 @@ def esm_merge_matrix(
         e, lam = essential_subspace(dw, g, n, r)
         if rank_tol > 0:  # the whole shift's energy: trace(ΔW G ΔWᵀ)/(n − 1), the sum of all its eigenvalues
             energy = float(((dw @ g.to(dw.device, torch.float64)) * dw).sum()) / max(n - 1, 1)
-            keep = lam > rank_tol ** 2 * energy
+            # above the eigensolver's own resolution too: λ comes from an eigh of ΔW G ΔWᵀ (or MᵀM), whose null
+            # eigenvalues are rounding of about eps·λ_max·d; rank_tol = 1e-8 sits there (σ ≈ √eps·σ_max), and on
+            # an AMD EPYC such noise passed rank_tol² alone and moved rank-4 merges by 11–30% (issue 32)
+            floor = float(lam.max()) * max(d_out, d_in) * torch.finfo(torch.float64).eps if len(lam) else 0.0
+            keep = lam > max(rank_tol ** 2 * energy, floor)
             e, lam = e[:, keep], lam[keep]
         c = e.T @ dw
         nt = torch.linalg.norm(dw)
@@ -142,7 +146,7 @@ def esm_merge_matrix(
                 continue
             scale = torch.linalg.norm(e_t, dim=0)  # = s (E has orthonormal columns)
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            u_m, s_m, vh_m = torch.linalg.svd(scale[:, None] * c_t, full_matrices=False)
+            u_m, s_m, vh_m = exact_svd(scale[:, None] * c_t)
             us.append((e_t / safe) @ u_m)
             ss.append(s_m)
             vs.append(vh_m)

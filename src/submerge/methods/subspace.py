@@ -48,12 +48,25 @@ def is_embedding(name: str) -> bool:
     return bool(_EMBED_RE.search(name))
 
 
+def exact_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``(U, S, Vh)`` of ``x`` (a matrix or a batch of them) in float64, computed on the tall side:
+    a wide matrix (rows < columns) is decomposed as its transpose, ``Xᵀ = V S Uᵀ``.  The same decomposition
+    (the factors agree to rounding wherever they are unique), and LAPACK's divide and conquer takes 1.2–2.6x
+    less time on the transpose of a wide matrix (2 threads: 1024x4096 2.47 s → 1.15 s, 2048x8192 22.5 s →
+    8.8 s, 576x1536 0.32 s → 0.23 s; issue 32)."""
+    x = x.double()
+    if x.shape[-2] < x.shape[-1]:
+        v, s, uh = torch.linalg.svd(x.mT, full_matrices=False)
+        return uh.mT, s, v.mT
+    return torch.linalg.svd(x, full_matrices=False)
+
+
 def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets ``(U [m,k], S [k], Vh [k,n])`` of ``x``, in ``x``'s dtype
     (exact float64 SVD; see the module docstring for why there is no randomized or Gram path)."""
     m, n = x.shape
     k = max(0, min(k, m, n))
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    u, s, vh = exact_svd(x)
     return u[:, :k].to(x.dtype), s[:k].to(x.dtype), vh[:k].to(x.dtype)
 
 
@@ -64,14 +77,14 @@ def truncated_svds(xs: list[torch.Tensor], k: int) -> list[tuple[torch.Tensor, t
         return [truncated_svd(x, k) for x in xs]
     m, n = xs[0].shape
     k = max(0, min(k, m, n))
-    u, s, vh = torch.linalg.svd(torch.stack([x.double() for x in xs]), full_matrices=False)
+    u, s, vh = exact_svd(torch.stack([x.double() for x in xs]))
     return [(u[i, :, :k].to(x.dtype), s[i, :k].to(x.dtype), vh[i, :k].to(x.dtype)) for i, x in enumerate(xs)]
 
 
 def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The orthogonal polar factor ``U Vᵀ`` of ``x = U S Vᵀ`` (the closest matrix with orthonormal
     columns/rows, Procrustes) and the singular values ``S`` (float64 SVD)."""
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    u, s, vh = exact_svd(x)
     return (u @ vh).to(x.dtype), s.to(x.dtype)
 
 
@@ -143,7 +156,7 @@ def iso_c_merge(deltas: list[torch.Tensor], rank_tol: float = 0.0) -> torch.Tens
     total = deltas[0].clone()
     for d in deltas[1:]:
         total.add_(d)
-    u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    u, s, vh = exact_svd(total)
     if rank_tol > 0:
         ((u, s, vh),) = drop_null([(u, s, vh)], [total], rank_tol)
         if len(s) == 0:
@@ -180,7 +193,7 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float = 0.8, rank
     for d in deltas[1:]:
         total.add_(d)
     k_c, k_t = iso_cts_split(min(m, n), T, common_fraction)
-    u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    u, s, vh = exact_svd(total)
     ((u_c, s_c, vh_c),) = drop_null([(u[:, :k_c], s[:k_c], vh[:k_c])], [total], rank_tol)
     us, ss, vs = [u_c], [s_c], [vh_c]
     if k_t > 0:
