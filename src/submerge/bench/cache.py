@@ -148,6 +148,16 @@ def read_resume(path: str | Path, cfg: "BenchConfig") -> dict:
     old["_path"] = str(path)
     return old
 
+def check_same_scores(path: str, which: str, names: Sequence[str], packed: dict, scores: dict) -> None:
+    """Refuse a resumed run (``path``) whose ``which`` models (finetuned or zeroshot) scored some test example
+    differently (``packed``: its per-task bits as a results file keeps them) from this session's ``scores``."""
+    bad = [t for t in names if packed.get(t) != pack_correct(scores[t])]
+    if bad:
+        raise ConfigError(f"--resume {path}: the {which} models there score test examples differently from "
+                          f"this session's on {', '.join(bad)} — other experts (fine-tuning not reproduced "
+                          f"here); its rows cannot be mixed with this run's")
+
+
 def import_rows(S: "BenchSession", cache: RowCache, old: dict, methods: Sequence[str]) -> list[str]:
     """Put the rows of an earlier run's ``results.json`` (read and checked by :func:`read_resume`) into the row
     cache, so this run computes only the methods (or rows: ``multitask``) it lacks and writes one results.json
@@ -161,12 +171,7 @@ def import_rows(S: "BenchSession", cache: RowCache, old: dict, methods: Sequence
     if old.get("tasks") != S.names or not isinstance(backbone, dict) or backbone.get("sha256") != S.fingerprint:
         raise ConfigError(f"--resume {path}: another backbone or task list ({quoted(old.get('tasks'))})")
     for which, scores in (("finetuned", S.ft_test), ("zeroshot", S.zs_test)):
-        theirs_bits = per.get(which) or {}
-        bad = [t for t in S.names if theirs_bits.get(t) != pack_correct(scores[t])]
-        if bad:
-            raise ConfigError(f"--resume {path}: the {which} models there score test examples differently from "
-                              f"this session's on {', '.join(bad)} — other experts (fine-tuning not reproduced "
-                              f"here); its rows cannot be mixed with this run's")
+        check_same_scores(path, which, S.names, per.get(which) or {}, scores)
     by_method: dict[str, list[dict]] = {}
     for row in old_rows:
         by_method.setdefault(row["method"], []).append(row)

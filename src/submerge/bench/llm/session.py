@@ -19,11 +19,12 @@ from typing import Callable, ContextManager, Optional, Sequence
 import numpy as np
 import torch
 
+from submerge.bench.cache import check_same_scores
+from submerge.bench.evaluate import unpack_correct
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task, questions_fingerprint
 from submerge.bench.session import SuiteConfig, SuiteSession, bound_heap, release_memory
-from submerge.errors import ConfigError
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
 
@@ -112,14 +113,10 @@ class LLMSession(SuiteSession):
         the adopted run's did, or the run stops (its rows could not be mixed with this one's)."""
         if self._experts is None:
             self._experts = self._build_experts()
-            if self._adopted is not None:
+            if self._adopted is not None:  # scored again by the experts just built, and checked
                 self._scores.pop(("finetuned", "test"), None)
-                mine = self.reference_scores("finetuned", "test")
-                bad = [t for t in self.names if not np.array_equal(mine[t], self._adopted["test"][t])]
-                if bad:
-                    raise ConfigError(f"--resume {self._adopted['path']}: the experts trained here score test "
-                                      f"examples differently from that run's on {', '.join(bad)} (fine-tuning "
-                                      f"not reproduced here); its rows cannot be mixed with this run's")
+                check_same_scores(self._adopted["path"], "finetuned", self.names, self._adopted["packed"],
+                                  self.reference_scores("finetuned", "test"))
         return self._experts
 
     def _build_experts(self) -> list[dict[str, torch.Tensor]]:
@@ -146,10 +143,11 @@ class LLMSession(SuiteSession):
         return self._val_scores("finetuned", "expert")
 
     def _val_scores(self, which: str, who: str) -> dict[str, np.ndarray]:
-        if (which, "val") not in self._scores:
-            got = self.reference_scores(which, "val")
+        first = (which, "val") not in self._scores
+        got = self.reference_scores(which, "val")
+        if first:
             self.say(f"{who} val exact match: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in got.items()))
-        return self.reference_scores(which, "val")
+        return got
 
     @property
     def ft_val_mean(self) -> dict[str, float]:
@@ -167,11 +165,8 @@ class LLMSession(SuiteSession):
         per = previous.get("per_example", {}).get("finetuned")
         if self._experts is not None or not isinstance(log, dict) or not isinstance(per, dict):
             return False
-        if [(log.get(t) or {}).get("key") if isinstance(log.get(t), dict) else None for t in self.names] \
-                != self.expert_keys:
+        if [log[t].get("key") if isinstance(log.get(t), dict) else None for t in self.names] != self.expert_keys:
             return False
-        from submerge.bench.evaluate import unpack_correct
-
         try:
             test = Scores({t: unpack_correct(per[t], self.test_size(t)) for t in self.names})
         except (KeyError, TypeError, ValueError):
@@ -179,7 +174,7 @@ class LLMSession(SuiteSession):
         nll = previous.get("finetuned_nll") or {}
         if all(isinstance(nll.get(t), (int, float)) for t in self.names):
             test.nll = {t: np.array([float(nll[t])]) for t in self.names}
-        self._adopted = {"test": test, "path": previous.get("_path"), "bytes": previous.get("experts_bytes")}
+        self._adopted = {"packed": per, "path": previous.get("_path"), "bytes": previous.get("experts_bytes")}
         self._scores[("finetuned", "test")] = test
         self.ft_logs.update({t: {**log[t], "cached": True, "adopted": True} for t in self.names})
         self.say("the experts' test scores adopted from the resumed run (same cache keys): none trained unless a "
