@@ -137,3 +137,44 @@ def test_bad_adapters_are_one_line_errors(family, tmp_path):
     (broken / "adapter_config.json").write_text(json.dumps(["not", "an", "object"]))
     with pytest.raises(CheckpointError, match="must hold a JSON object"):
         submerge.validate(only(f"{base}+{broken}"))
+
+
+def test_subspace_rules_on_low_rank_adapters_get_a_note_unless_rank_tol(family, tmp_path):
+    """TSV-M / Iso-C at rank_tol 0 on rank-2 adapters of 64-wide layers keep null-space noise: the plan says so
+    once, with the counts; rank_tol > 0, full fine-tunes and task arithmetic get no such note."""
+    from transformers import LlamaForCausalLM
+
+    base, fts = family
+    targets = ["q_proj", "v_proj", "up_proj"]
+    adapters = [make_adapter(LlamaForCausalLM, base, tmp_path / f"a{i}", seed=i, r=2, lora_alpha=4,
+                             target_modules=targets) for i in range(2)]
+
+    def notes(method, models, **params):
+        cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": m} for m in models],
+               **({"parameters": params} if params else {})}
+        plan = submerge.validate(cfg)
+        try:
+            return [n for n in plan.notes if "LoRA updates" in n]
+        finally:
+            plan.close()
+
+    refs = [f"{base}+{a}" for a in adapters]
+    (tsv,) = notes("tsv", refs)
+    # 4 layers x 3 targeted matrices; q/v 64x64 keep 32 per task, up_proj 128x64 also 32
+    assert tsv.startswith("tsv: 12 matrices get LoRA updates of rank 2,") and "keeps 32 directions per task" in tsv
+    (iso,) = notes("iso_c", refs)
+    assert "keeps 64 directions of their sum" in iso
+    assert notes("tsv", refs, rank_tol=1e-4) == []
+    assert notes("tsv", [str(f) for f in fts[:2]]) == []           # full fine-tunes
+    assert notes("tsv", [refs[0], str(fts[1])]) == []                # one full update: the stack is not low-rank
+    assert notes("task_arithmetic", refs, weight=1.0) == []           # no rank_tol, no subspace rule
+    import yaml
+    from click.testing import CliRunner
+
+    from submerge.cli import main
+
+    path = tmp_path / "tsv.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "tsv", "base_model": str(base),
+                                    "models": [{"model": r} for r in refs]}))
+    out = CliRunner().invoke(main, ["validate", str(path)])
+    assert out.exit_code == 0 and "note: tsv: 12 matrices get LoRA updates of rank 2," in out.output

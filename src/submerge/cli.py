@@ -498,6 +498,8 @@ def validate(config: str, strict: bool) -> None:
     click.echo(f"ok: {plan.method.name} over {len(plan.models)} model(s), {len(plan.jobs)} output "
                f"tensors ({n_merge} merged, {len(plan.jobs) - n_merge} copied), "
                f"{plan.input_bytes() / 1e6:.1f} MB to read")
+    for note in plan.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command()

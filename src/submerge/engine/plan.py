@@ -18,9 +18,10 @@ from submerge.engine.config import InputSlice, MergeConfig, OutputSlice, evaluat
 from submerge.errors import CheckpointError, ConfigError, suggest
 from submerge.io import Checkpoint
 from submerge.io.files import GENERATION_FILES, TOKENIZER_FILES, checked_file
-from submerge.io.lora import open_checkpoint
+from submerge.io.lora import AdaptedCheckpoint, open_checkpoint
 from submerge.layers import layer_structure
 from submerge.methods import MergeMethod, get_method
+from submerge.methods.subspace import is_embedding
 
 
 @dataclass
@@ -431,6 +432,7 @@ class Planner:
         if vocab is not None and out_config is not None:
             out_config["vocab_size"] = vocab.size
         self._check_linear_weights(jobs)
+        self._check_low_rank_updates(jobs, models)
         extra = self._extra_files(models[reference], GENERATION_FILES, False)
         if tokenizer is None:
             extra += self._extra_files(models[tok], TOKENIZER_FILES, True)
@@ -612,6 +614,42 @@ class Planner:
             for job in jobs:
                 if job.params.get("normalize") and job.params and sum(job.params["weight"]) == 0:
                     raise ConfigError(f"linear: the weights for tensor {job.out_name} sum to 0, cannot normalize")
+
+    def _check_low_rank_updates(self, jobs: list[TensorJob], models: dict[str, Checkpoint]) -> None:
+        """One note where a subspace rule (a method with ``rank_tol``) runs at ``rank_tol`` 0 on LoRA updates of
+        lower rank than it keeps: TSV-M, Iso-CTS and ESM keep ⌊min(m, n)/T⌋ or more directions per task, Iso-C all
+        of the sum's.  The extra ones are rounding noise from the updates' null spaces, which the SVD picks
+        arbitrarily (the module docstring of :mod:`submerge.methods.subspace`)."""
+        m = self.method
+        if "rank_tol" not in m.param_names:
+            return
+        hits, ranks, kept = 0, set(), set()
+        for job in jobs:
+            if job.copy_from is not None or job.base is None or len(job.shape) != 2 or not job.inputs \
+                    or (job.params.get("rank_tol") or 0) > 0 \
+                    or (job.params.get("embeddings", "mean") == "mean" and is_embedding(job.out_name)):
+                continue
+            base_path = models[job.base[0]].path
+            rs = [models[k].update_rank(n) if isinstance(models[k], AdaptedCheckpoint) and models[k].path == base_path
+                  else None for k, n in job.inputs]
+            if None in rs:
+                continue
+            short, T = min(job.shape), len(rs)
+            keep = short if m.name == "iso_c" else short // T
+            if (sum(rs) if m.name == "iso_c" else max(rs)) < keep:
+                hits += 1
+                ranks.update(rs)
+                kept.add(keep)
+        if hits:
+            def span(xs: set) -> str:
+                return f"{min(xs)}" if len(xs) == 1 else f"{min(xs)}–{max(xs)}"
+
+            what = "of their sum" if m.name == "iso_c" else "per task"
+            self.notes.append(
+                f"{m.name}: {hits} matrices get LoRA updates of rank {span(ranks)}, but with rank_tol 0 the rule keeps "
+                f"{span(kept)} directions {what}; the rest are rounding noise from the updates' null spaces, which "
+                f"the SVD picks arbitrarily, so these merged weights can differ between machines; rank_tol: 1e-4 "
+                f"keeps only the updates' own directions (README: rank_tol)")
 
     def _check_architectures(self, models: dict[str, Checkpoint]) -> None:
         seen: Optional[tuple[str, Any, Any]] = None

@@ -191,6 +191,14 @@ class AdaptedCheckpoint(Checkpoint):
                 raise CheckpointError(f"adapter '{adapter_label}' stores {name} as {list(shapes[key].shape)}, model "
                                       f"'{base_label}' has {list(self.tensors[name].shape)}")
 
+    def update_rank(self, name: str) -> Optional[int]:
+        """The rank of the update the adapter adds to the base's tensor ``name`` (its LoRA pair's r); None where the
+        adapter leaves the tensor alone or stores it whole (a stored tensor's update need not be low-rank)."""
+        module = self._targets.get(name)
+        if module is None or name in self.adapter.full:
+            return None
+        return self.adapter.rank_of(module)
+
     def read(self, name: str) -> torch.Tensor:
         # a stored full tensor (modules_to_save, a trained bias, an embedding's saved base layer) replaces the
         # base's; a LoRA pair then adds its update on top
