@@ -453,3 +453,30 @@ def test_in_memory_merges_never_modify_the_callers_tensors(method):
     for sd, ref in zip((sd0, *sds), before):
         for k in ref:
             assert torch.equal(sd[k], ref[k]), (method, k)
+
+
+def test_grid_search_continues_past_the_edge_over_a_flat_step():
+    """With patience, a tie at the upper edge (a flat step of a discrete score) does not stop the extension; a
+    plateau of `patience` points does, and without patience (the λ grid) a tie stops as before."""
+    base, experts = _tiny_family()
+    sd0, sds = base.state_dict(), [m.state_dict() for m in experts]
+    key = "layer.0.query.bias"
+    unit = merge_state_dicts("tsv", sd0, sds, {"alpha": 1.0})[key] - sd0[key]
+
+    def alpha_of(sd):
+        return round(float((sd[key] - sd0[key]).norm() / unit.norm()), 4)
+
+    def plateau_then_climb(sd):  # climbs to 3.0, flat to 3.15, climbs to 3.5, then falls
+        a = alpha_of(sd)
+        return a if a <= 3.0 else 3.0 if a <= 3.15 else a - 0.1 if a <= 3.5 else 3.4 - (a - 3.5)
+
+    res = search_alpha("tsv", sd0, sds, plateau_then_climb)
+    assert math.isclose(res.alpha, 3.5, abs_tol=1e-6) and math.isclose(max(res.curve), 3.6, abs_tol=1e-6)
+
+    def flat_after_3(sd):
+        return min(alpha_of(sd), 3.0)
+
+    res = search_alpha("tsv", sd0, sds, flat_after_3)
+    assert res.alpha == 3.0 and math.isclose(max(res.curve), 3.3, abs_tol=1e-6)  # three ties, then stop
+    res = search_alpha("tsv", sd0, sds, flat_after_3, grid=[0.1 * i for i in range(1, 31)], patience=None)
+    assert res.alpha == 3.0 and math.isclose(max(res.curve), 3.1, abs_tol=1e-6)  # no patience: one tie stops
