@@ -478,5 +478,8 @@ def test_grid_search_continues_past_the_edge_over_a_flat_step():
 
     res = search_alpha("tsv", sd0, sds, flat_after_3)
     assert res.alpha == 3.0 and math.isclose(max(res.curve), 3.3, abs_tol=1e-6)  # three ties, then stop
+    # a tie up to rounding (two means of different per-task scores, one ulp apart) is a tie
+    res = search_alpha("tsv", sd0, sds, lambda sd: flat_after_3(sd) - (4e-16 if alpha_of(sd) > 3.0 else 0.0))
+    assert res.alpha == 3.0 and math.isclose(max(res.curve), 3.3, abs_tol=1e-6)
     res = search_alpha("tsv", sd0, sds, flat_after_3, grid=[0.1 * i for i in range(1, 31)], patience=None)
     assert res.alpha == 3.0 and math.isclose(max(res.curve), 3.1, abs_tol=1e-6)  # no patience: one tie stops

@@ -34,6 +34,7 @@ from submerge.errors import ConfigError
 from submerge.methods import get_method
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
+_TIE = 1e-9  # relative: two means of different per-task scores can tie up to the last bit (0.7055248133509003/4)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _grid_search(path: AffinePath, score_fn, grid: Sequence[float], patience: Op
         i += 1
         # the upper edge scores the best so far (a tie counts: a flat step is not yet a decline, and stops only
         # after `patience` of them; without patience a tie stops): continue the grid
-        if i == len(points) and extend and curve[a] == best and since < (patience or 1):
+        if i == len(points) and extend and curve[a] >= best - _TIE * abs(best) and since < (patience or 1):
             points.append(a + step)
     return curve
 
