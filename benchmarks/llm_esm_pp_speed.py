@@ -124,8 +124,9 @@ def main() -> None:
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "rows": rows}
     lines = [f"# ESM++ inference cost on the LLM suite: {S.cm.name}", "",
              f"{n_q} test questions ({args.n} per skill, three demonstrations each), scored as the suite scores "
-             f"(one teacher-forced pass per batch of {S.cfg.eval_batch}); {out['threads']} CPU threads; T = {T} "
-             f"experts of rank {args.rank} on {args.routed}; median of {args.repeats} interleaved repeats; peak RSS "
+             f"(one teacher-forced pass per batch: at most {S.cfg.eval_batch} questions of one skill); "
+             f"{out['threads']} CPU threads; T = {T} experts of rank {args.rank} on {args.routed}; "
+             f"median of {args.repeats} interleaved repeats; peak RSS "
              f"{out['peak_rss_gb']:.2f} GB. Written by `benchmarks/llm_esm_pp_speed.py`.", "",
              "| model | ms / question | × static (shared prefix) | × static (every row in full) | "
              "extra parameters (% of the model) | seconds per repeat |", "|---|---:|---:|---:|---:|---|"]
