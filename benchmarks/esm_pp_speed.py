@@ -25,7 +25,8 @@ from submerge.routing import ExpertSet, LayerExperts, attach
 from submerge.routing.experts import is_routed, routed_roles
 
 
-def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str, linear_router: bool = False) -> ExpertSet:
+def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str, linear_router: bool = False,
+                bias: bool = True) -> ExpertSet:
     from submerge.layers import parse_role_patterns
 
     roles, rules = routed_roles(routed), parse_role_patterns("")
@@ -36,7 +37,7 @@ def experts_for(model: torch.nn.Module, T: int, rank: int, routed: str, linear_r
             d_out, d_in = p.shape
             out.layers[name[: -len(".weight")]] = LayerExperts(
                 torch.randn(T, d_out, rank, generator=g) * 0.01, torch.randn(T, rank, d_in, generator=g) * 0.01,
-                torch.randn(T, d_in, generator=g), torch.zeros(T, d_out))
+                torch.randn(T, d_in, generator=g), torch.zeros(T, d_out) if bias else None)
             if linear_router:  # the Gaussian / trained routers' rule: pooled input . w_t + b_t
                 layer = out.layers[name[: -len(".weight")]]
                 layer.router_w, layer.router_b = torch.randn(T, d_in, generator=g), torch.randn(T, generator=g)

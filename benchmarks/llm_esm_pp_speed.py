@@ -37,29 +37,9 @@ import time
 from pathlib import Path
 
 import torch
+from esm_pp_speed import experts_for  # this folder is the script's first import path
 
 HERE = Path(__file__).resolve().parent
-
-
-def decoder_experts(base: dict, T: int, rank: int, routed: str, linear_router: bool):
-    """Random ESM++ experts of the suite's shape on the decoder's routed linears (no bias residuals: Llama's
-    linears have no bias)."""
-    from submerge.layers import parse_role_patterns
-    from submerge.routing import ExpertSet, LayerExperts
-    from submerge.routing.experts import is_routed, routed_roles
-
-    roles, rules = routed_roles(routed), parse_role_patterns("")
-    out = ExpertSet([f"t{i}" for i in range(T)], rank)
-    g = torch.Generator().manual_seed(0)
-    for name, p in base.items():
-        if p.dim() == 2 and name.endswith(".weight") and is_routed(name, roles, rules):
-            d_out, d_in = p.shape
-            layer = LayerExperts(torch.randn(T, d_out, rank, generator=g) * 0.01,
-                                 torch.randn(T, rank, d_in, generator=g) * 0.01, torch.randn(T, d_in, generator=g))
-            if linear_router:
-                layer.router_w, layer.router_b = torch.randn(T, d_in, generator=g), torch.randn(T, generator=g)
-            out.layers[name[: -len(".weight")]] = layer
-    return out
 
 
 class _NoRouting:
@@ -86,8 +66,9 @@ def main() -> None:
     n_q = sum(S.test_size(t) for t in S.names)
     base_params = sum(p.numel() for p in S.cm.model.parameters())
     T = len(S.names)
-    cosine = decoder_experts(S.base, T, args.rank, args.routed, False)
-    linear = decoder_experts(S.base, T, args.rank, args.routed, True)
+    # the encoder benchmark's random experts, without bias residuals (Llama's linears have none)
+    cosine = experts_for(S.cm.model, T, args.rank, args.routed, False, bias=False)
+    linear = experts_for(S.cm.model, T, args.rank, args.routed, True, bias=False)
 
     def unshared():
         with S.loaded(S.base):
@@ -116,8 +97,7 @@ def main() -> None:
         med = statistics.median(ts)
         rows[name] = {"ms_per_question": 1000 * med / n_q, "x_static": med / static, "x_static_full": med / full,
                       "seconds": ts, "extra_params_pct": 0.0 if name.startswith("static") else
-                      100 * ((linear if "linear" in name else cosine).n_params + cosine.n_prototype_values)
-                      / base_params}
+                      100 * (cosine.n_params + cosine.n_prototype_values) / base_params}
     out = {"backbone": S.cm.name, "threads": torch.get_num_threads(), "questions": n_q,
            "questions_per_skill": args.n, "tasks": S.names, "experts": T, "rank": args.rank, "routed": args.routed,
            "eval_batch": S.cfg.eval_batch, "repeats": args.repeats,
