@@ -608,3 +608,55 @@ def test_thread_count_follows_what_the_process_may_use(monkeypatch):
         assert "--threads" in r.output and "affinity" in r.output
     finally:
         torch.set_num_threads(before)
+
+
+_FAULTS = """
+import resource, sys, torch
+from submerge.device import keep_freed_memory
+kept = keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(15):  # glibc's heap settles (holes between small blocks coalesce) within about 10 rounds
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB allocated, touched, freed
+before = faults()
+for _ in range(5):
+    torch.empty(16 << 20).fill_(1.0)
+print(kept, faults() - before, keep_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="the allocator setting is glibc's")
+def test_freed_tensor_memory_is_reused_not_faulted_in_again():
+    """keep_freed_memory: a 64 MiB tensor freed and allocated again, once the heap has settled, reuses its pages
+    instead of faulting in a fresh mapping (16,384 pages each time, glibc's default); SUBMERGE_MALLOC=system or
+    the user's own MALLOC_ variable leave the default alone.  Each case in a fresh process (the setting holds for
+    the process)."""
+    def faults(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "SUBMERGE_MALLOC"}
+        r = subprocess.run([sys.executable, "-c", _FAULTS], env={**base, **env}, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        kept, n, again = r.stdout.split()
+        assert kept == again  # asked once per process; a second call answers the same
+        return kept == "True", int(n)
+
+    kept, n = faults()
+    assert kept and n < 2000, n  # 5 x 16,384 pages without it
+    kept, n = faults(MALLOC_TRIM_THRESHOLD_="131072")  # the user's own glibc setting wins
+    assert not kept and n > 5 * 16384 * 0.9, n
+
+
+def test_the_allocator_is_left_alone_when_the_user_chose(monkeypatch):
+    """keep_freed_memory answers False, touching nothing, under SUBMERGE_MALLOC=system, a preloaded allocator
+    (jemalloc, tcmalloc) or glibc tunables."""
+    from submerge import device
+
+    for var in ("SUBMERGE_MALLOC", "LD_PRELOAD", "GLIBC_TUNABLES") + device._MALLOC_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (("SUBMERGE_MALLOC", "system"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"),
+                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=1")):
+        monkeypatch.setattr(device, "_kept", None)
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            assert device.keep_freed_memory() is False
