@@ -612,8 +612,9 @@ def test_thread_count_follows_what_the_process_may_use(monkeypatch):
 
 _FAULTS = """
 import resource, sys, torch
-from submerge.device import keep_freed_memory
-kept = keep_freed_memory()
+from submerge import device
+setting = getattr(device, sys.argv[1]) if sys.argv[1] != "none" else (lambda: None)
+took = setting()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(15):  # glibc's heap settles (holes between small blocks coalesce) within about 10 rounds
@@ -621,46 +622,60 @@ for _ in range(15):  # glibc's heap settles (holes between small blocks coalesce
 before = faults()
 for _ in range(5):
     torch.empty(16 << 20).fill_(1.0)
-print(kept, faults() - before, keep_freed_memory())
+print(took, faults() - before, setting())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="the allocator setting is glibc's")
-def test_freed_tensor_memory_is_reused_not_faulted_in_again():
-    """keep_freed_memory: a 64 MiB tensor freed and allocated again, once the heap has settled, reuses its pages
-    instead of faulting in a fresh mapping (16,384 pages each time, glibc's default); SUBMERGE_MALLOC=system or
-    the user's own MALLOC_ variable leave the default alone.  Each case in a fresh process (the setting holds for
-    the process)."""
+                    reason="the allocator settings are glibc's")
+def test_freed_tensor_memory_is_reused_or_handed_back_as_each_setting_says():
+    """The allocator settings, each in a fresh process (a setting holds for the process), on a 64 MiB tensor freed
+    and allocated again once the heap has settled: glibc's default maps it afresh each time (16,384 page faults);
+    keep_freed_memory (the LLM bench) and reuse_freed_buffers (merge) reuse its pages; bound_heap (1 MiB) maps it
+    afresh, as the default does for blocks this size.  The user's own MALLOC_ variable wins (then the setting
+    answers False and the default holds)."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[always]" in thp.read_text():
         pytest.skip("transparent huge pages for every mapping: a fresh 64 MiB block faults in 32 pages, not 16,384")
 
-    def faults(**env):
-        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "SUBMERGE_MALLOC"}
-        r = subprocess.run([sys.executable, "-c", _FAULTS], env={**base, **env}, capture_output=True, text=True,
-                           timeout=120)
+    def faults(setting, **env):
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith("MALLOC_") and k not in ("SUBMERGE_MALLOC", "SUBMERGE_MALLOC_TUNING", "LD_PRELOAD")}
+        r = subprocess.run([sys.executable, "-c", _FAULTS, setting], env={**base, **env}, capture_output=True,
+                           text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        kept, n, again = r.stdout.split()
-        assert kept == again  # asked once per process; a second call answers the same
-        return kept == "True", int(n)
+        took, n, again = r.stdout.split()
+        return took, int(n), again
 
-    kept, n = faults()
-    assert kept and n < 2000, n  # 5 x 16,384 pages without it
-    kept, n = faults(MALLOC_TRIM_THRESHOLD_="131072")  # the user's own glibc setting wins
-    assert not kept and n > 5 * 16384 * 0.9, n
+    fresh = 5 * 16384 * 0.9
+    took, n, _ = faults("none")
+    assert n > fresh, n  # the default: a fresh mapping every time
+    took, n, again = faults("keep_freed_memory")
+    assert took == again == "True" and n < 2000, n  # asked once per process; a second call answers the same
+    took, n, _ = faults("reuse_freed_buffers")
+    assert took == "True" and n < 2000, n
+    took, n, _ = faults("bound_heap")
+    assert took == "True" and n > fresh, n
+    took, n, _ = faults("reuse_freed_buffers", MALLOC_TRIM_THRESHOLD_="131072")  # each opt-out: the next test
+    assert took == "False" and n > fresh, n
 
 
 def test_the_allocator_is_left_alone_when_the_user_chose(monkeypatch):
-    """keep_freed_memory answers False, touching nothing, under SUBMERGE_MALLOC=system, a preloaded allocator
-    (jemalloc, tcmalloc) or glibc tunables."""
+    """Every allocator setting answers False, touching nothing, under SUBMERGE_MALLOC=system (or the older
+    SUBMERGE_MALLOC_TUNING=0), a preloaded allocator (jemalloc, tcmalloc), glibc's own MALLOC_ variables or its
+    malloc tunables; release_memory, which changes no setting, still runs."""
     from submerge import device
 
-    for var in ("SUBMERGE_MALLOC", "LD_PRELOAD", "GLIBC_TUNABLES") + device._MALLOC_VARS:
+    for var in [k for k in os.environ if k.startswith("MALLOC_")] + ["SUBMERGE_MALLOC", "SUBMERGE_MALLOC_TUNING",
+                                                                   "LD_PRELOAD", "GLIBC_TUNABLES"]:
         monkeypatch.delenv(var, raising=False)
-    for var, value in (("SUBMERGE_MALLOC", "system"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"),
-                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=1")):
+    for var, value in (("SUBMERGE_MALLOC", "system"), ("SUBMERGE_MALLOC_TUNING", "0"),
+                       ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=1"),
+                       ("MALLOC_ARENA_MAX", "2")):
         monkeypatch.setattr(device, "_kept", None)
         with monkeypatch.context() as m:
             m.setenv(var, value)
             assert device.keep_freed_memory() is False
+            assert device.reuse_freed_buffers() is False
+            assert device.bound_heap() is False
+            device.release_memory()

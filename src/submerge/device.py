@@ -107,10 +107,46 @@ def busy_note(threads: int) -> "str | None":
                 f"; --threads {share} leaves the other jobs their cores" if share < threads else ""))
 
 
+# How freed tensor memory goes back to glibc's malloc.  Each policy below was measured where it is used; all of
+# them leave the allocator alone where the user chose one (_user_chose_allocator) and act on Linux with glibc only.
 KEEP_MEMORY_VAR = "SUBMERGE_MALLOC"  # "system": leave the C allocator as the process found it
+LEGACY_TUNING_VAR = "SUBMERGE_MALLOC_TUNING"  # "0": the same as SUBMERGE_MALLOC=system (kept for old scripts)
 TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top beyond this much is still given back to the system
-_MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (glibc's malloc.h)
 _kept: "bool | None" = None
+
+
+def _user_chose_allocator() -> bool:
+    """The user set the allocator up: ``SUBMERGE_MALLOC=system`` (or ``SUBMERGE_MALLOC_TUNING=0``), a preloaded
+    allocator (jemalloc, tcmalloc), glibc's own ``MALLOC_*`` variables or malloc tunables."""
+    import os
+
+    return os.environ.get(KEEP_MEMORY_VAR, "").strip().lower() == "system" or \
+        os.environ.get(LEGACY_TUNING_VAR, "").strip() == "0" or bool(os.environ.get("LD_PRELOAD")) or \
+        "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
+
+
+def _glibc():
+    """This process's C library as a ctypes handle when it is glibc, else None (musl, macOS, Windows)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # Windows: no handle for the process itself
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def _mallopt(*settings: "tuple[int, int]") -> bool:
+    """Apply glibc ``mallopt`` settings unless the user chose the allocator; whether all of them took."""
+    import ctypes
+
+    libc = None if _user_chose_allocator() else _glibc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def keep_freed_memory() -> bool:
@@ -131,24 +167,43 @@ def keep_freed_memory() -> bool:
     returning False, when the C library is not glibc, when the user chose an allocator (``LD_PRELOAD``) or set
     glibc's own ``MALLOC_*_`` or ``GLIBC_TUNABLES`` variables, or when ``SUBMERGE_MALLOC=system``.  Acts once
     per process; returns whether the setting is in force."""
-    import ctypes
-    import os
-
     global _kept
-    if _kept is not None:
-        return _kept
-    _kept = False
-    if os.environ.get(KEEP_MEMORY_VAR, "").strip().lower() == "system" or os.environ.get("LD_PRELOAD") or \
-            "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _MALLOC_VARS):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS, Windows: another allocator
-            return False
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    _kept = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if _kept is None:
+        _kept = _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _kept
+
+
+def reuse_freed_buffers() -> bool:
+    """Let a merge reuse freed tensor buffers: a merge allocates and frees the same few buffer sizes once per
+    tensor (the inputs in the compute dtype, the output), and by default glibc serves each one above 32 MB by a
+    fresh ``mmap`` and returns freed heap tops to the kernel, so every tensor pays its page faults again (about 12%
+    of a TIES merge's wall time on a 2-core machine, measured).  Raises the mmap and trim thresholds to 1 GiB, at
+    the cost of the process keeping its peak heap until it exits.  The console script's ``merge`` calls it (a
+    short-lived process doing one merge); never on import.  Whether the setting took (False where the user chose
+    the allocator, see :func:`keep_freed_memory`)."""
+    return _mallopt((M_MMAP_THRESHOLD, TRIM_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def bound_heap(threshold: int = 1 << 20) -> bool:
+    """Serve every block above ``threshold`` bytes by its own mmap, returned to the kernel when freed.  glibc's
+    default threshold grows with what was freed, so buffers of ever-changing sizes (a fine-tuning batch of
+    questions of another length at every step) pile up in the heap: an LLM-suite session reached 24 GB and was
+    killed, with about 11 GB alive.  Fixing the threshold also stops its growth.  Does nothing once
+    :func:`keep_freed_memory` is in force (every block then comes from the heap) or where the user chose the
+    allocator; whether the setting took."""
+    if _kept:
+        return False
+    return _mallopt((M_MMAP_THRESHOLD, int(threshold)))
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc's ``malloc_trim``; also under the
+    settings above and the user's own, since it changes none).  glibc keeps freed blocks of torch's CPU tensors in
+    its arenas, so without this a benchmark's resident size only grows from phase to phase (fine-tuning, each
+    method's search buffers) although nothing is kept."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -20,7 +20,8 @@ import torch
 
 from submerge.bench.presets import split_row_name, stats_for
 from submerge.bench.rows import method_rows
-from submerge.bench.session import BenchSession, release_memory
+from submerge.bench.session import BenchSession
+from submerge.device import release_memory
 from submerge.errors import SubmergeError
 from submerge.methods import get_method
 

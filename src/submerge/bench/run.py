@@ -21,8 +21,8 @@ from submerge.bench.estimate import RunEstimate
 from submerge.bench.evaluate import bootstrap_ci, pack_correct, paired_diff_ci
 from submerge.bench.presets import applicable_methods, row_params, split_row_name, stats_for
 from submerge.bench.rows import method_rows
-from submerge.bench.session import BenchConfig, BenchSession, release_memory, suite_tasks
-from submerge.device import busy_note
+from submerge.bench.session import BenchConfig, BenchSession, suite_tasks
+from submerge.device import busy_note, release_memory
 from submerge.errors import ConfigError
 from submerge.io import check_output_target
 from submerge.io.ledger import one_run

@@ -10,12 +10,9 @@ encoder scored with every task's own head.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from submerge.bench.estimate import RunEstimate
 from submerge.bench.evaluate import bootstrap_ci, correct, pack_correct, paired_diff_ci, unpack_correct
 from submerge.bench.finetune import Recipe, cache_key, cached_path, finetune, load_cached, multitask_finetune
 from submerge.bench.tasks import SUITES, get_task
+from submerge.device import release_memory
 from submerge.errors import ConfigError
 from submerge.io.caches import cache_folder
 from submerge.search import LAMBDA_GRID
@@ -89,30 +87,6 @@ class BenchConfig(SuiteConfig):
                     methods=list(QUICK_METHODS), search="coarse", multitask=False, esmpp_ranks=[8])
         base.update(kw)
         return cls(**base)
-
-def bound_heap(threshold: int = 1 << 20) -> None:
-    """Serve every allocation above ``threshold`` bytes by its own mmap, returned to the kernel when freed (glibc's
-    default threshold grows with what was freed, so buffers of ever-changing sizes — a fine-tuning batch of
-    questions of another length at every step — pile up in the heap: an LLM-suite session reached 24 GB and was
-    killed, with about 11 GB alive).  Linux with glibc only; ``MALLOC_*`` variables set by the user win."""
-    if not platform.system() == "Linux" or any(k.startswith("MALLOC_") for k in os.environ) \
-            or "GLIBC_TUNABLES" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD (also fixes it: no growth)
-    except (OSError, AttributeError):
-        pass
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS.  glibc keeps freed blocks of torch's CPU tensors in its arenas (its mmap
-    threshold grows with the tensors it has freed), so without this the resident size of a run only grows from
-    phase to phase (fine-tuning, each method's search buffers) although nothing is kept."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 def _rss_text() -> str:
     """Resident memory of this process now and its peak so far (Linux/macOS; empty elsewhere)."""

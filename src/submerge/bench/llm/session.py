@@ -24,7 +24,8 @@ from submerge.bench.evaluate import unpack_correct
 from submerge.bench.llm.backbone import ChatModel
 from submerge.bench.llm.finetune import LLMRecipe, expert_key, expert_log, train_expert
 from submerge.bench.llm.tasks import GenSplit, get_llm_task, questions_fingerprint
-from submerge.bench.session import SuiteConfig, SuiteSession, bound_heap, release_memory
+from submerge.bench.session import SuiteConfig, SuiteSession
+from submerge.device import bound_heap, release_memory
 from submerge.evaluate.generation import answer_example, score_answers
 from submerge.io.caches import cache_folder
 
