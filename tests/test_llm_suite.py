@@ -313,6 +313,26 @@ def test_an_moe_of_the_experts_holds_their_mlps_and_is_scored_like_any_model(tin
                                    rtol=0, atol=0)
 
 
+def test_the_experts_are_let_go_before_the_multitask_reference_and_read_back_the_same(tiny_chat_folder, tmp_path):
+    """run_llm_bench trains the multitask reference after every row, without the experts held (on SmolLM2 that is
+    about 3 GB of its peak); a row that needs them again reads the same tensors back from the cache."""
+    import weakref
+
+    from submerge.bench.llm.finetune import LLMRecipe
+    from submerge.bench.llm.session import LLMBenchConfig, LLMSession
+
+    S = LLMSession(LLMBenchConfig(tasks=["echo_first", "echo_last"], n_train=30, n_val=8, n_test=10, quiet=True,
+                                  recipe=LLMRecipe(steps=4, lr=1e-2, batch_size=8),
+                                  cache_dir=str(tmp_path / "cache")), tiny_chat_folder)
+    name = next(n for n in S.base if n.endswith("down_proj.weight"))
+    held = [{n: t.clone() for n, t in e.items()} for e in S.experts]
+    assert not torch.equal(held[0][name], S.base[name])
+    gone = [weakref.ref(e[name]) for e in S.experts]
+    S.drop_experts()
+    assert all(ref() is None for ref in gone)
+    assert all(torch.equal(e[n], h[n]) for e, h in zip(S.experts, held) for n in h)
+
+
 def test_a_backbone_without_a_chat_template_is_one_line(tmp_path):
     """`bench --suite llm --backbone` on a model whose tokenizer cannot format a chat: one `error:` line (exit 2)
     naming the folder, before any expert is trained; the generation scorer refuses it the same way."""

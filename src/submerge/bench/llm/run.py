@@ -113,6 +113,7 @@ def run_llm_bench(out_dir: str | Path, cfg: Optional[LLMBenchConfig] = None, ove
 
     rows, test_correct = method_table(S, methods, done_rows, estimate, progress=partial)
     if cfg.multitask:
+        S.drop_experts()  # its training's peak memory then holds the base and one model, not seven models
         row, res, info = multitask_row(S, done_rows)
         S.ft_logs["multitask (all tasks jointly)"] = info
         test_correct[row["label"]] = res

@@ -120,6 +120,14 @@ class LLMSession(SuiteSession):
                                   self.reference_scores("finetuned", "test"))
         return self._experts
 
+    def drop_experts(self) -> None:
+        """Let the experts' dense tensors go (this backbone's six LoRA experts: about 3 GB) and give their pages
+        back: the multitask reference, trained after every row, needs none of them.  A later row would read them
+        from the cache again."""
+        self._experts = None
+        self._stats.clear()
+        release_memory()
+
     def _build_experts(self) -> list[dict[str, torch.Tensor]]:
         cfg, experts = self.cfg, []
         for i, t in enumerate(self.tasks):
