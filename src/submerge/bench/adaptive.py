@@ -118,7 +118,8 @@ TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 class _TallTask:
     """Task ``i``'s TALL models ``θ_0 + m_i ⊙ τ_MTL`` for any threshold λ, ``m_i = |τ_i| > λ |τ_MTL − τ_i|``
     (as :func:`submerge.methods.consensus.tall_masks`, bit for bit): both magnitudes are computed once per task,
-    not once per threshold, and each state is written into one set of reused buffers (score it, do not keep it)."""
+    not once per threshold, and each state is written into one set of reused buffers (score it, do not keep it);
+    the scaled gap and the mask live in scratch buffers of the largest tensor's size, not a model's."""
 
     def __init__(self, S: BenchSession, tau: dict, mtl: dict, i: int):
         self.S, self.mtl = S, mtl
@@ -127,16 +128,18 @@ class _TallTask:
             d = S.experts[i][n].float() - b.float()
             self.gap[n] = torch.sub(tau[n], d).abs_()
             self.mag[n] = d.abs_()
-        self._scaled = {n: torch.empty_like(g) for n, g in self.gap.items()}
-        self._keep = {n: torch.empty(g.shape, dtype=torch.bool) for n, g in self.gap.items()}
+        largest = max(g.numel() for g in self.gap.values())
+        self._scaled = torch.empty(largest, dtype=next(iter(self.gap.values())).dtype)
+        self._keep = torch.empty(largest, dtype=torch.bool)
         self._out = {n: torch.empty_like(b) for n, b in S.base.items()}
 
     def state(self, lam: float) -> dict:
         for n, b in self.S.base.items():
             g = self.gap[n]
-            torch.mul(g, float(torch.tensor(lam, dtype=g.dtype)), out=self._scaled[n])
-            torch.gt(self.mag[n], self._scaled[n], out=self._keep[n])
-            self._out[n].copy_(torch.where(self._keep[n], self.mtl[n], b.float()))
+            scaled, keep = self._scaled[:g.numel()].view(g.shape), self._keep[:g.numel()].view(g.shape)
+            torch.mul(g, float(torch.tensor(lam, dtype=g.dtype)), out=scaled)
+            torch.gt(self.mag[n], scaled, out=keep)
+            self._out[n].copy_(torch.where(keep, self.mtl[n], b.float()))
         return self._out
 
 def tall_lambdas(S: BenchSession, params: dict) -> tuple[list[float], dict, dict]:
