@@ -163,10 +163,9 @@ def keep_freed_memory() -> bool:
     (free memory at the heap's top is still given back past 1 GiB; ``malloc_trim`` between a benchmark's phases
     gives back the rest).  The cost is fragmentation: blocks freed between smaller live ones stay resident until
     reused (a loop of 64 MiB tensors settled at 450 MB more).  So ``submerge bench --suite llm`` calls it, where it
-    was measured; the merge commands, whose peak memory is the point, do not.  Leaves the allocator alone,
-    returning False, when the C library is not glibc, when the user chose an allocator (``LD_PRELOAD``) or set
-    glibc's own ``MALLOC_*_`` or ``GLIBC_TUNABLES`` variables, or when ``SUBMERGE_MALLOC=system``.  Acts once
-    per process; returns whether the setting is in force."""
+    was measured; ``merge`` takes the milder :func:`reuse_freed_buffers` (blocks over 1 GiB still mapped).  Leaves
+    the allocator alone, returning False, when the C library is not glibc or the user chose the allocator
+    (:func:`_user_chose_allocator`).  Acts once per process; returns whether the setting is in force."""
     global _kept
     if _kept is None:
         _kept = _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
