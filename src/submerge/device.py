@@ -3,6 +3,8 @@ CPU threads, and how freed tensor memory goes back to the C allocator."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from submerge.errors import ConfigError
@@ -126,8 +128,10 @@ def _user_chose_allocator() -> bool:
         "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
-    """This process's C library as a ctypes handle when it is glibc, else None (musl, macOS, Windows)."""
+    """This process's C library as a ctypes handle when it is glibc, else None (musl, macOS, Windows); looked up
+    once per process."""
     import ctypes
 
     try:
@@ -179,7 +183,7 @@ def reuse_freed_buffers() -> bool:
     of a TIES merge's wall time on a 2-core machine, measured).  Raises the mmap and trim thresholds to 1 GiB, at
     the cost of the process keeping its peak heap until it exits.  The console script's ``merge`` calls it (a
     short-lived process doing one merge); never on import.  Whether the setting took (False where the user chose
-    the allocator, see :func:`keep_freed_memory`)."""
+    the allocator, see :func:`_user_chose_allocator`)."""
     return _mallopt((M_MMAP_THRESHOLD, TRIM_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
