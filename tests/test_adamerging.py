@@ -112,6 +112,18 @@ def test_tensors_no_expert_changes_keep_their_initial_coefficient():
     coef = learn(model, base, experts, inputs, logits, steps=5, lr=0.05, granularity="layer", names=list(base))
     p = list(base).index("0.bias")
     assert torch.all(coef.values[:, p].float() == 0.3) and not torch.all(coef.values.float() == 0.3)
+    # merged: that tensor is the base's values in a tensor of its own (no task vector is formed for it, so no
+    # expert-sized scratch either); the others are the formula's, AdaMerging++'s too
+    for ties in (None, 0.5):
+        c = Coefficients(coef.tasks, coef.names, torch.rand(coef.values.shape, dtype=torch.float64), "layer", ties,
+                         [0.0])
+        got = merge_with(base, experts, c)
+        assert torch.equal(got["0.bias"], base["0.bias"]) and got["0.bias"] is not base["0.bias"]
+        for q, n in enumerate(c.names):
+            d = torch.stack([e[n] - base[n] for e in experts])
+            d = ties_task_vectors(d, ties) if ties else d
+            torch.testing.assert_close(got[n], base[n] + torch.tensordot(c.values[:, q].float(), d, dims=1),
+                                       rtol=0, atol=1e-6)
 
 
 def test_adamerging_plus_plus_uses_ties_processed_vectors():

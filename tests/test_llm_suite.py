@@ -82,6 +82,8 @@ def test_lora_expert_is_read_back_through_the_engine_and_learns(tiny_chat_folder
     assert after > before + 0.3
     again = load_expert(cm, tmp_path / "e")  # the cached expert is the same tensors
     assert all(torch.equal(again[k], state[k]) for k in state)
+    # the tensors LoRA leaves alone are the backbone's own (one copy for every expert), the others new tensors
+    assert all((again[k] is cm.pretrained[k]) == (k not in changed) for k in again)
 
 
 def test_run_llm_bench_writes_a_table(tiny_chat_folder, tmp_path):

@@ -228,6 +228,48 @@ def test_collect_stats_masks_padding_and_shares_identical_inputs():
     assert torch.allclose(st3.get("layer.0.query").gram, q.gram)
 
 
+def test_collect_stats_stops_at_the_output_head_and_keeps_no_input_alive():
+    """A causal LM's statistics are the same whether or not its forward stops after lm_head's input is counted,
+    and the logits are never computed; an input that dies before another layer runs is never taken for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    batch = {"input_ids": torch.randint(0, 97, (3, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3,
+                                                                                          [1] * 4 + [0] * 5])}
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    st = collect_stats(model, [batch, batch], progress=False)
+    assert head_calls == []  # stopped before the vocabulary projection, on every batch
+    real = model.get_output_embeddings
+    model.get_output_embeddings = lambda: None  # the whole forward, as for a model without a head
+    whole = collect_stats(model, [batch, batch], progress=False)
+    model.get_output_embeddings = real
+    assert len(head_calls) == 2
+    assert st.aliases == whole.aliases and set(st.layers) == set(whole.layers)
+    assert st.aliases["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+    assert st.aliases["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    for name, layer in whole.layers.items():
+        assert torch.equal(st.layers[name].gram, layer.gram) and st.layers[name].count == layer.count
+    assert st.get("lm_head").count == 9 + 6 + 4 + 9 + 6 + 4  # the head's input counted, padding left out
+    assert model(**batch).logits.shape == (3, 9, 97)  # the hooks are gone
+
+    class TwoTemps(nn.Module):  # each layer's input is a temporary, freed before the next one is made
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x * 2.0).sum() + self.b(x * 3.0).sum()
+
+    x = torch.randn(5, 8)
+    st = collect_stats(TwoTemps(), [x], progress=False)
+    assert st.aliases == {}
+    assert torch.allclose(st.get("b").gram, (3.0 * x).double().T @ (3.0 * x).double())
+
+
 def test_stats_save_load_and_suffix_lookup(tmp_path):
     torch.manual_seed(0)
     model = Tiny()

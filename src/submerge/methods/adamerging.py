@@ -309,6 +309,8 @@ def merge_with(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, 
     tensors without a coefficient are the base's."""
     out = {k: v.clone() for k, v in base.items()}
     for p, n in enumerate(coef.names):
+        if all(e[n] is base[n] or torch.equal(e[n], base[n]) for e in experts):
+            continue  # no expert changes it (a LoRA suite's embedding): no task vector, the base as learn() has it
         b = base[n].float()
         d = torch.stack([e[n].float() - b for e in experts])
         if coef.ties_density is not None:

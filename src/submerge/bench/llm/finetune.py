@@ -221,16 +221,22 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
 
 def load_expert(cm: ChatModel, folder: Path) -> dict[str, torch.Tensor]:
     """An expert's dense trainable tensors: a LoRA adapter folder applied to the backbone by the engine's LoRA
-    reader (``base+adapter``), or a full expert's tensors."""
+    reader (``base+adapter``), or a full expert's tensors.  A tensor the adapter leaves as it was (the embedding,
+    the norms) is the backbone's own tensor, not a copy: six LoRA experts of SmolLM2 hold 0.7 GB less.  Like the
+    backbone's tensors, an expert's are read-only."""
     names = cm.trainable_names()
     if (folder / "adapter_config.json").is_file():
         from submerge.io.lora import AdaptedCheckpoint
 
         ckpt = AdaptedCheckpoint(cm.path, folder, f"{cm.path}+{folder}")
+        out = {}
         try:
-            return {k: ckpt.read(k).float() for k in names}
+            for k in names:
+                t, base = ckpt.read(k).float(), cm.pretrained[k]
+                out[k] = base if t.dtype == base.dtype and torch.equal(t, base) else t
         finally:
             ckpt.close()
+        return out
     from safetensors.torch import load_file
 
     state = load_file(folder / "model.safetensors")
