@@ -136,6 +136,11 @@ def ties_keep(deltas: torch.Tensor, density: float) -> torch.Tensor:
     return (trimmed * kernels.elect_sign(trimmed)) > 0
 
 
+def changed(theta0: torch.Tensor, thetas: Sequence[torch.Tensor]) -> bool:
+    """Whether any expert's tensor differs from the base's (a shared tensor object does not)."""
+    return any(t is not theta0 and not torch.equal(t, theta0) for t in thetas)
+
+
 class TaskVectors:
     """One tensor's task vectors ``τ_t = θ_t − θ_0`` (times TIES' ``keep[t]`` for AdaMerging++), formed one at a
     time from the experts' own tensors instead of kept as a stacked copy (six of them are 3.2 GB for a 135M
@@ -215,7 +220,7 @@ def learn(
     vectors: dict[int, TaskVectors] = {}
     for p, n in enumerate(names):
         src = tuple(e[n].detach().float() for e in experts)
-        if any(not torch.equal(x, theta0[n]) for x in src):
+        if changed(theta0[n], src):
             keep = ties_keep(torch.stack([x - theta0[n] for x in src]), ties_density) if ties else None
             vectors[p] = TaskVectors(theta0[n], src, keep)
     scratch = {}  # one buffer per tensor shape, reused
@@ -309,8 +314,8 @@ def merge_with(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, 
     tensors without a coefficient are the base's."""
     out = {k: v.clone() for k, v in base.items()}
     for p, n in enumerate(coef.names):
-        if all(e[n] is base[n] or torch.equal(e[n], base[n]) for e in experts):
-            continue  # no expert changes it (a LoRA suite's embedding): no task vector, the base as learn() has it
+        if not changed(base[n], [e[n] for e in experts]):
+            continue  # no task vector (a LoRA suite's embedding): the base, as learn() has it
         b = base[n].float()
         d = torch.stack([e[n].float() - b for e in experts])
         if coef.ties_density is not None:

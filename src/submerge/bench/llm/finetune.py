@@ -222,7 +222,7 @@ def train_expert(cm: ChatModel, examples: Sequence[Question], recipe: LLMRecipe,
 def load_expert(cm: ChatModel, folder: Path) -> dict[str, torch.Tensor]:
     """An expert's dense trainable tensors: a LoRA adapter folder applied to the backbone by the engine's LoRA
     reader (``base+adapter``), or a full expert's tensors.  A tensor the adapter leaves as it was (the embedding,
-    the norms) is the backbone's own tensor, not a copy: six LoRA experts of SmolLM2 hold 0.7 GB less.  Like the
+    the norms) is the backbone's own tensor, not a copy: six LoRA experts of SmolLM2 hold 0.64 GB less.  Like the
     backbone's tensors, an expert's are read-only."""
     names = cm.trainable_names()
     if (folder / "adapter_config.json").is_file():
